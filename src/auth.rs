@@ -1,0 +1,159 @@
+//! Who may change jobs: API callers with the token, and admins with a session cookie and a CSRF
+//! token. Every secret comparison runs in constant time.
+
+use actix_web::HttpRequest;
+use actix_web::cookie::{Cookie, CookieJar, Key, SameSite, time::Duration as CookieDuration};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256, Sha512};
+use subtle::ConstantTimeEq as _;
+
+use crate::domain::now_millis;
+
+/// Name of the admin session cookie.
+pub const SESSION_COOKIE: &str = "handoff_admin";
+/// How long an admin session lasts.
+const SESSION_MILLIS: i64 = 8 * 60 * 60 * 1000;
+
+/// The API token and what is derived from it. Instances that share the token share admin sessions.
+#[derive(Clone)]
+pub struct Secrets {
+    token_digest: [u8; 32],
+    session_key: Key,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(..)")
+    }
+}
+
+/// A logged-in admin; holds the CSRF token every admin form must echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSession {
+    pub csrf: String,
+}
+
+impl AdminSession {
+    /// Constant-time check of a form's CSRF token.
+    pub fn csrf_matches(&self, presented: &str) -> bool {
+        digest(presented).ct_eq(&digest(&self.csrf)).into()
+    }
+}
+
+/// A fresh random token: 32 bytes, base64url.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+impl Secrets {
+    pub fn new(api_token: &str) -> Self {
+        let mut hasher = Sha512::new();
+        hasher.update(b"handoff admin session key v1\0");
+        hasher.update(api_token.as_bytes());
+        Self {
+            token_digest: digest(api_token),
+            session_key: Key::from(&hasher.finalize()),
+        }
+    }
+
+    /// Constant-time comparison (of digests, so the length leaks nothing either).
+    pub fn token_matches(&self, presented: &str) -> bool {
+        digest(presented).ct_eq(&self.token_digest).into()
+    }
+
+    /// Whether the request carries `Authorization: Bearer <the token>`.
+    pub fn bearer_ok(&self, req: &HttpRequest) -> bool {
+        req.headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|token| self.token_matches(token.trim()))
+    }
+
+    /// A new session: the encrypted cookie to set and the session it stands for.
+    pub fn start_session(&self, secure: bool) -> (Cookie<'static>, AdminSession) {
+        let session = AdminSession {
+            csrf: random_token(),
+        };
+        let value = format!("{}.{}", session.csrf, now_millis() + SESSION_MILLIS);
+        let mut jar = CookieJar::new();
+        jar.private_mut(&self.session_key)
+            .add(session_cookie(value, secure));
+        let cookie = jar
+            .get(SESSION_COOKIE)
+            .cloned()
+            .unwrap_or_else(|| Cookie::new(SESSION_COOKIE, ""));
+        (cookie, session)
+    }
+
+    /// The session the request's cookie proves, if it is authentic and not expired.
+    pub fn session(&self, req: &HttpRequest) -> Option<AdminSession> {
+        let cookie = req.cookie(SESSION_COOKIE)?;
+        let jar = CookieJar::new();
+        let plain = jar.private(&self.session_key).decrypt(cookie)?;
+        let (csrf, expires) = plain.value().split_once('.')?;
+        let expires: i64 = expires.parse().ok()?;
+        (expires > now_millis()).then(|| AdminSession {
+            csrf: csrf.to_owned(),
+        })
+    }
+}
+
+/// The cookie that ends a session.
+pub fn logout_cookie(secure: bool) -> Cookie<'static> {
+    let mut cookie = session_cookie(String::new(), secure);
+    cookie.make_removal();
+    cookie
+}
+
+fn session_cookie(value: String, secure: bool) -> Cookie<'static> {
+    Cookie::build(SESSION_COOKIE, value)
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .secure(secure)
+        .max_age(CookieDuration::milliseconds(SESSION_MILLIS))
+        .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    #[test]
+    fn only_the_exact_token_matches() {
+        let s = Secrets::new("sesame");
+        assert!(s.token_matches("sesame"));
+        assert!(!s.token_matches("sesam"));
+        assert!(!s.token_matches(""));
+    }
+
+    #[test]
+    fn a_session_cookie_round_trips_and_a_forged_one_does_not() {
+        let s = Secrets::new("sesame");
+        let (cookie, session) = s.start_session(false);
+        assert!(cookie.http_only().unwrap_or(false));
+        assert_eq!(cookie.same_site(), Some(SameSite::Strict));
+        let req = TestRequest::default()
+            .cookie(cookie.clone())
+            .to_http_request();
+        assert_eq!(s.session(&req), Some(session.clone()));
+        assert!(session.csrf_matches(&session.csrf.clone()));
+        assert!(!session.csrf_matches("nope"));
+
+        let other = Secrets::new("other");
+        assert_eq!(other.session(&req), None);
+        let forged = Cookie::new(SESSION_COOKIE, format!("{}.{}", session.csrf, i64::MAX));
+        let req = TestRequest::default().cookie(forged).to_http_request();
+        assert_eq!(s.session(&req), None);
+    }
+}

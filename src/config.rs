@@ -1,0 +1,153 @@
+//! Settings read from the environment, each with a working default.
+//!
+//! An invalid value stops start-up with a message that names the variable, so an operator never
+//! runs with a setting they did not mean.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything Handoff can be told at start-up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `HANDOFF_ADDR`: where to listen.
+    pub addr: SocketAddr,
+    /// `DATABASE_URL`: `sqlite://…` (default) or `postgres://…`.
+    pub database_url: String,
+    /// `REDIS_URL`: when set, completions fan out to every instance over Redis Pub/Sub.
+    pub redis_url: Option<String>,
+    /// `HANDOFF_API_TOKEN`: `None` means one is generated at start.
+    pub api_token: Option<String>,
+    /// `HANDOFF_SSE_TIMEOUT_SECS`: a stream ends cleanly after this long; the browser reconnects.
+    pub sse_timeout: Duration,
+    /// `HANDOFF_SSE_RETRY_MS`: the `retry:` the browser waits before reconnecting.
+    pub sse_retry: Duration,
+    /// `HANDOFF_KEEPALIVE_SECS`: interval of `:` comments on an idle stream.
+    pub keep_alive: Duration,
+    /// `HANDOFF_WORKERS`: actix worker threads (default: one per core).
+    pub workers: Option<usize>,
+}
+
+/// A variable that is set but unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {var}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup`, so tests can supply their own environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |var: &'static str| lookup(var).filter(|v| !v.is_empty());
+        let addr = parse(&get, "HANDOFF_ADDR", "127.0.0.1:8080", |v| {
+            v.parse::<SocketAddr>().map_err(|e| e.to_string())
+        })?;
+        let database_url = get("DATABASE_URL").unwrap_or_else(|| "sqlite://data/handoff.db".into());
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres:")
+            || database_url.starts_with("postgresql:"))
+        {
+            return Err(ConfigError {
+                var: "DATABASE_URL",
+                value: database_url,
+                reason: "expected a sqlite://… or postgres://… URL".into(),
+            });
+        }
+        let redis_url = get("REDIS_URL");
+        if let Some(url) = &redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError {
+                    var: "REDIS_URL",
+                    value: url.clone(),
+                    reason: "expected a redis://… URL".into(),
+                });
+            }
+        }
+        Ok(Self {
+            addr,
+            database_url,
+            redis_url,
+            api_token: get("HANDOFF_API_TOKEN"),
+            sse_timeout: Duration::from_secs(positive(&get, "HANDOFF_SSE_TIMEOUT_SECS", 60)?),
+            sse_retry: Duration::from_millis(positive(&get, "HANDOFF_SSE_RETRY_MS", 1000)?),
+            keep_alive: Duration::from_secs(positive(&get, "HANDOFF_KEEPALIVE_SECS", 15)?),
+            workers: match get("HANDOFF_WORKERS") {
+                None => None,
+                Some(_) => Some(positive(&get, "HANDOFF_WORKERS", 1)? as usize),
+            },
+        })
+    }
+}
+
+fn parse<T>(
+    get: &impl Fn(&'static str) -> Option<String>,
+    var: &'static str,
+    default: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    let value = get(var).unwrap_or_else(|| default.to_owned());
+    parse(&value).map_err(|reason| ConfigError { var, value, reason })
+}
+
+fn positive(
+    get: &impl Fn(&'static str) -> Option<String>,
+    var: &'static str,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    parse(get, var, &default.to_string(), |v| match v.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_work_with_no_setup() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url, "sqlite://data/handoff.db");
+        assert_eq!(c.sse_timeout, Duration::from_secs(60));
+        assert_eq!(c.sse_retry, Duration::from_millis(1000));
+        assert_eq!(c.keep_alive, Duration::from_secs(15));
+        assert!(c.api_token.is_none() && c.redis_url.is_none());
+    }
+
+    #[test]
+    fn invalid_values_name_their_variable() {
+        for (var, value) in [
+            ("HANDOFF_ADDR", "nowhere"),
+            ("HANDOFF_SSE_TIMEOUT_SECS", "soon"),
+            ("HANDOFF_SSE_RETRY_MS", "0"),
+            ("HANDOFF_KEEPALIVE_SECS", "-1"),
+            ("DATABASE_URL", "mysql://x"),
+            ("REDIS_URL", "http://x"),
+        ] {
+            let err = with(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.to_string().contains(var), "{err}");
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The job vocabulary: job ids, redirect targets and statuses.
+//!
+//! Everything a request hands us is parsed here into a type that can only exist when valid,
+//! so handlers never re-check raw strings.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore as _;
+use serde::Serialize;
+
+/// Number of random bytes in a job id: 128 bits, so an id cannot be guessed.
+const JOB_ID_BYTES: usize = 16;
+/// Length of a job id once base64url-encoded without padding.
+pub const JOB_ID_LEN: usize = 22;
+/// Longest moveUrl we store; a redirect target longer than this is a mistake or an attack.
+pub const MOVE_URL_MAX_LEN: usize = 2048;
+
+/// A server-made job id: 22 URL-safe characters carrying 128 random bits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(String);
+
+/// Why a string is not a job id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JobIdError {
+    #[error("job id is malformed: expected {JOB_ID_LEN} characters from A-Z a-z 0-9 - _")]
+    Malformed,
+}
+
+impl JobId {
+    /// Makes a fresh id from the operating system's CSPRNG-seeded thread generator.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; JOB_ID_BYTES];
+        rand::rng().fill_bytes(&mut bytes);
+        Self(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, JobIdError> {
+        let well_formed = raw.len() == JOB_ID_LEN
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if well_formed {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(JobIdError::Malformed)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for JobId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Where the browser goes when its job completes: always a path on this origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveUrl(String);
+
+/// Why a string is not an acceptable redirect target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MoveUrlError {
+    #[error("moveUrl must be a path on this site starting with a single '/'")]
+    NotAPath,
+    #[error("moveUrl must not start with '//' (that would leave this site)")]
+    SchemeRelative,
+    #[error("moveUrl must not contain a backslash")]
+    Backslash,
+    #[error("moveUrl must not contain control characters or spaces")]
+    ControlCharacter,
+    #[error("moveUrl is longer than {MOVE_URL_MAX_LEN} bytes")]
+    TooLong,
+}
+
+impl MoveUrl {
+    /// Accepts only same-origin paths: exactly one leading `/`, no backslash (browsers read it
+    /// as `/`), no control characters or whitespace (browsers strip some of them, which could turn
+    /// `/\t/evil` into `//evil`).
+    pub fn parse(raw: &str) -> Result<Self, MoveUrlError> {
+        if raw.len() > MOVE_URL_MAX_LEN {
+            return Err(MoveUrlError::TooLong);
+        }
+        if !raw.starts_with('/') {
+            return Err(MoveUrlError::NotAPath);
+        }
+        if raw.contains('\\') {
+            return Err(MoveUrlError::Backslash);
+        }
+        if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(MoveUrlError::ControlCharacter);
+        }
+        if raw.starts_with("//") {
+            return Err(MoveUrlError::SchemeRelative);
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The page B every job ends on unless it names its own target.
+    pub fn default_for(id: &JobId) -> Self {
+        Self(format!("/test.do?id={id}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MoveUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A job's state. A job is completed at most once and never goes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Complete,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Complete => "complete",
+        }
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: JobId,
+    pub status: JobStatus,
+    /// The target asked for at creation, or the final target once complete.
+    pub move_url: Option<MoveUrl>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    pub completed_at: Option<i64>,
+}
+
+impl Job {
+    /// Where the browser goes once this job is complete.
+    pub fn target(&self) -> MoveUrl {
+        self.move_url
+            .clone()
+            .unwrap_or_else(|| MoveUrl::default_for(&self.id))
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.status == JobStatus::Complete
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit every stored time uses.
+pub fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Formats stored milliseconds as RFC 3339 (UTC, millisecond precision).
+pub fn rfc3339(millis: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(millis)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn generated_ids_parse_and_differ() {
+        let a = JobId::generate();
+        let b = JobId::generate();
+        assert_eq!(a.as_str().len(), JOB_ID_LEN);
+        assert_eq!(JobId::parse(a.as_str()), Ok(a.clone()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn malformed_ids_are_rejected() {
+        let long = "a".repeat(1000);
+        for raw in [
+            "",
+            "../x",
+            "%00",
+            "<script>",
+            "ééééééééééé",
+            &long,
+            "AAAAAAAAAAAAAAAAAAAAA/",
+            "AAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert_eq!(JobId::parse(raw), Err(JobIdError::Malformed), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn move_urls_that_leave_the_origin_are_rejected() {
+        let cases = [
+            ("https://evil.example", MoveUrlError::NotAPath),
+            ("//evil.example", MoveUrlError::SchemeRelative),
+            ("/\\evil.example", MoveUrlError::Backslash),
+            ("javascript:alert(1)", MoveUrlError::NotAPath),
+            ("/\t/evil.example", MoveUrlError::ControlCharacter),
+            ("", MoveUrlError::NotAPath),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(MoveUrl::parse(raw), Err(want), "{raw:?}");
+        }
+        assert_eq!(MoveUrl::parse("/done?x=1").unwrap().as_str(), "/done?x=1");
+    }
+
+    #[test]
+    fn rfc3339_formats_utc_millis() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    proptest! {
+        /// Whatever the rule accepts, a browser resolves against our origin to our origin.
+        #[test]
+        fn accepted_move_urls_stay_on_the_origin(raw in "\\PC{0,40}") {
+            if let Ok(url) = MoveUrl::parse(&raw) {
+                let s = url.as_str();
+                prop_assert!(s.starts_with('/'));
+                prop_assert!(!s.starts_with("//"));
+                prop_assert!(!s.contains('\\'));
+                prop_assert!(!s.chars().any(char::is_control));
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The one error type of the HTTP layer. Each variant's doc names its status code. Client errors
+//! say what was wrong; server errors say nothing internal, and the log gets the cause.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::domain::{JobIdError, MoveUrlError};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// 400: the id in the path or query is not a job id.
+    #[error(transparent)]
+    MalformedId(#[from] JobIdError),
+    /// 400: a moveUrl that would leave the site.
+    #[error(transparent)]
+    BadMoveUrl(#[from] MoveUrlError),
+    /// 400: anything else wrong with the request; the text says what.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: no API token, or a wrong one.
+    #[error("missing or wrong API token: send 'Authorization: Bearer <token>'")]
+    Unauthorized,
+    /// 403: an admin form without a valid CSRF token, or without a session.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 404: no job has this id.
+    #[error("no job with this id")]
+    JobNotFound,
+    /// 503: the database did not answer; the cause is logged.
+    #[error("the database is unavailable; try again shortly")]
+    Unavailable(#[source] StoreError),
+    /// 500: a bug; the cause is logged.
+    #[error("internal error")]
+    Internal(#[source] StoreError),
+}
+
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Database(_) => Self::Unavailable(err),
+            _ => Self::Internal(err),
+        }
+    }
+}
+
+impl ResponseError for AppError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::MalformedId(_) | Self::BadMoveUrl(_) | Self::BadRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::JobNotFound => StatusCode::NOT_FOUND,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.log();
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, Self::Unauthorized) {
+            response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if matches!(self, Self::Unavailable(_)) {
+            response.insert_header(("Retry-After", "2"));
+        }
+        response.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+impl AppError {
+    /// Server-side failures go to the log with their cause; client mistakes do not.
+    pub fn log(&self) {
+        match self {
+            Self::Unavailable(cause) => log::warn!("answering 503: {cause}"),
+            Self::Internal(cause) => log::error!("answering 500: {cause}"),
+            _ => {}
+        }
+    }
+}

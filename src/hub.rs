@@ -1,0 +1,195 @@
+//! Who is waiting for which job, on this instance, and how a completion reaches them.
+//!
+//! Every open stream holds a [`Subscription`]; a job's entry lives while at least one stream of it
+//! is open and is freed when the last one ends. Routes see only `subscribe` and `publish`; whether
+//! a completion also travels to other instances (Redis) is decided here, not in the routes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytestring::ByteString;
+use tokio::sync::broadcast;
+
+use crate::domain::{Job, JobId};
+
+/// The `data:` of a result event, encoded once and shared by every stream of the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultData(pub ByteString);
+
+impl ResultData {
+    /// `{"status":"result","moveUrl":"…"}` for a completed job.
+    pub fn for_job(job: &Job) -> Self {
+        Self(event_data("result", job.target().as_str()))
+    }
+}
+
+/// The event payload the original client reads: `data.status` and `data.moveUrl`.
+#[derive(serde::Serialize)]
+struct EventData<'a> {
+    status: &'a str,
+    #[serde(rename = "moveUrl")]
+    move_url: &'a str,
+}
+
+/// Encodes an event payload; `status` first, as the original server wrote it.
+pub fn event_data(status: &str, move_url: &str) -> ByteString {
+    let data = EventData { status, move_url };
+    // Serializing two strings cannot fail.
+    ByteString::from(serde_json::to_string(&data).unwrap_or_default())
+}
+
+/// The local registry of open streams. A std `Mutex`, not a tokio one: it is never held across
+/// an `.await`, and every critical section is a map lookup.
+#[derive(Debug, Default)]
+struct Registry {
+    jobs: Mutex<HashMap<JobId, broadcast::Sender<ResultData>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, broadcast::Sender<ResultData>>> {
+        // A panic while holding the lock cannot leave the map half-updated: every update is one call.
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands the result to every stream open on `id` here; returns how many there were.
+    fn deliver(&self, id: &JobId, data: ResultData) -> usize {
+        // Clone the sender out so the waking of many receivers happens outside the lock.
+        let sender = self.lock().get(id).cloned();
+        match sender {
+            Some(tx) => tx.send(data).unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
+/// The hub the routes talk to; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Hub {
+    registry: Arc<Registry>,
+}
+
+/// One open stream's place in the hub. Dropping it leaves the hub; the last one out frees the job's entry.
+#[derive(Debug)]
+pub struct Subscription {
+    registry: Arc<Registry>,
+    id: JobId,
+    receiver: Option<broadcast::Receiver<ResultData>>,
+}
+
+impl Subscription {
+    /// Waits for the job's result. `None` if the hub went away, which only happens at shutdown.
+    pub async fn result(&mut self) -> Option<ResultData> {
+        let receiver = self.receiver.as_mut()?;
+        loop {
+            match receiver.recv().await {
+                Ok(data) => return Some(data),
+                // A job completes once, but a result may be published twice (locally and back
+                // from Redis): a lagging receiver still gets the latest, identical copy.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut jobs = self.registry.lock();
+        // Drop our receiver while holding the lock, so the count we read next is exact.
+        self.receiver.take();
+        if jobs
+            .get(&self.id)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            jobs.remove(&self.id);
+        }
+    }
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a stream for `id`. Call this *before* reading the job's status: a completion
+    /// published after this call reaches the subscription, and one stored before the status read
+    /// is seen by the read, so nothing slips between the two.
+    pub fn subscribe(&self, id: &JobId) -> Subscription {
+        let receiver = self
+            .registry
+            .lock()
+            .entry(id.clone())
+            .or_insert_with(|| broadcast::channel(1).0)
+            .subscribe();
+        Subscription {
+            registry: Arc::clone(&self.registry),
+            id: id.clone(),
+            receiver: Some(receiver),
+        }
+    }
+
+    /// Delivers a completed job to every stream waiting for it. Call only after the completion
+    /// is stored. Returns how many streams on this instance got it.
+    pub async fn publish(&self, job: &Job) -> usize {
+        self.registry.deliver(&job.id, ResultData::for_job(job))
+    }
+
+    /// How many jobs have at least one open stream here.
+    pub fn watched_jobs(&self) -> usize {
+        self.registry.lock().len()
+    }
+
+    /// How many streams are open here on `id`.
+    pub fn streams_on(&self, id: &JobId) -> usize {
+        self.registry
+            .lock()
+            .get(id)
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// The ids of every job watched here, to re-check after a gap in the fan-out.
+    pub fn watched_ids(&self) -> Vec<JobId> {
+        self.registry.lock().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{JobStatus, MoveUrl};
+
+    fn complete_job(id: &JobId) -> Job {
+        Job {
+            id: id.clone(),
+            status: JobStatus::Complete,
+            move_url: Some(MoveUrl::parse("/next").unwrap()),
+            created_at: 0,
+            completed_at: Some(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_subscriber_gets_the_result_and_the_last_one_frees_the_entry() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let mut subs: Vec<_> = (0..3).map(|_| hub.subscribe(&id)).collect();
+        assert_eq!(hub.watched_jobs(), 1);
+        assert_eq!(hub.streams_on(&id), 3);
+        assert_eq!(hub.publish(&complete_job(&id)).await, 3);
+        for sub in &mut subs {
+            let data = sub.result().await.unwrap();
+            assert_eq!(data.0, r#"{"status":"result","moveUrl":"/next"}"#);
+        }
+        subs.pop();
+        assert_eq!(hub.watched_jobs(), 1);
+        subs.clear();
+        assert_eq!(hub.watched_jobs(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_publish_with_no_subscriber_reaches_nobody() {
+        let hub = Hub::new();
+        assert_eq!(hub.publish(&complete_job(&JobId::generate())).await, 0);
+        assert_eq!(hub.watched_jobs(), 0);
+    }
+}

@@ -1,0 +1,108 @@
+//! Counters and gauges for `/metrics`, in the Prometheus text format.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Every figure Handoff reports; cheap to clone (all handles share their values).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub open_streams: Gauge,
+    pub watched_jobs: Gauge,
+    pub jobs_created: Counter,
+    pub jobs_completed: Counter,
+    pub events_sent: Counter<u64, AtomicU64>,
+    pub redis_reconnects: Counter,
+    pub resync_deliveries: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("handoff");
+        let metrics = Self {
+            registry: Arc::new(Registry::default()),
+            open_streams: Gauge::default(),
+            watched_jobs: Gauge::default(),
+            jobs_created: Counter::default(),
+            jobs_completed: Counter::default(),
+            events_sent: Counter::default(),
+            redis_reconnects: Counter::default(),
+            resync_deliveries: Counter::default(),
+        };
+        registry.register(
+            "open_streams",
+            "Event streams open on this instance",
+            metrics.open_streams.clone(),
+        );
+        registry.register(
+            "watched_jobs",
+            "Jobs with at least one open stream on this instance",
+            metrics.watched_jobs.clone(),
+        );
+        registry.register(
+            "jobs_created",
+            "Jobs created through this instance",
+            metrics.jobs_created.clone(),
+        );
+        registry.register(
+            "jobs_completed",
+            "Jobs completed through this instance",
+            metrics.jobs_completed.clone(),
+        );
+        registry.register(
+            "events_sent",
+            "result events (connect and result) written to streams",
+            metrics.events_sent.clone(),
+        );
+        registry.register(
+            "redis_reconnects",
+            "Times the Redis subscriber link was re-established",
+            metrics.redis_reconnects.clone(),
+        );
+        registry.register(
+            "resync_deliveries",
+            "Results delivered by re-reading the store after a fan-out gap",
+            metrics.resync_deliveries.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            ..metrics
+        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Counts one open stream for as long as it lives; dropping it (however the stream ends) uncounts it.
+#[derive(Debug)]
+pub struct StreamGuard(Gauge);
+
+impl StreamGuard {
+    pub fn new(metrics: &Metrics) -> Self {
+        metrics.open_streams.inc();
+        Self(metrics.open_streams.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

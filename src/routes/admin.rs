@@ -1,0 +1,193 @@
+//! The admin page: recent jobs with their open streams, a Complete button per pending job and a
+//! form to create one. Logging in takes the API token; every admin form carries the session's
+//! CSRF token.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use askama::Template;
+use serde::Deserialize;
+
+use super::job_id;
+use super::pages::{PageError, html, see_other};
+use crate::auth::{AdminSession, logout_cookie};
+use crate::domain::{MoveUrl, rfc3339};
+use crate::error::AppError;
+use crate::jobs;
+use crate::startup::AppState;
+
+const PAGE_SIZE: i64 = 20;
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    problem: Option<&'static str>,
+}
+
+struct Row {
+    id: String,
+    status: &'static str,
+    pending: bool,
+    created_at: String,
+    completed_at: String,
+    streams: usize,
+}
+
+#[derive(Template)]
+#[template(path = "admin.html")]
+struct AdminPage {
+    csrf: String,
+    rows: Vec<Row>,
+    total: i64,
+    watched: usize,
+    page: i64,
+    pages: i64,
+    prev_page: Option<i64>,
+    next_page: Option<i64>,
+}
+
+#[derive(Deserialize)]
+pub struct PageQuery {
+    page: Option<u32>,
+}
+
+fn is_tls(req: &HttpRequest) -> bool {
+    req.connection_info().scheme() == "https"
+}
+
+pub async fn page(
+    req: HttpRequest,
+    query: web::Query<PageQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let Some(session) = state.secrets.session(&req) else {
+        return Ok(html(StatusCode::OK, &LoginPage { problem: None }));
+    };
+    let total = state.store.count_jobs().await.map_err(AppError::from)?;
+    let pages = ((total + PAGE_SIZE - 1) / PAGE_SIZE).max(1);
+    let page = i64::from(query.page.unwrap_or(1).max(1)).min(pages);
+    let jobs = state
+        .store
+        .recent_jobs(PAGE_SIZE, (page - 1) * PAGE_SIZE)
+        .await
+        .map_err(AppError::from)?;
+    let rows = jobs
+        .iter()
+        .map(|job| Row {
+            id: job.id.to_string(),
+            status: job.status.as_str(),
+            pending: !job.is_complete(),
+            created_at: rfc3339(job.created_at),
+            completed_at: job.completed_at.map(rfc3339).unwrap_or_else(|| "—".into()),
+            streams: state.hub.streams_on(&job.id),
+        })
+        .collect();
+    let page_view = AdminPage {
+        csrf: session.csrf,
+        rows,
+        total,
+        watched: state.hub.watched_jobs(),
+        page,
+        pages,
+        prev_page: (page > 1).then_some(page - 1),
+        next_page: (page < pages).then_some(page + 1),
+    };
+    let mut response = html(StatusCode::OK, &page_view);
+    response.headers_mut().insert(
+        actix_web::http::header::CACHE_CONTROL,
+        actix_web::http::header::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    #[serde(default)]
+    token: String,
+}
+
+pub async fn login(
+    req: HttpRequest,
+    form: web::Form<LoginForm>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if !state.secrets.token_matches(&form.token) {
+        log::info!("admin login refused from {:?}", req.peer_addr());
+        return html(
+            StatusCode::UNAUTHORIZED,
+            &LoginPage {
+                problem: Some("That token is not right."),
+            },
+        );
+    }
+    let (cookie, _) = state.secrets.start_session(is_tls(&req));
+    let mut response = see_other("/admin");
+    // A cookie we built ourselves always encodes into a header.
+    let _ = response.add_cookie(&cookie);
+    response
+}
+
+/// Any admin form: the session's CSRF token, plus what the form adds.
+#[derive(Deserialize)]
+pub struct AdminForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default, rename = "moveUrl")]
+    move_url: String,
+}
+
+/// The admin session, if the request has one and its form echoes the session's CSRF token.
+fn checked_session(
+    req: &HttpRequest,
+    state: &AppState,
+    form: &AdminForm,
+) -> Result<AdminSession, PageError> {
+    let session = state
+        .secrets
+        .session(req)
+        .ok_or(AppError::Forbidden("not logged in: log in on /admin first"))?;
+    if session.csrf_matches(&form.csrf) {
+        Ok(session)
+    } else {
+        Err(AppError::Forbidden(
+            "the form's CSRF token is missing or wrong: reload /admin and try again",
+        )
+        .into())
+    }
+}
+
+pub async fn logout(
+    req: HttpRequest,
+    form: web::Form<AdminForm>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    checked_session(&req, &state, &form)?;
+    let mut response = see_other("/admin");
+    let _ = response.add_cookie(&logout_cookie(is_tls(&req)));
+    Ok(response)
+}
+
+pub async fn create(
+    req: HttpRequest,
+    form: web::Form<AdminForm>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    checked_session(&req, &state, &form)?;
+    let move_url = match form.move_url.trim() {
+        "" => None,
+        raw => Some(MoveUrl::parse(raw).map_err(AppError::from)?),
+    };
+    jobs::create(&state, move_url).await?;
+    Ok(see_other("/admin"))
+}
+
+pub async fn complete(
+    req: HttpRequest,
+    path: web::Path<String>,
+    form: web::Form<AdminForm>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    checked_session(&req, &state, &form)?;
+    let id = job_id(&path)?;
+    jobs::complete(&state, &id, None).await?;
+    Ok(see_other("/admin"))
+}

@@ -1,0 +1,175 @@
+//! The HTML pages: the landing page, page A (waiting), page B (result), and the static files.
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpResponse, ResponseError, web};
+use askama::Template;
+use askama_web::WebTemplate;
+use serde::Deserialize;
+
+use crate::domain::{JobId, rfc3339};
+use crate::error::AppError;
+use crate::jobs;
+use crate::startup::AppState;
+
+/// An [`AppError`] answered as an HTML page rather than JSON.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PageError(#[from] pub AppError);
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    title: &'a str,
+    message: String,
+}
+
+impl ResponseError for PageError {
+    fn status_code(&self) -> StatusCode {
+        self.0.status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.0.log();
+        let status = self.status_code();
+        let (title, message) = match &self.0 {
+            AppError::JobNotFound | AppError::MalformedId(_) => (
+                "No such job",
+                "There is no job at this address. The link may be mistyped, or the job has expired.".to_owned(),
+            ),
+            AppError::Unavailable(_) => (
+                "Temporarily unavailable",
+                "Handoff cannot reach its database right now. Please try again in a moment.".to_owned(),
+            ),
+            AppError::Internal(_) => ("Something went wrong", "Please try again.".to_owned()),
+            other if status == StatusCode::FORBIDDEN => ("Not allowed", other.to_string()),
+            other => ("Bad request", other.to_string()),
+        };
+        html(status, &ErrorPage { title, message })
+    }
+}
+
+/// Renders a template with a status; a template that fails to render is a bug, logged, answered 500.
+pub fn html(status: StatusCode, page: &impl Template) -> HttpResponse {
+    match page.render() {
+        Ok(body) => HttpResponse::build(status)
+            .content_type("text/html; charset=utf-8")
+            .body(body),
+        Err(err) => {
+            log::error!("template failed to render: {err}");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "index.html")]
+pub struct IndexPage;
+
+pub async fn index() -> IndexPage {
+    IndexPage
+}
+
+pub async fn create_demo_job(state: web::Data<AppState>) -> Result<HttpResponse, PageError> {
+    let job = jobs::create(&state, None).await?;
+    Ok(see_other(&format!("/jobs/{}", job.id)))
+}
+
+/// `303 See Other` to `location`.
+pub fn see_other(location: &str) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, location))
+        .finish()
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "wait.html")]
+pub struct WaitPage {
+    id: JobId,
+}
+
+/// Page A. An unknown job gets a clear 404 page, not a spinner.
+pub async fn wait(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<WaitPage, PageError> {
+    let id = JobId::parse(&path).map_err(AppError::from)?;
+    let job = state.store.get_job(&id).await.map_err(AppError::from)?;
+    match job {
+        Some(job) => Ok(WaitPage { id: job.id }),
+        None => Err(AppError::JobNotFound.into()),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ResultQuery {
+    id: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "result.html")]
+struct ResultPage {
+    id: JobId,
+    created_at: String,
+    completed_at: String,
+}
+
+#[derive(Template)]
+#[template(path = "pending.html")]
+struct PendingPage {
+    id: JobId,
+}
+
+/// Page B (`/test.do?id=…`, the original's address).
+pub async fn result(
+    query: web::Query<ResultQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let raw = query
+        .id
+        .as_deref()
+        .ok_or_else(|| AppError::BadRequest("the link has no job id (?id=…)".into()))?;
+    let id = JobId::parse(raw).map_err(AppError::from)?;
+    let job = state
+        .store
+        .get_job(&id)
+        .await
+        .map_err(AppError::from)?
+        .ok_or(AppError::JobNotFound)?;
+    Ok(match job.completed_at {
+        Some(completed_at) if job.is_complete() => html(
+            StatusCode::OK,
+            &ResultPage {
+                id: job.id,
+                created_at: rfc3339(job.created_at),
+                completed_at: rfc3339(completed_at),
+            },
+        ),
+        _ => html(StatusCode::OK, &PendingPage { id: job.id }),
+    })
+}
+
+const HANDOFF_JS: &str = include_str!("../../static/handoff.js");
+const STYLE_CSS: &str = include_str!("../../static/style.css");
+
+/// The two static files, compiled in so the binary runs from any folder.
+pub async fn static_file(path: web::Path<String>) -> Result<HttpResponse, PageError> {
+    let (body, content_type) = match path.as_str() {
+        "handoff.js" => (HANDOFF_JS, "text/javascript; charset=utf-8"),
+        "style.css" => (STYLE_CSS, "text/css; charset=utf-8"),
+        _ => return Ok(not_found().await),
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header((header::CACHE_CONTROL, "public, max-age=300"))
+        .body(body))
+}
+
+pub async fn not_found() -> HttpResponse {
+    html(
+        StatusCode::NOT_FOUND,
+        &ErrorPage {
+            title: "Not found",
+            message: "There is nothing at this address.".to_owned(),
+        },
+    )
+}

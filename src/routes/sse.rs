@@ -1,0 +1,132 @@
+//! `GET /sse/connect/{id}`: the event stream page A listens to.
+//!
+//! Protocol (kept from the original server): `retry:`, then `event: result` with
+//! `{"status":"connect","moveUrl":""}`, then, when the job completes, `event: result` with
+//! `{"status":"result","moveUrl":"…"}` and the end of the stream. `:` comments keep idle
+//! proxies from cutting the stream; after the stream timeout it ends cleanly and the browser
+//! reconnects after `retry`.
+
+use actix_web::{HttpRequest, Responder, web};
+use actix_web_lab::sse::{self, Sse};
+use bytestring::ByteString;
+use futures_util::stream::{self, Stream};
+use tokio::time::{Instant, interval_at, sleep_until};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::job_id;
+use crate::error::AppError;
+use crate::hub::{ResultData, Subscription, event_data};
+use crate::metrics::{Metrics, StreamGuard};
+use crate::startup::{AppState, SseSettings};
+
+pub async fn connect(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<impl Responder, AppError> {
+    let id = job_id(&path)?;
+    // Subscribe first, then read the status: see `Hub::subscribe`.
+    let subscription = state.hub.subscribe(&id);
+    let job = state
+        .store
+        .get_job(&id)
+        .await?
+        .ok_or(AppError::JobNotFound)?;
+    log::debug!("stream opened on job {id} from {:?}", req.peer_addr());
+    let waiting = if job.is_complete() {
+        drop(subscription);
+        Waiting::Done(ResultData::for_job(&job))
+    } else {
+        Waiting::For(subscription)
+    };
+    let events = events(
+        waiting,
+        state.sse,
+        state.metrics.clone(),
+        state.shutdown.clone().cancelled_owned(),
+    );
+    Ok(Sse::from_infallible_stream(events)
+        .with_retry_duration(state.sse.retry)
+        .customize()
+        .insert_header(("X-Accel-Buffering", "no")))
+}
+
+/// What the stream is waiting for after the connect event.
+enum Waiting {
+    /// Connect-and-send: the job was complete when the stream opened.
+    Done(ResultData),
+    For(Subscription),
+}
+
+enum Step {
+    Connect(Waiting),
+    Wait(Subscription),
+    Send(ResultData),
+    Finished,
+}
+
+/// Everything one open stream owns; dropping it (the stream ended or the client vanished)
+/// leaves the hub and uncounts the stream.
+struct Stream_ {
+    step: Step,
+    metrics: Metrics,
+    _guard: StreamGuard,
+    keep_alive: tokio::time::Interval,
+    deadline: Instant,
+    shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+fn events(
+    waiting: Waiting,
+    settings: SseSettings,
+    metrics: Metrics,
+    shutdown: WaitForCancellationFutureOwned,
+) -> impl Stream<Item = sse::Event> {
+    let now = Instant::now();
+    let state = Stream_ {
+        step: Step::Connect(waiting),
+        _guard: StreamGuard::new(&metrics),
+        metrics,
+        // The first keep-alive comes one period after the connect event, not at once.
+        keep_alive: interval_at(now + settings.keep_alive, settings.keep_alive),
+        deadline: now + settings.timeout,
+        shutdown: Box::pin(shutdown),
+    };
+    stream::unfold(state, |mut s| async move {
+        let event = match std::mem::replace(&mut s.step, Step::Finished) {
+            Step::Finished => return None,
+            Step::Connect(Waiting::For(subscription)) => {
+                s.step = Step::Wait(subscription);
+                data_event(event_data("connect", ""))
+            }
+            Step::Connect(Waiting::Done(result)) => {
+                s.step = Step::Send(result);
+                data_event(event_data("connect", ""))
+            }
+            Step::Send(result) => data_event(result.0),
+            Step::Wait(mut subscription) => {
+                tokio::select! {
+                    biased;
+                    result = subscription.result() => match result {
+                        Some(result) => data_event(result.0),
+                        None => return None,
+                    },
+                    () = &mut s.shutdown => return None,
+                    () = sleep_until(s.deadline) => return None,
+                    _ = s.keep_alive.tick() => {
+                        s.step = Step::Wait(subscription);
+                        return Some((sse::Event::Comment(KEEP_ALIVE.into()), s));
+                    }
+                }
+            }
+        };
+        s.metrics.events_sent.inc();
+        Some((event, s))
+    })
+}
+
+const KEEP_ALIVE: &str = "keep-alive";
+
+fn data_event(data: ByteString) -> sse::Event {
+    sse::Data::new(data).event("result").into()
+}

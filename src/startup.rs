@@ -1,0 +1,147 @@
+//! Builds the application: the store, the hub, the routes and the HTTP server on its own listener.
+//!
+//! [`Application::build`] binds before it returns and reports the real port, so tests run the real
+//! app on port 0. Stopping goes through one [`CancellationToken`]: it ends every open stream at
+//! once (browsers reconnect elsewhere) and then stops the server.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::middleware::DefaultHeaders;
+use actix_web::{App, HttpServer, web};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Secrets, random_token};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::routes;
+use crate::store::{Store, StoreError};
+
+/// How long the server waits for connections after the streams were told to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// What every handler shares; built once, outside the server closure, so all workers see one hub.
+#[derive(Debug)]
+pub struct AppState {
+    pub store: Store,
+    pub hub: Hub,
+    pub metrics: Metrics,
+    pub secrets: Secrets,
+    pub sse: SseSettings,
+    /// Cancelled when the server shuts down; every open stream ends on it.
+    pub shutdown: CancellationToken,
+}
+
+/// The stream timing, from [`Config`].
+#[derive(Debug, Clone, Copy)]
+pub struct SseSettings {
+    pub timeout: Duration,
+    pub retry: Duration,
+    pub keep_alive: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A built, bound, not yet running Handoff.
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let store = Store::connect(&config.database_url).await?;
+        let token = match &config.api_token {
+            Some(token) => token.clone(),
+            None => {
+                let token = random_token();
+                log::warn!(
+                    "HANDOFF_API_TOKEN is not set; generated one for this run: {token} \
+                     (set HANDOFF_API_TOKEN to keep a token across restarts)"
+                );
+                token
+            }
+        };
+        let state = web::Data::from(Arc::new(AppState {
+            store,
+            hub: Hub::new(),
+            metrics: Metrics::new(),
+            secrets: Secrets::new(&token),
+            sse: SseSettings {
+                timeout: config.sse_timeout,
+                retry: config.sse_retry,
+                keep_alive: config.keep_alive,
+            },
+            shutdown: CancellationToken::new(),
+        }));
+        let listener = TcpListener::bind(config.addr)?;
+        let port = listener.local_addr()?.port();
+        let server_state = state.clone();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(server_state.clone())
+                .wrap(security_headers())
+                .configure(routes::configure)
+        })
+        .backlog(4096)
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        .disable_signals();
+        if let Some(workers) = config.workers {
+            server = server.workers(workers);
+        }
+        let server = server.listen(listener)?.run();
+        log::info!(
+            "Handoff listening on http://{}:{port} (database: {})",
+            config.addr.ip(),
+            state.store.kind()
+        );
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Cancel it to shut down: streams end at once, the server stops within [`SHUTDOWN_GRACE`].
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled and the server has stopped.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let token = self.state.shutdown.clone();
+        tokio::spawn(async move {
+            token.cancelled().await;
+            handle.stop(true).await;
+        });
+        self.server.await
+    }
+}
+
+/// Headers for every response: no inline script, no framing, no sniffing, no referrer leaks.
+fn security_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add((
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        ))
+        .add(("X-Content-Type-Options", "nosniff"))
+        .add(("Referrer-Policy", "same-origin"))
+        .add(("X-Frame-Options", "DENY"))
+}

@@ -1,0 +1,257 @@
+//! All SQL: the `jobs` table in SQLite (the embedded default) or PostgreSQL (scale-out).
+//!
+//! The table is the truth about every job. Each statement is written once in SQL both databases
+//! accept; `on_pool!` runs it on whichever pool is configured.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::domain::{Job, JobId, JobStatus, MoveUrl, now_millis};
+
+/// A database failure; its text goes to the log, never to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot create the folder for the SQLite file {path}: {source}")]
+    Folder {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("a stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the configured pool, whichever database it is.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// What completing a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// This call completed the job: publish it.
+    Completed(Job),
+    /// The job was complete already; nothing changed.
+    AlreadyComplete(Job),
+    NotFound,
+}
+
+/// Handle on the job table; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: String,
+    status: String,
+    move_url: Option<String>,
+    created_at: i64,
+    completed_at: Option<i64>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = StoreError;
+
+    fn try_from(row: JobRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} in job {:?}", row.id));
+        let status = match row.status.as_str() {
+            "pending" => JobStatus::Pending,
+            "complete" => JobStatus::Complete,
+            _ => return Err(corrupt("unknown status")),
+        };
+        let move_url = match &row.move_url {
+            Some(raw) => Some(MoveUrl::parse(raw).map_err(|_| corrupt("invalid move_url"))?),
+            None => None,
+        };
+        Ok(Job {
+            id: JobId::parse(&row.id).map_err(|_| corrupt("invalid id"))?,
+            status,
+            move_url,
+            created_at: row.created_at,
+            completed_at: row.completed_at,
+        })
+    }
+}
+
+const JOB_COLUMNS: &str = "id, status, move_url, created_at, completed_at";
+
+impl Store {
+    /// Connects, creating the SQLite file and its folder when needed, and runs the migrations.
+    /// On PostgreSQL the migrator holds an advisory lock, so instances may start together.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                // WAL with synchronous=NORMAL survives a crash of the process; only an OS crash or
+                // power loss can lose the last commits (README: "Durability").
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5));
+            let path = options.get_filename();
+            if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(folder).map_err(|source| StoreError::Folder {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            }
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(options)
+                    .await?,
+            )
+        } else {
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(url)
+                    .await?,
+            )
+        };
+        let store = Self { pool };
+        on_pool!(store, p => sqlx::migrate!("./migrations").run(p).await?);
+        Ok(store)
+    }
+
+    /// Which database this is, for logs and health output.
+    pub fn kind(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            sqlx::query("SELECT 1").execute(p).await?;
+        });
+        Ok(())
+    }
+
+    /// Stores a new pending job with a fresh id.
+    pub async fn create_job(&self, move_url: Option<MoveUrl>) -> Result<Job, StoreError> {
+        let job = Job {
+            id: JobId::generate(),
+            status: JobStatus::Pending,
+            move_url,
+            created_at: now_millis(),
+            completed_at: None,
+        };
+        let sql =
+            "INSERT INTO jobs (id, status, move_url, created_at) VALUES ($1, 'pending', $2, $3)";
+        on_pool!(self, p => {
+            sqlx::query(sql)
+                .bind(job.id.as_str())
+                .bind(job.move_url.as_ref().map(MoveUrl::as_str))
+                .bind(job.created_at)
+                .execute(p)
+                .await?;
+        });
+        Ok(job)
+    }
+
+    pub async fn get_job(&self, id: &JobId) -> Result<Option<Job>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
+        let row: Option<JobRow> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(id.as_str()).fetch_optional(p).await?);
+        row.map(Job::try_from).transpose()
+    }
+
+    /// Marks the job complete, durably, exactly once. `move_url` overrides the target asked for
+    /// at creation. Completing a complete job changes nothing and returns it as stored.
+    pub async fn complete_job(
+        &self,
+        id: &JobId,
+        move_url: Option<MoveUrl>,
+    ) -> Result<Completion, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "UPDATE jobs SET status = 'complete', move_url = COALESCE($2, move_url), completed_at = $3 \
+             WHERE id = $1 AND status = 'pending' RETURNING {JOB_COLUMNS}"
+        ));
+        let row: Option<JobRow> = on_pool!(self, p => sqlx::query_as(sql)
+            .bind(id.as_str())
+            .bind(move_url.as_ref().map(MoveUrl::as_str))
+            .bind(now_millis())
+            .fetch_optional(p)
+            .await?);
+        if let Some(row) = row {
+            return Ok(Completion::Completed(row.try_into()?));
+        }
+        Ok(match self.get_job(id).await? {
+            Some(job) => Completion::AlreadyComplete(job),
+            None => Completion::NotFound,
+        })
+    }
+
+    /// The completed jobs among `ids`, for delivering what a subscriber may have missed.
+    pub async fn completed_among(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        let mut done = Vec::new();
+        for chunk in ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'complete' AND id IN ({})",
+                placeholders.join(", ")
+            ));
+            let rows: Vec<JobRow> = on_pool!(self, p => {
+                let mut query = sqlx::query_as(sql);
+                for id in chunk {
+                    query = query.bind(id.as_str());
+                }
+                query.fetch_all(p).await?
+            });
+            for row in rows {
+                done.push(row.try_into()?);
+            }
+        }
+        Ok(done)
+    }
+
+    /// One page of jobs, newest first.
+    pub async fn recent_jobs(&self, limit: i64, offset: i64) -> Result<Vec<Job>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2"
+        ));
+        let rows: Vec<JobRow> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(limit).bind(offset).fetch_all(p).await?);
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    pub async fn count_jobs(&self) -> Result<i64, StoreError> {
+        let (n,): (i64,) =
+            on_pool!(self, p => sqlx::query_as("SELECT COUNT(*) FROM jobs").fetch_one(p).await?);
+        Ok(n)
+    }
+
+    /// Deletes jobs created before `cutoff_millis`; returns how many went.
+    pub async fn purge_before(&self, cutoff_millis: i64) -> Result<u64, StoreError> {
+        let done = on_pool!(self, p => sqlx::query("DELETE FROM jobs WHERE created_at < $1")
+            .bind(cutoff_millis)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(done)
+    }
+}
