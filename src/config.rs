@@ -60,14 +60,14 @@ impl Config {
             });
         }
         let redis_url = get("REDIS_URL");
-        if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(ConfigError {
-                    var: "REDIS_URL",
-                    value: url.clone(),
-                    reason: "expected a redis://… URL".into(),
-                });
-            }
+        if let Some(url) = &redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(ConfigError {
+                var: "REDIS_URL",
+                value: url.clone(),
+                reason: "expected a redis://… URL".into(),
+            });
         }
         Ok(Self {
             addr,

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine or this one: installs what the tests need
+# (nginx, Chromium and its driver, PostgreSQL and Redis when missing), starts the services,
+# then runs every test, including the ones marked #[ignore] for needing those services.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+packages=()
+command -v nginx >/dev/null || packages+=(nginx)
+command -v chromium >/dev/null || packages+=(chromium)
+command -v chromedriver >/dev/null || packages+=(chromium-driver)
+command -v openssl >/dev/null || packages+=(openssl)
+[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || packages+=(libnginx-mod-nchan)
+command -v psql >/dev/null || packages+=(postgresql)
+command -v redis-server >/dev/null || packages+=(redis-server)
+if [ ${#packages[@]} -gt 0 ]; then
+  say "installing ${packages[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}"
+fi
+
+say "services"
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
+  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+fi
+pg_isready -h 127.0.0.1 -p 5432
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+redis-cli -h 127.0.0.1 -p 6379 ping
+
+say "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+
+say "tests"
+cargo test --all-targets --locked -- --include-ignored

@@ -1,0 +1,328 @@
+//! The core flow against the real app on a real port: page A's stream, completion, page B.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{SseBlock, TOKEN, TestApp, eventually};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_then_complete_delivers_the_result_and_ends_the_stream() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let mut stream = app.stream(&id).await;
+    assert_eq!(stream.next_block(WAIT).await, Some(SseBlock::Retry(1000)));
+    let connect = stream.next_result(WAIT).await.unwrap();
+    assert_eq!(connect, serde_json::json!({"status": "connect", "moveUrl": ""}));
+    assert_eq!(app.complete(&id).await.status(), 200);
+    let result = stream.next_result(WAIT).await.unwrap();
+    assert_eq!(result["status"], "result");
+    assert_eq!(result["moveUrl"], format!("/test.do?id={id}"));
+    assert_eq!(stream.next_block(WAIT).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completion_before_connect_is_delivered_on_connect() {
+    let app = TestApp::spawn().await;
+    let job = app.create_job(Some("/receipt?order=7")).await;
+    let id = job["id"].as_str().unwrap();
+    app.complete(id).await;
+    let mut stream = app.stream(id).await;
+    let result = stream.expect_connect_result_end(WAIT).await;
+    assert_eq!(result["moveUrl"], "/receipt?order=7");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_tab_gets_the_result_and_the_hub_is_empty_afterwards() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = app.stream(&id).await;
+        assert_eq!(s.next_result(WAIT).await.unwrap()["status"], "connect");
+        streams.push(s);
+    }
+    assert_eq!(app.metric("handoff_watched_jobs").await, 1.0);
+    assert_eq!(app.metric("handoff_open_streams").await, 3.0);
+    app.complete(&id).await;
+    for s in &mut streams {
+        assert_eq!(s.next_result(WAIT).await.unwrap()["status"], "result");
+        assert_eq!(s.next_block(WAIT).await, None);
+    }
+    assert!(eventually(WAIT, || async { app.metric("handoff_watched_jobs").await == 0.0 }).await);
+    assert!(eventually(WAIT, || async { app.metric("handoff_open_streams").await == 0.0 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_connects_and_completions_lose_nothing() {
+    let app = TestApp::spawn().await;
+    let rounds = 500;
+    let mut ids = Vec::new();
+    for _ in 0..rounds {
+        ids.push(app.job_id().await);
+    }
+    let mut tasks = Vec::new();
+    for id in ids {
+        let client = app.client.clone();
+        let base = app.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream_url = format!("{base}/sse/connect/{id}");
+            let reader = tokio::spawn({
+                let client = client.clone();
+                async move {
+                    let mut s = support::SseReader::open(&client, &stream_url).await;
+                    loop {
+                        match s.next_result(Duration::from_secs(20)).await {
+                            Some(v) if v["status"] == "result" => return v["moveUrl"].as_str().map(str::to_owned),
+                            Some(_) => continue,
+                            None => return None,
+                        }
+                    }
+                }
+            });
+            let status = client
+                .post(format!("{base}/api/jobs/{id}/complete"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 200);
+            (id, reader.await.unwrap())
+        }));
+    }
+    let mut lost = 0;
+    for task in tasks {
+        let (id, got) = task.await.unwrap();
+        if got != Some(format!("/test.do?id={id}")) {
+            lost += 1;
+        }
+    }
+    assert_eq!(lost, 0, "{lost} of {rounds} results lost");
+    assert!(eventually(WAIT, || async { app.metric("handoff_watched_jobs").await == 0.0 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_and_malformed_ids_get_4xx_never_500() {
+    let app = TestApp::spawn().await;
+    let unknown = app.client.get(app.url("/sse/connect/AAAAAAAAAAAAAAAAAAAAAA")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let body: serde_json::Value = unknown.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("no job"));
+    let long = "x".repeat(1000);
+    for raw in ["", &long, "..%2Fx", "%00", "%3Cscript%3E", "%C3%A9t%C3%A9", "<script>"] {
+        for path in [
+            format!("/sse/connect/{raw}"),
+            format!("/api/jobs/{raw}"),
+            format!("/jobs/{raw}"),
+            format!("/test.do?id={raw}"),
+        ] {
+            let resp = app.client.get(app.url(&path)).send().await.unwrap();
+            let status = resp.status().as_u16();
+            assert!((400..500).contains(&status), "{path} answered {status}");
+        }
+    }
+    let resp = app.client.post(app.url(&format!("/api/jobs/{long}/complete"))).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_refuses_a_missing_or_wrong_token_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let url = app.url(&format!("/api/jobs/{id}/complete"));
+    let none = app.client.post(&url).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    let wrong = app.client.post(&url).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let create = app.client.post(app.url("/api/jobs")).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(create.status(), 401);
+    let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
+    assert_eq!(job["status"], "pending");
+    assert_eq!(job["moveUrl"], "");
+    assert_eq!(job["completedAt"], serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completing_twice_returns_the_stored_result_and_unknown_is_404() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let first: serde_json::Value = app.complete(&id).await.json().await.unwrap();
+    let again = app
+        .client
+        .post(app.url(&format!("/api/jobs/{id}/complete")))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"moveUrl": "/other"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let second: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(first["status"], "complete");
+    assert!(first["completedAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(app.complete("AAAAAAAAAAAAAAAAAAAAAA").await.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_url_that_leaves_the_site_is_refused() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    for evil in ["https://evil.example", "//evil.example", "/\\evil.example", "javascript:alert(1)"] {
+        let body = serde_json::json!({ "moveUrl": evil });
+        let create = app.client.post(app.url("/api/jobs")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+        assert_eq!(create.status(), 400, "create with {evil}");
+        let text = create.text().await.unwrap();
+        assert!(text.contains("moveUrl"), "{text}");
+        let complete = app
+            .client
+            .post(app.url(&format!("/api/jobs/{id}/complete")))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(complete.status(), 400, "complete with {evil}");
+    }
+    let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
+    assert_eq!(job["status"], "pending");
+    let garbage = app.client.post(app.url("/api/jobs")).bearer_auth(TOKEN).body("{not json").send().await.unwrap();
+    assert_eq!(garbage.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_after_its_timeout_and_a_reconnect_works() {
+    let app = TestApp::spawn_with(|c| c.sse_timeout = Duration::from_secs(2)).await;
+    let id = app.job_id().await;
+    let started = Instant::now();
+    let mut stream = app.stream(&id).await;
+    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
+    assert_eq!(stream.next_result(WAIT).await, None, "the stream ends by itself");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(4), "ended after {took:?}");
+    let mut again = app.stream(&id).await;
+    assert_eq!(again.next_result(WAIT).await.unwrap()["status"], "connect");
+    app.complete(&id).await;
+    assert_eq!(again.next_result(WAIT).await.unwrap()["status"], "result");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_alive_comments_flow_on_an_idle_stream() {
+    let app = TestApp::spawn_with(|c| c.keep_alive = Duration::from_secs(1)).await;
+    let id = app.job_id().await;
+    let mut stream = app.stream(&id).await;
+    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
+    assert!(matches!(stream.next_block(WAIT).await, Some(SseBlock::Comment(_))));
+    assert!(matches!(stream.next_block(WAIT).await, Some(SseBlock::Comment(_))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_keeps_every_job_and_delivers_what_completed_meanwhile() {
+    let mut app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let other = app.job_id().await;
+    app.complete(&other).await;
+    let url = app.database_url.clone();
+    let dir = app.stop().await;
+    let mut app = TestApp::spawn_on(&url, |_| {}).await;
+    app.complete(&id).await;
+    app.stop().await;
+    let app = TestApp::spawn_on(&url, |_| {}).await;
+    for job in [&id, &other] {
+        let mut stream = app.stream(job).await;
+        stream.expect_connect_result_end(WAIT).await;
+    }
+    drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_has_the_headers_proxies_need() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let stream = app.stream(&id).await;
+    assert_eq!(stream.response_status, 200);
+    let h = &stream.headers;
+    assert_eq!(h["content-type"], "text/event-stream");
+    assert_eq!(h["cache-control"], "no-cache");
+    assert_eq!(h["x-accel-buffering"], "no");
+    assert!(h.get("content-encoding").is_none_or(|v| v == "identity"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_a_and_b_and_the_landing_page_answer() {
+    let app = TestApp::spawn().await;
+    let landing = app.client.get(app.url("/")).send().await.unwrap();
+    assert_eq!(landing.status(), 200);
+    let text = landing.text().await.unwrap();
+    assert!(text.contains("action=\"/jobs\"") && text.contains("href=\"/admin\""));
+
+    let demo = app.client.post(app.url("/jobs")).send().await.unwrap();
+    assert_eq!(demo.status(), 303);
+    let page_a_path = demo.headers()["location"].to_str().unwrap().to_owned();
+    let id = page_a_path.strip_prefix("/jobs/").unwrap().to_owned();
+    let page_a = app.client.get(app.url(&page_a_path)).send().await.unwrap();
+    assert_eq!(page_a.status(), 200);
+    let csp = page_a.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    let html = page_a.text().await.unwrap();
+    assert!(html.contains(&format!("data-handoff-job=\"{id}\"")));
+    assert!(html.contains("src=\"/static/handoff.js\""));
+    assert!(!html.contains("<script>"), "no inline script on page A");
+    let js = app.client.get(app.url("/static/handoff.js")).send().await.unwrap();
+    assert_eq!(js.status(), 200);
+    assert!(js.text().await.unwrap().contains("EventSource"));
+
+    let pending = app.client.get(app.url(&format!("/test.do?id={id}"))).send().await.unwrap().text().await.unwrap();
+    assert!(pending.contains("Not finished yet") && pending.contains(&format!("href=\"/jobs/{id}\"")));
+    app.complete(&id).await;
+    let page_b = app.client.get(app.url(&format!("/test.do?id={id}"))).send().await.unwrap();
+    assert_eq!(page_b.status(), 200);
+    assert!(page_b.text().await.unwrap().contains("Job complete"));
+    let unknown = app.client.get(app.url("/test.do?id=AAAAAAAAAAAAAAAAAAAAAA")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.text().await.unwrap().contains("No such job"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_custom_move_url_is_escaped_wherever_it_is_shown() {
+    let app = TestApp::spawn().await;
+    let job = app.create_job(Some("/x?a=\"><script>alert(1)</script>")).await;
+    let id = job["id"].as_str().unwrap();
+    app.complete(id).await;
+    let mut stream = app.stream(id).await;
+    let result = stream.expect_connect_result_end(WAIT).await;
+    assert_eq!(result["moveUrl"], "/x?a=\"><script>alert(1)</script>");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_metrics_answer() {
+    let app = TestApp::spawn().await;
+    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(health.text().await.unwrap().starts_with("ok"));
+    let id = app.job_id().await;
+    app.complete(&id).await;
+    assert_eq!(app.metric("handoff_jobs_created_total").await, 1.0);
+    assert_eq!(app.metric("handoff_jobs_completed_total").await, 1.0);
+    app.stream(&id).await.expect_connect_result_end(WAIT).await;
+    assert_eq!(app.metric("handoff_events_sent_total").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutting_down_ends_open_streams_within_a_second() {
+    let mut app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let mut stream = app.stream(&id).await;
+    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
+    let started = Instant::now();
+    let stopping = tokio::spawn(async move {
+        app.stop().await;
+        started.elapsed()
+    });
+    assert_eq!(stream.next_block(WAIT).await, None);
+    assert!(started.elapsed() < Duration::from_secs(1), "stream ended after {:?}", started.elapsed());
+    let stopped_after = stopping.await.unwrap();
+    assert!(stopped_after < Duration::from_secs(5), "server stopped after {stopped_after:?}");
+}
