@@ -98,7 +98,8 @@ impl Fanout {
         let payload = serde_json::to_string(&message).unwrap_or_default();
         let mut command = redis::cmd("PUBLISH");
         command.arg(&*self.channel).arg(payload);
-        for attempt in 1..=2 {
+        let mut last_error = String::new();
+        for _attempt in 0..2 {
             let mut connection = self.publisher.clone();
             let sent = tokio::time::timeout(
                 ATTEMPT_TIMEOUT,
@@ -107,14 +108,12 @@ impl Fanout {
             .await;
             match sent {
                 Ok(Ok(_)) => return,
-                Ok(Err(err)) => {
-                    log::warn!("job {id}: Redis publish attempt {attempt} failed: {err}")
-                }
-                Err(_) => log::warn!("job {id}: Redis publish attempt {attempt} timed out"),
+                Ok(Err(err)) => last_error = err.to_string(),
+                Err(_) => last_error = format!("no answer within {ATTEMPT_TIMEOUT:?}"),
             }
         }
         log::warn!(
-            "job {id}: completion stored but not published to Redis; \
+            "job {id}: completion stored but not published to Redis ({last_error}); \
              instances deliver it when they re-read the store after their link comes back"
         );
     }

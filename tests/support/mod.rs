@@ -173,13 +173,7 @@ impl TestApp {
 
     /// Creates a job through the API; returns its JSON.
     pub async fn create_job(&self, move_url: Option<&str>) -> Value {
-        let mut req = self.client.post(self.url("/api/jobs")).bearer_auth(TOKEN);
-        if let Some(url) = move_url {
-            req = req.json(&serde_json::json!({ "moveUrl": url }));
-        }
-        let resp = req.send().await.expect("create request");
-        assert_eq!(resp.status(), 201, "creating a job");
-        resp.json().await.expect("job JSON")
+        create_job_at(&self.client, &self.base, move_url).await
     }
 
     pub async fn job_id(&self) -> String {
@@ -190,12 +184,7 @@ impl TestApp {
     }
 
     pub async fn complete(&self, id: &str) -> reqwest::Response {
-        self.client
-            .post(self.url(&format!("/api/jobs/{id}/complete")))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("complete request")
+        complete_at(&self.client, &self.base, id).await
     }
 
     pub async fn get_job(&self, id: &str) -> reqwest::Response {
@@ -263,6 +252,27 @@ pub fn start_binary(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, Str
         }
     });
     (child, base)
+}
+
+/// Creates a job through the API of the Handoff at `base`; returns its JSON.
+pub async fn create_job_at(client: &reqwest::Client, base: &str, move_url: Option<&str>) -> Value {
+    let mut req = client.post(format!("{base}/api/jobs")).bearer_auth(TOKEN);
+    if let Some(url) = move_url {
+        req = req.json(&serde_json::json!({ "moveUrl": url }));
+    }
+    let resp = req.send().await.expect("create request");
+    assert_eq!(resp.status(), 201, "creating a job on {base}");
+    resp.json().await.expect("job JSON")
+}
+
+/// Completes job `id` through the API of the Handoff at `base`.
+pub async fn complete_at(client: &reqwest::Client, base: &str, id: &str) -> reqwest::Response {
+    client
+        .post(format!("{base}/api/jobs/{id}/complete"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("complete request")
 }
 
 pub fn client() -> reqwest::Client {
