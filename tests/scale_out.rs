@@ -231,15 +231,20 @@ async fn waiting_streams<'a>(
     waiting
 }
 
-/// Reads each stream's result; panics naming the first that gets none within `within`.
+/// Reads each stream's result; panics naming the first that gets none within `within` overall.
 async fn expect_results(waiting: &mut [(String, &Instance, SseReader)], within: Duration) {
-    for (id, on, stream) in waiting.iter_mut() {
-        let result = stream
-            .next_result(within)
-            .await
-            .unwrap_or_else(|| panic!("stream on {} for job {id} ended without a result", on.base));
-        assert_eq!(result["status"], "result");
-        assert_eq!(result["moveUrl"], format!("/test.do?id={id}"));
+    let all = async {
+        for (id, on, stream) in waiting.iter_mut() {
+            let result = stream.next_result(within).await.unwrap_or_else(|| {
+                panic!("stream on {} for job {id} ended without a result", on.base)
+            });
+            assert_eq!(result["status"], "result");
+            assert_eq!(result["moveUrl"], format!("/test.do?id={id}"));
+        }
+    };
+    // Keep-alive comments would otherwise extend the wait stream by stream.
+    if tokio::time::timeout(within, all).await.is_err() {
+        panic!("not every result arrived within {within:?}");
     }
 }
 
