@@ -41,3 +41,6 @@ cargo clippy --all-targets --locked -- -D warnings
 
 say "tests"
 cargo test --all-targets --locked -- --include-ignored
+
+say "core and admin suites again, against PostgreSQL (a fresh database per app)"
+HANDOFF_TEST_DB=postgres cargo test --locked --test core --test admin

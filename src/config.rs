@@ -15,6 +15,8 @@ pub struct Config {
     pub database_url: String,
     /// `REDIS_URL`: when set, completions fan out to every instance over Redis Pub/Sub.
     pub redis_url: Option<String>,
+    /// `HANDOFF_REDIS_CHANNEL`: the Pub/Sub channel the instances of one deployment share.
+    pub redis_channel: String,
     /// `HANDOFF_API_TOKEN`: `None` means one is generated at start.
     pub api_token: Option<String>,
     /// `HANDOFF_SSE_TIMEOUT_SECS`: a stream ends cleanly after this long; the browser reconnects.
@@ -73,6 +75,8 @@ impl Config {
             addr,
             database_url,
             redis_url,
+            redis_channel: get("HANDOFF_REDIS_CHANNEL")
+                .unwrap_or_else(|| "handoff:completions".into()),
             api_token: get("HANDOFF_API_TOKEN"),
             sse_timeout: Duration::from_secs(positive(&get, "HANDOFF_SSE_TIMEOUT_SECS", 60)?),
             sse_retry: Duration::from_millis(positive(&get, "HANDOFF_SSE_RETRY_MS", 1000)?),
@@ -133,6 +137,7 @@ mod tests {
         assert_eq!(c.sse_retry, Duration::from_millis(1000));
         assert_eq!(c.keep_alive, Duration::from_secs(15));
         assert!(c.api_token.is_none() && c.redis_url.is_none());
+        assert_eq!(c.redis_channel, "handoff:completions");
     }
 
     #[test]

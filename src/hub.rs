@@ -2,7 +2,8 @@
 //!
 //! Every open stream holds a [`Subscription`]; a job's entry lives while at least one stream of it
 //! is open and is freed when the last one ends. Routes see only `subscribe` and `publish`; whether
-//! a completion also travels to other instances (Redis) is decided here, not in the routes.
+//! a completion also travels to other instances (Redis, see [`crate::fanout`]) is decided here,
+//! not in the routes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,7 +11,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytestring::ByteString;
 use tokio::sync::broadcast;
 
-use crate::domain::{Job, JobId};
+use crate::domain::{Job, JobId, MoveUrl};
+use crate::fanout::Fanout;
 
 /// The `data:` of a result event, encoded once and shared by every stream of the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +21,12 @@ pub struct ResultData(pub ByteString);
 impl ResultData {
     /// `{"status":"result","moveUrl":"…"}` for a completed job.
     pub fn for_job(job: &Job) -> Self {
-        Self(event_data("result", job.target().as_str()))
+        Self::to(&job.target())
+    }
+
+    /// `{"status":"result","moveUrl":"…"}` sending the browser to `target`.
+    pub fn to(target: &MoveUrl) -> Self {
+        Self(event_data("result", target.as_str()))
     }
 }
 
@@ -66,6 +73,8 @@ impl Registry {
 #[derive(Debug, Clone, Default)]
 pub struct Hub {
     registry: Arc<Registry>,
+    /// With `REDIS_URL`: completions also go to every other instance.
+    fanout: Option<Fanout>,
 }
 
 /// One open stream's place in the hub. Dropping it leaves the hub; the last one out frees the job's entry.
@@ -107,8 +116,18 @@ impl Drop for Subscription {
 }
 
 impl Hub {
+    /// A hub for one instance alone.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A hub that also publishes every completion through Redis. Incoming completions reach it
+    /// through [`Fanout::spawn_subscriber`].
+    pub fn with_fanout(fanout: Fanout) -> Self {
+        Self {
+            registry: Arc::default(),
+            fanout: Some(fanout),
+        }
     }
 
     /// Registers a stream for `id`. Call this *before* reading the job's status: a completion
@@ -128,10 +147,24 @@ impl Hub {
         }
     }
 
-    /// Delivers a completed job to every stream waiting for it. Call only after the completion
-    /// is stored. Returns how many streams on this instance got it.
+    /// Delivers a completed job to every stream waiting for it, here and (with Redis) on every
+    /// other instance. Call only after the completion is stored: a failed Redis publish is only
+    /// logged, because subscribers re-read the store after a gap. Returns how many streams on
+    /// this instance got it.
     pub async fn publish(&self, job: &Job) -> usize {
-        self.registry.deliver(&job.id, ResultData::for_job(job))
+        // Locally first, for the lowest latency here; our own message coming back from Redis is
+        // a harmless duplicate (see `Subscription::result`).
+        let reached = self.registry.deliver(&job.id, ResultData::for_job(job));
+        if let Some(fanout) = &self.fanout {
+            fanout.publish(&job.id, &job.target()).await;
+        }
+        reached
+    }
+
+    /// Hands a result that reached this instance (from Redis or a resync) to the streams open
+    /// on `id` here; returns how many there were.
+    pub fn deliver(&self, id: &JobId, data: ResultData) -> usize {
+        self.registry.deliver(id, data)
     }
 
     /// How many jobs have at least one open stream here.

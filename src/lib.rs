@@ -4,6 +4,7 @@
 //! - [`domain`]: job ids, redirect targets, statuses; parsed, never re-checked.
 //! - [`store`]: all SQL; the job table is the truth (SQLite or PostgreSQL).
 //! - [`hub`]: which streams wait for which job, and how a completion reaches them.
+//! - [`fanout`]: Redis Pub/Sub between instances, and the resync that makes a lost message harmless.
 //! - [`jobs`]: creating and completing a job (store first, then publish).
 //! - [`auth`]: API token, admin session cookie, CSRF.
 //! - [`routes`]: the HTTP interface; [`error`]: how failures become responses.
@@ -13,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod fanout;
 pub mod hub;
 pub mod jobs;
 pub mod metrics;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Secrets, random_token};
 use crate::config::Config;
+use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::routes;
@@ -28,6 +29,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 pub struct AppState {
     pub store: Store,
     pub hub: Hub,
+    /// The Redis fan-out, when `REDIS_URL` is set; `/healthz` checks it.
+    pub fanout: Option<Fanout>,
     pub metrics: Metrics,
     pub secrets: Secrets,
     pub sse: SseSettings,
@@ -47,6 +50,8 @@ pub struct SseSettings {
 pub enum StartError {
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot use REDIS_URL: {0}")]
+    Redis(#[from] redis::RedisError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -61,6 +66,14 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let store = Store::connect(&config.database_url).await?;
+        let fanout = match &config.redis_url {
+            Some(url) => Some(Fanout::new(url, &config.redis_channel)?),
+            None => None,
+        };
+        let hub = match &fanout {
+            Some(fanout) => Hub::with_fanout(fanout.clone()),
+            None => Hub::new(),
+        };
         let token = match &config.api_token {
             Some(token) => token.clone(),
             None => {
@@ -74,7 +87,8 @@ impl Application {
         };
         let state = web::Data::from(Arc::new(AppState {
             store,
-            hub: Hub::new(),
+            hub,
+            fanout,
             metrics: Metrics::new(),
             secrets: Secrets::new(&token),
             sse: SseSettings {
@@ -84,6 +98,15 @@ impl Application {
             },
             shutdown: CancellationToken::new(),
         }));
+        if let Some(fanout) = &state.fanout {
+            // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
+            fanout.spawn_subscriber(
+                state.hub.clone(),
+                state.store.clone(),
+                state.metrics.clone(),
+                state.shutdown.clone(),
+            );
+        }
         let listener = TcpListener::bind(config.addr)?;
         let port = listener.local_addr()?.port();
         let server_state = state.clone();
@@ -100,8 +123,12 @@ impl Application {
             server = server.workers(workers);
         }
         let server = server.listen(listener)?.run();
+        let fan_out = match &state.fanout {
+            Some(fanout) => format!("Redis channel {}", fanout.channel()),
+            None => "off".into(),
+        };
         log::info!(
-            "Handoff listening on http://{}:{port} (database: {})",
+            "Handoff listening on http://{}:{port} (database: {}, fan-out: {fan_out})",
             config.addr.ip(),
             state.store.kind()
         );

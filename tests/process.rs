@@ -3,41 +3,10 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{SseReader, TOKEN};
-
-/// Starts the binary on port 0 with `envs`; returns the child and its base URL.
-fn start(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
-        .current_dir(dir)
-        .env("HANDOFF_ADDR", "127.0.0.1:0")
-        .env("HANDOFF_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "info")
-        .envs(envs.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start handoff");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("handoff printed its address")
-            .expect("a log line");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .expect("an address")
-                .to_owned();
-        }
-    };
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, base)
-}
+use support::{SseReader, TOKEN, start_binary as start};
 
 #[test]
 fn an_invalid_setting_stops_start_up_naming_the_variable() {

@@ -1,11 +1,14 @@
 //! Test support: the real app on a real port against a fresh database, and a raw SSE reader.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use handoff::config::Config;
 use handoff::startup::Application;
 use serde_json::Value;
+use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 pub const TOKEN: &str = "test-token-0123456789";
@@ -18,7 +21,97 @@ pub struct TestApp {
     pub client: reqwest::Client,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    _dir: Option<tempfile::TempDir>,
+    _db: Option<FreshDb>,
+}
+
+/// Where the tests' PostgreSQL databases are created and dropped.
+pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A database made for one test: a SQLite file in a temporary folder, or a PostgreSQL database
+/// `handoff_t_<random>`. Dropping it removes it.
+pub enum FreshDb {
+    Sqlite { dir: tempfile::TempDir, url: String },
+    Postgres { name: String, url: String },
+}
+
+impl FreshDb {
+    /// The kind `HANDOFF_TEST_DB` asks for: `sqlite` (the default) or `postgres`.
+    pub async fn from_env() -> Self {
+        match std::env::var("HANDOFF_TEST_DB").as_deref() {
+            Err(_) | Ok("" | "sqlite") => Self::sqlite(),
+            Ok("postgres") => Self::postgres().await,
+            Ok(other) => panic!("HANDOFF_TEST_DB={other:?}: expected sqlite or postgres"),
+        }
+    }
+
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}/handoff.db", dir.path().display());
+        Self::Sqlite { dir, url }
+    }
+
+    /// A new, empty PostgreSQL database on 127.0.0.1:5432.
+    pub async fn postgres() -> Self {
+        let mut admin = postgres_admin().await;
+        let name = format!("handoff_t_{:016x}", rand::random::<u64>());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        Self::Postgres { name, url }
+    }
+
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Sqlite { url, .. } | Self::Postgres { url, .. } => url,
+        }
+    }
+
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Sqlite { dir, .. } => Some(dir.path()),
+            Self::Postgres { .. } => None,
+        }
+    }
+}
+
+/// A connection to the `postgres` database, or a panic saying how to get one.
+pub async fn postgres_admin() -> sqlx::PgConnection {
+    sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await.unwrap_or_else(|e| {
+        panic!(
+            "this test needs PostgreSQL at {POSTGRES_ADMIN_URL} (trust auth for user postgres): \
+             run scripts/test.sh, or start it with `pg_ctlcluster <version> main start`: {e}"
+        )
+    })
+}
+
+impl Drop for FreshDb {
+    fn drop(&mut self) {
+        let Self::Postgres { name, .. } = self else {
+            return;
+        };
+        // Drop runs outside async code (or on a runtime that is ending), so the DROP gets its own
+        // small runtime on its own thread. FORCE ends connections an app may still hold.
+        let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await?;
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut admin)
+                    .await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {name}: {dropped:?}");
+        }
+    }
 }
 
 /// Settings a test may change before the app starts.
@@ -36,12 +129,12 @@ impl TestApp {
         Self::spawn_with(|_| {}).await
     }
 
-    /// Spawns with a fresh database, letting `tweak` change the config first.
+    /// Spawns with a fresh database (SQLite, or PostgreSQL with `HANDOFF_TEST_DB=postgres`),
+    /// letting `tweak` change the config first.
     pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}/handoff.db", dir.path().display());
-        let mut app = Self::spawn_on(&url, tweak).await;
-        app._dir = Some(dir);
+        let db = FreshDb::from_env().await;
+        let mut app = Self::spawn_on(db.url(), tweak).await;
+        app._db = Some(db);
         app
     }
 
@@ -60,17 +153,18 @@ impl TestApp {
             client: client(),
             shutdown,
             server: Some(server),
-            _dir: None,
+            _db: None,
         }
     }
 
-    /// Stops the app (streams end, server stops) and waits for it; keeps the database.
-    pub async fn stop(&mut self) -> Option<tempfile::TempDir> {
+    /// Stops the app (streams end, server stops) and waits for it. The database lives as long
+    /// as what this returns.
+    pub async fn stop(&mut self) -> Option<FreshDb> {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
         }
-        self._dir.take()
+        self._db.take()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -79,13 +173,7 @@ impl TestApp {
 
     /// Creates a job through the API; returns its JSON.
     pub async fn create_job(&self, move_url: Option<&str>) -> Value {
-        let mut req = self.client.post(self.url("/api/jobs")).bearer_auth(TOKEN);
-        if let Some(url) = move_url {
-            req = req.json(&serde_json::json!({ "moveUrl": url }));
-        }
-        let resp = req.send().await.expect("create request");
-        assert_eq!(resp.status(), 201, "creating a job");
-        resp.json().await.expect("job JSON")
+        create_job_at(&self.client, &self.base, move_url).await
     }
 
     pub async fn job_id(&self) -> String {
@@ -96,12 +184,7 @@ impl TestApp {
     }
 
     pub async fn complete(&self, id: &str) -> reqwest::Response {
-        self.client
-            .post(self.url(&format!("/api/jobs/{id}/complete")))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("complete request")
+        complete_at(&self.client, &self.base, id).await
     }
 
     pub async fn get_job(&self, id: &str) -> reqwest::Response {
@@ -126,6 +209,70 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Starts the `handoff` binary on port 0 in `dir` with `envs`; returns the child and its base URL
+/// once it logs that it listens. Its warnings and errors go to this test's output.
+pub fn start_binary(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .current_dir(dir)
+        .env("HANDOFF_ADDR", "127.0.0.1:0")
+        .env("HANDOFF_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start handoff");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let base = loop {
+        let Some(Ok(line)) = lines.next() else {
+            panic!(
+                "handoff exited before listening; its log:\n{}",
+                seen.join("\n")
+            );
+        };
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .expect("an address")
+                .to_owned();
+        }
+        seen.push(line);
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    let tag = base.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                eprintln!("[handoff {tag}] {line}");
+            }
+        }
+    });
+    (child, base)
+}
+
+/// Creates a job through the API of the Handoff at `base`; returns its JSON.
+pub async fn create_job_at(client: &reqwest::Client, base: &str, move_url: Option<&str>) -> Value {
+    let mut req = client.post(format!("{base}/api/jobs")).bearer_auth(TOKEN);
+    if let Some(url) = move_url {
+        req = req.json(&serde_json::json!({ "moveUrl": url }));
+    }
+    let resp = req.send().await.expect("create request");
+    assert_eq!(resp.status(), 201, "creating a job on {base}");
+    resp.json().await.expect("job JSON")
+}
+
+/// Completes job `id` through the API of the Handoff at `base`.
+pub async fn complete_at(client: &reqwest::Client, base: &str, id: &str) -> reqwest::Response {
+    client
+        .post(format!("{base}/api/jobs/{id}/complete"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("complete request")
 }
 
 pub fn client() -> reqwest::Client {

@@ -1,0 +1,493 @@
+//! Several `handoff` processes sharing PostgreSQL and Redis: a completion through any instance
+//! reaches the streams on every instance, a Redis outage delays results but loses none, and
+//! instances starting together on one fresh database migrate it safely.
+//!
+//! The outage tests run their own `redis-server` on a free port, so killing or restarting it
+//! disturbs nobody else; the others use the shared Redis at 127.0.0.1:6379 on a channel of
+//! their own.
+
+mod support;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{StreamExt, stream};
+use support::{FreshDb, SseReader, eventually, start_binary};
+
+const WAIT: Duration = Duration::from_secs(5);
+const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+
+/// A Pub/Sub channel no other test run uses.
+fn fresh_channel() -> String {
+    format!("handoff:test:{:016x}", rand::random::<u64>())
+}
+
+/// One `handoff` process; killed when dropped.
+struct Instance {
+    child: Child,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Instance {
+    fn start(db: &FreshDb, redis_url: Option<&str>, channel: &str) -> Self {
+        let mut envs = vec![
+            ("DATABASE_URL", db.url()),
+            ("HANDOFF_REDIS_CHANNEL", channel),
+        ];
+        if let Some(url) = redis_url {
+            envs.push(("REDIS_URL", url));
+        }
+        let (child, base) = start_binary(&std::env::temp_dir(), &envs);
+        Self {
+            child,
+            base,
+            client: support::client(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `/healthz`: its status and body.
+    async fn health(&self) -> (u16, String) {
+        let resp = self
+            .client
+            .get(self.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        (
+            resp.status().as_u16(),
+            resp.text().await.expect("healthz body"),
+        )
+    }
+
+    /// Waits until `/healthz` says `ok`: the database answers and the subscriber is subscribed.
+    async fn wait_healthy(&self) {
+        let healthy = eventually(Duration::from_secs(10), || async {
+            self.health().await.0 == 200
+        });
+        assert!(
+            healthy.await,
+            "{} never became healthy: {:?}",
+            self.base,
+            self.health().await
+        );
+    }
+
+    /// Waits until the subscriber has counted a reconnect and `/healthz` is `ok` again. Each
+    /// instance backs off on its own, so one may be back seconds before the other.
+    async fn wait_resubscribed(&self) {
+        let back = eventually(Duration::from_secs(10), || async {
+            self.metric("handoff_redis_reconnects_total").await >= 1.0
+        });
+        assert!(back.await, "{} counts its reconnect", self.base);
+        self.wait_healthy().await;
+    }
+
+    async fn job_id(&self) -> String {
+        let job = support::create_job_at(&self.client, &self.base, None).await;
+        job["id"].as_str().expect("an id").to_owned()
+    }
+
+    async fn complete(&self, id: &str) -> u16 {
+        let resp = support::complete_at(&self.client, &self.base, id).await;
+        resp.status().as_u16()
+    }
+
+    /// Opens a stream on `id` and reads its connect event.
+    async fn connected_stream(&self, id: &str) -> SseReader {
+        let mut stream =
+            SseReader::open(&self.client, &self.url(&format!("/sse/connect/{id}"))).await;
+        assert_eq!(stream.response_status, 200, "stream on {}", self.base);
+        let connect = stream.next_result(WAIT).await.expect("a connect event");
+        assert_eq!(connect["status"], "connect");
+        stream
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        support::metric(&self.client, &self.base, name).await
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private `redis-server` on a free port, for tests that cut Redis off.
+struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Self {
+            port,
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same port and waits until it answers.
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run redis-server ({e}): run scripts/test.sh, or apt-get install redis-server"));
+        self.child = Some(child);
+        let url = self.url();
+        let up = eventually(WAIT, || async { ping(&url).await.is_ok() });
+        assert!(
+            up.await,
+            "redis-server on port {} did not answer",
+            self.port
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn command(&self, args: &[&str]) -> redis::Value {
+        let client = redis::Client::open(self.url()).expect("a Redis URL");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a connection");
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command
+            .query_async(&mut connection)
+            .await
+            .expect("a Redis answer")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn ping(url: &str) -> redis::RedisResult<()> {
+    let client = redis::Client::open(url)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut connection)
+        .await?;
+    Ok(())
+}
+
+/// The shared Redis, or a panic saying how to start it.
+async fn shared_redis() -> &'static str {
+    if let Err(e) = ping(SHARED_REDIS).await {
+        panic!(
+            "this test needs Redis at {SHARED_REDIS}: run scripts/test.sh, or start redis-server: {e}"
+        );
+    }
+    SHARED_REDIS
+}
+
+/// Two instances on one fresh PostgreSQL database and `redis_url`, both healthy.
+async fn two_instances(db: &FreshDb, redis_url: &str) -> (Instance, Instance) {
+    let channel = fresh_channel();
+    let one = Instance::start(db, Some(redis_url), &channel);
+    let two = Instance::start(db, Some(redis_url), &channel);
+    one.wait_healthy().await;
+    two.wait_healthy().await;
+    (one, two)
+}
+
+/// Jobs created through `one`, each with a connected stream, alternately on `one` and `two`.
+async fn waiting_streams<'a>(
+    count: usize,
+    one: &'a Instance,
+    two: &'a Instance,
+) -> Vec<(String, &'a Instance, SseReader)> {
+    let mut waiting = Vec::new();
+    for i in 0..count {
+        let id = one.job_id().await;
+        let on = if i % 2 == 0 { one } else { two };
+        let stream = on.connected_stream(&id).await;
+        waiting.push((id, on, stream));
+    }
+    waiting
+}
+
+/// Reads each stream's result; panics naming the first that gets none within `within` overall.
+async fn expect_results(waiting: &mut [(String, &Instance, SseReader)], within: Duration) {
+    let all = async {
+        for (id, on, stream) in waiting.iter_mut() {
+            let result = stream.next_result(within).await.unwrap_or_else(|| {
+                panic!("stream on {} for job {id} ended without a result", on.base)
+            });
+            assert_eq!(result["status"], "result");
+            assert_eq!(result["moveUrl"], format!("/test.do?id={id}"));
+        }
+    };
+    // Keep-alive comments would otherwise extend the wait stream by stream.
+    if tokio::time::timeout(within, all).await.is_err() {
+        panic!("not every result arrived within {within:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn a_completion_through_either_instance_reaches_a_stream_on_the_other() {
+    let redis = RedisServer::start().await;
+    let db = FreshDb::postgres().await;
+    let (one, two) = two_instances(&db, &redis.url()).await;
+    let (_, health) = one.health().await;
+    assert!(health.starts_with("ok\n"), "{health}");
+    assert!(
+        health.contains("database: ok (postgres)") && health.contains("redis: ok"),
+        "{health}"
+    );
+
+    for (waits, completes) in [(&one, &two), (&two, &one)] {
+        let id = completes.job_id().await;
+        let mut stream = waits.connected_stream(&id).await;
+        assert_eq!(completes.complete(&id).await, 200);
+        let result = stream.next_result(WAIT).await.expect("a result event");
+        assert_eq!(result["moveUrl"], format!("/test.do?id={id}"));
+        assert_eq!(
+            stream.next_block(WAIT).await,
+            None,
+            "the stream ends after the result"
+        );
+    }
+    // The link never dropped, so both results came over Pub/Sub, not from a resync.
+    for instance in [&one, &two] {
+        assert_eq!(instance.metric("handoff_redis_reconnects_total").await, 0.0);
+        assert_eq!(
+            instance.metric("handoff_resync_deliveries_total").await,
+            0.0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn killing_the_subscriber_links_loses_no_result() {
+    let redis = RedisServer::start().await;
+    let db = FreshDb::postgres().await;
+    let (one, two) = two_instances(&db, &redis.url()).await;
+    let mut waiting = waiting_streams(20, &one, &two).await;
+
+    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert_eq!(
+        killed,
+        redis::Value::Int(2),
+        "one subscriber link per instance"
+    );
+    for (id, _, _) in &waiting {
+        assert_eq!(two.complete(id).await, 200);
+    }
+    expect_results(&mut waiting, Duration::from_secs(15)).await;
+    one.wait_resubscribed().await;
+    two.wait_resubscribed().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn completions_made_while_redis_is_down_arrive_after_it_restarts() {
+    let mut redis = RedisServer::start().await;
+    let db = FreshDb::postgres().await;
+    let (one, two) = two_instances(&db, &redis.url()).await;
+    let mut waiting = waiting_streams(20, &one, &two).await;
+
+    redis.stop();
+    let down = eventually(WAIT, || async {
+        let (status, body) = one.health().await;
+        status == 503 && body.starts_with("unavailable\n") && body.contains("redis: down")
+    });
+    assert!(
+        down.await,
+        "/healthz names Redis as down: {:?}",
+        one.health().await
+    );
+    assert!(
+        one.health().await.1.contains("database: ok"),
+        "the database is still up"
+    );
+
+    let started = Instant::now();
+    for (id, _, _) in &waiting {
+        assert_eq!(
+            two.complete(id).await,
+            200,
+            "a completion succeeds while Redis is down"
+        );
+    }
+    eprintln!(
+        "20 completions with Redis down took {:?}",
+        started.elapsed()
+    );
+
+    redis.restart().await;
+    expect_results(&mut waiting, Duration::from_secs(20)).await;
+    // Ten streams wait on `one`; Pub/Sub carried none of their results, the resync all of them.
+    assert_eq!(one.metric("handoff_resync_deliveries_total").await, 10.0);
+    one.wait_resubscribed().await;
+    two.wait_resubscribed().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn a_thousand_streams_over_two_instances_all_get_their_results() {
+    const STREAMS: usize = 1000;
+    // This process holds 1,000 client sockets and each instance 500 more; the instances inherit
+    // the raised limit.
+    let limit = rlimit::increase_nofile_limit(8192).expect("getrlimit/setrlimit");
+    assert!(
+        limit >= 4096,
+        "the open-file limit is {limit}; raise the hard limit (ulimit -Hn) to 4096 or more"
+    );
+    let redis_url = shared_redis().await;
+    let db = FreshDb::postgres().await;
+    let (one, two) = two_instances(&db, redis_url).await;
+
+    let ids: Vec<String> = stream::iter(0..STREAMS)
+        .map(|_| one.job_id())
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let opened = Instant::now();
+    let streams: Vec<(String, SseReader)> = stream::iter(ids.into_iter().enumerate())
+        .map(|(i, id)| {
+            let on = if i % 2 == 0 { &one } else { &two };
+            async move {
+                let stream = on.connected_stream(&id).await;
+                (id, stream)
+            }
+        })
+        .buffer_unordered(100)
+        .collect()
+        .await;
+    eprintln!("{STREAMS} streams connected in {:?}", opened.elapsed());
+    assert_eq!(
+        one.metric("handoff_open_streams").await,
+        (STREAMS / 2) as f64
+    );
+    assert_eq!(
+        two.metric("handoff_open_streams").await,
+        (STREAMS / 2) as f64
+    );
+
+    let ids: Vec<String> = streams.iter().map(|(id, _)| id.clone()).collect();
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|(id, mut stream)| {
+            tokio::spawn(async move {
+                let result = stream.next_result(Duration::from_secs(60)).await;
+                result.and_then(|r| r["moveUrl"].as_str().map(str::to_owned))
+                    == Some(format!("/test.do?id={id}"))
+            })
+        })
+        .collect();
+    let completing = Instant::now();
+    let statuses: Vec<u16> = stream::iter(&ids)
+        .map(|id| two.complete(id))
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "every completion answers 200"
+    );
+    let completed_after = completing.elapsed();
+    let mut received = 0;
+    for reader in readers {
+        received += usize::from(reader.await.expect("reader task"));
+    }
+    eprintln!(
+        "{STREAMS} completions through one instance took {completed_after:?}; \
+         all results in after {:?}",
+        completing.elapsed()
+    );
+    assert_eq!(
+        received,
+        STREAMS,
+        "{} of {STREAMS} results lost",
+        STREAMS - received
+    );
+    for instance in [&one, &two] {
+        let drained = eventually(WAIT, || async {
+            instance.metric("handoff_watched_jobs").await == 0.0
+        });
+        assert!(drained.await, "{} freed every job entry", instance.base);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn instances_starting_together_on_a_fresh_database_migrate_it_once() {
+    let db = FreshDb::postgres().await;
+    let channel = fresh_channel();
+    let instances: Vec<Instance> = std::thread::scope(|scope| {
+        let starting: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| Instance::start(&db, None, &channel)))
+            .collect();
+        starting
+            .into_iter()
+            .map(|s| s.join().expect("an instance starts"))
+            .collect()
+    });
+    for instance in &instances {
+        let (status, body) = instance.health().await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("database: ok (postgres)"), "{body}");
+    }
+    let id = instances[0].job_id().await;
+    assert_eq!(instances[3].complete(&id).await, 200);
+    let job: serde_json::Value = instances[1]
+        .client
+        .get(instances[1].url(&format!("/api/jobs/{id}")))
+        .send()
+        .await
+        .expect("get job")
+        .json()
+        .await
+        .expect("job JSON");
+    assert_eq!(job["status"], "complete");
+
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("the migrations folder")
+        .count() as i64;
+    let pool = sqlx::PgPool::connect(db.url())
+        .await
+        .expect("the test database");
+    let (applied,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .expect("the migrations table");
+    assert_eq!(applied, migrations, "each migration applied exactly once");
+    pool.close().await;
+}
