@@ -1,6 +1,9 @@
 //! Test support: the real app on a real port against a fresh database, and a raw SSE reader.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod browser;
+pub mod nginx;
+
 use std::time::Duration;
 
 use handoff::config::Config;
@@ -89,7 +92,10 @@ impl TestApp {
     }
 
     pub async fn job_id(&self) -> String {
-        self.create_job(None).await["id"].as_str().expect("id").to_owned()
+        self.create_job(None).await["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
     }
 
     pub async fn complete(&self, id: &str) -> reqwest::Response {
@@ -102,7 +108,11 @@ impl TestApp {
     }
 
     pub async fn get_job(&self, id: &str) -> reqwest::Response {
-        self.client.get(self.url(&format!("/api/jobs/{id}"))).send().await.expect("get job")
+        self.client
+            .get(self.url(&format!("/api/jobs/{id}")))
+            .send()
+            .await
+            .expect("get job")
     }
 
     pub async fn stream(&self, id: &str) -> SseReader {
@@ -232,7 +242,13 @@ impl SseReader {
         loop {
             match self.next_block(within).await? {
                 SseBlock::Comment(_) | SseBlock::Retry(_) => continue,
-                block => return Some(block.result().unwrap_or_else(|| panic!("not a result event: {block:?}"))),
+                block => {
+                    return Some(
+                        block
+                            .result()
+                            .unwrap_or_else(|| panic!("not a result event: {block:?}")),
+                    );
+                }
             }
         }
     }
@@ -244,7 +260,11 @@ impl SseReader {
         assert_eq!(connect["moveUrl"], "", "{connect}");
         let result = self.next_result(within).await.expect("a result event");
         assert_eq!(result["status"], "result", "{result}");
-        assert_eq!(self.next_block(within).await, None, "the stream ends after the result");
+        assert_eq!(
+            self.next_block(within).await,
+            None,
+            "the stream ends after the result"
+        );
         result
     }
 }
@@ -263,5 +283,28 @@ fn parse_block(block: &str) -> SseBlock {
             data.push(d.strip_prefix(' ').unwrap_or(d));
         }
     }
-    SseBlock::Event { event, data: data.join("\n") }
+    SseBlock::Event {
+        event,
+        data: data.join("\n"),
+    }
+}
+
+/// A port nobody listens on right now (bind port 0, let go): for processes that need a port number
+/// up front, such as nginx and chromedriver.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Waits up to 5 s for a process that was asked to stop, then kills it.
+pub fn stop_process(child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
