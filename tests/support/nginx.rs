@@ -25,6 +25,7 @@ pub struct Nginx {
     pub http_port: u16,
     pub https_port: u16,
     child: Child,
+    binary: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -58,31 +59,19 @@ impl Nginx {
             config(dir.path(), http_port, https_port, upstream_ports),
         )
         .map_err(|e| e.to_string())?;
-        let run = |extra: &[&str]| {
-            let mut cmd = Command::new(binary);
-            cmd.arg("-p")
-                .arg(dir.path())
-                .arg("-e")
-                .arg(dir.path().join("error.log"))
-                .arg("-c")
-                .arg(&conf)
-                .arg("-g")
-                .arg(format!(
-                    "pid {}; daemon off;",
-                    dir.path().join("nginx.pid").display()
-                ))
-                .args(extra);
-            cmd
-        };
-        let check = run(&["-t", "-q"]).output().map_err(|e| e.to_string())?;
+        let check = nginx_command(binary, dir.path())
+            .args(["-t", "-q"])
+            .output()
+            .map_err(|e| e.to_string())?;
         if !check.status.success() {
+            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
             panic!(
-                "nginx -t rejects {CONF} (as substituted in {}):\n{}",
+                "nginx -t rejects {CONF} (as substituted in {}):\n{}{log}",
                 conf.display(),
                 String::from_utf8_lossy(&check.stderr)
             );
         }
-        let child = run(&[])
+        let child = nginx_command(binary, dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -91,6 +80,7 @@ impl Nginx {
             http_port,
             https_port,
             child,
+            binary: binary.to_owned(),
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -130,12 +120,31 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // SIGTERM makes the master stop its workers; SIGKILL would leave them holding the ports.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        // A fast stop (SIGTERM to the master, which ends its workers); killing the master alone
+        // would leave the workers holding the ports.
+        let _ = nginx_command(&self.binary, self.dir.path())
+            .args(["-s", "stop"])
+            .output();
         stop_process(&mut self.child);
     }
+}
+
+/// nginx with this run's folder (`-p`), config, error log and pid file; in the foreground, so the
+/// test owns the master process.
+fn nginx_command(binary: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-g")
+        .arg(format!(
+            "pid {}; daemon off;",
+            dir.join("nginx.pid").display()
+        ));
+    cmd
 }
 
 /// `nginx.conf` with this run's ports, upstream servers and certificate.
