@@ -112,6 +112,7 @@ async fn eight_tabs_over_http2_all_hold_a_stream_and_all_reach_page_b() {
         assert_eq!(browser.protocol().await, "h2");
     }
     complete_and_expect_page_b(&browser, &app, &tabs).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }
 
 /// Chromium opens at most six HTTP/1.1 connections per host. Six tabs hold them with their event
@@ -160,27 +161,36 @@ async fn eight_tabs_over_http1_hold_six_streams_and_the_other_two_wait_their_tur
         browser.wait_for_state("connected").await;
     }
     complete_and_expect_page_b(&browser, &app, &tabs[2..]).await;
+    assert_eq!(
+        browser.console_errors().await,
+        Vec::<String>::new(),
+        "waiting for a connection is silent"
+    );
 }
 
-/// The event streams the current page has opened, as the browser's Resource Timing records them
-/// (Chromium adds an EventSource's entry when its response arrives).
-async fn streams_opened(browser: &Browser) -> u64 {
+/// The protocol of each event stream the current page has finished, as the browser's Resource
+/// Timing records them (Chromium adds an EventSource's entry when its stream ends).
+async fn stream_protocols(browser: &Browser) -> Vec<String> {
     let script = "return performance.getEntriesByType('resource')\
-                  .filter(e => e.name.includes('/sse/connect/')).length;";
-    browser.js(script).await.as_u64().unwrap_or(0)
+                  .filter(e => e.name.includes('/sse/connect/')).map(e => e.nextHopProtocol);";
+    serde_json::from_value(browser.js(script).await).expect("a list of protocols")
 }
 
-/// Waits on page A until its stream has ended and been reopened `rotations` times.
+async fn streams_ended(browser: &Browser) -> u64 {
+    stream_protocols(browser).await.len() as u64
+}
+
+/// Waits on page A until `rotations` of its streams have ended (the app then sees the reconnect).
 async fn wait_for_rotations(browser: &Browser, rotations: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let opened = streams_opened(browser).await;
-        if opened > rotations {
+        let ended = streams_ended(browser).await;
+        if ended >= rotations {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "only {opened} streams opened within 30 s, {rotations} reconnects expected (state {:?})",
+            "only {ended} of {rotations} streams ended within 30 s (state {:?})",
             browser.state().await
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -211,10 +221,13 @@ async fn page_a_rotates_its_stream_three_times_without_a_console_error_then_reac
     let id = connected_page_a(&browser, &app).await;
 
     wait_for_rotations(&browser, 3).await;
-    let connects = app.metric("handoff_events_sent_total").await;
+    let reconnected = eventually(PATIENCE, || async {
+        app.metric("handoff_events_sent_total").await >= 4.0
+    })
+    .await;
     assert!(
-        connects >= 4.0,
-        "the app saw {connects} streams, not the four the page opened"
+        reconnected,
+        "a connect event for the first stream and each of three reconnects"
     );
     assert!(
         browser.url().await.ends_with(&format!("/jobs/{id}")),
@@ -236,11 +249,18 @@ async fn rotation_through_nginx_is_silent_over_http1_and_http2() {
         open_page_a(&browser, &app, &nginx.http_url(""), false).await,
         open_page_a(&browser, &app, &nginx.https_url(""), true).await,
     ];
-    for (tab, _) in &tabs {
+    for ((tab, _), protocol) in tabs.iter().zip(["http/1.1", "h2"]) {
         browser.switch_to(tab).await;
         wait_for_rotations(&browser, 3).await;
-        browser.wait_for_state("connected").await;
+        let protocols = stream_protocols(&browser).await;
+        assert!(protocols.iter().all(|p| p == protocol), "{protocols:?}");
     }
+    let reconnected = eventually(PATIENCE, || async {
+        app.metric("handoff_events_sent_total").await >= 8.0
+    })
+    .await;
+    assert!(reconnected, "each tab: a first stream and three reconnects");
+    browser.wait_for_state("connected").await;
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
     complete_and_expect_page_b(&browser, &app, &tabs).await;
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
