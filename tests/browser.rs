@@ -442,7 +442,7 @@ async fn screenshots_show_finished_pages_on_a_desktop_and_on_a_phone() {
         );
         snapshot(&browser, &format!("page-a{suffix}")).await;
 
-        app.complete(&id).await;
+        assert_eq!(app.complete(&id).await.status(), 200);
         browser.wait_for_url("/test.do").await;
         snapshot(&browser, &format!("page-b{suffix}")).await;
 
