@@ -1,6 +1,9 @@
 //! Test support: the real app on a real port against a fresh database, and a raw SSE reader.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod browser;
+pub mod nginx;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -431,4 +434,24 @@ fn parse_block(block: &str) -> SseBlock {
         event,
         data: data.join("\n"),
     }
+}
+
+/// A port nobody listens on right now (bind port 0, let go): for processes that need a port number
+/// up front, such as nginx and chromedriver.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Waits up to 5 s for a process that was asked to stop, then kills it.
+pub fn stop_process(child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -1,0 +1,456 @@
+//! End to end in headless Chromium: page A → SSE → page B, directly and through the repository's
+//! nginx.conf over HTTP/1.1 and HTTP/2 (TLS), stream rotation, restarts, the polling fallback,
+//! unknown jobs, the admin page, and screenshots under `target/screenshots/`.
+//!
+//! Needs `chromium`, `chromium-driver` and `nginx` (scripts/test.sh installs them); a test fails
+//! saying what to install when one is missing.
+
+mod support;
+
+use std::time::Duration;
+
+use fantoccini::wd::WindowHandle;
+use serde_json::json;
+use support::browser::{Browser, PATIENCE};
+use support::nginx::Nginx;
+use support::{TOKEN, TestApp, eventually};
+
+/// From the landing page at `origin`: start a demo job, wait on page A, complete it through the
+/// API, arrive on page B. Returns the job id.
+async fn demo_flow(browser: &Browser, app: &TestApp, origin: &str) -> String {
+    browser.goto(&format!("{origin}/")).await;
+    browser.click("form[action='/jobs'] button").await;
+    let id = browser.job_id().await;
+    browser.wait_for_state("connected").await;
+    assert_eq!(app.complete(&id).await.status(), 200);
+    let url = browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    assert!(url.starts_with(origin), "page B stays on {origin}: {url}");
+    let text = browser.text().await;
+    assert!(text.contains("Job complete"), "page B says so: {text}");
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_demo_job_started_on_the_landing_page_reaches_page_b_when_completed() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    demo_flow(&browser, &app, &app.base).await;
+    assert_eq!(browser.protocol().await, "http/1.1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_flow_works_through_nginx_over_http1_and_over_http2_with_tls() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(&[app.port]);
+    let browser = Browser::start().await;
+
+    demo_flow(&browser, &app, &nginx.http_url("")).await;
+    assert_eq!(browser.protocol().await, "http/1.1");
+
+    demo_flow(&browser, &app, &nginx.https_url("")).await;
+    assert_eq!(
+        browser.protocol().await,
+        "h2",
+        "nginx serves TLS with HTTP/2"
+    );
+    let log = nginx.error_log();
+    assert!(!log.contains("[error]"), "nginx logged errors:\n{log}");
+}
+
+/// A tab and the job its page A waits for.
+type Tab = (WindowHandle, String);
+
+/// Creates a job and opens its page A at `origin`, in the current tab or a new one. With
+/// [`Browser::start_without_waiting_for_loads`] it does not wait for the page (with HTTP/1.1 some
+/// pages cannot load yet).
+async fn open_page_a(browser: &Browser, app: &TestApp, origin: &str, new_tab: bool) -> Tab {
+    let id = app.job_id().await;
+    let tab = if new_tab {
+        browser.new_tab().await
+    } else {
+        browser.client.window().await.expect("the current tab")
+    };
+    browser.goto(&format!("{origin}/jobs/{id}")).await;
+    (tab, id)
+}
+
+/// Page A in `count` tabs (the current one and new ones).
+async fn open_tabs(browser: &Browser, app: &TestApp, origin: &str, count: usize) -> Vec<Tab> {
+    let mut tabs = Vec::new();
+    for i in 0..count {
+        tabs.push(open_page_a(browser, app, origin, i > 0).await);
+    }
+    tabs
+}
+
+async fn complete_and_expect_page_b(browser: &Browser, app: &TestApp, tabs: &[Tab]) {
+    for (_, id) in tabs {
+        assert_eq!(app.complete(id).await.status(), 200);
+    }
+    for (tab, id) in tabs {
+        browser.switch_to(tab).await;
+        browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eight_tabs_over_http2_all_hold_a_stream_and_all_reach_page_b() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(&[app.port]);
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let tabs = open_tabs(&browser, &app, &nginx.https_url(""), 8).await;
+
+    let all_open = eventually(PATIENCE, || async {
+        app.metric("handoff_open_streams").await == 8.0
+    })
+    .await;
+    assert!(all_open, "one HTTP/2 connection carries all eight streams");
+    for (tab, _) in &tabs {
+        browser.switch_to(tab).await;
+        browser.wait_for_state("connected").await;
+        assert_eq!(browser.protocol().await, "h2");
+    }
+    complete_and_expect_page_b(&browser, &app, &tabs).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+/// Chromium opens at most six HTTP/1.1 connections per host. Six tabs hold them with their event
+/// streams; the seventh and eighth tab's page loads wait, with no error, until earlier tabs leave.
+/// If a browser release changes this, this test says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn eight_tabs_over_http1_hold_six_streams_and_the_other_two_wait_their_turn() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(&[app.port]);
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let origin = nginx.http_url("");
+    let mut tabs = open_tabs(&browser, &app, &origin, 6).await;
+    for (tab, _) in &tabs {
+        browser.switch_to(tab).await;
+        browser.wait_for_state("connected").await;
+    }
+    for _ in 0..2 {
+        tabs.push(open_page_a(&browser, &app, &origin, true).await);
+    }
+
+    // For three seconds the app sees six streams, never more: tabs 7 and 8 are queued in the browser.
+    let six = eventually(PATIENCE, || async {
+        app.metric("handoff_open_streams").await == 6.0
+    })
+    .await;
+    assert!(six, "six tabs hold six streams");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        let open = app.metric("handoff_open_streams").await;
+        assert!(
+            open <= 6.0,
+            "{open} streams over HTTP/1.1: the 6-connection limit is gone"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.metric("handoff_watched_jobs").await,
+        6.0,
+        "jobs 7 and 8 are not watched yet"
+    );
+
+    // Two tabs leave for page B; the two waiting tabs get their connections and their streams.
+    complete_and_expect_page_b(&browser, &app, &tabs[..2]).await;
+    for (tab, _) in &tabs[6..] {
+        browser.switch_to(tab).await;
+        browser.wait_for_state("connected").await;
+    }
+    complete_and_expect_page_b(&browser, &app, &tabs[2..]).await;
+    assert_eq!(
+        browser.console_errors().await,
+        Vec::<String>::new(),
+        "waiting for a connection is silent"
+    );
+}
+
+/// The protocol of each event stream the current page has finished, as the browser's Resource
+/// Timing records them (Chromium adds an EventSource's entry when its stream ends).
+async fn stream_protocols(browser: &Browser) -> Vec<String> {
+    let script = "return performance.getEntriesByType('resource')\
+                  .filter(e => e.name.includes('/sse/connect/')).map(e => e.nextHopProtocol);";
+    serde_json::from_value(browser.js(script).await).expect("a list of protocols")
+}
+
+async fn streams_ended(browser: &Browser) -> u64 {
+    stream_protocols(browser).await.len() as u64
+}
+
+/// Waits on page A until `rotations` of its streams have ended (the app then sees the reconnect).
+async fn wait_for_rotations(browser: &Browser, rotations: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ended = streams_ended(browser).await;
+        if ended >= rotations {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {ended} of {rotations} streams ended within 30 s (state {:?})",
+            browser.state().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A new job's page A, straight from the app, once its stream is connected. Returns the job id.
+async fn connected_page_a(browser: &Browser, app: &TestApp) -> String {
+    let id = app.job_id().await;
+    browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+    browser.wait_for_state("connected").await;
+    id
+}
+
+/// Where `app` listens, so a successor can take over its port.
+fn addr_of(app: &TestApp) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], app.port))
+}
+
+fn short_streams(config: &mut handoff::config::Config) {
+    config.sse_timeout = Duration::from_secs(3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn page_a_rotates_its_stream_three_times_without_a_console_error_then_reaches_page_b() {
+    let app = TestApp::spawn_with(short_streams).await;
+    let browser = Browser::start().await;
+    let id = connected_page_a(&browser, &app).await;
+
+    wait_for_rotations(&browser, 3).await;
+    let reconnected = eventually(PATIENCE, || async {
+        app.metric("handoff_events_sent_total").await >= 4.0
+    })
+    .await;
+    assert!(
+        reconnected,
+        "a connect event for the first stream and each of three reconnects"
+    );
+    assert!(
+        browser.url().await.ends_with(&format!("/jobs/{id}")),
+        "still on page A"
+    );
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+
+    assert_eq!(app.complete(&id).await.status(), 200);
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_through_nginx_is_silent_over_http1_and_http2() {
+    let app = TestApp::spawn_with(short_streams).await;
+    let nginx = Nginx::start(&[app.port]);
+    let browser = Browser::start().await;
+    let tabs = [
+        open_page_a(&browser, &app, &nginx.http_url(""), false).await,
+        open_page_a(&browser, &app, &nginx.https_url(""), true).await,
+    ];
+    for ((tab, _), protocol) in tabs.iter().zip(["http/1.1", "h2"]) {
+        browser.switch_to(tab).await;
+        wait_for_rotations(&browser, 3).await;
+        let protocols = stream_protocols(&browser).await;
+        assert!(protocols.iter().all(|p| p == protocol), "{protocols:?}");
+    }
+    let reconnected = eventually(PATIENCE, || async {
+        app.metric("handoff_events_sent_total").await >= 8.0
+    })
+    .await;
+    assert!(reconnected, "each tab: a first stream and three reconnects");
+    browser.wait_for_state("connected").await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+    complete_and_expect_page_b(&browser, &app, &tabs).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_completed_while_the_tab_was_away_is_delivered_when_it_reconnects() {
+    let mut app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    let id = connected_page_a(&browser, &app).await;
+
+    // The app goes away; the tab notices and keeps trying.
+    let addr = addr_of(&app);
+    let _dir = app.stop().await;
+    browser.wait_for_state("reconnecting").await;
+
+    // Meanwhile the job completes (through another instance on the same database).
+    let mut other = TestApp::spawn_on(&app.database_url, |_| {}).await;
+    assert_eq!(other.complete(&id).await.status(), 200);
+    other.stop().await;
+    assert!(
+        browser.url().await.contains("/jobs/"),
+        "nothing reached the tab yet"
+    );
+
+    // The app comes back on its port; the tab reconnects and gets the result at once.
+    let _back = TestApp::spawn_on(&app.database_url, |config| config.addr = addr).await;
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_event_source_page_a_polls_the_api_and_still_reaches_page_b() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    browser.remove_event_source_from_new_pages().await;
+    let id = app.job_id().await;
+    browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+    assert_eq!(
+        browser.js("return typeof window.EventSource;").await,
+        json!("undefined")
+    );
+    browser.wait_for_state("polling").await;
+    assert_eq!(
+        app.metric("handoff_open_streams").await,
+        0.0,
+        "no stream was opened"
+    );
+
+    assert_eq!(app.complete(&id).await.status(), 200);
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    assert_eq!(app.metric("handoff_events_sent_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_job_shows_a_clear_message_and_no_spinner() {
+    let mut app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    let spinners = "return document.querySelectorAll('.spinner').length;";
+
+    // An id nobody made (well-formed, from another database), and one that is not an id at all.
+    let stranger = TestApp::spawn().await.job_id().await;
+    for path in [format!("/jobs/{stranger}"), "/jobs/not-a-job".to_owned()] {
+        browser.goto(&app.url(&path)).await;
+        let text = browser.text().await;
+        assert!(text.contains("No such job"), "{path}: {text}");
+        assert_eq!(browser.js(spinners).await, json!(0), "{path}: no spinner");
+        let errors = browser.console_errors().await;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("404") || e.contains("400")),
+            "the console shows the failed load (and so the console capture works): {errors:?}"
+        );
+    }
+
+    // A job that disappears while page A waits (the app came back with another database):
+    // handoff.js says so and stops the spinner.
+    connected_page_a(&browser, &app).await;
+    let addr = addr_of(&app);
+    let _dir = app.stop().await;
+    let _fresh = TestApp::spawn_with(|config| config.addr = addr).await;
+    browser.wait_for_state("unknown").await;
+    let status = browser.status_text().await.unwrap_or_default();
+    assert!(status.contains("does not exist"), "{status}");
+    let animation = "return getComputedStyle(document.querySelector('.spinner')).animationName;";
+    assert_eq!(
+        browser.js(animation).await,
+        json!("none"),
+        "the spinner stops"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completing_a_job_on_the_admin_page_moves_the_waiting_tab_to_page_b() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    let waiting = browser.client.window().await.expect("the first tab");
+    let id = connected_page_a(&browser, &app).await;
+
+    browser.new_tab().await;
+    log_in(&browser, &app).await;
+    let row = format!("tr[data-job='{id}']");
+    let streams = browser
+        .js(&format!(
+            "return document.querySelector(\"{row} td.num\").innerText;"
+        ))
+        .await;
+    assert_eq!(
+        streams,
+        json!("1"),
+        "the admin page shows the waiting tab's stream"
+    );
+    browser.click(&format!("{row} button")).await;
+    browser.wait_for_url("/admin").await;
+
+    browser.switch_to(&waiting).await;
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+async fn log_in(browser: &Browser, app: &TestApp) {
+    browser.goto(&app.url("/admin")).await;
+    browser
+        .client
+        .find(fantoccini::Locator::Css("#token"))
+        .await
+        .expect("the login form")
+        .send_keys(TOKEN)
+        .await
+        .expect("typing the token");
+    browser.click("form[action='/admin/login'] button").await;
+    let ok = eventually(PATIENCE, || async {
+        browser.text().await.contains("Log out")
+    })
+    .await;
+    assert!(ok, "logged in: {}", browser.text().await);
+}
+
+/// Checks a page looks finished at the current size, then writes its screenshot.
+async fn snapshot(browser: &Browser, name: &str) {
+    let overflow = "return document.documentElement.scrollWidth - window.innerWidth;";
+    let extra = browser.js(overflow).await.as_i64().unwrap_or_default();
+    assert!(
+        extra <= 0,
+        "{name}: the page is {extra}px wider than the window"
+    );
+    let path = browser.screenshot(name).await;
+    let size = std::fs::metadata(&path)
+        .expect("the screenshot exists")
+        .len();
+    assert!(size > 10_000, "{name}: a {size}-byte screenshot is blank");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn screenshots_show_finished_pages_on_a_desktop_and_on_a_phone() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    for job in ["/after/one", "/after/two"] {
+        app.create_job(Some(job)).await;
+    }
+    for (phone, suffix) in [(false, ""), (true, "-phone")] {
+        browser.phone(phone).await;
+        browser.goto(&app.url("/")).await;
+        snapshot(&browser, &format!("landing{suffix}")).await;
+
+        browser.click("form[action='/jobs'] button").await;
+        let id = browser.job_id().await;
+        browser.wait_for_state("connected").await;
+        let spinner = "return getComputedStyle(document.querySelector('.spinner')).animationName;";
+        assert_eq!(
+            browser.js(spinner).await,
+            json!("spin"),
+            "a spinner turns while waiting"
+        );
+        let status = browser.status_text().await.unwrap_or_default();
+        assert!(
+            status.starts_with("Connected"),
+            "a readable status line: {status:?}"
+        );
+        snapshot(&browser, &format!("page-a{suffix}")).await;
+
+        assert_eq!(app.complete(&id).await.status(), 200);
+        browser.wait_for_url("/test.do").await;
+        snapshot(&browser, &format!("page-b{suffix}")).await;
+
+        if phone {
+            browser.goto(&app.url("/admin")).await;
+        } else {
+            log_in(&browser, &app).await;
+        }
+        snapshot(&browser, &format!("admin{suffix}")).await;
+    }
+}
