@@ -27,6 +27,9 @@ pub struct Config {
     pub keep_alive: Duration,
     /// `HANDOFF_WORKERS`: actix worker threads (default: one per core).
     pub workers: Option<usize>,
+    /// `HANDOFF_RESYNC_SECS`: with Redis, how often the watched jobs are re-read from the store
+    /// even while the link is up, for completions whose publish failed.
+    pub resync_interval: Duration,
 }
 
 /// A variable that is set but unusable.
@@ -81,6 +84,7 @@ impl Config {
             sse_timeout: Duration::from_secs(positive(&get, "HANDOFF_SSE_TIMEOUT_SECS", 60)?),
             sse_retry: Duration::from_millis(positive(&get, "HANDOFF_SSE_RETRY_MS", 1000)?),
             keep_alive: Duration::from_secs(positive(&get, "HANDOFF_KEEPALIVE_SECS", 15)?),
+            resync_interval: Duration::from_secs(positive(&get, "HANDOFF_RESYNC_SECS", 30)?),
             workers: match get("HANDOFF_WORKERS") {
                 None => None,
                 Some(_) => Some(positive(&get, "HANDOFF_WORKERS", 1)? as usize),
@@ -136,6 +140,7 @@ mod tests {
         assert_eq!(c.sse_timeout, Duration::from_secs(60));
         assert_eq!(c.sse_retry, Duration::from_millis(1000));
         assert_eq!(c.keep_alive, Duration::from_secs(15));
+        assert_eq!(c.resync_interval, Duration::from_secs(30));
         assert!(c.api_token.is_none() && c.redis_url.is_none());
         assert_eq!(c.redis_channel, "handoff:completions");
     }
@@ -147,6 +152,7 @@ mod tests {
             ("HANDOFF_SSE_TIMEOUT_SECS", "soon"),
             ("HANDOFF_SSE_RETRY_MS", "0"),
             ("HANDOFF_KEEPALIVE_SECS", "-1"),
+            ("HANDOFF_RESYNC_SECS", "0"),
             ("DATABASE_URL", "mysql://x"),
             ("REDIS_URL", "http://x"),
         ] {

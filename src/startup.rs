@@ -104,6 +104,7 @@ impl Application {
                 state.hub.clone(),
                 state.store.clone(),
                 state.metrics.clone(),
+                config.resync_interval,
                 state.shutdown.clone(),
             );
         }
