@@ -6,7 +6,8 @@ pub mod nginx;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use handoff::config::Config;
 use handoff::startup::Application;
@@ -346,12 +347,14 @@ pub struct SseReader {
 
 impl SseReader {
     pub async fn open(client: &reqwest::Client, url: &str) -> Self {
-        let response = client
-            .get(url)
-            .header("Accept", "text/event-stream")
+        let response = stream_request(client, url)
             .send()
             .await
             .expect("stream request");
+        Self::from_response(response)
+    }
+
+    pub fn from_response(response: reqwest::Response) -> Self {
         Self {
             response_status: response.status().as_u16(),
             headers: response.headers().clone(),
@@ -413,6 +416,68 @@ impl SseReader {
             "the stream ends after the result"
         );
         result
+    }
+}
+
+fn stream_request(client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+    client.get(url).header("Accept", "text/event-stream")
+}
+
+/// What a browser's `EventSource` does, over reqwest: when its stream ends or its connection
+/// drops, it waits the last `retry:` it was sent and connects again, until a `result` event with
+/// status `result` arrives. Like a browser it gives up on a response that is not `200`.
+pub struct EventSource {
+    client: reqwest::Client,
+    url: String,
+    retry: Duration,
+    opened: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl EventSource {
+    pub fn new(client: &reqwest::Client, url: &str) -> Self {
+        Self {
+            client: client.clone(),
+            url: url.to_owned(),
+            // Chromium's default until the server sends a `retry:`.
+            retry: Duration::from_secs(3),
+            opened: Arc::default(),
+        }
+    }
+
+    /// When each of its streams opened (a `200` arrived), so far; shared with the running task.
+    pub fn opened(&self) -> Arc<Mutex<Vec<Instant>>> {
+        Arc::clone(&self.opened)
+    }
+
+    /// Reads, reconnecting as often as needed, until the result; panics after `within` overall.
+    pub async fn result(mut self, within: Duration) -> Value {
+        let url = self.url.clone();
+        tokio::time::timeout(within, self.read_until_result())
+            .await
+            .unwrap_or_else(|_| panic!("no result on {url} within {within:?}"))
+    }
+
+    async fn read_until_result(&mut self) -> Value {
+        loop {
+            // A connection refused or dropped before the answer is a network error: a browser
+            // reconnects after `retry` then too.
+            if let Ok(response) = stream_request(&self.client, &self.url).send().await {
+                let status = response.status();
+                assert_eq!(status, 200, "a browser gives up on a {status} event stream");
+                self.opened.lock().expect("opened log").push(Instant::now());
+                let mut reader = SseReader::from_response(response);
+                while let Some(block) = reader.next_block_inner().await {
+                    if let SseBlock::Retry(ms) = block {
+                        self.retry = Duration::from_millis(ms);
+                    } else if let Some(data) = block.result()
+                        && data["status"] == "result"
+                    {
+                        return data;
+                    }
+                }
+            }
+            tokio::time::sleep(self.retry).await;
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! The file is not copied into the tests: its listen ports, its `upstream` server line and its
 //! certificate paths are replaced by string substitution, and every other line runs as written.
+//! Several upstream instances get one copy each of that server line, only the port changed.
 //! If one of those literals changes in `nginx.conf`, `start` fails and says which.
 
 use std::io::ErrorKind;
@@ -15,7 +16,9 @@ use super::{free_port, stop_process};
 const CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf");
 const LISTEN_HTTP: &str = "listen 80;";
 const LISTEN_HTTPS: &str = "listen 443 ssl http2;";
-const UPSTREAM_SERVER: &str = "server 127.0.0.1:8080;";
+const UPSTREAM_SERVER: &str = "server 127.0.0.1:8080 max_fails=1 fail_timeout=5s;";
+/// The address in [`UPSTREAM_SERVER`]: each instance gets a copy of that line with its own port.
+const UPSTREAM_ADDRESS: &str = "127.0.0.1:8080";
 const CERT: &str = "ssl_certificate /etc/nginx/handoff/cert.pem;";
 const KEY: &str = "ssl_certificate_key /etc/nginx/handoff/key.pem;";
 
@@ -151,7 +154,7 @@ fn nginx_command(binary: &Path, dir: &Path) -> Command {
 fn config(dir: &Path, http_port: u16, https_port: u16, upstream_ports: &[u16]) -> String {
     let servers = upstream_ports
         .iter()
-        .map(|port| format!("server 127.0.0.1:{port};"))
+        .map(|port| UPSTREAM_SERVER.replace(UPSTREAM_ADDRESS, &format!("127.0.0.1:{port}")))
         .collect::<Vec<_>>()
         .join("\n        ");
     let cert = format!("ssl_certificate {};", dir.join("cert.pem").display());
