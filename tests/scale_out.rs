@@ -689,7 +689,14 @@ async fn cross_instance_delivery_latency_over_200_jobs() {
     const JOBS: usize = 200;
     let redis_url = shared_redis().await;
     let db = FreshDb::postgres().await;
-    let (one, two) = two_instances(&db, redis_url).await;
+    let channel = fresh_channel();
+    // No periodic resync during the run: on a slow machine one could deliver a result a moment
+    // before its message does, and this measures the Pub/Sub path.
+    let no_periodic_resync = [("HANDOFF_RESYNC_SECS", "3600")];
+    let one = Instance::start_with(&db, Some(redis_url), &channel, &no_periodic_resync);
+    let two = Instance::start_with(&db, Some(redis_url), &channel, &no_periodic_resync);
+    one.wait_healthy().await;
+    two.wait_healthy().await;
     // A job runner keeps its connection to Handoff open, as this client does.
     let runner = reqwest::Client::new();
 
