@@ -2,7 +2,8 @@
 //! reaches the streams on every instance, a Redis outage delays results but loses none, and
 //! instances starting together on one fresh database migrate it safely. Through the repository's
 //! nginx.conf, a client whose instance dies reconnects to the other; in Chromium, page A on one
-//! instance reaches page B when the job completes through the other.
+//! instance reaches page B when the job completes through the other; a completion, unlike a job
+//! creation, is passed on when an instance dies after reading it.
 //!
 //! The outage tests run their own `redis-server` on a free port, so killing or restarting it
 //! disturbs nobody else; the others use the shared Redis at 127.0.0.1:6379 on a channel of
@@ -744,4 +745,79 @@ fn percentiles(mut times: Vec<Duration>) -> String {
         rank(99),
         rank(100)
     )
+}
+
+/// Stands in for an instance that crashes after it has read a request and before it answers,
+/// a moment a real process cannot be killed at on cue: it accepts connections, reads the request
+/// head, and closes without a word. Returns its port; it lives until the test process ends.
+fn upstream_that_dies_after_reading_a_request() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("its address").port();
+    std::thread::spawn(move || {
+        for connection in listener.incoming() {
+            let Ok(mut connection) = connection else {
+                continue;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match std::io::Read::read(&mut connection, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and nginx: run scripts/test.sh"]
+async fn nginx_retries_a_completion_but_not_a_job_creation_that_an_instance_took_down_with_it() {
+    let db = FreshDb::postgres().await;
+    let live = Instance::start(&db, None, &fresh_channel());
+    let dying = upstream_that_dies_after_reading_a_request();
+    let client = support::client();
+    let answered_after_dying = |nginx: &Nginx| {
+        let log = nginx.error_log();
+        log.contains("prematurely closed") || log.contains("reset by peer")
+    };
+
+    // Listed first, so each nginx worker's round robin tries it first.
+    let nginx = Nginx::start(&[dying, live.port()]);
+    let mut creations = Vec::new();
+    for _ in 0..10 {
+        let created = client
+            .post(nginx.http_url("/api/jobs"))
+            .bearer_auth(support::TOKEN)
+            .send()
+            .await
+            .expect("nginx answers");
+        creations.push(created.status().as_u16());
+    }
+    assert!(
+        creations.contains(&502) && answered_after_dying(&nginx),
+        "a creation the dying instance read is not sent again (it could make a second job): \
+         {creations:?}\n{}",
+        nginx.error_log()
+    );
+    drop(nginx);
+
+    let nginx = Nginx::start(&[dying, live.port()]);
+    for _ in 0..10 {
+        let id = live.job_id().await;
+        let completed = support::complete_at(&client, &nginx.http_url(""), &id).await;
+        assert_eq!(
+            completed.status(),
+            200,
+            "a completion the dying instance read goes on to the live one:\n{}",
+            nginx.error_log()
+        );
+    }
+    assert!(
+        answered_after_dying(&nginx),
+        "the dying instance read a completion:\n{}",
+        nginx.error_log()
+    );
+    assert_eq!(live.metric("handoff_jobs_completed_total").await, 10.0);
 }
