@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Secrets, random_token};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::limits::{self, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::store::{Store, StoreError};
@@ -31,6 +32,10 @@ pub struct AppState {
     pub metrics: Metrics,
     pub secrets: Secrets,
     pub sse: SseSettings,
+    /// Stream caps and counts; [`crate::routes::sse`] takes a permit per stream.
+    pub limits: StreamLimits,
+    /// Whose `X-Forwarded-For` names the client.
+    pub proxies: TrustedProxies,
     /// Cancelled when the server shuts down; every open stream ends on it.
     pub shutdown: CancellationToken,
 }
@@ -72,6 +77,10 @@ impl Application {
                 token
             }
         };
+        let open_files = limits::raise_open_file_limit();
+        let max_streams = config
+            .max_streams
+            .unwrap_or_else(|| limits::default_max_streams(open_files));
         let state = web::Data::from(Arc::new(AppState {
             store,
             hub: Hub::new(),
@@ -82,6 +91,8 @@ impl Application {
                 retry: config.sse_retry,
                 keep_alive: config.keep_alive,
             },
+            limits: StreamLimits::new(max_streams, config.max_streams_per_client),
+            proxies: config.trusted_proxies.clone(),
             shutdown: CancellationToken::new(),
         }));
         let listener = TcpListener::bind(config.addr)?;
@@ -101,7 +112,8 @@ impl Application {
         }
         let server = server.listen(listener)?.run();
         log::info!(
-            "Handoff listening on http://{}:{port} (database: {})",
+            "Handoff listening on http://{}:{port} (database: {}, at most {max_streams} streams, \
+             open-file limit {open_files})",
             config.addr.ip(),
             state.store.kind()
         );

@@ -16,6 +16,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::job_id;
 use crate::error::AppError;
 use crate::hub::{ResultData, Subscription, event_data};
+use crate::limits::StreamPermit;
 use crate::metrics::{Metrics, StreamGuard};
 use crate::startup::{AppState, SseSettings};
 
@@ -25,6 +26,13 @@ pub async fn connect(
     state: web::Data<AppState>,
 ) -> Result<impl Responder, AppError> {
     let id = job_id(&path)?;
+    // Admission before anything else: a refused stream costs no hub entry and no query.
+    let permit = state
+        .limits
+        .admit(state.proxies.client_addr(&req))
+        .inspect_err(|_| {
+            state.metrics.streams_refused.inc();
+        })?;
     // Subscribe first, then read the status: see `Hub::subscribe`.
     let subscription = state.hub.subscribe(&id);
     let job = state
@@ -41,6 +49,7 @@ pub async fn connect(
     };
     let events = events(
         waiting,
+        permit,
         state.sse,
         state.metrics.clone(),
         state.shutdown.clone().cancelled_owned(),
@@ -71,6 +80,7 @@ struct Stream_ {
     step: Step,
     metrics: Metrics,
     _guard: StreamGuard,
+    _permit: StreamPermit,
     keep_alive: tokio::time::Interval,
     deadline: Instant,
     shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
@@ -78,6 +88,7 @@ struct Stream_ {
 
 fn events(
     waiting: Waiting,
+    permit: StreamPermit,
     settings: SseSettings,
     metrics: Metrics,
     shutdown: WaitForCancellationFutureOwned,
@@ -86,6 +97,7 @@ fn events(
     let state = Stream_ {
         step: Step::Connect(waiting),
         _guard: StreamGuard::new(&metrics),
+        _permit: permit,
         metrics,
         // The first keep-alive comes one period after the connect event, not at once.
         keep_alive: interval_at(now + settings.keep_alive, settings.keep_alive),

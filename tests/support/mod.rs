@@ -89,7 +89,10 @@ impl TestApp {
     }
 
     pub async fn job_id(&self) -> String {
-        self.create_job(None).await["id"].as_str().expect("id").to_owned()
+        self.create_job(None).await["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
     }
 
     pub async fn complete(&self, id: &str) -> reqwest::Response {
@@ -102,7 +105,11 @@ impl TestApp {
     }
 
     pub async fn get_job(&self, id: &str) -> reqwest::Response {
-        self.client.get(self.url(&format!("/api/jobs/{id}"))).send().await.expect("get job")
+        self.client
+            .get(self.url(&format!("/api/jobs/{id}")))
+            .send()
+            .await
+            .expect("get job")
     }
 
     pub async fn stream(&self, id: &str) -> SseReader {
@@ -195,11 +202,24 @@ impl SseReader {
             .send()
             .await
             .expect("stream request");
+        Self::from_response(response)
+    }
+
+    /// Reads a response already received (e.g. one sent with extra headers).
+    pub fn from_response(response: reqwest::Response) -> Self {
         Self {
             response_status: response.status().as_u16(),
             headers: response.headers().clone(),
             response: Some(response),
             buf: String::new(),
+        }
+    }
+
+    /// The whole body as text (for a refused stream's JSON error).
+    pub async fn into_body(mut self) -> String {
+        match self.response.take() {
+            Some(response) => response.text().await.expect("a body"),
+            None => self.buf,
         }
     }
 
@@ -232,7 +252,13 @@ impl SseReader {
         loop {
             match self.next_block(within).await? {
                 SseBlock::Comment(_) | SseBlock::Retry(_) => continue,
-                block => return Some(block.result().unwrap_or_else(|| panic!("not a result event: {block:?}"))),
+                block => {
+                    return Some(
+                        block
+                            .result()
+                            .unwrap_or_else(|| panic!("not a result event: {block:?}")),
+                    );
+                }
             }
         }
     }
@@ -244,7 +270,11 @@ impl SseReader {
         assert_eq!(connect["moveUrl"], "", "{connect}");
         let result = self.next_result(within).await.expect("a result event");
         assert_eq!(result["status"], "result", "{result}");
-        assert_eq!(self.next_block(within).await, None, "the stream ends after the result");
+        assert_eq!(
+            self.next_block(within).await,
+            None,
+            "the stream ends after the result"
+        );
         result
     }
 }
@@ -263,5 +293,8 @@ fn parse_block(block: &str) -> SseBlock {
             data.push(d.strip_prefix(' ').unwrap_or(d));
         }
     }
-    SseBlock::Event { event, data: data.join("\n") }
+    SseBlock::Event {
+        event,
+        data: data.join("\n"),
+    }
 }
