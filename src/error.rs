@@ -22,6 +22,12 @@ pub enum AppError {
     /// 400: anything else wrong with the request; the text says what.
     #[error("{0}")]
     BadRequest(String),
+    /// 413: the body is over [`crate::routes::BODY_LIMIT`].
+    #[error(
+        "the request body is larger than the limit of {} bytes",
+        crate::routes::BODY_LIMIT
+    )]
+    PayloadTooLarge,
     /// 401: no API token, or a wrong one.
     #[error("missing or wrong API token: send 'Authorization: Bearer <token>'")]
     Unauthorized,
@@ -59,6 +65,7 @@ impl ResponseError for AppError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::JobNotFound => StatusCode::NOT_FOUND,
             Self::StreamLimit(Refusal::Full(_)) | Self::Unavailable(_) => {

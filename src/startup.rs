@@ -101,6 +101,7 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(server_state.clone())
+                .wrap(routes::explain_errors())
                 .wrap(security_headers())
                 .configure(routes::configure)
         })
