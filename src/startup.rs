@@ -105,6 +105,7 @@ impl Application {
                 .wrap(security_headers())
                 .configure(routes::configure)
         })
+        .on_connect(routes::sse::remember_socket)
         .backlog(4096)
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
         .disable_signals();

@@ -10,32 +10,7 @@ use support::{SseReader, TOKEN};
 
 /// Starts the binary on port 0 with `envs`; returns the child and its base URL.
 fn start(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
-        .current_dir(dir)
-        .env("HANDOFF_ADDR", "127.0.0.1:0")
-        .env("HANDOFF_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "info")
-        .envs(envs.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start handoff");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("handoff printed its address")
-            .expect("a log line");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .expect("an address")
-                .to_owned();
-        }
-    };
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let (child, base, _log) = support::start_binary(dir, envs);
     (child, base)
 }
 
@@ -55,16 +30,7 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, base) = start(dir.path(), &[]);
     let client = support::client();
-    let job: serde_json::Value = client
-        .post(format!("{base}/api/jobs"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap();
+    let id = &support::create_job_at(&client, &base).await;
     let mut streams = Vec::new();
     for _ in 0..20 {
         let mut s = SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;

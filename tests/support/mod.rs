@@ -1,6 +1,9 @@
 //! Test support: the real app on a real port against a fresh database, and a raw SSE reader.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use handoff::config::Config;
@@ -297,4 +300,75 @@ fn parse_block(block: &str) -> SseBlock {
         event,
         data: data.join("\n"),
     }
+}
+
+/// Every line the binary has logged so far.
+pub type CapturedLog = Arc<Mutex<Vec<String>>>;
+
+/// Starts the `handoff` binary on port 0 in `dir` with `envs` (log level info unless `envs` says
+/// otherwise); returns the child, its base URL and its log as it grows.
+pub fn start_binary(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String, CapturedLog) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .current_dir(dir)
+        .env("HANDOFF_ADDR", "127.0.0.1:0")
+        .env("HANDOFF_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start handoff");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let log = CapturedLog::default();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("handoff printed its address")
+            .expect("a log line");
+        log.lock().unwrap().push(line.clone());
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .expect("an address")
+                .to_owned();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, base, log)
+}
+
+/// Creates a job on the server at `base` (e.g. a spawned binary); returns its id.
+pub async fn create_job_at(client: &reqwest::Client, base: &str) -> String {
+    let response = client
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("create request");
+    assert_eq!(response.status(), 201, "creating a job");
+    let job: Value = response.json().await.expect("job JSON");
+    job["id"].as_str().expect("an id").to_owned()
+}
+
+/// The resident memory of process `pid`, in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("a VmRSS line")
 }
