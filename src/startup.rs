@@ -61,6 +61,7 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    retention: Duration,
 }
 
 impl Application {
@@ -123,6 +124,7 @@ impl Application {
             port,
             server,
             state,
+            retention: config.retention,
         })
     }
 
@@ -139,6 +141,8 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let token = self.state.shutdown.clone();
+        let (state, retention) = (self.state.clone(), self.retention);
+        tokio::spawn(async move { crate::jobs::purge_old_jobs(&state, retention).await });
         tokio::spawn(async move {
             token.cancelled().await;
             handle.stop(true).await;

@@ -1,4 +1,4 @@
-//! Stream caps: the server-wide cap, the per-client cap, and whose address counts.
+//! Limits: the server-wide stream cap, the per-client cap and whose address counts; retention.
 
 mod support;
 
@@ -126,4 +126,45 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
         third.response_status, 429,
         "all three come from 127.0.0.1, whatever they claim"
     );
+}
+
+#[tokio::test]
+async fn a_job_past_its_retention_is_purged_and_answers_like_an_unknown_one() {
+    let app = TestApp::spawn_with(|c| c.retention = Duration::from_secs(1)).await;
+    let id = app.job_id().await;
+    assert_eq!(app.get_job(&id).await.status(), 200, "a fresh job is kept");
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            app.get_job(&id).await.status() == 404
+        })
+        .await,
+        "the job was not purged within 5 s of a 1 s retention"
+    );
+    let unknown = "AAAAAAAAAAAAAAAAAAAAAA";
+    for path in [
+        "/api/jobs/{}",
+        "/sse/connect/{}",
+        "/jobs/{}",
+        "/test.do?id={}",
+    ] {
+        let purged = app
+            .client
+            .get(app.url(&path.replace("{}", &id)))
+            .send()
+            .await
+            .unwrap();
+        let never = app
+            .client
+            .get(app.url(&path.replace("{}", unknown)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(purged.status(), 404, "{path}");
+        assert_eq!(
+            purged.text().await.unwrap(),
+            never.text().await.unwrap().replace(unknown, &id),
+            "{path}"
+        );
+    }
+    assert_eq!(app.complete(&id).await.status(), 404);
 }
