@@ -4,7 +4,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{SseReader, TOKEN};
 
@@ -40,12 +40,7 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
         );
         streams.push(s);
     }
-    let started = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    let started = support::sigterm(&child);
     for s in &mut streams {
         assert_eq!(s.next_block(Duration::from_secs(2)).await, None);
     }
@@ -54,16 +49,7 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
         "streams ended after {:?}",
         started.elapsed()
     );
-    let exited = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "still running 5 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exited = support::exit_within(&mut child, started, Duration::from_secs(5)).await;
     assert!(exited.success(), "{exited:?}");
 
     // A restart on the same file keeps the job; completing it reaches a reconnecting browser.

@@ -344,6 +344,35 @@ pub fn start_binary(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, Str
     (child, base, log)
 }
 
+/// Sends SIGTERM to `child`; returns when it was sent.
+pub fn sigterm(child: &Child) -> std::time::Instant {
+    let started = std::time::Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success(), "kill -TERM failed");
+    started
+}
+
+/// Waits for `child` to exit, failing once `limit` has passed since `started`.
+pub async fn exit_within(
+    child: &mut Child,
+    started: std::time::Instant,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "still running {limit:?} after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Creates a job on the server at `base` (e.g. a spawned binary); returns its id.
 pub async fn create_job_at(client: &reqwest::Client, base: &str) -> String {
     let response = client
@@ -355,6 +384,17 @@ pub async fn create_job_at(client: &reqwest::Client, base: &str) -> String {
     assert_eq!(response.status(), 201, "creating a job");
     let job: Value = response.json().await.expect("job JSON");
     job["id"].as_str().expect("an id").to_owned()
+}
+
+/// Completes job `id` on the server at `base`; asserts the `200`.
+pub async fn complete_at(client: &reqwest::Client, base: &str, id: &str) {
+    let response = client
+        .post(format!("{base}/api/jobs/{id}/complete"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("complete request");
+    assert_eq!(response.status(), 200, "completing {id}");
 }
 
 /// The resident memory of process `pid`, in KiB, from /proc.
