@@ -1,5 +1,6 @@
 //! Admission limits: how many event streams may be open at once (in all, and per client address),
-//! which address a request really comes from, and the process's open-file limit they depend on.
+//! how fast one address may guess admin tokens, which address a request really comes from, and
+//! the process's open-file limit the stream cap depends on.
 //!
 //! Every open stream holds a [`StreamPermit`]; dropping it (however the stream ends) gives the
 //! place back, so the counts cannot drift the way a periodic sweep could.
@@ -7,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use actix_web::HttpRequest;
 use ipnet::IpNet;
@@ -72,6 +74,11 @@ impl TrustedProxies {
 
     fn contains(&self, ip: IpAddr) -> bool {
         self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether the request's TCP peer is one of ours, so its forwarding headers can be believed.
+    pub fn trusts_peer(&self, req: &HttpRequest) -> bool {
+        req.peer_addr().is_some_and(|peer| self.contains(peer.ip()))
     }
 
     /// The address a request comes from: the TCP peer, unless the peer is a trusted proxy; then
@@ -201,6 +208,74 @@ impl Drop for StreamPermit {
     }
 }
 
+/// Wrong admin logins an address may make before it has to wait.
+const FREE_LOGIN_FAILURES: u32 = 5;
+/// The first wait; each further failure doubles it, up to [`MAX_LOGIN_WAIT`].
+const FIRST_LOGIN_WAIT: Duration = Duration::from_secs(1);
+const MAX_LOGIN_WAIT: Duration = Duration::from_secs(15 * 60);
+/// Addresses remembered at most; beyond it, those no longer waiting are forgotten first.
+const MAX_REMEMBERED_ADDRESSES: usize = 10_000;
+
+/// Slows down token guessing on `/admin/login`, per client address: after
+/// [`FREE_LOGIN_FAILURES`] wrong tokens, each attempt must wait a doubling time; a right token
+/// clears the address's record.
+#[derive(Debug, Default)]
+pub struct LoginThrottle {
+    /// A std `Mutex`: never held across an `.await`; each critical section is one map update.
+    failures: Mutex<HashMap<IpAddr, LoginFailures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LoginFailures {
+    count: u32,
+    blocked_until: Option<Instant>,
+}
+
+impl LoginThrottle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, LoginFailures>> {
+        // Each update is a single insert or remove: a poisoned map is still consistent.
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `Err(wait)` while `client` must wait before its next attempt.
+    pub fn check(&self, client: Option<IpAddr>) -> Result<(), Duration> {
+        let Some(ip) = client else { return Ok(()) };
+        let now = Instant::now();
+        match self.lock().get(&ip).and_then(|f| f.blocked_until) {
+            Some(until) if until > now => Err(until - now),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a wrong token from `client`; returns how long it must now wait, if at all.
+    pub fn failed(&self, client: Option<IpAddr>) -> Option<Duration> {
+        let ip = client?;
+        let now = Instant::now();
+        let mut failures = self.lock();
+        if failures.len() >= MAX_REMEMBERED_ADDRESSES && !failures.contains_key(&ip) {
+            failures.retain(|_, f| f.blocked_until.is_some_and(|until| until > now));
+        }
+        let entry = failures.entry(ip).or_insert(LoginFailures {
+            count: 0,
+            blocked_until: None,
+        });
+        entry.count = entry.count.saturating_add(1);
+        let over = entry.count.checked_sub(FREE_LOGIN_FAILURES)?;
+        let wait = FIRST_LOGIN_WAIT
+            .saturating_mul(2u32.saturating_pow(over.min(20)))
+            .min(MAX_LOGIN_WAIT);
+        entry.blocked_until = Some(now + wait);
+        Some(wait)
+    }
+
+    /// A right token: `client` starts afresh.
+    pub fn succeeded(&self, client: Option<IpAddr>) {
+        if let Some(ip) = client {
+            self.lock().remove(&ip);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +307,26 @@ mod tests {
         drop(a);
         assert!(limits.admit(ip("10.0.0.1")).is_ok());
         assert!(limits.inner.lock().per_client.len() <= 2);
+    }
+
+    #[test]
+    fn login_failures_beyond_five_wait_a_doubling_time_and_a_success_clears_them() {
+        let throttle = LoginThrottle::default();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        for _ in 0..4 {
+            assert_eq!(throttle.failed(a), None);
+        }
+        assert_eq!(throttle.failed(a), Some(Duration::from_secs(1)));
+        assert!(throttle.check(a).is_err());
+        assert!(throttle.check(b).is_ok(), "another address is not affected");
+        assert_eq!(throttle.failed(a), Some(Duration::from_secs(2)));
+        assert_eq!(throttle.failed(a), Some(Duration::from_secs(4)));
+        for _ in 0..40 {
+            throttle.failed(a);
+        }
+        assert_eq!(throttle.failed(a), Some(MAX_LOGIN_WAIT));
+        throttle.succeeded(a);
+        assert!(throttle.check(a).is_ok());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Secrets, random_token};
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::limits::{self, StreamLimits, TrustedProxies};
+use crate::limits::{self, LoginThrottle, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::store::{Store, StoreError};
@@ -36,6 +36,8 @@ pub struct AppState {
     pub limits: StreamLimits,
     /// Whose `X-Forwarded-For` names the client.
     pub proxies: TrustedProxies,
+    /// Wrong admin logins per client address.
+    pub logins: LoginThrottle,
     /// Cancelled when the server shuts down; every open stream ends on it.
     pub shutdown: CancellationToken,
 }
@@ -94,6 +96,7 @@ impl Application {
             },
             limits: StreamLimits::new(max_streams, config.max_streams_per_client),
             proxies: config.trusted_proxies.clone(),
+            logins: LoginThrottle::default(),
             shutdown: CancellationToken::new(),
         }));
         let listener = TcpListener::bind(config.addr)?;
