@@ -168,3 +168,27 @@ async fn a_job_past_its_retention_is_purged_and_answers_like_an_unknown_one() {
     }
     assert_eq!(app.complete(&id).await.status(), 404);
 }
+
+#[test]
+fn the_default_stream_cap_comes_from_the_open_file_limit_raised_to_the_hard_one() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok())
+        .expect("the hard open-file limit in /proc/self/limits");
+    let dir = tempfile::tempdir().unwrap();
+    // Start it with a low soft limit: Handoff raises it to the hard one and sizes the cap from that.
+    let mut command = std::process::Command::new("prlimit");
+    command.args(["--nofile=256:", "--", env!("CARGO_BIN_EXE_handoff")]);
+    let (mut child, _base, log) = support::start_command(command, dir.path(), &[]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = log.lock().unwrap().join("\n");
+    let want = format!(
+        "at most {} streams, open-file limit {hard}",
+        handoff::limits::default_max_streams(hard)
+    );
+    assert!(log.contains(&want), "expected {want:?} in:\n{log}");
+}

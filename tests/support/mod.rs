@@ -308,7 +308,16 @@ pub type CapturedLog = Arc<Mutex<Vec<String>>>;
 /// Starts the `handoff` binary on port 0 in `dir` with `envs` (log level info unless `envs` says
 /// otherwise); returns the child, its base URL and its log as it grows.
 pub fn start_binary(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String, CapturedLog) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
+    start_command(Command::new(env!("CARGO_BIN_EXE_handoff")), dir, envs)
+}
+
+/// Like [`start_binary`], through a command that ends by running the binary (e.g. `prlimit … --`).
+pub fn start_command(
+    mut command: Command,
+    dir: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> (Child, String, CapturedLog) {
+    let mut child = command
         .current_dir(dir)
         .env("HANDOFF_ADDR", "127.0.0.1:0")
         .env("HANDOFF_API_TOKEN", TOKEN)
