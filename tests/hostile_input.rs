@@ -329,18 +329,25 @@ async fn wrong_methods_get_405_with_allow_and_a_json_reason() {
 #[tokio::test]
 async fn a_body_over_the_limit_gets_413_naming_the_limit() {
     let app = TestApp::spawn().await;
-    let response = app
-        .client
-        .post(app.url("/api/jobs"))
-        .bearer_auth(TOKEN)
-        .body(vec![b' '; handoff::routes::BODY_LIMIT + 1])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 413);
-    let body: serde_json::Value = response.json().await.unwrap();
-    let want = format!("{} bytes", handoff::routes::BODY_LIMIT);
-    assert!(body["error"].as_str().unwrap().contains(&want), "{body}");
+    let over = handoff::routes::BODY_LIMIT + 1;
+    let token = format!("token={}", "a".repeat(over));
+    let requests = [
+        app.client
+            .post(app.url("/api/jobs"))
+            .bearer_auth(TOKEN)
+            .body(vec![b' '; over]),
+        app.client
+            .post(app.url("/admin/login"))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(token),
+    ];
+    for request in requests {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 413, "{}", response.url());
+        let body: serde_json::Value = response.json().await.unwrap();
+        let want = format!("{} bytes", handoff::routes::BODY_LIMIT);
+        assert!(body["error"].as_str().unwrap().contains(&want), "{body}");
+    }
 }
 
 #[tokio::test]
