@@ -44,3 +44,14 @@ cargo test --all-targets --locked -- --include-ignored
 
 say "core and admin suites again, against PostgreSQL (a fresh database per app)"
 HANDOFF_TEST_DB=postgres cargo test --locked --test core --test admin
+say "fuzz: job ids, moveUrls, API bodies (${FUZZ_SECS:-20} s each)"
+# cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets it pass its -Z flags; no sanitizer
+# (the parsers are safe Rust), a dev build to keep the instrumented build to about 3 minutes.
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
+(
+  cd fuzz
+  for target in job_id move_url api_body; do
+    RUSTC_BOOTSTRAP=1 cargo fuzz run --dev --sanitizer none "$target" -- \
+      -max_total_time="${FUZZ_SECS:-20}" -print_final_stats=0
+  done
+)

@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::limits::TrustedProxies;
+
 /// Everything Handoff can be told at start-up.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -30,6 +32,15 @@ pub struct Config {
     /// `HANDOFF_RESYNC_SECS`: with Redis, how often the watched jobs are re-read from the store
     /// even while the link is up, for completions whose publish failed.
     pub resync_interval: Duration,
+    /// `HANDOFF_MAX_STREAMS`: open streams beyond this get `503`; `None` means "from the
+    /// open-file limit" (see [`crate::limits::default_max_streams`]).
+    pub max_streams: Option<usize>,
+    /// `HANDOFF_MAX_STREAMS_PER_CLIENT`: open streams per client address; `None`: no such cap.
+    pub max_streams_per_client: Option<usize>,
+    /// `HANDOFF_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
+    /// `HANDOFF_RETENTION_SECS`: jobs older than this are purged.
+    pub retention: Duration,
 }
 
 /// A variable that is set but unusable.
@@ -85,10 +96,15 @@ impl Config {
             sse_retry: Duration::from_millis(positive(&get, "HANDOFF_SSE_RETRY_MS", 1000)?),
             keep_alive: Duration::from_secs(positive(&get, "HANDOFF_KEEPALIVE_SECS", 15)?),
             resync_interval: Duration::from_secs(positive(&get, "HANDOFF_RESYNC_SECS", 30)?),
-            workers: match get("HANDOFF_WORKERS") {
-                None => None,
-                Some(_) => Some(positive(&get, "HANDOFF_WORKERS", 1)? as usize),
-            },
+            workers: optional(&get, "HANDOFF_WORKERS")?,
+            max_streams: optional(&get, "HANDOFF_MAX_STREAMS")?,
+            max_streams_per_client: optional(&get, "HANDOFF_MAX_STREAMS_PER_CLIENT")?,
+            trusted_proxies: parse(&get, "HANDOFF_TRUSTED_PROXIES", "", TrustedProxies::parse)?,
+            retention: Duration::from_secs(positive(
+                &get,
+                "HANDOFF_RETENTION_SECS",
+                7 * 24 * 60 * 60,
+            )?),
         })
     }
 }
@@ -113,6 +129,19 @@ fn positive(
         Ok(n) => Ok(n),
         Err(_) => Err("expected a whole number".into()),
     })
+}
+
+/// A positive count that has no default: unset means "none".
+fn optional(
+    get: &impl Fn(&'static str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<usize>, ConfigError> {
+    match get(var) {
+        None => Ok(None),
+        Some(_) => Ok(Some(
+            usize::try_from(positive(get, var, 1)?).unwrap_or(usize::MAX),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -143,6 +172,10 @@ mod tests {
         assert_eq!(c.resync_interval, Duration::from_secs(30));
         assert!(c.api_token.is_none() && c.redis_url.is_none());
         assert_eq!(c.redis_channel, "handoff:completions");
+        assert_eq!(c.max_streams, None);
+        assert_eq!(c.max_streams_per_client, None);
+        assert_eq!(c.trusted_proxies, TrustedProxies::default());
+        assert_eq!(c.retention, Duration::from_secs(604_800));
     }
 
     #[test]
@@ -155,6 +188,10 @@ mod tests {
             ("HANDOFF_RESYNC_SECS", "0"),
             ("DATABASE_URL", "mysql://x"),
             ("REDIS_URL", "http://x"),
+            ("HANDOFF_MAX_STREAMS", "0"),
+            ("HANDOFF_MAX_STREAMS_PER_CLIENT", "many"),
+            ("HANDOFF_TRUSTED_PROXIES", "10.0.0.0/40"),
+            ("HANDOFF_RETENTION_SECS", "forever"),
         ] {
             let err = with(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

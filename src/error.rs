@@ -5,7 +5,11 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
 use crate::domain::{JobIdError, MoveUrlError};
+use crate::limits::Refusal;
 use crate::store::StoreError;
+
+/// What a refused stream is told to wait: long enough for other streams to end or time out.
+const STREAM_RETRY_AFTER_SECS: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -18,6 +22,12 @@ pub enum AppError {
     /// 400: anything else wrong with the request; the text says what.
     #[error("{0}")]
     BadRequest(String),
+    /// 413: the body is over [`crate::routes::BODY_LIMIT`].
+    #[error(
+        "the request body is larger than the limit of {} bytes",
+        crate::routes::BODY_LIMIT
+    )]
+    PayloadTooLarge,
     /// 401: no API token, or a wrong one.
     #[error("missing or wrong API token: send 'Authorization: Bearer <token>'")]
     Unauthorized,
@@ -27,6 +37,10 @@ pub enum AppError {
     /// 404: no job has this id.
     #[error("no job with this id")]
     JobNotFound,
+    /// 503 when the server's stream cap is reached, 429 when the client address's is; both
+    /// with `Retry-After`.
+    #[error(transparent)]
+    StreamLimit(#[from] Refusal),
     /// 503: the database did not answer; the cause is logged.
     #[error("the database is unavailable; try again shortly")]
     Unavailable(#[source] StoreError),
@@ -51,9 +65,13 @@ impl ResponseError for AppError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::JobNotFound => StatusCode::NOT_FOUND,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StreamLimit(Refusal::Full(_)) | Self::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::StreamLimit(Refusal::ClientFull(_)) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -64,8 +82,14 @@ impl ResponseError for AppError {
         if matches!(self, Self::Unauthorized) {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        if matches!(self, Self::Unavailable(_)) {
-            response.insert_header(("Retry-After", "2"));
+        match self {
+            Self::Unavailable(_) => {
+                response.insert_header(("Retry-After", "2"));
+            }
+            Self::StreamLimit(_) => {
+                response.insert_header(("Retry-After", STREAM_RETRY_AFTER_SECS.to_string()));
+            }
+            _ => {}
         }
         response.json(serde_json::json!({ "error": self.to_string() }))
     }
@@ -77,6 +101,8 @@ impl AppError {
         match self {
             Self::Unavailable(cause) => log::warn!("answering 503: {cause}"),
             Self::Internal(cause) => log::error!("answering 500: {cause}"),
+            // Debug, not warn: a flood of refusals must not become a flood of log lines.
+            Self::StreamLimit(refusal) => log::debug!("stream refused: {refusal}"),
             _ => {}
         }
     }

@@ -1,7 +1,10 @@
-//! The two actions that change a job, shared by the API, the admin page and the demo form.
-//! Each logs one line at info level; the moveUrl (which may carry secrets) is never logged.
+//! The actions that change jobs: creating and completing one (shared by the API, the admin page
+//! and the demo form), and purging old ones in the background. Each logs one line at info level;
+//! the moveUrl (which may carry secrets) is never logged.
 
-use crate::domain::{Job, JobId, MoveUrl};
+use std::time::Duration;
+
+use crate::domain::{Job, JobId, MoveUrl, now_millis};
 use crate::error::AppError;
 use crate::startup::AppState;
 use crate::store::Completion;
@@ -29,5 +32,30 @@ pub async fn complete(
         }
         Completion::AlreadyComplete(job) => Ok(job),
         Completion::NotFound => Err(AppError::JobNotFound),
+    }
+}
+
+/// Deletes jobs older than `retention` now, then every quarter of it (between 1 s and 1 h),
+/// until shutdown. A purged job is simply gone: it answers like one that never existed.
+/// A failed purge (database down) is logged and retried at the next round.
+pub async fn purge_old_jobs(state: &AppState, retention: Duration) {
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let retention_millis = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match state
+            .store
+            .purge_before(now_millis().saturating_sub(retention_millis))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => log::info!("purged {n} job(s) older than {retention:?}"),
+            Err(err) => log::warn!("purging old jobs failed, will retry: {err}"),
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`jobs`]: creating and completing a job (store first, then publish).
 //! - [`auth`]: API token, admin session cookie, CSRF.
 //! - [`routes`]: the HTTP interface; [`error`]: how failures become responses.
+//! - [`limits`]: stream caps, the client's address, the open-file limit.
 //! - [`metrics`]: `/metrics`; [`startup`]: wiring, listening and shutting down.
 
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod fanout;
 pub mod hub;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod startup;

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub events_sent: Counter<u64, AtomicU64>,
     pub redis_reconnects: Counter,
     pub resync_deliveries: Counter,
+    pub streams_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -39,6 +40,7 @@ impl Metrics {
             events_sent: Counter::default(),
             redis_reconnects: Counter::default(),
             resync_deliveries: Counter::default(),
+            streams_refused: Counter::default(),
         };
         registry.register(
             "open_streams",
@@ -74,6 +76,11 @@ impl Metrics {
             "resync_deliveries",
             "Results delivered by re-reading the store after a fan-out gap",
             metrics.resync_deliveries.clone(),
+        );
+        registry.register(
+            "streams_refused",
+            "Streams refused because a stream cap was reached",
+            metrics.streams_refused.clone(),
         );
         Self {
             registry: Arc::new(registry),

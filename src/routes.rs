@@ -6,7 +6,11 @@ pub mod ops;
 pub mod pages;
 pub mod sse;
 
-use actix_web::web;
+use actix_web::dev::ServiceResponse;
+use actix_web::error::UrlencodedError;
+use actix_web::http::{StatusCode, header};
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
+use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::domain::JobId;
 use crate::error::AppError;
@@ -19,8 +23,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .app_data(
             web::FormConfig::default()
                 .limit(BODY_LIMIT)
-                .error_handler(|err, _| {
-                    AppError::BadRequest(format!("form data is invalid: {err}")).into()
+                .error_handler(|err, _| match err {
+                    UrlencodedError::Overflow { .. } => AppError::PayloadTooLarge.into(),
+                    err => AppError::BadRequest(format!("form data is invalid: {err}")).into(),
                 }),
         )
         .app_data(web::QueryConfig::default().error_handler(|err, _| {
@@ -45,10 +50,60 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/admin/jobs/{id}/complete").post(admin::complete))
         .service(web::resource("/healthz").get(ops::healthz))
         .service(web::resource("/metrics").get(ops::metrics))
-        .default_service(web::to(pages::not_found));
+        .default_service(web::to(not_found));
+}
+
+/// Unknown paths: JSON under `/api/` and `/sse/`, whose clients read JSON errors; a page elsewhere.
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    if req.path().starts_with("/api/") || req.path().starts_with("/sse/") {
+        HttpResponse::NotFound()
+            .json(serde_json::json!({ "error": "there is nothing at this address" }))
+    } else {
+        pages::not_found().await
+    }
 }
 
 /// Parses a job id from the path or query.
 fn job_id(raw: &str) -> Result<JobId, AppError> {
     Ok(JobId::parse(raw)?)
+}
+
+/// Gives actix's own bare answers a JSON body that says what was wrong: `405` (it keeps its
+/// `Allow` header) and `413` (from the body extractors, whose text names no limit).
+pub fn explain_errors<B: 'static>() -> ErrorHandlers<B> {
+    ErrorHandlers::new()
+        .handler(StatusCode::METHOD_NOT_ALLOWED, |res| {
+            let allow = res
+                .response()
+                .headers()
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            with_message(res, format!("method not allowed here; allowed: {allow}"))
+        })
+        .handler(StatusCode::PAYLOAD_TOO_LARGE, |res| {
+            with_message(res, AppError::PayloadTooLarge.to_string())
+        })
+}
+
+/// The same response (status, headers, connection handling) with `{"error": message}` as body.
+fn with_message<B>(
+    res: ServiceResponse<B>,
+    message: String,
+) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let (req, old) = res.into_parts();
+    let mut new = HttpResponse::build(old.status());
+    for (name, value) in old.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            new.append_header((name.clone(), value.clone()));
+        }
+    }
+    let mut new = new.json(serde_json::json!({ "error": message }));
+    // A 413 leaves the body unread: keep actix's decision to close the connection.
+    new.head_mut()
+        .set_connection_type(old.head().connection_type());
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, new).map_into_right_body(),
+    ))
 }

@@ -17,6 +17,7 @@ use crate::auth::{Secrets, random_token};
 use crate::config::Config;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
+use crate::limits::{self, LoginThrottle, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::store::{Store, StoreError};
@@ -34,6 +35,12 @@ pub struct AppState {
     pub metrics: Metrics,
     pub secrets: Secrets,
     pub sse: SseSettings,
+    /// Stream caps and counts; [`crate::routes::sse`] takes a permit per stream.
+    pub limits: StreamLimits,
+    /// Whose `X-Forwarded-For` names the client.
+    pub proxies: TrustedProxies,
+    /// Wrong admin logins per client address.
+    pub logins: LoginThrottle,
     /// Cancelled when the server shuts down; every open stream ends on it.
     pub shutdown: CancellationToken,
 }
@@ -61,6 +68,7 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    retention: Duration,
 }
 
 impl Application {
@@ -85,6 +93,10 @@ impl Application {
                 token
             }
         };
+        let open_files = limits::raise_open_file_limit();
+        let max_streams = config
+            .max_streams
+            .unwrap_or_else(|| limits::default_max_streams(open_files));
         let state = web::Data::from(Arc::new(AppState {
             store,
             hub,
@@ -96,6 +108,9 @@ impl Application {
                 retry: config.sse_retry,
                 keep_alive: config.keep_alive,
             },
+            limits: StreamLimits::new(max_streams, config.max_streams_per_client),
+            proxies: config.trusted_proxies.clone(),
+            logins: LoginThrottle::default(),
             shutdown: CancellationToken::new(),
         }));
         if let Some(fanout) = &state.fanout {
@@ -114,9 +129,11 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(server_state.clone())
+                .wrap(routes::explain_errors())
                 .wrap(security_headers())
                 .configure(routes::configure)
         })
+        .on_connect(routes::sse::remember_socket)
         .backlog(4096)
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
         .disable_signals();
@@ -129,7 +146,8 @@ impl Application {
             None => "off".into(),
         };
         log::info!(
-            "Handoff listening on http://{}:{port} (database: {}, fan-out: {fan_out})",
+            "Handoff listening on http://{}:{port} (database: {}, fan-out: {fan_out}, \
+             at most {max_streams} streams, open-file limit {open_files})",
             config.addr.ip(),
             state.store.kind()
         );
@@ -137,6 +155,7 @@ impl Application {
             port,
             server,
             state,
+            retention: config.retention,
         })
     }
 
@@ -153,6 +172,8 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let token = self.state.shutdown.clone();
+        let (state, retention) = (self.state.clone(), self.retention);
+        tokio::spawn(async move { crate::jobs::purge_old_jobs(&state, retention).await });
         tokio::spawn(async move {
             token.cancelled().await;
             handle.stop(true).await;

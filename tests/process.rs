@@ -3,10 +3,16 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use support::{SseReader, TOKEN, start_binary as start};
+use support::{SseReader, TOKEN};
+
+/// Starts the binary on port 0 with `envs`; returns the child and its base URL.
+fn start(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String) {
+    let (child, base, _log) = support::start_binary(dir, envs);
+    (child, base)
+}
 
 #[test]
 fn an_invalid_setting_stops_start_up_naming_the_variable() {
@@ -24,16 +30,7 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, base) = start(dir.path(), &[]);
     let client = support::client();
-    let job: serde_json::Value = client
-        .post(format!("{base}/api/jobs"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap();
+    let id = &support::job_id_at(&client, &base).await;
     let mut streams = Vec::new();
     for _ in 0..20 {
         let mut s = SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;
@@ -43,12 +40,7 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
         );
         streams.push(s);
     }
-    let started = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    let started = support::sigterm(&child);
     for s in &mut streams {
         assert_eq!(s.next_block(Duration::from_secs(2)).await, None);
     }
@@ -57,16 +49,7 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
         "streams ended after {:?}",
         started.elapsed()
     );
-    let exited = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "still running 5 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exited = support::exit_within(&mut child, started, Duration::from_secs(5)).await;
     assert!(exited.success(), "{exited:?}");
 
     // A restart on the same file keeps the job; completing it reaches a reconnecting browser.

@@ -55,7 +55,7 @@ impl Instance {
             envs.push(("REDIS_URL", url));
         }
         envs.extend_from_slice(more);
-        let (child, base) = start_binary(&std::env::temp_dir(), &envs);
+        let (child, base, _log) = start_binary(&std::env::temp_dir(), &envs);
         Self {
             child,
             base,

@@ -20,7 +20,7 @@ const PAGE_SIZE: i64 = 20;
 #[derive(Template)]
 #[template(path = "login.html")]
 struct LoginPage {
-    problem: Option<&'static str>,
+    problem: Option<String>,
 }
 
 struct Row {
@@ -50,8 +50,14 @@ pub struct PageQuery {
     page: Option<u32>,
 }
 
-fn is_tls(req: &HttpRequest) -> bool {
-    req.connection_info().scheme() == "https"
+/// Whether the browser reached us over TLS: a trusted proxy's `X-Forwarded-Proto`/`Forwarded`
+/// says so, or this listener itself is TLS. Anyone else's claim is ignored.
+fn is_tls(req: &HttpRequest, state: &AppState) -> bool {
+    if state.proxies.trusts_peer(req) {
+        req.connection_info().scheme() == "https"
+    } else {
+        req.app_config().secure()
+    }
 }
 
 pub async fn page(
@@ -110,19 +116,51 @@ pub async fn login(
     form: web::Form<LoginForm>,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    let client = state.proxies.client_addr(&req);
+    // While an address must wait, its attempts are not even checked: guessing gains nothing.
+    if let Err(wait) = state.logins.check(client) {
+        return too_many_logins(wait);
+    }
     if !state.secrets.token_matches(&form.token) {
-        log::info!("admin login refused from {:?}", req.peer_addr());
+        log::info!("admin login refused from {client:?}");
+        let problem = match state.logins.failed(client) {
+            Some(wait) => format!(
+                "That token is not right. Too many wrong tokens from your address: \
+                 wait {} s before the next try.",
+                wait.as_secs().max(1)
+            ),
+            None => "That token is not right.".to_owned(),
+        };
         return html(
             StatusCode::UNAUTHORIZED,
             &LoginPage {
-                problem: Some("That token is not right."),
+                problem: Some(problem),
             },
         );
     }
-    let (cookie, _) = state.secrets.start_session(is_tls(&req));
+    state.logins.succeeded(client);
+    let (cookie, _) = state.secrets.start_session(is_tls(&req, &state));
     let mut response = see_other("/admin");
     // A cookie we built ourselves always encodes into a header.
     let _ = response.add_cookie(&cookie);
+    response
+}
+
+/// `429` with `Retry-After`: this address guessed wrong too often.
+fn too_many_logins(wait: std::time::Duration) -> HttpResponse {
+    let secs = wait.as_millis().div_ceil(1000).max(1);
+    let mut response = html(
+        StatusCode::TOO_MANY_REQUESTS,
+        &LoginPage {
+            problem: Some(format!(
+                "Too many wrong tokens from your address: try again in {secs} s."
+            )),
+        },
+    );
+    response.headers_mut().insert(
+        actix_web::http::header::RETRY_AFTER,
+        actix_web::http::header::HeaderValue::from(secs as u64),
+    );
     response
 }
 
@@ -162,7 +200,7 @@ pub async fn logout(
 ) -> Result<HttpResponse, PageError> {
     checked_session(&req, &state, &form)?;
     let mut response = see_other("/admin");
-    let _ = response.add_cookie(&logout_cookie(is_tls(&req)));
+    let _ = response.add_cookie(&logout_cookie(is_tls(&req, &state)));
     Ok(response)
 }
 

@@ -49,8 +49,9 @@ struct JobRequest {
     move_url: Option<String>,
 }
 
-/// Reads an optional `{"moveUrl": "/path"}`; an empty body means none.
-fn move_url_from(body: &[u8]) -> Result<Option<MoveUrl>, AppError> {
+/// Reads the optional body of both POSTs, `{"moveUrl": "/path"}`; an empty body means none.
+/// Public for the fuzz targets and property tests.
+pub fn move_url_from(body: &[u8]) -> Result<Option<MoveUrl>, AppError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }

@@ -6,6 +6,10 @@
 //! proxies from cutting the stream; after the stream timeout it ends cleanly and the browser
 //! reconnects after `retry`.
 
+use std::any::Any;
+use std::os::fd::{AsRawFd, RawFd};
+
+use actix_web::dev::Extensions;
 use actix_web::{HttpRequest, Responder, web};
 use actix_web_lab::sse::{self, Sse};
 use bytestring::ByteString;
@@ -16,6 +20,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::job_id;
 use crate::error::AppError;
 use crate::hub::{ResultData, Subscription, event_data};
+use crate::limits::StreamPermit;
 use crate::metrics::{Metrics, StreamGuard};
 use crate::startup::{AppState, SseSettings};
 
@@ -25,6 +30,13 @@ pub async fn connect(
     state: web::Data<AppState>,
 ) -> Result<impl Responder, AppError> {
     let id = job_id(&path)?;
+    // Admission before anything else: a refused stream costs no hub entry and no query.
+    let permit = state
+        .limits
+        .admit(state.proxies.client_addr(&req))
+        .inspect_err(|_| {
+            state.metrics.streams_refused.inc();
+        })?;
     // Subscribe first, then read the status: see `Hub::subscribe`.
     let subscription = state.hub.subscribe(&id);
     let job = state
@@ -41,6 +53,8 @@ pub async fn connect(
     };
     let events = events(
         waiting,
+        permit,
+        req.conn_data::<PeerSocket>().copied(),
         state.sse,
         state.metrics.clone(),
         state.shutdown.clone().cancelled_owned(),
@@ -71,6 +85,8 @@ struct Stream_ {
     step: Step,
     metrics: Metrics,
     _guard: StreamGuard,
+    _permit: StreamPermit,
+    socket: Option<PeerSocket>,
     keep_alive: tokio::time::Interval,
     deadline: Instant,
     shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
@@ -78,6 +94,8 @@ struct Stream_ {
 
 fn events(
     waiting: Waiting,
+    permit: StreamPermit,
+    socket: Option<PeerSocket>,
     settings: SseSettings,
     metrics: Metrics,
     shutdown: WaitForCancellationFutureOwned,
@@ -86,6 +104,8 @@ fn events(
     let state = Stream_ {
         step: Step::Connect(waiting),
         _guard: StreamGuard::new(&metrics),
+        _permit: permit,
+        socket,
         metrics,
         // The first keep-alive comes one period after the connect event, not at once.
         keep_alive: interval_at(now + settings.keep_alive, settings.keep_alive),
@@ -114,6 +134,11 @@ fn events(
                     () = &mut s.shutdown => return None,
                     () = sleep_until(s.deadline) => return None,
                     _ = s.keep_alive.tick() => {
+                        // A write to a vanished client succeeds once and fails only on the next
+                        // tick; asking the socket first notices it within one interval.
+                        if s.socket.is_some_and(PeerSocket::is_closed) {
+                            return None;
+                        }
                         s.step = Step::Wait(subscription);
                         return Some((sse::Event::Comment(KEEP_ALIVE.into()), s));
                     }
@@ -129,4 +154,43 @@ const KEEP_ALIVE: &str = "keep-alive";
 
 fn data_event(data: ByteString) -> sse::Event {
     sse::Data::new(data).event("result").into()
+}
+
+/// The TCP socket a request came in on, remembered per connection by [`remember_socket`] so an
+/// idle stream can tell whether its client is still there.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerSocket(RawFd);
+
+/// `HttpServer::on_connect` hook: remembers each plain TCP connection's socket.
+pub fn remember_socket(connection: &dyn Any, data: &mut Extensions) {
+    if let Some(socket) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        data.insert(PeerSocket(socket.as_raw_fd()));
+    }
+}
+
+impl PeerSocket {
+    /// Whether the client has closed or reset the connection (end of file or an error on a
+    /// non-blocking peek). Data waiting to be read means it is alive.
+    fn is_closed(self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: this runs only while the stream is being polled, and the stream is polled by the
+        // connection's dispatcher, which owns the socket: the descriptor is open and is this
+        // connection's. MSG_PEEK | MSG_DONTWAIT neither consumes data nor blocks.
+        let n = unsafe {
+            libc::recv(
+                self.0,
+                (&raw mut byte).cast::<libc::c_void>(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => true,
+            n if n > 0 => false,
+            _ => !matches!(
+                std::io::Error::last_os_error().kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        }
+    }
 }

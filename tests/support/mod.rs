@@ -215,49 +215,6 @@ impl Drop for TestApp {
     }
 }
 
-/// Starts the `handoff` binary on port 0 in `dir` with `envs`; returns the child and its base URL
-/// once it logs that it listens. Its warnings and errors go to this test's output.
-pub fn start_binary(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
-        .current_dir(dir)
-        .env("HANDOFF_ADDR", "127.0.0.1:0")
-        .env("HANDOFF_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "info")
-        .envs(envs.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start handoff");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let mut seen = Vec::new();
-    let base = loop {
-        let Some(Ok(line)) = lines.next() else {
-            panic!(
-                "handoff exited before listening; its log:\n{}",
-                seen.join("\n")
-            );
-        };
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .expect("an address")
-                .to_owned();
-        }
-        seen.push(line);
-    };
-    // Keep draining the log so the child never blocks on a full pipe.
-    let tag = base.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if line.contains(" WARN ") || line.contains(" ERROR ") {
-                eprintln!("[handoff {tag}] {line}");
-            }
-        }
-    });
-    (child, base)
-}
-
 /// Creates a job through the API of the Handoff at `base`; returns its JSON.
 pub async fn create_job_at(client: &reqwest::Client, base: &str, move_url: Option<&str>) -> Value {
     let mut req = client.post(format!("{base}/api/jobs")).bearer_auth(TOKEN);
@@ -354,12 +311,21 @@ impl SseReader {
         Self::from_response(response)
     }
 
+    /// Reads a response already received (e.g. one sent with extra headers).
     pub fn from_response(response: reqwest::Response) -> Self {
         Self {
             response_status: response.status().as_u16(),
             headers: response.headers().clone(),
             response: Some(response),
             buf: String::new(),
+        }
+    }
+
+    /// The whole body as text (for a refused stream's JSON error).
+    pub async fn into_body(mut self) -> String {
+        match self.response.take() {
+            Some(response) => response.text().await.expect("a body"),
+            None => self.buf,
         }
     }
 
@@ -519,4 +485,115 @@ pub fn stop_process(child: &mut std::process::Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Every line the binary has logged so far.
+pub type CapturedLog = Arc<Mutex<Vec<String>>>;
+
+/// Starts the `handoff` binary on port 0 in `dir` with `envs` (log level info unless `envs` says
+/// otherwise); returns the child, its base URL and its log as it grows.
+pub fn start_binary(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String, CapturedLog) {
+    start_command(Command::new(env!("CARGO_BIN_EXE_handoff")), dir, envs)
+}
+
+/// Like [`start_binary`], through a command that ends by running the binary (e.g. `prlimit … --`).
+pub fn start_command(
+    mut command: Command,
+    dir: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> (Child, String, CapturedLog) {
+    let mut child = command
+        .current_dir(dir)
+        .env("HANDOFF_ADDR", "127.0.0.1:0")
+        .env("HANDOFF_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start handoff");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let log = CapturedLog::default();
+    let base = loop {
+        let Some(Ok(line)) = lines.next() else {
+            panic!(
+                "handoff exited before listening; its log:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        };
+        log.lock().unwrap().push(line.clone());
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .expect("an address")
+                .to_owned();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    // Its warnings and errors also go to this test's output.
+    let sink = Arc::clone(&log);
+    let tag = base.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                eprintln!("[handoff {tag}] {line}");
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, base, log)
+}
+
+/// Sends SIGTERM to `child`; returns when it was sent.
+pub fn sigterm(child: &Child) -> std::time::Instant {
+    let started = std::time::Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success(), "kill -TERM failed");
+    started
+}
+
+/// Waits for `child` to exit, failing once `limit` has passed since `started`.
+pub async fn exit_within(
+    child: &mut Child,
+    started: std::time::Instant,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "still running {limit:?} after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The resident memory of process `pid`, in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("a VmRSS line")
+}
+
+/// Creates a job on the Handoff at `base`; returns its id.
+pub async fn job_id_at(client: &reqwest::Client, base: &str) -> String {
+    create_job_at(client, base, None).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned()
 }

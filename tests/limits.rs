@@ -1,0 +1,194 @@
+//! Limits: the server-wide stream cap, the per-client cap and whose address counts; retention.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{SseReader, TestApp};
+
+const WITHIN: Duration = Duration::from_secs(5);
+
+async fn open_from(app: &TestApp, id: &str, forwarded_for: &str) -> SseReader {
+    let response = app
+        .client
+        .get(app.url(&format!("/sse/connect/{id}")))
+        .header("X-Forwarded-For", forwarded_for)
+        .send()
+        .await
+        .expect("stream request");
+    SseReader::from_response(response)
+}
+
+async fn refused(reader: SseReader) -> (u16, Option<String>, Value) {
+    let retry_after = reader
+        .headers
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let status = reader.response_status;
+    let body = reader.into_body().await;
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&body).expect("a JSON error"),
+    )
+}
+
+#[tokio::test]
+async fn beyond_the_stream_cap_new_streams_get_503_and_open_ones_keep_running() {
+    let app = TestApp::spawn_with(|c| c.max_streams = Some(3)).await;
+    let id = app.job_id().await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = app.stream(&id).await;
+        assert_eq!(s.next_result(WITHIN).await.unwrap()["status"], "connect");
+        open.push(s);
+    }
+
+    let (status, retry_after, body) = refused(app.stream(&id).await).await;
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("3 event streams open"),
+        "{body}"
+    );
+    assert_eq!(app.metric("handoff_streams_refused_total").await, 1.0);
+    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "the server stays healthy at the cap");
+
+    assert_eq!(app.complete(&id).await.status(), 200);
+    for s in &mut open {
+        assert_eq!(s.next_result(WITHIN).await.unwrap()["status"], "result");
+        assert_eq!(s.next_block(WITHIN).await, None);
+    }
+    assert!(
+        support::eventually(WITHIN, || async {
+            app.metric("handoff_open_streams").await == 0.0
+        })
+        .await
+    );
+    let mut again = app.stream(&id).await;
+    assert_eq!(
+        again.response_status, 200,
+        "places free up when streams end"
+    );
+    again.expect_connect_result_end(WITHIN).await;
+}
+
+#[tokio::test]
+async fn the_per_client_cap_counts_the_forwarded_address_of_a_trusted_proxy() {
+    let app = TestApp::spawn_with(|c| {
+        c.max_streams_per_client = Some(2);
+        c.trusted_proxies = handoff::limits::TrustedProxies::parse("127.0.0.1").unwrap();
+    })
+    .await;
+    let id = app.job_id().await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = open_from(&app, &id, "203.0.113.1").await;
+        assert_eq!(s.next_result(WITHIN).await.unwrap()["status"], "connect");
+        open.push(s);
+    }
+    let (status, retry_after, body) = refused(open_from(&app, &id, "203.0.113.1").await).await;
+    assert_eq!(status, 429);
+    assert!(retry_after.is_some());
+    assert!(
+        body["error"].as_str().unwrap().contains("this address"),
+        "{body}"
+    );
+
+    let mut other = open_from(&app, &id, "203.0.113.2").await;
+    assert_eq!(
+        other.response_status, 200,
+        "another client has its own allowance"
+    );
+    assert_eq!(
+        other.next_result(WITHIN).await.unwrap()["status"],
+        "connect"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let app = TestApp::spawn_with(|c| c.max_streams_per_client = Some(2)).await;
+    let id = app.job_id().await;
+    let mut open = Vec::new();
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        let mut s = open_from(&app, &id, client).await;
+        assert_eq!(s.next_result(WITHIN).await.unwrap()["status"], "connect");
+        open.push(s);
+    }
+    let third = open_from(&app, &id, "203.0.113.3").await;
+    assert_eq!(
+        third.response_status, 429,
+        "all three come from 127.0.0.1, whatever they claim"
+    );
+}
+
+#[tokio::test]
+async fn a_job_past_its_retention_is_purged_and_answers_like_an_unknown_one() {
+    let app = TestApp::spawn_with(|c| c.retention = Duration::from_secs(1)).await;
+    let id = app.job_id().await;
+    assert_eq!(app.get_job(&id).await.status(), 200, "a fresh job is kept");
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            app.get_job(&id).await.status() == 404
+        })
+        .await,
+        "the job was not purged within 5 s of a 1 s retention"
+    );
+    let unknown = "AAAAAAAAAAAAAAAAAAAAAA";
+    for path in [
+        "/api/jobs/{}",
+        "/sse/connect/{}",
+        "/jobs/{}",
+        "/test.do?id={}",
+    ] {
+        let purged = app
+            .client
+            .get(app.url(&path.replace("{}", &id)))
+            .send()
+            .await
+            .unwrap();
+        let never = app
+            .client
+            .get(app.url(&path.replace("{}", unknown)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(purged.status(), 404, "{path}");
+        assert_eq!(
+            purged.text().await.unwrap(),
+            never.text().await.unwrap().replace(unknown, &id),
+            "{path}"
+        );
+    }
+    assert_eq!(app.complete(&id).await.status(), 404);
+}
+
+#[test]
+fn the_default_stream_cap_comes_from_the_open_file_limit_raised_to_the_hard_one() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok())
+        .expect("the hard open-file limit in /proc/self/limits");
+    let dir = tempfile::tempdir().unwrap();
+    // Start it with a low soft limit: Handoff raises it to the hard one and sizes the cap from that.
+    let mut command = std::process::Command::new("prlimit");
+    command.args(["--nofile=256:", "--", env!("CARGO_BIN_EXE_handoff")]);
+    let (mut child, _base, log) = support::start_command(command, dir.path(), &[]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = log.lock().unwrap().join("\n");
+    let want = format!(
+        "at most {} streams, open-file limit {hard}",
+        handoff::limits::default_max_streams(hard)
+    );
+    assert!(log.contains(&want), "expected {want:?} in:\n{log}");
+}

@@ -1,0 +1,243 @@
+//! The admin and API surface under attack: token guessing, forged forwarding headers, security
+//! headers on every answer, and what the log may never show.
+
+mod support;
+
+use std::time::Duration;
+
+use handoff::limits::TrustedProxies;
+use support::{TOKEN, TestApp};
+
+async fn login_with(app: &TestApp, token: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = app
+        .client
+        .post(app.url("/admin/login"))
+        .form(&[("token", token)]);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+async fn login_from(app: &TestApp, client: &str, token: &str) -> reqwest::Response {
+    login_with(app, token, &[("X-Forwarded-For", client)]).await
+}
+
+fn behind_local_proxy(c: &mut handoff::config::Config) {
+    c.trusted_proxies = TrustedProxies::parse("127.0.0.1").unwrap();
+}
+
+#[tokio::test]
+async fn repeated_wrong_logins_from_one_address_are_slowed_down_and_others_are_not() {
+    let app = TestApp::spawn_with(behind_local_proxy).await;
+    let guesser = "203.0.113.7";
+    for _ in 0..5 {
+        assert_eq!(login_from(&app, guesser, "guess").await.status(), 401);
+    }
+    let blocked = login_from(&app, guesser, TOKEN).await;
+    assert_eq!(blocked.status(), 429, "even the right token waits its turn");
+    assert_eq!(blocked.headers()["retry-after"], "1");
+    assert!(
+        blocked
+            .text()
+            .await
+            .unwrap()
+            .contains("Too many wrong tokens")
+    );
+    assert_eq!(
+        login_from(&app, "203.0.113.8", TOKEN).await.status(),
+        303,
+        "another address logs in"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(login_from(&app, guesser, "guess again").await.status(), 401);
+    let longer = login_from(&app, guesser, TOKEN).await;
+    assert_eq!(longer.status(), 429);
+    assert_eq!(longer.headers()["retry-after"], "2", "the wait doubles");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(login_from(&app, guesser, TOKEN).await.status(), 303);
+    assert_eq!(
+        login_from(&app, guesser, "one slip").await.status(),
+        401,
+        "a success clears the record"
+    );
+    assert_eq!(login_from(&app, guesser, TOKEN).await.status(), 303);
+}
+
+#[tokio::test]
+async fn the_session_cookie_is_secure_only_when_a_trusted_proxy_says_https() {
+    for (trusted, secure) in [(true, true), (false, false)] {
+        let app = TestApp::spawn_with(|c| {
+            if trusted {
+                behind_local_proxy(c);
+            }
+        })
+        .await;
+        let login = login_with(&app, TOKEN, &[("X-Forwarded-Proto", "https")]).await;
+        assert_eq!(login.status(), 303);
+        let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert_eq!(
+            cookie.contains("Secure"),
+            secure,
+            "trusted proxy: {trusted}; {cookie}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let cases = [
+        ("GET", "/".to_owned()),
+        ("GET", format!("/jobs/{id}")),
+        ("GET", format!("/test.do?id={id}")),
+        ("GET", "/admin".to_owned()),
+        ("GET", "/static/handoff.js".to_owned()),
+        ("GET", format!("/api/jobs/{id}")),
+        ("GET", "/healthz".to_owned()),
+        ("GET", "/metrics".to_owned()),
+        ("GET", "/nothing/here".to_owned()),
+        ("GET", "/jobs/not-an-id".to_owned()),
+        ("DELETE", "/admin".to_owned()),
+        ("POST", "/admin/jobs".to_owned()),
+    ];
+    for (method, path) in cases {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response = app
+            .client
+            .request(method.clone(), app.url(&path))
+            .send()
+            .await
+            .unwrap();
+        let headers = response.headers();
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("frame-ancestors 'none'"),
+            "{method} {path}: {csp}"
+        );
+        assert!(csp.contains("script-src 'self'"), "{method} {path}: {csp}");
+        assert!(!csp.contains("unsafe-inline"), "{method} {path}: {csp}");
+        assert_eq!(
+            headers["x-content-type-options"], "nosniff",
+            "{method} {path}"
+        );
+        assert_eq!(headers["referrer-policy"], "same-origin", "{method} {path}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{method} {path}");
+    }
+    let stream = app.stream(&id).await;
+    assert_eq!(
+        stream.headers["x-content-type-options"], "nosniff",
+        "the stream too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_never_shows_the_token_or_a_move_urls_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base, log) =
+        support::start_binary(dir.path(), &[("RUST_LOG", "info,handoff=debug")]);
+    let client = support::client();
+    let secret = "s3cr3t-reset-code";
+    let created = client
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "moveUrl": format!("/reset?code={secret}") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let id = created.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut stream = support::SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;
+    let override_url = serde_json::json!({ "moveUrl": format!("/done?code={secret}") });
+    let completed = client
+        .post(format!("{base}/api/jobs/{id}/complete"))
+        .bearer_auth(TOKEN)
+        .json(&override_url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completed.status(), 200);
+    assert_eq!(
+        stream.next_result(Duration::from_secs(5)).await.unwrap()["status"],
+        "connect"
+    );
+    assert!(
+        stream.next_result(Duration::from_secs(5)).await.unwrap()["moveUrl"]
+            .as_str()
+            .unwrap()
+            .contains(secret)
+    );
+    for token in ["wrong-token-attempt", TOKEN] {
+        client
+            .post(format!("{base}/admin/login"))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+    }
+    client
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth("wrong-bearer")
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(format!("{base}/test.do?id={id}"))
+        .send()
+        .await
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let log = log.lock().unwrap().join("\n");
+    assert!(
+        log.contains(&format!("job {id} completed")),
+        "the log was captured:\n{log}"
+    );
+    for never in [TOKEN, secret, "wrong-token-attempt", "wrong-bearer"] {
+        assert!(!log.contains(never), "{never:?} appears in the log:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_token_is_logged_once_at_start_up_and_never_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base, log) = support::start_binary(dir.path(), &[("HANDOFF_API_TOKEN", "")]);
+    let first = log.lock().unwrap().join("\n");
+    let token = first
+        .split("generated one for this run: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the generated token is logged at start-up:\n{first}"))
+        .to_owned();
+    let client = support::client();
+    let created = client
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "the logged token works");
+    let login = client
+        .post(format!("{base}/admin/login"))
+        .form(&[("token", &token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = log.lock().unwrap().join("\n");
+    assert_eq!(
+        log.matches(token.as_str()).count(),
+        1,
+        "logged once, at start-up:\n{log}"
+    );
+}
