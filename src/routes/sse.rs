@@ -18,6 +18,7 @@ use tokio::time::{Instant, interval_at, sleep_until};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::job_id;
+use crate::domain::JobId;
 use crate::error::AppError;
 use crate::hub::{ResultData, Subscription, event_data};
 use crate::limits::StreamPermit;
@@ -52,6 +53,7 @@ pub async fn connect(
         Waiting::For(subscription)
     };
     let events = events(
+        id,
         waiting,
         permit,
         req.conn_data::<PeerSocket>().copied(),
@@ -82,6 +84,7 @@ enum Step {
 /// Everything one open stream owns; dropping it (the stream ended or the client vanished)
 /// leaves the hub and uncounts the stream.
 struct Stream_ {
+    id: JobId,
     step: Step,
     metrics: Metrics,
     _guard: StreamGuard,
@@ -93,6 +96,7 @@ struct Stream_ {
 }
 
 fn events(
+    id: JobId,
     waiting: Waiting,
     permit: StreamPermit,
     socket: Option<PeerSocket>,
@@ -102,6 +106,7 @@ fn events(
 ) -> impl Stream<Item = sse::Event> {
     let now = Instant::now();
     let state = Stream_ {
+        id,
         step: Step::Connect(waiting),
         _guard: StreamGuard::new(&metrics),
         _permit: permit,
@@ -148,6 +153,12 @@ fn events(
         s.metrics.events_sent.inc();
         Some((event, s))
     })
+}
+
+impl Drop for Stream_ {
+    fn drop(&mut self) {
+        log::debug!("stream closed on job {}", self.id);
+    }
 }
 
 const KEEP_ALIVE: &str = "keep-alive";
