@@ -16,6 +16,27 @@ fn cookie_client() -> reqwest::Client {
         .unwrap()
 }
 
+/// POSTs a form (a real urlencoded body, as a browser sends it).
+async fn post_form(
+    client: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    client.post(url).form(form).send().await.expect("form POST")
+}
+
+/// GETs a page's HTML.
+async fn page_text(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("page text")
+}
+
 /// Pulls the CSRF token out of the admin page.
 fn csrf_of(html: &str) -> String {
     let marker = "name=\"csrf\" value=\"";
@@ -31,19 +52,9 @@ async fn an_admin_logs_in_and_completes_a_job_that_an_open_stream_receives() {
     let mut stream = app.stream(&id).await;
     assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
 
-    let wrong = admin
-        .post(app.url("/admin/login"))
-        .form(&[("token", "nope")])
-        .send()
-        .await
-        .unwrap();
+    let wrong = post_form(&admin, app.url("/admin/login"), &[("token", "nope")]).await;
     assert_eq!(wrong.status(), 401);
-    let login = admin
-        .post(app.url("/admin/login"))
-        .form(&[("token", TOKEN)])
-        .send()
-        .await
-        .unwrap();
+    let login = post_form(&admin, app.url("/admin/login"), &[("token", TOKEN)]).await;
     assert_eq!(login.status(), 303);
     let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(
@@ -51,41 +62,19 @@ async fn an_admin_logs_in_and_completes_a_job_that_an_open_stream_receives() {
         "{cookie}"
     );
 
-    let page = admin
-        .get(app.url("/admin"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page_text(&admin, app.url("/admin")).await;
     assert!(page.contains(&id), "the job is listed");
     let csrf = csrf_of(&page);
     let complete_url = app.url(&format!("/admin/jobs/{id}/complete"));
 
-    let no_csrf = admin
-        .post(&complete_url)
-        .form(&[("x", "y")])
-        .send()
-        .await
-        .unwrap();
+    let no_csrf = post_form(&admin, &complete_url, &[("x", "y")]).await;
     assert_eq!(no_csrf.status(), 403);
-    let bad_csrf = admin
-        .post(&complete_url)
-        .form(&[("csrf", "forged")])
-        .send()
-        .await
-        .unwrap();
+    let bad_csrf = post_form(&admin, &complete_url, &[("csrf", "forged")]).await;
     assert_eq!(bad_csrf.status(), 403);
     let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
     assert_eq!(job["status"], "pending", "a refused form changes nothing");
 
-    let ok = admin
-        .post(&complete_url)
-        .form(&[("csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let ok = post_form(&admin, &complete_url, &[("csrf", csrf.as_str())]).await;
     assert_eq!(ok.status(), 303);
     assert_eq!(ok.headers()["location"], "/admin");
     let result = stream.next_result(WAIT).await.unwrap();
@@ -96,23 +85,14 @@ async fn an_admin_logs_in_and_completes_a_job_that_an_open_stream_receives() {
 async fn admin_forms_without_a_session_are_forbidden() {
     let app = TestApp::spawn().await;
     let id = app.job_id().await;
-    let anon = app
-        .client
-        .post(app.url(&format!("/admin/jobs/{id}/complete")))
-        .form(&[("csrf", "x")])
-        .send()
-        .await
-        .unwrap();
+    let anon = post_form(
+        &app.client,
+        app.url(&format!("/admin/jobs/{id}/complete")),
+        &[("csrf", "x")],
+    )
+    .await;
     assert_eq!(anon.status(), 403);
-    let login_page = app
-        .client
-        .get(app.url("/admin"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let login_page = page_text(&app.client, app.url("/admin")).await;
     assert!(login_page.contains("action=\"/admin/login\""));
 }
 
@@ -120,25 +100,13 @@ async fn admin_forms_without_a_session_are_forbidden() {
 async fn the_admin_page_lists_open_streams_and_creates_jobs() {
     let app = TestApp::spawn().await;
     let admin = cookie_client();
-    admin
-        .post(app.url("/admin/login"))
-        .form(&[("token", TOKEN)])
-        .send()
-        .await
-        .unwrap();
+    post_form(&admin, app.url("/admin/login"), &[("token", TOKEN)]).await;
     let id = app.job_id().await;
     let mut a = app.stream(&id).await;
     let mut b = app.stream(&id).await;
     a.next_result(WAIT).await;
     b.next_result(WAIT).await;
-    let page = admin
-        .get(app.url("/admin"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page_text(&admin, app.url("/admin")).await;
     let row = page.split(&format!("data-job=\"{id}\"")).nth(1).unwrap();
     assert!(
         row.split("</tr>")
@@ -148,27 +116,20 @@ async fn the_admin_page_lists_open_streams_and_creates_jobs() {
         "two streams shown"
     );
     let csrf = csrf_of(&page);
-    let created = admin
-        .post(app.url("/admin/jobs"))
-        .form(&[("csrf", csrf.as_str()), ("moveUrl", "/next")])
-        .send()
-        .await
-        .unwrap();
+    let created = post_form(
+        &admin,
+        app.url("/admin/jobs"),
+        &[("csrf", csrf.as_str()), ("moveUrl", "/next")],
+    )
+    .await;
     assert_eq!(created.status(), 303);
-    let evil = admin
-        .post(app.url("/admin/jobs"))
-        .form(&[("csrf", csrf.as_str()), ("moveUrl", "//evil")])
-        .send()
-        .await
-        .unwrap();
+    let evil = post_form(
+        &admin,
+        app.url("/admin/jobs"),
+        &[("csrf", csrf.as_str()), ("moveUrl", "//evil")],
+    )
+    .await;
     assert_eq!(evil.status(), 400);
-    let page = admin
-        .get(app.url("/admin"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page_text(&admin, app.url("/admin")).await;
     assert!(page.contains("2 jobs"), "the new job is counted");
 }
