@@ -15,10 +15,7 @@ async fn connect_then_complete_delivers_the_result_and_ends_the_stream() {
     let mut stream = app.stream(&id).await;
     assert_eq!(stream.next_block(WAIT).await, Some(SseBlock::Retry(1000)));
     let connect = stream.next_result(WAIT).await.unwrap();
-    assert_eq!(
-        connect,
-        serde_json::json!({"status": "connect", "moveUrl": ""})
-    );
+    assert_eq!(connect, serde_json::json!({"status": "connect", "moveUrl": ""}));
     assert_eq!(app.complete(&id).await.status(), 200);
     let result = stream.next_result(WAIT).await.unwrap();
     assert_eq!(result["status"], "result");
@@ -54,18 +51,8 @@ async fn every_tab_gets_the_result_and_the_hub_is_empty_afterwards() {
         assert_eq!(s.next_result(WAIT).await.unwrap()["status"], "result");
         assert_eq!(s.next_block(WAIT).await, None);
     }
-    assert!(
-        eventually(WAIT, || async {
-            app.metric("handoff_watched_jobs").await == 0.0
-        })
-        .await
-    );
-    assert!(
-        eventually(WAIT, || async {
-            app.metric("handoff_open_streams").await == 0.0
-        })
-        .await
-    );
+    assert!(eventually(WAIT, || async { app.metric("handoff_watched_jobs").await == 0.0 }).await);
+    assert!(eventually(WAIT, || async { app.metric("handoff_open_streams").await == 0.0 }).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -88,9 +75,7 @@ async fn racing_connects_and_completions_lose_nothing() {
                     let mut s = support::SseReader::open(&client, &stream_url).await;
                     loop {
                         match s.next_result(Duration::from_secs(20)).await {
-                            Some(v) if v["status"] == "result" => {
-                                return v["moveUrl"].as_str().map(str::to_owned);
-                            }
+                            Some(v) if v["status"] == "result" => return v["moveUrl"].as_str().map(str::to_owned),
                             Some(_) => continue,
                             None => return None,
                         }
@@ -116,36 +101,18 @@ async fn racing_connects_and_completions_lose_nothing() {
         }
     }
     assert_eq!(lost, 0, "{lost} of {rounds} results lost");
-    assert!(
-        eventually(WAIT, || async {
-            app.metric("handoff_watched_jobs").await == 0.0
-        })
-        .await
-    );
+    assert!(eventually(WAIT, || async { app.metric("handoff_watched_jobs").await == 0.0 }).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_and_malformed_ids_get_4xx_never_500() {
     let app = TestApp::spawn().await;
-    let unknown = app
-        .client
-        .get(app.url("/sse/connect/AAAAAAAAAAAAAAAAAAAAAA"))
-        .send()
-        .await
-        .unwrap();
+    let unknown = app.client.get(app.url("/sse/connect/AAAAAAAAAAAAAAAAAAAAAA")).send().await.unwrap();
     assert_eq!(unknown.status(), 404);
     let body: serde_json::Value = unknown.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("no job"));
     let long = "x".repeat(1000);
-    for raw in [
-        "",
-        &long,
-        "..%2Fx",
-        "%00",
-        "%3Cscript%3E",
-        "%C3%A9t%C3%A9",
-        "<script>",
-    ] {
+    for raw in ["", &long, "..%2Fx", "%00", "%3Cscript%3E", "%C3%A9t%C3%A9", "<script>"] {
         for path in [
             format!("/sse/connect/{raw}"),
             format!("/api/jobs/{raw}"),
@@ -157,13 +124,7 @@ async fn unknown_and_malformed_ids_get_4xx_never_500() {
             assert!((400..500).contains(&status), "{path} answered {status}");
         }
     }
-    let resp = app
-        .client
-        .post(app.url(&format!("/api/jobs/{long}/complete")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.client.post(app.url(&format!("/api/jobs/{long}/complete"))).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(resp.status(), 400);
 }
 
@@ -174,21 +135,9 @@ async fn the_api_refuses_a_missing_or_wrong_token_and_changes_nothing() {
     let url = app.url(&format!("/api/jobs/{id}/complete"));
     let none = app.client.post(&url).send().await.unwrap();
     assert_eq!(none.status(), 401);
-    let wrong = app
-        .client
-        .post(&url)
-        .bearer_auth("nope")
-        .send()
-        .await
-        .unwrap();
+    let wrong = app.client.post(&url).bearer_auth("nope").send().await.unwrap();
     assert_eq!(wrong.status(), 401);
-    let create = app
-        .client
-        .post(app.url("/api/jobs"))
-        .bearer_auth("nope")
-        .send()
-        .await
-        .unwrap();
+    let create = app.client.post(app.url("/api/jobs")).bearer_auth("nope").send().await.unwrap();
     assert_eq!(create.status(), 401);
     let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
     assert_eq!(job["status"], "pending");
@@ -221,21 +170,9 @@ async fn completing_twice_returns_the_stored_result_and_unknown_is_404() {
 async fn a_move_url_that_leaves_the_site_is_refused() {
     let app = TestApp::spawn().await;
     let id = app.job_id().await;
-    for evil in [
-        "https://evil.example",
-        "//evil.example",
-        "/\\evil.example",
-        "javascript:alert(1)",
-    ] {
+    for evil in ["https://evil.example", "//evil.example", "/\\evil.example", "javascript:alert(1)"] {
         let body = serde_json::json!({ "moveUrl": evil });
-        let create = app
-            .client
-            .post(app.url("/api/jobs"))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let create = app.client.post(app.url("/api/jobs")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
         assert_eq!(create.status(), 400, "create with {evil}");
         let text = create.text().await.unwrap();
         assert!(text.contains("moveUrl"), "{text}");
@@ -251,14 +188,7 @@ async fn a_move_url_that_leaves_the_site_is_refused() {
     }
     let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
     assert_eq!(job["status"], "pending");
-    let garbage = app
-        .client
-        .post(app.url("/api/jobs"))
-        .bearer_auth(TOKEN)
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let garbage = app.client.post(app.url("/api/jobs")).bearer_auth(TOKEN).body("{not json").send().await.unwrap();
     assert_eq!(garbage.status(), 400);
 }
 
@@ -269,16 +199,9 @@ async fn a_stream_ends_after_its_timeout_and_a_reconnect_works() {
     let started = Instant::now();
     let mut stream = app.stream(&id).await;
     assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
-    assert_eq!(
-        stream.next_result(WAIT).await,
-        None,
-        "the stream ends by itself"
-    );
+    assert_eq!(stream.next_result(WAIT).await, None, "the stream ends by itself");
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
-        "ended after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(4), "ended after {took:?}");
     let mut again = app.stream(&id).await;
     assert_eq!(again.next_result(WAIT).await.unwrap()["status"], "connect");
     app.complete(&id).await;
@@ -291,14 +214,8 @@ async fn keep_alive_comments_flow_on_an_idle_stream() {
     let id = app.job_id().await;
     let mut stream = app.stream(&id).await;
     assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
-    assert!(matches!(
-        stream.next_block(WAIT).await,
-        Some(SseBlock::Comment(_))
-    ));
-    assert!(matches!(
-        stream.next_block(WAIT).await,
-        Some(SseBlock::Comment(_))
-    ));
+    assert!(matches!(stream.next_block(WAIT).await, Some(SseBlock::Comment(_))));
+    assert!(matches!(stream.next_block(WAIT).await, Some(SseBlock::Comment(_))));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -347,51 +264,23 @@ async fn pages_a_and_b_and_the_landing_page_answer() {
     let id = page_a_path.strip_prefix("/jobs/").unwrap().to_owned();
     let page_a = app.client.get(app.url(&page_a_path)).send().await.unwrap();
     assert_eq!(page_a.status(), 200);
-    let csp = page_a.headers()["content-security-policy"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let csp = page_a.headers()["content-security-policy"].to_str().unwrap().to_owned();
     assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
     let html = page_a.text().await.unwrap();
     assert!(html.contains(&format!("data-handoff-job=\"{id}\"")));
     assert!(html.contains("src=\"/static/handoff.js\""));
     assert!(!html.contains("<script>"), "no inline script on page A");
-    let js = app
-        .client
-        .get(app.url("/static/handoff.js"))
-        .send()
-        .await
-        .unwrap();
+    let js = app.client.get(app.url("/static/handoff.js")).send().await.unwrap();
     assert_eq!(js.status(), 200);
     assert!(js.text().await.unwrap().contains("EventSource"));
 
-    let pending = app
-        .client
-        .get(app.url(&format!("/test.do?id={id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        pending.contains("Not finished yet") && pending.contains(&format!("href=\"/jobs/{id}\""))
-    );
+    let pending = app.client.get(app.url(&format!("/test.do?id={id}"))).send().await.unwrap().text().await.unwrap();
+    assert!(pending.contains("Not finished yet") && pending.contains(&format!("href=\"/jobs/{id}\"")));
     app.complete(&id).await;
-    let page_b = app
-        .client
-        .get(app.url(&format!("/test.do?id={id}")))
-        .send()
-        .await
-        .unwrap();
+    let page_b = app.client.get(app.url(&format!("/test.do?id={id}"))).send().await.unwrap();
     assert_eq!(page_b.status(), 200);
     assert!(page_b.text().await.unwrap().contains("Job complete"));
-    let unknown = app
-        .client
-        .get(app.url("/test.do?id=AAAAAAAAAAAAAAAAAAAAAA"))
-        .send()
-        .await
-        .unwrap();
+    let unknown = app.client.get(app.url("/test.do?id=AAAAAAAAAAAAAAAAAAAAAA")).send().await.unwrap();
     assert_eq!(unknown.status(), 404);
     assert!(unknown.text().await.unwrap().contains("No such job"));
 }
@@ -399,9 +288,7 @@ async fn pages_a_and_b_and_the_landing_page_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_custom_move_url_is_escaped_wherever_it_is_shown() {
     let app = TestApp::spawn().await;
-    let job = app
-        .create_job(Some("/x?a=\"><script>alert(1)</script>"))
-        .await;
+    let job = app.create_job(Some("/x?a=\"><script>alert(1)</script>")).await;
     let id = job["id"].as_str().unwrap();
     app.complete(id).await;
     let mut stream = app.stream(id).await;
@@ -435,14 +322,7 @@ async fn shutting_down_ends_open_streams_within_a_second() {
         started.elapsed()
     });
     assert_eq!(stream.next_block(WAIT).await, None);
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "stream ended after {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(1), "stream ended after {:?}", started.elapsed());
     let stopped_after = stopping.await.unwrap();
-    assert!(
-        stopped_after < Duration::from_secs(5),
-        "server stopped after {stopped_after:?}"
-    );
+    assert!(stopped_after < Duration::from_secs(5), "server stopped after {stopped_after:?}");
 }

@@ -22,16 +22,9 @@ fn start(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String) {
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let base = loop {
-        let line = lines
-            .next()
-            .expect("handoff printed its address")
-            .expect("a log line");
+        let line = lines.next().expect("handoff printed its address").expect("a log line");
         if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .expect("an address")
-                .to_owned();
+            break rest.split_whitespace().next().expect("an address").to_owned();
         }
     };
     // Keep draining the log so the child never blocks on a full pipe.
@@ -68,34 +61,21 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
     let mut streams = Vec::new();
     for _ in 0..20 {
         let mut s = SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;
-        assert_eq!(
-            s.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-            "connect"
-        );
+        assert_eq!(s.next_result(Duration::from_secs(5)).await.unwrap()["status"], "connect");
         streams.push(s);
     }
     let started = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     for s in &mut streams {
         assert_eq!(s.next_block(Duration::from_secs(2)).await, None);
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "streams ended after {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(1), "streams ended after {:?}", started.elapsed());
     let exited = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "still running 5 s after SIGTERM"
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "still running 5 s after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(exited.success(), "{exited:?}");
@@ -103,20 +83,9 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
     // A restart on the same file keeps the job; completing it reaches a reconnecting browser.
     let (mut child, base) = start(dir.path(), &[]);
     let mut s = SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;
-    assert_eq!(
-        s.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-        "connect"
-    );
-    client
-        .post(format!("{base}/api/jobs/{id}/complete"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        s.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-        "result"
-    );
+    assert_eq!(s.next_result(Duration::from_secs(5)).await.unwrap()["status"], "connect");
+    client.post(format!("{base}/api/jobs/{id}/complete")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(s.next_result(Duration::from_secs(5)).await.unwrap()["status"], "result");
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -143,12 +112,6 @@ async fn with_no_setup_it_creates_its_database_and_logs_a_generated_token() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        saw_token_note,
-        "the generated token is logged with a note on how to set one"
-    );
-    assert!(
-        dir.path().join("data/handoff.db").exists(),
-        "data/handoff.db was created"
-    );
+    assert!(saw_token_note, "the generated token is logged with a note on how to set one");
+    assert!(dir.path().join("data/handoff.db").exists(), "data/handoff.db was created");
 }

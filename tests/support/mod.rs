@@ -89,10 +89,7 @@ impl TestApp {
     }
 
     pub async fn job_id(&self) -> String {
-        self.create_job(None).await["id"]
-            .as_str()
-            .expect("id")
-            .to_owned()
+        self.create_job(None).await["id"].as_str().expect("id").to_owned()
     }
 
     pub async fn complete(&self, id: &str) -> reqwest::Response {
@@ -105,11 +102,7 @@ impl TestApp {
     }
 
     pub async fn get_job(&self, id: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(&format!("/api/jobs/{id}")))
-            .send()
-            .await
-            .expect("get job")
+        self.client.get(self.url(&format!("/api/jobs/{id}"))).send().await.expect("get job")
     }
 
     pub async fn stream(&self, id: &str) -> SseReader {
@@ -239,13 +232,7 @@ impl SseReader {
         loop {
             match self.next_block(within).await? {
                 SseBlock::Comment(_) | SseBlock::Retry(_) => continue,
-                block => {
-                    return Some(
-                        block
-                            .result()
-                            .unwrap_or_else(|| panic!("not a result event: {block:?}")),
-                    );
-                }
+                block => return Some(block.result().unwrap_or_else(|| panic!("not a result event: {block:?}"))),
             }
         }
     }
@@ -257,11 +244,7 @@ impl SseReader {
         assert_eq!(connect["moveUrl"], "", "{connect}");
         let result = self.next_result(within).await.expect("a result event");
         assert_eq!(result["status"], "result", "{result}");
-        assert_eq!(
-            self.next_block(within).await,
-            None,
-            "the stream ends after the result"
-        );
+        assert_eq!(self.next_block(within).await, None, "the stream ends after the result");
         result
     }
 }
@@ -280,8 +263,5 @@ fn parse_block(block: &str) -> SseBlock {
             data.push(d.strip_prefix(' ').unwrap_or(d));
         }
     }
-    SseBlock::Event {
-        event,
-        data: data.join("\n"),
-    }
+    SseBlock::Event { event, data: data.join("\n") }
 }
