@@ -1,7 +1,7 @@
 //! The HTTP/1.1 plumbing: one hyper connection per stream, and a few keep-alive publisher
 //! connections that work through a numbered list of requests.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -10,16 +10,49 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout_at};
 
 pub type Body = Full<Bytes>;
 
-/// Opens one HTTP/1.1 connection; its driver runs as its own task until both ends let go.
-pub async fn connect(addr: SocketAddr) -> Result<SendRequest<Body>, String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+/// How many loopback source addresses (127.0.0.2, 127.0.0.3, …) the streams are spread over.
+/// Each has its own ~28,000 ephemeral ports; from one address, 19,000 streams plus the TIME_WAIT
+/// left by the runs before would run out of ports.
+const SOURCES: usize = 16;
+
+/// The source address for stream `index` to an IPv4 loopback target; `None` leaves it to the OS.
+pub fn source_for(target: SocketAddr, index: usize) -> Option<IpAddr> {
+    match target.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() => {
+            // Below SOURCES + 2, so the last octet cannot overflow.
+            let octet = u8::try_from(2 + index % SOURCES).unwrap_or(2);
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet)))
+        }
+        _ => None,
+    }
+}
+
+/// Opens one HTTP/1.1 connection, from `source` if given; its driver runs as its own task until
+/// both ends let go.
+pub async fn connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<SendRequest<Body>, String> {
+    let tcp = match source {
+        None => TcpStream::connect(addr).await,
+        Some(ip) => {
+            let bound = TcpSocket::new_v4().and_then(|socket| {
+                socket.set_reuseaddr(true)?;
+                socket.bind(SocketAddr::new(ip, 0))?;
+                Ok(socket)
+            });
+            match bound {
+                Ok(socket) => socket.connect(addr).await,
+                Err(e) => Err(e),
+            }
+        }
+    }
+    .map_err(|e| format!("connect: {e}"))?;
     // Small requests and events must leave at once, not wait for Nagle.
     tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -121,7 +154,7 @@ async fn one(
     };
     let conn = match sender {
         Some(conn) => conn,
-        None => match connect(addr).await {
+        None => match connect(addr, None).await {
             Ok(conn) => sender.insert(conn),
             Err(why) => return failed(why),
         },

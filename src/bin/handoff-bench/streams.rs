@@ -10,7 +10,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{connect, request};
+use crate::http::{connect, request, source_for};
 use crate::target::UrlTemplate;
 
 /// What marks a result event in a stream's `data:`: Handoff's own payload, and the body the
@@ -106,7 +106,7 @@ pub fn open_all(
             let opening = async {
                 let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
                 let start = Instant::now();
-                let mut sender = connect(addr).await?;
+                let mut sender = connect(addr, source_for(addr, index)).await?;
                 let mut req = request("GET", &host, &path, None);
                 req.headers_mut().insert(
                     "accept",
