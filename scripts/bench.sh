@@ -22,7 +22,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 WORKERS=${HANDOFF_WORKERS:-1}
 BASE_PORT=${BASE_PORT:-18080}
-OUT=${OUT:-target/bench}
+OUT=$(mkdir -p "${OUT:-target/bench}" && cd "${OUT:-target/bench}" && pwd)
 TOKEN=bench-token-$RANDOM$RANDOM
 if [ -z "${PEERS_DIR:-}" ]; then
   for dir in ../shared/peers /work/shared/peers; do
@@ -60,6 +60,18 @@ stop_pid() { # pid [signal]: stop a server this script started and wait for it t
 
 # Each server starts fresh for every run, so its resident memory before the streams is a clean base.
 server_pid=; measure_pid=
+# The Python peer needs python3's venv module, the Node peers node and npm.
+if [ "$PEERS" = 1 ]; then
+  missing=()
+  python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+fi
 start_handoff() {
   local port=$BASE_PORT dir
   dir=$(mktemp -d /tmp/handoff-bench.XXXXXX)
@@ -79,7 +91,7 @@ start_nchan() {
 start_python() {
   (cd "$PEERS_DIR" && exec taskset -c "$SERVER_CPU" "$OUT/venv/bin/uvicorn" sse_starlette_app:app \
     --host 127.0.0.1 --port $((BASE_PORT + 2)) --loop uvloop --http httptools --log-level warning \
-    >"$root/$OUT/python.log" 2>&1) &
+    >"$OUT/python.log" 2>&1) &
   server_pid=$!; measure_pid=$server_pid
   wait_port $((BASE_PORT + 2))
 }
@@ -89,7 +101,7 @@ start_node_plain() {
   wait_port $((BASE_PORT + 3))
 }
 start_better_sse() {
-  NODE_PATH=$root/$OUT/node/node_modules PORT=$((BASE_PORT + 4)) \
+  NODE_PATH=$OUT/node/node_modules PORT=$((BASE_PORT + 4)) \
     taskset -c "$SERVER_CPU" node "$PEERS_DIR/node_better_sse.js" >"$OUT/better-sse.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
   wait_port $((BASE_PORT + 4))
@@ -111,8 +123,13 @@ target_args() { # name: the bench tool's target arguments
 one_run() { # name n mode rep
   local name=$1 n=$2 mode=$3 rep=$4 json
   json="$OUT/json/$name-$mode-$n-$rep.json"
-  "start_${name//-/_}"
+  server_pid=
   say "$name $mode N=$n run $rep"
+  if ! "start_${name//-/_}"; then
+    echo "bench.sh: $name did not start (see $OUT/*.log); skipping this run" >&2
+    [ -z "$server_pid" ] || stop_server "$name"
+    return 0
+  fi
   # shellcheck disable=SC2046 # target_args is a list of words without spaces inside
   taskset -c "$CLIENT_CPU" "$bench_bin" $(target_args "$name") -n "$n" --mode "$mode" \
     --timeout 120 --server-pid "$measure_pid" --label "$name" --json "$json" ||

@@ -263,7 +263,7 @@ async fn run(args: &Args, target: &Target) -> Report {
         report.completion_secs = last.duration_since(first).as_secs_f64();
         report.completions_per_sec = report.completions as f64 / report.completion_secs.max(1e-9);
     }
-    board.wait_all(Instant::now() + phase).await;
+    board.wait_for(report.opened, Instant::now() + phase).await;
     tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
     stop.cancel();
 
