@@ -9,7 +9,7 @@
 # Settings (environment): RUNS (3), SIZES ("1000 10000 19000"), PEER_N (1000), PEERS (1 = also
 # the Python and Node peers), PEERS_DIR (where start-nchan.sh lives; default ../shared/peers,
 # then /work/shared/peers), SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core),
-# BASE_PORT (18080), OUT (target/bench).
+# BASE_PORT (18080; each run takes the next port), OUT (target/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -60,6 +60,10 @@ stop_pid() { # pid [signal]: stop a server this script started and wait for it t
 
 # Each server starts fresh for every run, so its resident memory before the streams is a clean base.
 server_pid=; measure_pid=
+# Every run gets a port of its own: the TIME_WAIT that tens of thousands of closed streams leave
+# on a port for a minute must not meet the next run's connections (it slowed 19,000 streams
+# from one second to twenty).
+PORT=$BASE_PORT
 # The Python peer needs python3's venv module, the Node peers node and npm.
 if [ "$PEERS" = 1 ]; then
   missing=()
@@ -73,7 +77,7 @@ if [ "$PEERS" = 1 ]; then
   fi
 fi
 start_handoff() {
-  local port=$BASE_PORT dir
+  local port=$PORT dir
   dir=$(mktemp -d /tmp/handoff-bench.XXXXXX)
   HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="sqlite://$dir/handoff.db" HANDOFF_API_TOKEN=$TOKEN \
     HANDOFF_SSE_TIMEOUT_SECS=600 HANDOFF_WORKERS=$WORKERS RUST_LOG=warn \
@@ -83,28 +87,28 @@ start_handoff() {
 }
 start_nchan() {
   local line
-  line=$(taskset -c "$SERVER_CPU" "$PEERS_DIR/start-nchan.sh" $((BASE_PORT + 1)))
+  line=$(taskset -c "$SERVER_CPU" "$PEERS_DIR/start-nchan.sh" $PORT)
   server_pid=$(sed -E 's/.*pid=([0-9]+).*/\1/' <<<"$line")
   measure_pid=$(sed -E 's/.*worker=([0-9]+).*/\1/' <<<"$line")
-  wait_port $((BASE_PORT + 1))
+  wait_port $PORT
 }
 start_python() {
   (cd "$PEERS_DIR" && exec taskset -c "$SERVER_CPU" "$OUT/venv/bin/uvicorn" sse_starlette_app:app \
-    --host 127.0.0.1 --port $((BASE_PORT + 2)) --loop uvloop --http httptools --log-level warning \
+    --host 127.0.0.1 --port $PORT --loop uvloop --http httptools --log-level warning \
     >"$OUT/python.log" 2>&1) &
   server_pid=$!; measure_pid=$server_pid
-  wait_port $((BASE_PORT + 2))
+  wait_port $PORT
 }
 start_node_plain() {
-  PORT=$((BASE_PORT + 3)) taskset -c "$SERVER_CPU" node "$PEERS_DIR/node_plain.js" >"$OUT/node.log" 2>&1 &
+  PORT=$PORT taskset -c "$SERVER_CPU" node "$PEERS_DIR/node_plain.js" >"$OUT/node.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
-  wait_port $((BASE_PORT + 3))
+  wait_port $PORT
 }
 start_better_sse() {
-  NODE_PATH=$OUT/node/node_modules PORT=$((BASE_PORT + 4)) \
+  NODE_PATH=$OUT/node/node_modules PORT=$PORT \
     taskset -c "$SERVER_CPU" node "$PEERS_DIR/node_better_sse.js" >"$OUT/better-sse.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
-  wait_port $((BASE_PORT + 4))
+  wait_port $PORT
 }
 stop_server() { # name
   if [ "$1" = nchan ]; then stop_pid "$server_pid" QUIT; else stop_pid "$server_pid"; fi
@@ -112,11 +116,11 @@ stop_server() { # name
 
 target_args() { # name: the bench tool's target arguments
   case $1 in
-    handoff) echo "--handoff http://127.0.0.1:$BASE_PORT --token $TOKEN" ;;
-    nchan) echo "--sub-url http://127.0.0.1:$((BASE_PORT + 1))/sub/{id} --pub-url http://127.0.0.1:$((BASE_PORT + 1))/pub?id={id}" ;;
-    python) echo "--sub-url http://127.0.0.1:$((BASE_PORT + 2))/sub/{id} --pub-url http://127.0.0.1:$((BASE_PORT + 2))/pub/{id}" ;;
-    node-plain) echo "--sub-url http://127.0.0.1:$((BASE_PORT + 3))/sub/{id} --pub-url http://127.0.0.1:$((BASE_PORT + 3))/pub/{id}" ;;
-    better-sse) echo "--sub-url http://127.0.0.1:$((BASE_PORT + 4))/sub/{id} --pub-url http://127.0.0.1:$((BASE_PORT + 4))/pub/{id}" ;;
+    handoff) echo "--handoff http://127.0.0.1:$PORT --token $TOKEN" ;;
+    nchan) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub?id={id}" ;;
+    python) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
+    node-plain) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
+    better-sse) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
   esac
 }
 
@@ -124,7 +128,8 @@ one_run() { # name n mode rep
   local name=$1 n=$2 mode=$3 rep=$4 json
   json="$OUT/json/$name-$mode-$n-$rep.json"
   server_pid=
-  say "$name $mode N=$n run $rep"
+  PORT=$((PORT + 1))
+  say "$name $mode N=$n run $rep (port $PORT)"
   if ! "start_${name//-/_}"; then
     echo "bench.sh: $name did not start (see $OUT/*.log); skipping this run" >&2
     [ -z "$server_pid" ] || stop_server "$name"
