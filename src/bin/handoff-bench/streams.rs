@@ -95,6 +95,15 @@ pub fn open_all(
 ) -> mpsc::UnboundedReceiver<Opened> {
     let (tx, rx) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    // Where this run's source ports start: a large prime step per second, so back-to-back runs
+    // use different ports.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            usize::try_from(d.as_secs())
+                .unwrap_or(0)
+                .wrapping_mul(2_003)
+        });
     for index in 0..streams {
         let path = template.path(&channel_of(index));
         let (addr, host) = (template.addr, template.host.clone());
@@ -103,7 +112,7 @@ pub fn open_all(
             let opening = async {
                 let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
                 let start = Instant::now();
-                let mut sender = connect(addr, source_for(addr, index)).await?;
+                let mut sender = connect(addr, source_for(addr, index, run)).await?;
                 let mut req = request("GET", &host, &path, None);
                 req.headers_mut().insert(
                     "accept",
