@@ -60,9 +60,8 @@ stop_pid() { # pid [signal]: stop a server this script started and wait for it t
 
 # Each server starts fresh for every run, so its resident memory before the streams is a clean base.
 server_pid=; measure_pid=
-# Every run gets a port of its own: the TIME_WAIT that tens of thousands of closed streams leave
-# on a port for a minute must not meet the next run's connections (it slowed 19,000 streams
-# from one second to twenty).
+# Every run gets a port of its own, so the TIME_WAIT that tens of thousands of closed streams
+# leave for a minute never meets the next run's connections.
 PORT=$BASE_PORT
 # The Python peer needs python3's venv module, the Node peers node and npm.
 if [ "$PEERS" = 1 ]; then
