@@ -59,7 +59,7 @@ stop_pid() { # pid [signal]: stop a server this script started and wait for it t
 }
 
 # Each server starts fresh for every run, so its resident memory before the streams is a clean base.
-server_pid=; measure_pid=
+server_pid=; measure_pid=; server_dir=
 # Every run gets a port of its own, so the TIME_WAIT that tens of thousands of closed streams
 # leave for a minute never meets the next run's connections.
 PORT=$BASE_PORT
@@ -78,6 +78,7 @@ fi
 start_handoff() {
   local port=$PORT dir
   dir=$(mktemp -d /tmp/handoff-bench.XXXXXX)
+  server_dir=$dir
   HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="sqlite://$dir/handoff.db" HANDOFF_API_TOKEN=$TOKEN \
     HANDOFF_SSE_TIMEOUT_SECS=600 HANDOFF_WORKERS=$WORKERS RUST_LOG=warn \
     taskset -c "$SERVER_CPU" "$root/target/release/handoff" >"$OUT/handoff.log" 2>&1 &
@@ -89,6 +90,7 @@ start_nchan() {
   line=$(taskset -c "$SERVER_CPU" "$PEERS_DIR/start-nchan.sh" $PORT)
   server_pid=$(sed -E 's/.*pid=([0-9]+).*/\1/' <<<"$line")
   measure_pid=$(sed -E 's/.*worker=([0-9]+).*/\1/' <<<"$line")
+  server_dir=$(sed -E 's/.*dir=([^ ]+).*/\1/' <<<"$line")
   wait_port $PORT
 }
 start_python() {
@@ -109,8 +111,10 @@ start_better_sse() {
   server_pid=$!; measure_pid=$server_pid
   wait_port $PORT
 }
-stop_server() { # name
+stop_server() { # name: stop it and remove the folder this run gave it (database, nginx files)
   if [ "$1" = nchan ]; then stop_pid "$server_pid" QUIT; else stop_pid "$server_pid"; fi
+  case $server_dir in /tmp/handoff-bench.* | /tmp/nchan.*) rm -rf "$server_dir" ;; esac
+  server_dir=
 }
 
 target_args() { # name: the bench tool's target arguments
