@@ -1,1 +1,379 @@
-fn main() {}
+//! `handoff-bench`: opens N event streams against Handoff or another SSE server on loopback,
+//! completes their jobs over a few keep-alive connections, and measures connect time, delivery
+//! latency, completions per second and the server's memory per stream, on one clock in one
+//! process. Every expected event must arrive exactly once, or the exit code is non-zero.
+//!
+//! ```text
+//! handoff-bench --handoff http://127.0.0.1:8080 --token T -n 10000 --mode single
+//! handoff-bench --sub-url 'http://127.0.0.1:8081/sub/{id}' --pub-url 'http://127.0.0.1:8081/pub?id={id}'
+//! ```
+
+// The crate root is a file, so its modules' folder is named explicitly.
+#[path = "handoff-bench/http.rs"]
+mod http;
+#[path = "handoff-bench/report.rs"]
+mod report;
+#[path = "handoff-bench/streams.rs"]
+mod streams;
+#[path = "handoff-bench/target.rs"]
+mod target;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use report::{Percentiles, Report, rss_kb};
+use streams::Board;
+use target::Target;
+
+/// File descriptors the tool keeps for itself beyond the streams: publishers, stdio, runtime.
+const SPARE_FDS: u64 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// One job (channel) per stream, each completed once.
+    Distinct,
+    /// Every stream on one job, completed once.
+    Single,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "SSE fan-out benchmark: Handoff or any SSE pub/sub server, loopback only")]
+struct Args {
+    /// Handoff's base URL, e.g. http://127.0.0.1:8080: jobs are created and completed via its API.
+    #[arg(long, conflicts_with_all = ["sub_url", "pub_url"], required_unless_present = "sub_url")]
+    handoff: Option<String>,
+    /// Handoff's API token (default: $HANDOFF_API_TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+    /// A generic target's stream URL with {id}, e.g. 'http://127.0.0.1:8081/sub/{id}'.
+    #[arg(long, requires = "pub_url")]
+    sub_url: Option<String>,
+    /// A generic target's publish URL with {id}; the bench POSTs the event data to it.
+    #[arg(long, requires = "sub_url")]
+    pub_url: Option<String>,
+    /// How many streams to open.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    streams: usize,
+    #[arg(long, value_enum, default_value_t = Mode::Distinct)]
+    mode: Mode,
+    /// Streams being opened at once.
+    #[arg(long, default_value_t = 100)]
+    connect_concurrency: usize,
+    /// Keep-alive connections that create and complete jobs.
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Upper bound in seconds on each phase (open, create, complete, deliver).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// How long to keep listening after the last expected event, to catch duplicates (ms).
+    #[arg(long, default_value_t = 200)]
+    settle_ms: u64,
+    /// The server's pid (for Nchan: the worker's), to read its resident memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Where to write the figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A name for this run in the table and JSON.
+    #[arg(long, default_value = "run")]
+    label: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let fd_limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            eprintln!("handoff-bench: cannot raise the open-file limit: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.streams as u64 + SPARE_FDS > fd_limit {
+        eprintln!(
+            "handoff-bench: {} streams need more than the open-file limit of {fd_limit} allows \
+             (at most {})",
+            args.streams,
+            fd_limit.saturating_sub(SPARE_FDS)
+        );
+        return ExitCode::from(2);
+    }
+    let target = match (&args.handoff, &args.sub_url, &args.pub_url) {
+        (Some(base), _, _) => match args
+            .token
+            .clone()
+            .or_else(|| std::env::var("HANDOFF_API_TOKEN").ok())
+        {
+            Some(token) => Target::handoff(base, token),
+            None => Err("--handoff needs --token or HANDOFF_API_TOKEN".into()),
+        },
+        (None, Some(sub), Some(publish)) => Target::generic(sub, publish),
+        _ => Err("give --handoff, or --sub-url and --pub-url".into()),
+    };
+    let target = match target {
+        Ok(target) => target,
+        Err(why) => {
+            eprintln!("handoff-bench: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    // One thread: every send and receive time comes from one clock, and the client stays on
+    // the core it is pinned to.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("handoff-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(run(&args, &target));
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let written = serde_json::to_vec_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|json| std::fs::write(path, json).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!("handoff-bench: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn run(args: &Args, target: &Target) -> Report {
+    let phase = Duration::from_secs(args.timeout);
+    let mut report = Report {
+        label: args.label.clone(),
+        target: if target.handoff_token.is_some() {
+            "handoff".into()
+        } else {
+            "generic".into()
+        },
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        streams: args.streams,
+        connect_concurrency: args.connect_concurrency,
+        publishers: args.publishers,
+        expected: args.streams,
+        ..Report::default()
+    };
+    let channels = match args.mode {
+        Mode::Distinct => args.streams,
+        Mode::Single => 1,
+    };
+    let ids = match channel_ids(target, args.publishers, channels, Instant::now() + phase).await {
+        Ok(ids) => Arc::new(ids),
+        Err(why) => {
+            report.errors.push(why);
+            return report;
+        }
+    };
+    let rss = |report: &mut Report| match args.server_pid.map(rss_kb).transpose() {
+        Ok(kb) => kb,
+        Err(why) => {
+            report.errors.push(why);
+            None
+        }
+    };
+    report.rss_before_kb = rss(&mut report);
+
+    // Open every stream.
+    let board = Board::new(args.streams);
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let channel_of = {
+        let ids = ids.clone();
+        move |i: usize| ids[i % ids.len()].clone()
+    };
+    let mut opened = streams::open_all(
+        &target.subscribe,
+        channel_of,
+        args.streams,
+        args.connect_concurrency,
+        start + phase,
+        &board,
+        &stop,
+    );
+    let mut connect_times = Vec::with_capacity(args.streams);
+    for _ in 0..args.streams {
+        match opened.recv().await.map(|o| o.result) {
+            Some(Ok(time)) => connect_times.push(time),
+            Some(Err(why)) => {
+                report.connect_failures += 1;
+                note(&mut report.errors, why);
+            }
+            None => break,
+        }
+    }
+    report.connect_secs = start.elapsed().as_secs_f64();
+    report.opened = connect_times.len();
+    report.connects_per_sec = report.opened as f64 / report.connect_secs;
+    report.connect_ms = Percentiles::of(connect_times);
+    report.rss_after_kb = rss(&mut report);
+    if let (Some(before), Some(after)) = (report.rss_before_kb, report.rss_after_kb)
+        && report.opened > 0
+    {
+        report.bytes_per_stream =
+            Some(after.saturating_sub(before) as f64 * 1024.0 / report.opened as f64);
+    }
+
+    // Complete every job and wait for the events.
+    let outcomes = complete_all(target, args.publishers, &ids, Instant::now() + phase).await;
+    let mut first_sent: Option<Instant> = None;
+    let mut last_done: Option<Instant> = None;
+    let mut sent_at = Vec::with_capacity(channels);
+    for outcome in &outcomes {
+        match outcome {
+            Some(o) if matches!(&o.result, Ok((status, _)) if status.is_success()) => {
+                report.completions += 1;
+                first_sent = Some(first_sent.map_or(o.sent_at, |t| t.min(o.sent_at)));
+                last_done = Some(last_done.map_or(o.done_at, |t| t.max(o.done_at)));
+                sent_at.push(Some(o.sent_at));
+            }
+            other => {
+                report.completion_failures += 1;
+                let why = match other.as_ref().map(|o| &o.result) {
+                    Some(Ok((status, body))) => {
+                        format!(
+                            "completion: status {status}: {}",
+                            String::from_utf8_lossy(body)
+                        )
+                    }
+                    Some(Err(why)) => format!("completion: {why}"),
+                    None => "completion: not sent before the timeout".into(),
+                };
+                note(&mut report.errors, why);
+                sent_at.push(None);
+            }
+        }
+    }
+    if let (Some(first), Some(last)) = (first_sent, last_done) {
+        report.completion_secs = last.duration_since(first).as_secs_f64();
+        report.completions_per_sec = report.completions as f64 / report.completion_secs.max(1e-9);
+    }
+    board.wait_for(report.opened, Instant::now() + phase).await;
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    stop.cancel();
+
+    report.delivered = board.delivered();
+    report.duplicates = board.duplicates();
+    let latencies = (0..args.streams)
+        .filter_map(|i| {
+            Some(
+                board
+                    .arrival(i)?
+                    .saturating_duration_since(sent_at[i % channels]?),
+            )
+        })
+        .collect();
+    report.latency_ms = Percentiles::of(latencies);
+    if report.delivered < report.expected {
+        note(
+            &mut report.errors,
+            format!(
+                "{} streams never got their event",
+                report.expected - report.delivered
+            ),
+        );
+    }
+    report.ok = report.delivered == report.expected
+        && report.duplicates == 0
+        && report.connect_failures == 0
+        && report.completion_failures == 0;
+    report
+}
+
+/// Keeps the first few distinct failure messages.
+fn note(errors: &mut Vec<String>, why: String) {
+    if errors.len() < 5 && !errors.contains(&why) {
+        errors.push(why);
+    }
+}
+
+/// The job (channel) ids to stream on: created through Handoff's API, or made up for a generic
+/// target (unique per run, so a server's buffered messages from an earlier run never match).
+async fn channel_ids(
+    target: &Target,
+    publishers: usize,
+    count: usize,
+    deadline: Instant,
+) -> Result<Vec<String>, String> {
+    let (Some(token), Some(create)) = (target.handoff_token.clone(), target.create.clone()) else {
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        return Ok((0..count).map(|i| format!("b{run:x}-{i}")).collect());
+    };
+    let path = create.path("");
+    let make = Arc::new(move |_| http::request("POST", &create.host, &path, Some(&token)));
+    let addr = target
+        .create
+        .as_ref()
+        .map_or(target.publish.addr, |c| c.addr);
+    let outcomes = http::drive(addr, publishers, count, deadline, make).await;
+    outcomes
+        .into_iter()
+        .map(|outcome| {
+            let (status, body) = outcome
+                .ok_or("creating jobs: not done before the timeout")?
+                .result
+                .map_err(|why| format!("creating a job: {why}"))?;
+            if status != hyper::StatusCode::CREATED {
+                return Err(format!(
+                    "creating a job: status {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ));
+            }
+            let job: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| format!("creating a job: the answer is not JSON: {e}"))?;
+            job["id"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| "creating a job: no id in the answer".into())
+        })
+        .collect()
+}
+
+/// Completes (publishes) every id once, over `publishers` keep-alive connections.
+async fn complete_all(
+    target: &Target,
+    publishers: usize,
+    ids: &Arc<Vec<String>>,
+    deadline: Instant,
+) -> Vec<Option<http::Outcome>> {
+    let count = ids.len();
+    let (ids, publish, token) = (
+        ids.clone(),
+        target.publish.clone(),
+        target.handoff_token.clone(),
+    );
+    let make = Arc::new(move |i: usize| {
+        let path = publish.path(&ids[i]);
+        match &token {
+            Some(token) => http::request("POST", &publish.host, &path, Some(token)),
+            None => http::request_with_body(
+                "POST",
+                &publish.host,
+                &path,
+                None,
+                Bytes::from(format!(
+                    r#"{{"status":"result","moveUrl":"/done?id={}"}}"#,
+                    ids[i]
+                )),
+            ),
+        }
+    });
+    http::drive(target.publish.addr, publishers, count, deadline, make).await
+}

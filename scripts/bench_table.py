@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Turns the bench tool's JSON reports (NAME-MODE-N-RUN.json) into the measured part of
+BENCHMARKS.md: medians over the runs, Handoff and Nchan side by side with their ratio (the median
+of the per-run ratios, each taken in the same run), the peers for context, and the targets.
+Only the text between the bench markers is replaced; the hand-written rest of the file stays."""
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def load(folder):
+    runs = defaultdict(dict)  # (name, mode, n) -> {rep: report}
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        m = re.fullmatch(r"(.+)-(distinct|single)-(\d+)-(\d+)\.json", os.path.basename(path))
+        if not m:
+            continue
+        with open(path) as f:
+            runs[(m[1], m[2], int(m[3]))][int(m[4])] = json.load(f)
+    return runs
+
+
+def figure(report, key):
+    """One figure of one run; None when the run could not measure it."""
+    value = report
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, digits=0):
+    if value is None:
+        return "–"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+# (column title, JSON key, digits, better: "low" or "high")
+FIGURES = [
+    ("open all streams, s", "connect_secs", 3, "low"),
+    ("connects/s", "connects_per_sec", 0, "high"),
+    ("bytes/stream", "bytes_per_stream", 0, "low"),
+    ("latency p50, ms", "latency_ms.p50", 3, "low"),
+    ("latency p99, ms", "latency_ms.p99", 3, "low"),
+    ("completions/s", "completions_per_sec", 0, "high"),
+]
+
+
+def per_run_ratio(runs_a, runs_b, key):
+    ratios = []
+    for rep, a in runs_a.items():
+        b = runs_b.get(rep)
+        va, vb = figure(a, key), figure(b, key) if b else None
+        if va is not None and vb:
+            ratios.append(va / vb)
+    return median(ratios)
+
+
+def delivered(runs):
+    if not runs:
+        return "–"
+    worst = min(runs.values(), key=lambda r: (r["delivered"] - r["expected"], -r["duplicates"]))
+    text = f'{worst["delivered"]:,}/{worst["expected"]:,}'
+    if worst["duplicates"]:
+        text += f' ({worst["duplicates"]} dup)'
+    failed = sum(1 for r in runs.values() if not r["ok"])
+    return text + (f" ({failed} run(s) failed)" if failed else "")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder")
+    ap.add_argument("markdown")
+    for opt in ("runs", "machine", "load", "workers", "commit", "command"):
+        ap.add_argument("--" + opt, required=True)
+    args = ap.parse_args()
+    runs = load(args.folder)
+    sizes = sorted({n for (name, _, n) in runs if name == "handoff"})
+    out = []
+    w = out.append
+    w(f"Measured with `{args.command}` at commit `{args.commit}`, on {args.machine}. "
+      f"Every figure is the median of {args.runs} run(s); a ratio is Handoff ÷ Nchan, the median "
+      f"of the ratios taken in the same run. Load average when the table was written: {args.load} "
+      f"(other engineers share this machine).")
+    w("")
+    w("### Handoff vs Nchan")
+    w("")
+    head = "| N | mode |"
+    rule = "|---:|---|"
+    for title, _, _, _ in FIGURES:
+        head += f" {title}: Handoff | Nchan | × |"
+        rule += "---:|---:|---:|"
+    head += " delivered: Handoff | Nchan |"
+    rule += "---:|---:|"
+    w(head)
+    w(rule)
+    for n in sizes:
+        for mode in ("distinct", "single"):
+            h, c = runs.get(("handoff", mode, n), {}), runs.get(("nchan", mode, n), {})
+            if not h and not c:
+                continue
+            row = f"| {n:,} | {mode} |"
+            for _, key, digits, _ in FIGURES:
+                if mode == "single" and key == "completions_per_sec":
+                    row += " – | – | – |"  # one completion: no rate to speak of
+                    continue
+                mh = median(figure(r, key) for r in h.values())
+                mc = median(figure(r, key) for r in c.values())
+                ratio = per_run_ratio(h, c, key)
+                row += f" {fmt(mh, digits)} | {fmt(mc, digits)} | {fmt(ratio, 2)} |"
+            row += f" {delivered(h)} | {delivered(c)} |"
+            w(row)
+    peers = [p for p in ("python", "node-plain", "better-sse") if any(k[0] == p for k in runs)]
+    if peers:
+        w("")
+        w("### For context: the Python and Node peers, same tool, same pinning")
+        w("")
+        w("| server | N | mode | open all, s | bytes/stream | p50, ms | p99, ms | completions/s | delivered |")
+        w("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        for name in ["handoff", "nchan"] + peers:
+            for (nm, mode, n), rs in sorted(runs.items()):
+                if nm != name or n != min(k[2] for k in runs if k[0] in peers):
+                    continue
+                med = lambda key: median(figure(r, key) for r in rs.values())
+                rate = "–" if mode == "single" else fmt(med("completions_per_sec"))
+                w(f"| {name} | {n:,} | {mode} | {fmt(med('connect_secs'), 3)} | "
+                  f"{fmt(med('bytes_per_stream'))} | {fmt(med('latency_ms.p50'), 3)} | "
+                  f"{fmt(med('latency_ms.p99'), 3)} | {rate} | {delivered(rs)} |")
+    w("")
+    w("### Targets (issue 5), at N = 10,000 unless stated")
+    w("")
+    w("| figure | must reach | measured | met |")
+    w("|---|---|---:|---|")
+
+    def ratio(mode, n, key):
+        return per_run_ratio(runs.get(("handoff", mode, n), {}), runs.get(("nchan", mode, n), {}), key)
+
+    checks = [
+        ("server memory per idle stream (distinct)", "≤ 1.0 × Nchan", ratio("distinct", 10000, "bytes_per_stream"), lambda r: r <= 1.0),
+        ("single job, latency p99", "≤ 1.0 × Nchan", ratio("single", 10000, "latency_ms.p99"), lambda r: r <= 1.0),
+        ("distinct jobs, latency p99", "≤ 2.0 × Nchan", ratio("distinct", 10000, "latency_ms.p99"), lambda r: r <= 2.0),
+        ("completions/s (distinct, 4 publisher connections)", "≥ 1.0 × Nchan", ratio("distinct", 10000, "completions_per_sec"), lambda r: r >= 1.0),
+        ("connects/s (distinct)", "≥ 1.0 × Nchan", ratio("distinct", 10000, "connects_per_sec"), lambda r: r >= 1.0),
+        ("connects/s (single)", "≥ 1.0 × Nchan", ratio("single", 10000, "connects_per_sec"), lambda r: r >= 1.0),
+    ]
+    for name, goal, value, ok in checks:
+        met = "–" if value is None else ("yes" if ok(value) else "**no**")
+        w(f"| {name} | {goal} | {fmt(value, 2)} × | {met} |")
+    most = max(sizes) if sizes else 0
+    held = [r for mode in ("distinct", "single") for r in runs.get(("handoff", mode, most), {}).values()]
+    all_ok = bool(held) and all(r["ok"] for r in held)
+    w(f"| streams held at once, nothing lost | 19,000 | {most:,} in {len(held)} run(s) | "
+      f"{'yes' if all_ok and most >= 19000 else '**no**'} |")
+    text = "\n".join(out)
+
+    try:
+        with open(args.markdown) as f:
+            doc = f.read()
+    except FileNotFoundError:
+        doc = f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in doc or END not in doc:
+        doc += f"\n{BEGIN}\n{END}\n"
+    before, rest = doc.split(BEGIN, 1)
+    _, after = rest.split(END, 1)
+    with open(args.markdown, "w") as f:
+        f.write(f"{before}{BEGIN}\n{text}\n{END}{after}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+//! The figures of one run: computed from raw times, printed as a table and written as JSON.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Latency percentiles in milliseconds (nearest rank).
+#[derive(Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut samples: Vec<Duration>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let rank = |p: f64| {
+            // Nearest rank: the smallest sample with at least p of all samples at or below it.
+            let i = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+            millis(samples[i])
+        };
+        Some(Self {
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            max: rank(1.0),
+        })
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Everything one run measured; the JSON the bench script reads.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub label: String,
+    pub target: String,
+    pub mode: String,
+    pub streams: usize,
+    pub connect_concurrency: usize,
+    pub publishers: usize,
+    pub opened: usize,
+    pub connect_failures: usize,
+    pub connect_secs: f64,
+    pub connects_per_sec: f64,
+    pub connect_ms: Option<Percentiles>,
+    pub completions: usize,
+    pub completion_failures: usize,
+    pub completion_secs: f64,
+    pub completions_per_sec: f64,
+    pub expected: usize,
+    pub delivered: usize,
+    pub duplicates: usize,
+    pub latency_ms: Option<Percentiles>,
+    pub rss_before_kb: Option<u64>,
+    pub rss_after_kb: Option<u64>,
+    pub bytes_per_stream: Option<f64>,
+    /// The first few failure messages, to say what went wrong.
+    pub errors: Vec<String>,
+    pub ok: bool,
+}
+
+impl Report {
+    /// A readable table for the terminal.
+    pub fn table(&self) -> String {
+        let pct = |p: &Option<Percentiles>| match p {
+            Some(p) => format!(
+                "p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3} ms",
+                p.p50, p.p90, p.p99, p.max
+            ),
+            None => "-".into(),
+        };
+        let opt = |v: Option<u64>| v.map_or("-".into(), |v| format!("{v} kB"));
+        let rows = [
+            (
+                "run",
+                format!("{} ({}, {})", self.label, self.target, self.mode),
+            ),
+            ("streams", self.streams.to_string()),
+            (
+                "opened",
+                format!(
+                    "{} ({} failed) in {:.3} s: {:.0} connects/s",
+                    self.opened, self.connect_failures, self.connect_secs, self.connects_per_sec
+                ),
+            ),
+            ("connect time", pct(&self.connect_ms)),
+            (
+                "completions",
+                format!(
+                    "{} ({} failed) in {:.3} s over {} connections: {:.0}/s",
+                    self.completions,
+                    self.completion_failures,
+                    self.completion_secs,
+                    self.publishers,
+                    self.completions_per_sec
+                ),
+            ),
+            (
+                "delivered",
+                format!(
+                    "{} / {} expected, {} duplicates",
+                    self.delivered, self.expected, self.duplicates
+                ),
+            ),
+            ("latency", pct(&self.latency_ms)),
+            (
+                "server RSS",
+                format!(
+                    "{} before, {} after: {}",
+                    opt(self.rss_before_kb),
+                    opt(self.rss_after_kb),
+                    self.bytes_per_stream
+                        .map_or("-".into(), |b| format!("{b:.0} bytes per stream"))
+                ),
+            ),
+            (
+                "verdict",
+                if self.ok {
+                    "OK".into()
+                } else {
+                    "FAILED".into()
+                },
+            ),
+        ];
+        let mut out = String::new();
+        for (name, value) in rows {
+            out.push_str(&format!("{name:>14}  {value}\n"));
+        }
+        for error in &self.errors {
+            out.push_str(&format!("{:>14}  {error}\n", "error"));
+        }
+        out
+    }
+}
+
+/// The resident memory of a process, from `/proc/PID/status`.
+pub fn rss_kb(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let samples = (1..=100).map(Duration::from_millis).collect();
+        let p = Percentiles::of(samples).unwrap();
+        assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
+        assert!(Percentiles::of(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn the_resident_memory_of_this_process_is_readable() {
+        assert!(rss_kb(std::process::id()).unwrap() > 0);
+    }
+}

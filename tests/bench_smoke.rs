@@ -1,0 +1,83 @@
+//! The bench tool keeps working: a small run against a real Handoff, in both modes. No timing is
+//! asserted; only that every expected event arrived exactly once and the tool said so.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::{TOKEN, TestApp};
+
+/// Runs `handoff-bench` against `app` and returns its JSON report, after checking it exited 0.
+async fn bench(app: &TestApp, mode: &str, streams: usize) -> Value {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("report.json");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_handoff-bench"));
+    command.args([
+        "--handoff",
+        &app.base,
+        "--token",
+        TOKEN,
+        "--mode",
+        mode,
+        "--timeout",
+        "30",
+    ]);
+    command
+        .args(["-n", &streams.to_string(), "--json"])
+        .arg(&json);
+    // The tool runs its own runtime and blocks; keep this test's runtime (and the app) free.
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("the bench task")
+        .expect("handoff-bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "handoff-bench failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(&json).expect("the JSON report was written");
+    serde_json::from_str(&text).expect("the report is JSON")
+}
+
+fn assert_every_event_arrived_once(report: &Value, streams: u64) {
+    assert_eq!(report["expected"], streams, "{report}");
+    assert_eq!(report["delivered"], report["expected"], "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert_eq!(report["opened"], streams, "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_delivers_every_event_of_200_distinct_jobs_exactly_once() {
+    let app = TestApp::spawn().await;
+    let report = bench(&app, "distinct", 200).await;
+    assert_every_event_arrived_once(&report, 200);
+    assert_eq!(report["completions"], 200, "{report}");
+    assert_eq!(app.metric("handoff_jobs_completed_total").await, 200.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_delivers_one_job_to_200_streams_exactly_once() {
+    let app = TestApp::spawn().await;
+    let report = bench(&app, "single", 200).await;
+    assert_every_event_arrived_once(&report, 200);
+    assert_eq!(report["completions"], 1, "{report}");
+}
+
+#[tokio::test]
+async fn bench_refuses_a_target_that_is_not_loopback() {
+    let output = Command::new(env!("CARGO_BIN_EXE_handoff-bench"))
+        .args([
+            "--sub-url",
+            "http://192.0.2.1:80/sub/{id}",
+            "--pub-url",
+            "http://192.0.2.1:80/pub/{id}",
+        ])
+        .output()
+        .expect("handoff-bench runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("loopback"));
+}
