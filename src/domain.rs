@@ -4,6 +4,7 @@
 //! so handlers never re-check raw strings.
 
 use std::fmt;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,9 +18,10 @@ pub const JOB_ID_LEN: usize = 22;
 /// Longest moveUrl we store; a redirect target longer than this is a mistake or an attack.
 pub const MOVE_URL_MAX_LEN: usize = 2048;
 
-/// A server-made job id: 22 URL-safe characters carrying 128 random bits.
+/// A server-made job id: 22 URL-safe characters carrying 128 random bits. Shared, not copied:
+/// the hub, each stream and each subscription hold the same allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct JobId(String);
+pub struct JobId(Arc<str>);
 
 /// Why a string is not a job id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -33,7 +35,7 @@ impl JobId {
     pub fn generate() -> Self {
         let mut bytes = [0u8; JOB_ID_BYTES];
         rand::rng().fill_bytes(&mut bytes);
-        Self(URL_SAFE_NO_PAD.encode(bytes))
+        Self(URL_SAFE_NO_PAD.encode(bytes).into())
     }
 
     pub fn parse(raw: &str) -> Result<Self, JobIdError> {
@@ -42,7 +44,7 @@ impl JobId {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if well_formed {
-            Ok(Self(raw.to_owned()))
+            Ok(Self(raw.into()))
         } else {
             Err(JobIdError::Malformed)
         }
@@ -104,7 +106,7 @@ impl MoveUrl {
         if raw.starts_with("//") {
             return Err(MoveUrlError::SchemeRelative);
         }
-        Ok(Self(raw.to_owned()))
+        Ok(Self(raw.into()))
     }
 
     /// The page B every job ends on unless it names its own target.

@@ -6,10 +6,11 @@
 //! not in the routes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bytestring::ByteString;
-use tokio::sync::broadcast;
+use tokio::sync::Notify;
 
 use crate::domain::{Job, JobId, MoveUrl};
 use crate::fanout::Fanout;
@@ -45,27 +46,49 @@ pub fn event_data(status: &str, move_url: &str) -> ByteString {
     ByteString::from(serde_json::to_string(&data).unwrap_or_default())
 }
 
+/// One watched job: its result once delivered, and a way to wake the streams waiting for it.
+/// Much lighter than a channel per job: a job completes once, so one cell and one `Notify` do.
+#[derive(Debug, Default)]
+struct Slot {
+    result: OnceLock<ResultData>,
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct Entry {
+    slot: Arc<Slot>,
+    streams: usize,
+}
+
 /// The local registry of open streams. A std `Mutex`, not a tokio one: it is never held across
 /// an `.await`, and every critical section is a map lookup.
 #[derive(Debug, Default)]
 struct Registry {
-    jobs: Mutex<HashMap<JobId, broadcast::Sender<ResultData>>>,
+    jobs: Mutex<HashMap<JobId, Entry>>,
+    /// Set at shutdown: every waiting stream ends.
+    closed: AtomicBool,
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, broadcast::Sender<ResultData>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Entry>> {
         // A panic while holding the lock cannot leave the map half-updated: every update is one call.
         self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Hands the result to every stream open on `id` here; returns how many there were.
     fn deliver(&self, id: &JobId, data: ResultData) -> usize {
-        // Clone the sender out so the waking of many receivers happens outside the lock.
-        let sender = self.lock().get(id).cloned();
-        match sender {
-            Some(tx) => tx.send(data).unwrap_or(0),
-            None => 0,
-        }
+        // Take the slot out so the waking of many streams happens outside the lock.
+        let found = self
+            .lock()
+            .get(id)
+            .map(|entry| (Arc::clone(&entry.slot), entry.streams));
+        let Some((slot, streams)) = found else {
+            return 0;
+        };
+        // A job completes once; a second copy (local, then back from Redis) is the same result.
+        let _ = slot.result.set(data);
+        slot.changed.notify_waiters();
+        streams
     }
 }
 
@@ -82,21 +105,25 @@ pub struct Hub {
 pub struct Subscription {
     registry: Arc<Registry>,
     id: JobId,
-    receiver: Option<broadcast::Receiver<ResultData>>,
+    slot: Arc<Slot>,
 }
 
 impl Subscription {
-    /// Waits for the job's result. `None` if the hub went away, which only happens at shutdown.
-    pub async fn result(&mut self) -> Option<ResultData> {
-        let receiver = self.receiver.as_mut()?;
+    /// Waits for the job's result. `None` once the hub is closed, which only happens at shutdown.
+    pub async fn result(&self) -> Option<ResultData> {
         loop {
-            match receiver.recv().await {
-                Ok(data) => return Some(data),
-                // A job completes once, but a result may be published twice (locally and back
-                // from Redis): a lagging receiver still gets the latest, identical copy.
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
+            // Register for the wake-up *before* looking, so a delivery between the look and the
+            // wait still wakes us.
+            let changed = self.slot.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(result) = self.slot.result.get() {
+                return Some(result.clone());
             }
+            if self.registry.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            changed.await;
         }
     }
 }
@@ -104,13 +131,11 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut jobs = self.registry.lock();
-        // Drop our receiver while holding the lock, so the count we read next is exact.
-        self.receiver.take();
-        if jobs
-            .get(&self.id)
-            .is_some_and(|tx| tx.receiver_count() == 0)
-        {
-            jobs.remove(&self.id);
+        if let Some(entry) = jobs.get_mut(&self.id) {
+            entry.streams -= 1;
+            if entry.streams == 0 {
+                jobs.remove(&self.id);
+            }
         }
     }
 }
@@ -134,16 +159,33 @@ impl Hub {
     /// published after this call reaches the subscription, and one stored before the status read
     /// is seen by the read, so nothing slips between the two.
     pub fn subscribe(&self, id: &JobId) -> Subscription {
-        let receiver = self
-            .registry
-            .lock()
-            .entry(id.clone())
-            .or_insert_with(|| broadcast::channel(1).0)
-            .subscribe();
+        let mut jobs = self.registry.lock();
+        let entry = jobs.entry(id.clone()).or_insert_with(|| Entry {
+            slot: Arc::default(),
+            streams: 0,
+        });
+        entry.streams += 1;
+        let slot = Arc::clone(&entry.slot);
+        drop(jobs);
         Subscription {
             registry: Arc::clone(&self.registry),
             id: id.clone(),
-            receiver: Some(receiver),
+            slot,
+        }
+    }
+
+    /// Ends every waiting stream (shutdown): they return from [`Subscription::result`] with
+    /// `None`, and so does every stream that subscribes afterwards.
+    pub fn close(&self) {
+        self.registry.closed.store(true, Ordering::Release);
+        let slots: Vec<Arc<Slot>> = self
+            .registry
+            .lock()
+            .values()
+            .map(|entry| Arc::clone(&entry.slot))
+            .collect();
+        for slot in slots {
+            slot.changed.notify_waiters();
         }
     }
 
@@ -177,7 +219,7 @@ impl Hub {
         self.registry
             .lock()
             .get(id)
-            .map_or(0, broadcast::Sender::receiver_count)
+            .map_or(0, |entry| entry.streams)
     }
 
     /// The ids of every job watched here, to re-check after a gap in the fan-out.
@@ -209,7 +251,7 @@ mod tests {
         assert_eq!(hub.watched_jobs(), 1);
         assert_eq!(hub.streams_on(&id), 3);
         assert_eq!(hub.publish(&complete_job(&id)).await, 3);
-        for sub in &mut subs {
+        for sub in &subs {
             let data = sub.result().await.unwrap();
             assert_eq!(data.0, r#"{"status":"result","moveUrl":"/next"}"#);
         }
@@ -217,6 +259,28 @@ mod tests {
         assert_eq!(hub.watched_jobs(), 1);
         subs.clear();
         assert_eq!(hub.watched_jobs(), 0);
+    }
+
+    #[tokio::test]
+    async fn closing_the_hub_ends_waiting_and_later_subscriptions() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let waiting = hub.subscribe(&id);
+        let waiter = tokio::spawn(async move { waiting.result().await });
+        tokio::task::yield_now().await;
+        hub.close();
+        assert_eq!(waiter.await.unwrap(), None);
+        assert_eq!(hub.subscribe(&id).result().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_result_delivered_before_the_wait_is_not_missed() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let sub = hub.subscribe(&id);
+        hub.publish(&complete_job(&id)).await;
+        hub.publish(&complete_job(&id)).await;
+        assert!(sub.result().await.is_some());
     }
 
     #[tokio::test]

@@ -41,7 +41,8 @@ pub struct AppState {
     pub proxies: TrustedProxies,
     /// Wrong admin logins per client address.
     pub logins: LoginThrottle,
-    /// Cancelled when the server shuts down; every open stream ends on it.
+    /// Cancelled when the server shuts down: the hub closes (every open stream ends), then the
+    /// server stops.
     pub shutdown: CancellationToken,
 }
 
@@ -172,10 +173,13 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let token = self.state.shutdown.clone();
+        let hub = self.state.hub.clone();
         let (state, retention) = (self.state.clone(), self.retention);
         tokio::spawn(async move { crate::jobs::purge_old_jobs(&state, retention).await });
         tokio::spawn(async move {
             token.cancelled().await;
+            // Every waiting stream ends now; the browsers reconnect (to another instance).
+            hub.close();
             handle.stop(true).await;
         });
         self.server.await

@@ -14,8 +14,12 @@ use actix_web::{HttpRequest, Responder, web};
 use actix_web_lab::sse::{self, Sse};
 use bytestring::ByteString;
 use futures_util::stream::{self, Stream};
-use tokio::time::{Instant, interval_at, sleep_until};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::job_id;
 use crate::domain::JobId;
@@ -58,8 +62,7 @@ pub async fn connect(
         permit,
         req.conn_data::<PeerSocket>().copied(),
         state.sse,
-        state.metrics.clone(),
-        state.shutdown.clone().cancelled_owned(),
+        &state.metrics,
     );
     Ok(Sse::from_infallible_stream(events)
         .with_retry_duration(state.sse.retry)
@@ -82,17 +85,19 @@ enum Step {
 }
 
 /// Everything one open stream owns; dropping it (the stream ended or the client vanished)
-/// leaves the hub and uncounts the stream.
+/// leaves the hub and uncounts the stream. Kept small: thousands of these are alive at once.
 struct Stream_ {
     id: JobId,
     step: Step,
-    metrics: Metrics,
+    events_sent: Counter<u64, AtomicU64>,
     _guard: StreamGuard,
     _permit: StreamPermit,
     socket: Option<PeerSocket>,
-    keep_alive: tokio::time::Interval,
+    /// One timer for both jobs: it fires at the next keep-alive or at the deadline, whichever
+    /// comes first.
+    timer: Pin<Box<Sleep>>,
+    keep_alive: Duration,
     deadline: Instant,
-    shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 fn events(
@@ -101,21 +106,21 @@ fn events(
     permit: StreamPermit,
     socket: Option<PeerSocket>,
     settings: SseSettings,
-    metrics: Metrics,
-    shutdown: WaitForCancellationFutureOwned,
-) -> impl Stream<Item = sse::Event> {
+    metrics: &Metrics,
+) -> impl Stream<Item = sse::Event> + use<> {
     let now = Instant::now();
+    let deadline = now + settings.timeout;
     let state = Stream_ {
         id,
         step: Step::Connect(waiting),
-        _guard: StreamGuard::new(&metrics),
+        events_sent: metrics.events_sent.clone(),
+        _guard: StreamGuard::new(metrics),
         _permit: permit,
         socket,
-        metrics,
         // The first keep-alive comes one period after the connect event, not at once.
-        keep_alive: interval_at(now + settings.keep_alive, settings.keep_alive),
-        deadline: now + settings.timeout,
-        shutdown: Box::pin(shutdown),
+        timer: Box::pin(sleep_until((now + settings.keep_alive).min(deadline))),
+        keep_alive: settings.keep_alive,
+        deadline,
     };
     stream::unfold(state, |mut s| async move {
         let event = match std::mem::replace(&mut s.step, Step::Finished) {
@@ -129,28 +134,27 @@ fn events(
                 data_event(event_data("connect", ""))
             }
             Step::Send(result) => data_event(result.0),
-            Step::Wait(mut subscription) => {
+            Step::Wait(subscription) => {
                 tokio::select! {
                     biased;
-                    result = subscription.result() => match result {
-                        Some(result) => data_event(result.0),
-                        None => return None,
-                    },
-                    () = &mut s.shutdown => return None,
-                    () = sleep_until(s.deadline) => return None,
-                    _ = s.keep_alive.tick() => {
+                    // `None`: the hub closed for shutdown; the browser reconnects elsewhere.
+                    result = subscription.result() => data_event(result?.0),
+                    () = s.timer.as_mut() => {
+                        let now = Instant::now();
                         // A write to a vanished client succeeds once and fails only on the next
                         // tick; asking the socket first notices it within one interval.
-                        if s.socket.is_some_and(PeerSocket::is_closed) {
+                        if now >= s.deadline || s.socket.is_some_and(PeerSocket::is_closed) {
                             return None;
                         }
+                        let next = (now + s.keep_alive).min(s.deadline);
+                        s.timer.as_mut().reset(next);
                         s.step = Step::Wait(subscription);
                         return Some((sse::Event::Comment(KEEP_ALIVE.into()), s));
                     }
                 }
             }
         };
-        s.metrics.events_sent.inc();
+        s.events_sent.inc();
         Some((event, s))
     })
 }
