@@ -4,6 +4,8 @@
 //! accept; `on_pool!` runs it on whichever pool is configured.
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -59,6 +61,9 @@ pub enum Completion {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
+    /// Whether the last write failed. A reader-only check cannot see a write lock held by
+    /// someone else (SQLite in WAL mode reads on), so `/healthz` asks this too.
+    writes_failing: Arc<AtomicBool>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -131,9 +136,24 @@ impl Store {
                     .await?,
             )
         };
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            writes_failing: Arc::default(),
+        };
         on_pool!(store, p => sqlx::migrate!("./migrations").run(p).await?);
         Ok(store)
+    }
+
+    /// Records whether a write went through, for [`Store::writes_failing`].
+    fn note_write<T>(&self, written: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        self.writes_failing
+            .store(written.is_err(), Ordering::Relaxed);
+        Ok(written?)
+    }
+
+    /// True when the last write (create or complete) failed and none has succeeded since.
+    pub fn writes_failing(&self) -> bool {
+        self.writes_failing.load(Ordering::Relaxed)
     }
 
     /// Which database this is, for logs and health output.
@@ -162,14 +182,16 @@ impl Store {
         };
         let sql =
             "INSERT INTO jobs (id, status, move_url, created_at) VALUES ($1, 'pending', $2, $3)";
-        on_pool!(self, p => {
+        let written = on_pool!(self, p => {
             sqlx::query(sql)
                 .bind(job.id.as_str())
                 .bind(job.move_url.as_ref().map(MoveUrl::as_str))
                 .bind(job.created_at)
                 .execute(p)
-                .await?;
+                .await
+                .map(drop)
         });
+        self.note_write(written)?;
         Ok(job)
     }
 
@@ -191,12 +213,12 @@ impl Store {
             "UPDATE jobs SET status = 'complete', move_url = COALESCE($2, move_url), completed_at = $3 \
              WHERE id = $1 AND status = 'pending' RETURNING {JOB_COLUMNS}"
         ));
-        let row: Option<JobRow> = on_pool!(self, p => sqlx::query_as(sql)
+        let row: Option<JobRow> = self.note_write(on_pool!(self, p => sqlx::query_as(sql)
             .bind(id.as_str())
             .bind(move_url.as_ref().map(MoveUrl::as_str))
             .bind(now_millis())
             .fetch_optional(p)
-            .await?);
+            .await))?;
         if let Some(row) = row {
             return Ok(Completion::Completed(row.try_into()?));
         }

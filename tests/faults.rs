@@ -234,12 +234,22 @@ async fn a_locked_sqlite_file_answers_503_and_recovers_when_the_lock_goes() {
         job["status"], "pending",
         "readers still read while the writer is locked out"
     );
+    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    let text = health.text().await.unwrap();
+    assert!(text.contains("database: writes failing"), "{text}");
 
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     assert_eq!(
         app.complete(&id).await.status(),
         200,
         "writes work again once the lock goes"
+    );
+    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "healthy again after a write went through"
     );
     assert_eq!(
         stream.next_result(WITHIN).await.unwrap()["status"],

@@ -6,10 +6,13 @@ use actix_web::{HttpResponse, web};
 
 use crate::startup::AppState;
 
-/// `200` with first line `ok` when the database (and Redis, when configured) answer; otherwise
+/// `200` with first line `ok` when the database (and Redis, when configured) answer and the last
+/// write went through; otherwise
 /// `503` with first line `unavailable`. Each part gets its own line, so the body names what is down.
 pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     let database = match state.store.ping().await {
+        // Reads can go on while writes cannot (another writer holds SQLite's lock).
+        Ok(()) if state.store.writes_failing() => Err("writes failing"),
         Ok(()) => Ok(()),
         Err(err) => {
             log::warn!("health check: database: {err}");
