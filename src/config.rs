@@ -119,6 +119,9 @@ fn parse<T>(
     parse(&value).map_err(|reason| ConfigError { var, value, reason })
 }
 
+/// The largest number any setting takes (about 31 years in seconds).
+const MAX_SETTING: u64 = 1_000_000_000;
+
 fn positive(
     get: &impl Fn(&'static str) -> Option<String>,
     var: &'static str,
@@ -126,6 +129,9 @@ fn positive(
 ) -> Result<u64, ConfigError> {
     parse(get, var, &default.to_string(), |v| match v.parse::<u64>() {
         Ok(0) => Err("must be at least 1".into()),
+        // Far beyond any sensible setting, and small enough that adding it (as seconds) to a
+        // clock reading can never overflow.
+        Ok(n) if n > MAX_SETTING => Err(format!("must be at most {MAX_SETTING}")),
         Ok(n) => Ok(n),
         Err(_) => Err("expected a whole number".into()),
     })
@@ -185,6 +191,7 @@ mod tests {
             ("HANDOFF_SSE_TIMEOUT_SECS", "soon"),
             ("HANDOFF_SSE_RETRY_MS", "0"),
             ("HANDOFF_KEEPALIVE_SECS", "-1"),
+            ("HANDOFF_SSE_TIMEOUT_SECS", "18446744073709551615"),
             ("HANDOFF_RESYNC_SECS", "0"),
             ("DATABASE_URL", "mysql://x"),
             ("REDIS_URL", "http://x"),

@@ -17,7 +17,9 @@ pub async fn create(state: &AppState, move_url: Option<MoveUrl>) -> Result<Job, 
 }
 
 /// Stores the completion durably, then publishes it. Completing again returns the stored job
-/// and changes nothing.
+/// and changes nothing stored, but publishes it once more: the first call may have committed and
+/// then failed to answer or to publish (connection dropped, instance killed, nginx passing the
+/// retry to another instance), and its waiting tabs should not wait for a resync or a timeout.
 pub async fn complete(
     state: &AppState,
     id: &JobId,
@@ -30,7 +32,11 @@ pub async fn complete(
             log::info!("job {id} completed; {reached} stream(s) here notified");
             Ok(job)
         }
-        Completion::AlreadyComplete(job) => Ok(job),
+        Completion::AlreadyComplete(job) => {
+            // A duplicate delivery is harmless: a stream ends at its first result.
+            state.hub.publish(&job).await;
+            Ok(job)
+        }
         Completion::NotFound => Err(AppError::JobNotFound),
     }
 }

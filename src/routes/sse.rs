@@ -190,7 +190,10 @@ impl PeerSocket {
         let mut byte = 0u8;
         // SAFETY: this runs only while the stream is being polled, and the stream is polled by the
         // connection's dispatcher, which owns the socket: the descriptor is open and is this
-        // connection's. MSG_PEEK | MSG_DONTWAIT neither consumes data nor blocks.
+        // connection's. MSG_PEEK | MSG_DONTWAIT neither consumes data nor blocks. This holds for
+        // actix's HTTP/1 dispatcher, the only one Handoff serves (no `http2` feature, no h2c):
+        // enabling HTTP/2 in actix would move bodies into spawned tasks, and this check would
+        // then have to hold a `dup()`ed descriptor instead.
         let n = unsafe {
             libc::recv(
                 self.0,
