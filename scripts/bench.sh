@@ -23,7 +23,7 @@ CLIENT_CPU=${CLIENT_CPU:-1}
 WORKERS=${HANDOFF_WORKERS:-1}
 BASE_PORT=${BASE_PORT:-18080}
 OUT=$(mkdir -p "${OUT:-target/bench}" && cd "${OUT:-target/bench}" && pwd)
-TOKEN=bench-token-$RANDOM$RANDOM
+TOKEN=bench-token-$RANDOM$RANDOM$RANDOM$RANDOM
 if [ -z "${PEERS_DIR:-}" ]; then
   for dir in ../shared/peers /work/shared/peers; do
     if [ -x "$dir/start-nchan.sh" ]; then PEERS_DIR=$(cd "$dir" && pwd); break; fi

@@ -91,7 +91,7 @@ impl Config {
             redis_url,
             redis_channel: get("HANDOFF_REDIS_CHANNEL")
                 .unwrap_or_else(|| "handoff:completions".into()),
-            api_token: get("HANDOFF_API_TOKEN"),
+            api_token: api_token(&get)?,
             sse_timeout: Duration::from_secs(positive(&get, "HANDOFF_SSE_TIMEOUT_SECS", 60)?),
             sse_retry: Duration::from_millis(positive(&get, "HANDOFF_SSE_RETRY_MS", 1000)?),
             keep_alive: Duration::from_secs(positive(&get, "HANDOFF_KEEPALIVE_SECS", 15)?),
@@ -117,6 +117,24 @@ fn parse<T>(
 ) -> Result<T, ConfigError> {
     let value = get(var).unwrap_or_else(|| default.to_owned());
     parse(&value).map_err(|reason| ConfigError { var, value, reason })
+}
+
+/// The shortest API token accepted: the token is all that guards completions and the admin page,
+/// and a short one can be guessed from many addresses faster than any throttle slows it.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+fn api_token(get: &impl Fn(&'static str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+    match get("HANDOFF_API_TOKEN") {
+        Some(token) if token.chars().count() < MIN_TOKEN_LEN => Err(ConfigError {
+            var: "HANDOFF_API_TOKEN",
+            // Never echo a secret, not even a rejected one.
+            value: "(not shown)".into(),
+            reason: format!(
+                "must be at least {MIN_TOKEN_LEN} characters; unset it to get a random one"
+            ),
+        }),
+        token => Ok(token),
+    }
 }
 
 /// The largest number any setting takes (about 31 years in seconds).
@@ -192,6 +210,7 @@ mod tests {
             ("HANDOFF_SSE_RETRY_MS", "0"),
             ("HANDOFF_KEEPALIVE_SECS", "-1"),
             ("HANDOFF_SSE_TIMEOUT_SECS", "18446744073709551615"),
+            ("HANDOFF_API_TOKEN", "short-secret"),
             ("HANDOFF_RESYNC_SECS", "0"),
             ("DATABASE_URL", "mysql://x"),
             ("REDIS_URL", "http://x"),

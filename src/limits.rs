@@ -255,6 +255,16 @@ impl LoginThrottle {
         let mut failures = self.lock();
         if failures.len() >= MAX_REMEMBERED_ADDRESSES && !failures.contains_key(&ip) {
             failures.retain(|_, f| f.blocked_until.is_some_and(|until| until > now));
+            // Still full (every address is waiting): forget the one whose wait ends first, so
+            // the map never grows past its cap.
+            if failures.len() >= MAX_REMEMBERED_ADDRESSES
+                && let Some(soonest) = failures
+                    .iter()
+                    .min_by_key(|(_, f)| f.blocked_until)
+                    .map(|(ip, _)| *ip)
+            {
+                failures.remove(&soonest);
+            }
         }
         let entry = failures.entry(ip).or_insert(LoginFailures {
             count: 0,
@@ -284,6 +294,23 @@ mod tests {
 
     fn ip(s: &str) -> Option<IpAddr> {
         s.parse().ok()
+    }
+
+    #[test]
+    fn the_login_record_never_grows_past_its_cap_even_when_everyone_waits() {
+        let throttle = LoginThrottle::default();
+        let blocked = |n: u32| Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)));
+        for n in 0..=u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap() {
+            for _ in 0..=FREE_LOGIN_FAILURES {
+                throttle.failed(blocked(n));
+            }
+        }
+        assert_eq!(throttle.lock().len(), MAX_REMEMBERED_ADDRESSES);
+        assert!(
+            throttle
+                .check(blocked(u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap()))
+                .is_err()
+        );
     }
 
     #[test]
