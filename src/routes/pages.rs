@@ -6,6 +6,7 @@ use askama::Template;
 use askama_web::WebTemplate;
 use serde::Deserialize;
 
+use super::job_id;
 use crate::domain::{JobId, rfc3339};
 use crate::error::AppError;
 use crate::jobs;
@@ -92,7 +93,7 @@ pub async fn wait(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<WaitPage, PageError> {
-    let id = JobId::parse(&path).map_err(AppError::from)?;
+    let id = job_id(&path)?;
     let job = state.store.get_job(&id).await.map_err(AppError::from)?;
     match job {
         Some(job) => Ok(WaitPage { id: job.id }),
@@ -128,7 +129,7 @@ pub async fn result(
         .id
         .as_deref()
         .ok_or_else(|| AppError::BadRequest("the link has no job id (?id=…)".into()))?;
-    let id = JobId::parse(raw).map_err(AppError::from)?;
+    let id = job_id(raw)?;
     let job = state
         .store
         .get_job(&id)
