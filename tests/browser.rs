@@ -101,10 +101,9 @@ async fn eight_tabs_over_http2_all_hold_a_stream_and_all_reach_page_b() {
     let browser = Browser::start_without_waiting_for_loads().await;
     let tabs = open_tabs(&browser, &app, &nginx.https_url(""), 8).await;
 
-    let all_open = eventually(PATIENCE, || async {
-        app.metric("handoff_open_streams").await == 8.0
-    })
-    .await;
+    let all_open = app
+        .metric_reaches("handoff_open_streams", 8.0, PATIENCE)
+        .await;
     assert!(all_open, "one HTTP/2 connection carries all eight streams");
     for (tab, _) in &tabs {
         browser.switch_to(tab).await;
@@ -134,10 +133,9 @@ async fn eight_tabs_over_http1_hold_six_streams_and_the_other_two_wait_their_tur
     }
 
     // For three seconds the app sees six streams, never more: tabs 7 and 8 are queued in the browser.
-    let six = eventually(PATIENCE, || async {
-        app.metric("handoff_open_streams").await == 6.0
-    })
-    .await;
+    let six = app
+        .metric_reaches("handoff_open_streams", 6.0, PATIENCE)
+        .await;
     assert!(six, "six tabs hold six streams");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while tokio::time::Instant::now() < deadline {

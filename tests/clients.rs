@@ -88,10 +88,8 @@ async fn a_client_that_never_reads_delays_no_one_and_is_dropped_at_the_stream_ti
         "connect"
     );
     assert!(
-        eventually(WITHIN, || async {
-            app.metric("handoff_open_streams").await == 51.0
-        })
-        .await
+        app.metric_reaches("handoff_open_streams", 51.0, WITHIN)
+            .await
     );
     let completed = Instant::now();
     assert_eq!(app.complete(&id).await.status(), 200);

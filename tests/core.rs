@@ -4,7 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{SseBlock, TOKEN, TestApp, eventually};
+use support::{SseBlock, TOKEN, TestApp};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -54,18 +54,8 @@ async fn every_tab_gets_the_result_and_the_hub_is_empty_afterwards() {
         assert_eq!(s.next_result(WAIT).await.unwrap()["status"], "result");
         assert_eq!(s.next_block(WAIT).await, None);
     }
-    assert!(
-        eventually(WAIT, || async {
-            app.metric("handoff_watched_jobs").await == 0.0
-        })
-        .await
-    );
-    assert!(
-        eventually(WAIT, || async {
-            app.metric("handoff_open_streams").await == 0.0
-        })
-        .await
-    );
+    assert!(app.metric_reaches("handoff_watched_jobs", 0.0, WAIT).await);
+    assert!(app.metric_reaches("handoff_open_streams", 0.0, WAIT).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -116,12 +106,7 @@ async fn racing_connects_and_completions_lose_nothing() {
         }
     }
     assert_eq!(lost, 0, "{lost} of {rounds} results lost");
-    assert!(
-        eventually(WAIT, || async {
-            app.metric("handoff_watched_jobs").await == 0.0
-        })
-        .await
-    );
+    assert!(app.metric_reaches("handoff_watched_jobs", 0.0, WAIT).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -65,10 +65,8 @@ async fn beyond_the_stream_cap_new_streams_get_503_and_open_ones_keep_running() 
         assert_eq!(s.next_block(WITHIN).await, None);
     }
     assert!(
-        support::eventually(WITHIN, || async {
-            app.metric("handoff_open_streams").await == 0.0
-        })
-        .await
+        app.metric_reaches("handoff_open_streams", 0.0, WITHIN)
+            .await
     );
     let mut again = app.stream(&id).await;
     assert_eq!(

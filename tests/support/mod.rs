@@ -203,6 +203,11 @@ impl TestApp {
         SseReader::open(&self.client, &self.url(&format!("/sse/connect/{id}"))).await
     }
 
+    /// Whether metric `name` reaches `value` within `within` (polled every 20 ms).
+    pub async fn metric_reaches(&self, name: &str, value: f64, within: Duration) -> bool {
+        eventually(within, || async { self.metric(name).await == value }).await
+    }
+
     /// A metric's current value from `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
         metric(&self.client, &self.base, name).await
