@@ -52,7 +52,7 @@ pub enum AppError {
 impl From<StoreError> for AppError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::Database(_) => Self::Unavailable(err),
+            StoreError::Database(_) | StoreError::Shared(_) => Self::Unavailable(err),
             _ => Self::Internal(err),
         }
     }

@@ -52,6 +52,9 @@ pub fn event_data(status: &str, move_url: &str) -> ByteString {
 struct Slot {
     result: OnceLock<ResultData>,
     changed: Notify,
+    /// A stream of this slot read the job as pending *after* the slot existed; see
+    /// [`Subscription::known_pending`].
+    pending_seen: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -125,6 +128,27 @@ impl Subscription {
             }
             changed.await;
         }
+    }
+}
+
+impl Subscription {
+    /// The result, if one has reached this job's streams here already (connect-and-send
+    /// without a query: it was delivered only after it was stored).
+    pub fn delivered(&self) -> Option<ResultData> {
+        self.slot.result.get().cloned()
+    }
+
+    /// True when another stream of this job here read it as pending after subscribing. Then
+    /// this stream need not read it again: any completion stored after that read is published
+    /// to the slot this stream now shares (or found by the resync), exactly as for that stream.
+    /// The slot lives while any of its streams does, so the knowledge is never stale.
+    pub fn known_pending(&self) -> bool {
+        self.slot.pending_seen.load(Ordering::Acquire)
+    }
+
+    /// Records that this stream, having subscribed, read its job as pending.
+    pub fn saw_pending(&self) {
+        self.slot.pending_seen.store(true, Ordering::Release);
     }
 }
 
@@ -281,6 +305,24 @@ mod tests {
         hub.publish(&complete_job(&id)).await;
         hub.publish(&complete_job(&id)).await;
         assert!(sub.result().await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_pending_read_is_shared_with_later_streams_of_the_job_until_the_last_leaves() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let first = hub.subscribe(&id);
+        assert!(!first.known_pending());
+        first.saw_pending();
+        let second = hub.subscribe(&id);
+        assert!(second.known_pending());
+        assert_eq!(second.delivered(), None);
+        hub.publish(&complete_job(&id)).await;
+        assert!(hub.subscribe(&id).delivered().is_some());
+        drop((first, second));
+        let fresh = hub.subscribe(&id);
+        assert!(!fresh.known_pending());
+        assert_eq!(fresh.delivered(), None);
     }
 
     #[tokio::test]

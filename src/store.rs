@@ -15,11 +15,17 @@ use sqlx::sqlite::{
 
 use crate::domain::{Job, JobId, JobStatus, MoveUrl, now_millis};
 
+mod lanes;
+use lanes::{Handle, Lanes};
+
 /// A database failure; its text goes to the log, never to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// One failure answered to every request of a batch.
+    #[error("database error: {0}")]
+    Shared(Arc<sqlx::Error>),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot create the folder for the SQLite file {path}: {source}")]
@@ -60,13 +66,15 @@ pub enum Completion {
 /// Handle on the job table; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// For everything but the hot statements, which go through `lanes`.
     pool: Pool,
+    lanes: Lanes,
     /// Whether the last write failed. A reader-only check cannot see a write lock held by
     /// someone else (SQLite in WAL mode reads on), so `/healthz` asks this too.
     writes_failing: Arc<AtomicBool>,
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 struct JobRow {
     id: String,
     status: String,
@@ -105,7 +113,7 @@ impl Store {
     /// Connects, creating the SQLite file and its folder when needed, and runs the migrations.
     /// On PostgreSQL the migrator holds an advisory lock, so instances may start together.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = if url.starts_with("sqlite:") {
+        let (pool, handles) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 // WAL with synchronous=NORMAL survives a crash of the process; only an OS crash or
@@ -120,35 +128,40 @@ impl Store {
                     source,
                 })?;
             }
-            Pool::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(4)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .connect_with(options)
-                    .await?,
-            )
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options.clone())
+                .await?;
+            // The lanes open their own connections when they first need them.
+            let lane = || Handle::Sqlite {
+                options: Box::new(options.clone()),
+                conn: None,
+            };
+            (Pool::Sqlite(pool), (lane(), lane()))
         } else {
-            Pool::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(16)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .connect(url)
-                    .await?,
-            )
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(url)
+                .await?;
+            let handles = (
+                Handle::Postgres(pool.clone()),
+                Handle::Postgres(pool.clone()),
+            );
+            (Pool::Postgres(pool), handles)
         };
-        let store = Self {
+        match &pool {
+            Pool::Sqlite(p) => sqlx::migrate!("./migrations").run(p).await?,
+            Pool::Postgres(p) => sqlx::migrate!("./migrations").run(p).await?,
+        }
+        let writes_failing = Arc::<AtomicBool>::default();
+        let (reader, writer) = handles;
+        Ok(Self {
             pool,
-            writes_failing: Arc::default(),
-        };
-        on_pool!(store, p => sqlx::migrate!("./migrations").run(p).await?);
-        Ok(store)
-    }
-
-    /// Records whether a write went through, for [`Store::writes_failing`].
-    fn note_write<T>(&self, written: Result<T, sqlx::Error>) -> Result<T, StoreError> {
-        self.writes_failing
-            .store(written.is_err(), Ordering::Relaxed);
-        Ok(written?)
+            lanes: Lanes::new(reader, writer, Arc::clone(&writes_failing)),
+            writes_failing,
+        })
     }
 
     /// True when the last write (create or complete) failed and none has succeeded since.
@@ -180,26 +193,12 @@ impl Store {
             created_at: now_millis(),
             completed_at: None,
         };
-        let sql =
-            "INSERT INTO jobs (id, status, move_url, created_at) VALUES ($1, 'pending', $2, $3)";
-        let written = on_pool!(self, p => {
-            sqlx::query(sql)
-                .bind(job.id.as_str())
-                .bind(job.move_url.as_ref().map(MoveUrl::as_str))
-                .bind(job.created_at)
-                .execute(p)
-                .await
-                .map(drop)
-        });
-        self.note_write(written)?;
+        self.lanes.create(job.clone()).await?;
         Ok(job)
     }
 
     pub async fn get_job(&self, id: &JobId) -> Result<Option<Job>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
-        let row: Option<JobRow> =
-            on_pool!(self, p => sqlx::query_as(sql).bind(id.as_str()).fetch_optional(p).await?);
-        row.map(Job::try_from).transpose()
+        self.lanes.get(id).await
     }
 
     /// Marks the job complete, durably, exactly once. `move_url` overrides the target asked for
@@ -209,23 +208,7 @@ impl Store {
         id: &JobId,
         move_url: Option<MoveUrl>,
     ) -> Result<Completion, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "UPDATE jobs SET status = 'complete', move_url = COALESCE($2, move_url), completed_at = $3 \
-             WHERE id = $1 AND status = 'pending' RETURNING {JOB_COLUMNS}"
-        ));
-        let row: Option<JobRow> = self.note_write(on_pool!(self, p => sqlx::query_as(sql)
-            .bind(id.as_str())
-            .bind(move_url.as_ref().map(MoveUrl::as_str))
-            .bind(now_millis())
-            .fetch_optional(p)
-            .await))?;
-        if let Some(row) = row {
-            return Ok(Completion::Completed(row.try_into()?));
-        }
-        Ok(match self.get_job(id).await? {
-            Some(job) => Completion::AlreadyComplete(job),
-            None => Completion::NotFound,
-        })
+        self.lanes.complete(id, move_url).await
     }
 
     /// The completed jobs among `ids`, for delivering what a subscriber may have missed.

@@ -42,20 +42,27 @@ pub async fn connect(
         .inspect_err(|_| {
             state.metrics.streams_refused.inc();
         })?;
-    // Subscribe first, then read the status: see `Hub::subscribe`.
+    // Subscribe first, then read the status: see `Hub::subscribe`. The read is skipped when
+    // this job's result has reached its streams here, or another of them read it as pending.
     let subscription = state.hub.subscribe(&id);
-    let job = state
-        .store
-        .get_job(&id)
-        .await?
-        .ok_or(AppError::JobNotFound)?;
-    log::debug!("stream opened on job {id} from {:?}", req.peer_addr());
-    let waiting = if job.is_complete() {
-        drop(subscription);
-        Waiting::Done(ResultData::for_job(&job))
-    } else {
+    let waiting = if let Some(result) = subscription.delivered() {
+        Waiting::Done(result)
+    } else if subscription.known_pending() {
         Waiting::For(subscription)
+    } else {
+        let job = state
+            .store
+            .get_job(&id)
+            .await?
+            .ok_or(AppError::JobNotFound)?;
+        if job.is_complete() {
+            Waiting::Done(ResultData::for_job(&job))
+        } else {
+            subscription.saw_pending();
+            Waiting::For(subscription)
+        }
     };
+    log::debug!("stream opened on job {id} from {:?}", req.peer_addr());
     let events = events(
         id,
         waiting,
