@@ -431,3 +431,55 @@ async fn shutting_down_ends_open_streams_within_a_second() {
         "server stopped after {stopped_after:?}"
     );
 }
+
+/// Completions and creations arriving together are stored in batches; a job named several times
+/// in one batch is still completed exactly once, with the move URL of the call that won.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_completions_of_the_same_and_of_distinct_jobs_each_complete_once() {
+    let app = TestApp::spawn().await;
+    let shared = app.job_id().await;
+    let mut distinct = Vec::new();
+    for _ in 0..40 {
+        distinct.push(app.job_id().await);
+    }
+    let calls = (0..24)
+        .map(|i| (shared.clone(), format!("/shared/{i}")))
+        .chain(
+            distinct
+                .iter()
+                .map(|id| (id.clone(), format!("/done/{id}"))),
+        );
+    let answers = futures_util::future::join_all(calls.map(|(id, target)| {
+        let client = app.client.clone();
+        let url = app.url(&format!("/api/jobs/{id}/complete"));
+        async move {
+            let response = client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&serde_json::json!({ "moveUrl": target }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let job: serde_json::Value = response.json().await.unwrap();
+            (id, job["moveUrl"].as_str().unwrap().to_owned())
+        }
+    }))
+    .await;
+    // Every call on the shared job got the one stored result, whichever call stored it.
+    let stored: serde_json::Value = app.get_job(&shared).await.json().await.unwrap();
+    let winner = stored["moveUrl"].as_str().unwrap();
+    assert!(winner.starts_with("/shared/"), "{stored}");
+    for (id, move_url) in &answers {
+        if *id == shared {
+            assert_eq!(move_url, winner);
+        } else {
+            assert_eq!(*move_url, format!("/done/{id}"));
+        }
+    }
+    assert!(
+        app.metric_reaches("handoff_jobs_completed_total", 41.0, Duration::from_secs(2))
+            .await,
+        "each job counts one completion"
+    );
+}
