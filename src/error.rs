@@ -52,7 +52,9 @@ pub enum AppError {
 impl From<StoreError> for AppError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::Database(_) | StoreError::Shared(_) => Self::Unavailable(err),
+            StoreError::Database(_) | StoreError::Shared(_) | StoreError::ShuttingDown => {
+                Self::Unavailable(err)
+            }
             _ => Self::Internal(err),
         }
     }

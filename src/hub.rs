@@ -6,8 +6,9 @@
 //! not in the routes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
 
 use bytestring::ByteString;
 use tokio::sync::Notify;
@@ -52,10 +53,14 @@ pub fn event_data(status: &str, move_url: &str) -> ByteString {
 struct Slot {
     result: OnceLock<ResultData>,
     changed: Notify,
-    /// A stream of this slot read the job as pending *after* the slot existed; see
+    /// When a stream of this slot last read the job as pending *after* the slot existed, in
+    /// milliseconds since the registry's epoch plus one (0: never); see
     /// [`Subscription::known_pending`].
-    pending_seen: AtomicBool,
+    pending_read_at: AtomicU64,
 }
+
+/// How long one pending read of a job vouches for the streams that join it here afterwards.
+const PENDING_READ_FRESH_MS: u64 = 1_000;
 
 #[derive(Debug)]
 struct Entry {
@@ -65,14 +70,33 @@ struct Entry {
 
 /// The local registry of open streams. A std `Mutex`, not a tokio one: it is never held across
 /// an `.await`, and every critical section is a map lookup.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Registry {
     jobs: Mutex<HashMap<JobId, Entry>>,
     /// Set at shutdown: every waiting stream ends.
     closed: AtomicBool,
+    /// The clock `Slot::pending_read_at` counts from.
+    epoch: Instant,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            jobs: Mutex::default(),
+            closed: AtomicBool::default(),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl Registry {
+    /// Milliseconds since the epoch, plus one so that 0 can mean "never".
+    fn now_mark(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Entry>> {
         // A panic while holding the lock cannot leave the map half-updated: every update is one call.
         self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
@@ -138,17 +162,21 @@ impl Subscription {
         self.slot.result.get().cloned()
     }
 
-    /// True when another stream of this job here read it as pending after subscribing. Then
-    /// this stream need not read it again: any completion stored after that read is published
-    /// to the slot this stream now shares (or found by the resync), exactly as for that stream.
-    /// The slot lives while any of its streams does, so the knowledge is never stale.
+    /// True when another stream of this job here read it as pending after subscribing, less
+    /// than a second ago. Then this stream need not read it again: a completion stored after
+    /// that read is published to the slot this stream now shares, exactly as for that stream.
+    /// The second bounds the exceptions: a completion stored whose publish never happened (its
+    /// caller cut off between the two), or a job purged meanwhile. Reconnects after it read the
+    /// table again, so every tab still gets a stored result within one stream timeout.
     pub fn known_pending(&self) -> bool {
-        self.slot.pending_seen.load(Ordering::Acquire)
+        let at = self.slot.pending_read_at.load(Ordering::Acquire);
+        at != 0 && self.registry.now_mark().saturating_sub(at) < PENDING_READ_FRESH_MS
     }
 
     /// Records that this stream, having subscribed, read its job as pending.
     pub fn saw_pending(&self) {
-        self.slot.pending_seen.store(true, Ordering::Release);
+        let now = self.registry.now_mark();
+        self.slot.pending_read_at.store(now, Ordering::Release);
     }
 }
 
@@ -323,6 +351,20 @@ mod tests {
         let fresh = hub.subscribe(&id);
         assert!(!fresh.known_pending());
         assert_eq!(fresh.delivered(), None);
+    }
+
+    #[tokio::test]
+    async fn a_pending_read_vouches_for_joining_streams_for_a_second_only() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let first = hub.subscribe(&id);
+        first.saw_pending();
+        assert!(hub.subscribe(&id).known_pending());
+        tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+        assert!(
+            !hub.subscribe(&id).known_pending(),
+            "a stale read must be made again"
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::domain::{Job, JobId, MoveUrl, now_millis};
 use crate::error::AppError;
 use crate::startup::AppState;
-use crate::store::Completion;
+use crate::store::{Completion, StoreError};
 
 pub async fn create(state: &AppState, move_url: Option<MoveUrl>) -> Result<Job, AppError> {
     let job = state.store.create_job(move_url).await?;
@@ -20,24 +20,39 @@ pub async fn create(state: &AppState, move_url: Option<MoveUrl>) -> Result<Job, 
 /// and changes nothing stored, but publishes it once more: the first call may have committed and
 /// then failed to answer or to publish (connection dropped, instance killed, nginx passing the
 /// retry to another instance), and its waiting tabs should not wait for a resync or a timeout.
+///
+/// Both steps run in a task of their own: actix drops a handler whose client went away, and a
+/// completion already on its way to the database must still be published once it is stored.
 pub async fn complete(
     state: &AppState,
     id: &JobId,
     move_url: Option<MoveUrl>,
 ) -> Result<Job, AppError> {
-    match state.store.complete_job(id, move_url).await? {
-        Completion::Completed(job) => {
-            state.metrics.jobs_completed.inc();
-            let reached = state.hub.publish(&job).await;
-            log::info!("job {id} completed; {reached} stream(s) here notified");
-            Ok(job)
+    let store = state.store.clone();
+    let hub = state.hub.clone();
+    let completed = state.metrics.jobs_completed.clone();
+    let id = id.clone();
+    let task = tokio::spawn(async move {
+        match store.complete_job(&id, move_url).await? {
+            Completion::Completed(job) => {
+                completed.inc();
+                let reached = hub.publish(&job).await;
+                log::info!("job {id} completed; {reached} stream(s) here notified");
+                Ok(job)
+            }
+            Completion::AlreadyComplete(job) => {
+                // A duplicate delivery is harmless: a stream ends at its first result.
+                hub.publish(&job).await;
+                Ok(job)
+            }
+            Completion::NotFound => Err(AppError::JobNotFound),
         }
-        Completion::AlreadyComplete(job) => {
-            // A duplicate delivery is harmless: a stream ends at its first result.
-            state.hub.publish(&job).await;
-            Ok(job)
-        }
-        Completion::NotFound => Err(AppError::JobNotFound),
+    });
+    match task.await {
+        Ok(done) => done,
+        // Only when the runtime shuts down (a panic in the task would be a bug, and says so).
+        Err(err) if err.is_cancelled() => Err(StoreError::ShuttingDown.into()),
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
     }
 }
 

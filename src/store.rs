@@ -26,6 +26,9 @@ pub enum StoreError {
     /// One failure answered to every request of a batch.
     #[error("database error: {0}")]
     Shared(Arc<sqlx::Error>),
+    /// The request was cut off by the server shutting down; it may or may not have been stored.
+    #[error("cut off by the server shutting down")]
+    ShuttingDown,
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot create the folder for the SQLite file {path}: {source}")]

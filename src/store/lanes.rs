@@ -101,12 +101,15 @@ trait Batch: Sized + Send + 'static {
 }
 
 /// A queue of requests and the handle that answers them. No task waits on an idle lane: the
-/// request that finds the lane idle starts a runner on the caller's own runtime (on an actix
-/// worker, its own thread), which takes batches until the queue is empty, then gives the
-/// handle back. That saves two thread hops per batch over a lane task of its own.
+/// request that finds the lane idle starts a runner, which takes batches until the queue is
+/// empty, then gives the handle back.
 struct Lane<R> {
     state: Mutex<LaneState<R>>,
     writes_failing: Arc<AtomicBool>,
+    /// Where runners run: the runtime the store was opened on, which outlives the HTTP workers
+    /// (actix stops an idle worker at once at shutdown, and with it every task on its thread,
+    /// while other workers still wait for answers from the lane).
+    runtime: tokio::runtime::Handle,
 }
 
 struct LaneState<R> {
@@ -123,6 +126,7 @@ impl<R: Batch> Lane<R> {
                 handle: Some(handle),
             }),
             writes_failing,
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -142,7 +146,7 @@ impl<R: Batch> Lane<R> {
                 lane: Arc::clone(self),
                 handle: Some(handle),
             };
-            tokio::spawn(runner.run());
+            self.runtime.spawn(runner.run());
         }
     }
 }
@@ -258,9 +262,9 @@ impl Lanes {
     }
 }
 
-/// A request whose runner was dropped (only at shutdown) is answered like a database that is gone.
+/// A request whose runner was dropped (only when its runtime shuts down).
 fn closed() -> StoreError {
-    StoreError::Database(sqlx::Error::PoolClosed)
+    StoreError::ShuttingDown
 }
 
 impl Batch for Read {
@@ -298,20 +302,23 @@ impl Batch for Write {
             }
         }
         // Creations first: a completion queued behind its job's creation must find the job.
-        if !creates.is_empty() {
-            let jobs: Vec<&Job> = creates.iter().map(|(job, _)| job).collect();
+        // Each statement commits on its own, so each chunk is answered from its own statement.
+        while !creates.is_empty() {
+            let rest = creates.split_off(creates.len().min(MAX_BATCH));
+            let chunk = std::mem::replace(&mut creates, rest);
+            let jobs: Vec<&Job> = chunk.iter().map(|(job, _)| job).collect();
             let written = insert_many(handle, &jobs).await;
             writes_failing.store(written.is_err(), Ordering::Relaxed);
             match written {
                 Ok(()) => {
-                    for (_, reply) in creates {
+                    for (_, reply) in chunk {
                         let _ = reply.send(Ok(()));
                     }
                 }
                 Err(err) => {
-                    log::warn!("storing {} new job(s) failed: {err}", creates.len());
+                    log::warn!("storing {} new job(s) failed: {err}", chunk.len());
                     let err = Arc::new(err);
-                    for (_, reply) in creates {
+                    for (_, reply) in chunk {
                         let _ = reply.send(Err(StoreError::Shared(Arc::clone(&err))));
                     }
                 }
@@ -321,11 +328,15 @@ impl Batch for Write {
         // in a round after it and find it complete, exactly as if they had come later.
         while !completions.is_empty() {
             let mut seen = HashSet::with_capacity(completions.len());
-            let (round, again): (Vec<_>, Vec<_>) = completions
+            let (mut round, again): (Vec<_>, Vec<_>) = completions
                 .into_iter()
                 .partition(|(id, _, _)| seen.insert(id.clone()));
             completions = again;
-            complete_round(handle, round, writes_failing).await;
+            while !round.is_empty() {
+                let rest = round.split_off(round.len().min(MAX_BATCH));
+                let chunk = std::mem::replace(&mut round, rest);
+                complete_round(handle, chunk, writes_failing).await;
+            }
         }
     }
 }
@@ -431,67 +442,65 @@ async fn read_many(handle: &mut Handle, ids: &[JobId]) -> Result<Rows, sqlx::Err
     Ok(rows)
 }
 
+/// One statement, so one commit, for at most [`MAX_BATCH`] new jobs.
 async fn insert_many(handle: &mut Handle, jobs: &[&Job]) -> Result<(), sqlx::Error> {
-    for chunk in jobs.chunks(MAX_BATCH) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                format!(
-                    "(${}, 'pending', ${}, ${})",
-                    3 * i + 1,
-                    3 * i + 2,
-                    3 * i + 3
-                )
-            })
-            .collect();
-        let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO jobs (id, status, move_url, created_at) VALUES {}",
-            values.join(", ")
-        ));
-        on_handle!(handle, e => {
-            let mut query = sqlx::query(sql);
-            for job in chunk {
-                query = query
-                    .bind(job.id.as_str())
-                    .bind(job.move_url.as_ref().map(MoveUrl::as_str))
-                    .bind(job.created_at);
-            }
-            query.execute(e).await.map(drop)
-        })?;
-    }
-    Ok(())
+    debug_assert!(jobs.len() <= MAX_BATCH);
+    let values: Vec<String> = (0..jobs.len())
+        .map(|i| {
+            format!(
+                "(${}, 'pending', ${}, ${})",
+                3 * i + 1,
+                3 * i + 2,
+                3 * i + 3
+            )
+        })
+        .collect();
+    let sql = sqlx::AssertSqlSafe(format!(
+        "INSERT INTO jobs (id, status, move_url, created_at) VALUES {}",
+        values.join(", ")
+    ));
+    on_handle!(handle, e => {
+        let mut query = sqlx::query(sql);
+        for job in jobs {
+            query = query
+                .bind(job.id.as_str())
+                .bind(job.move_url.as_ref().map(MoveUrl::as_str))
+                .bind(job.created_at);
+        }
+        query.execute(e).await.map(drop)
+    })
 }
 
-/// One statement, so one commit, for every completion of the batch: the pending jobs among
-/// `items` become complete (with the `moveUrl` their completion names, else the one they had).
-/// Returns the rows it changed.
+/// One statement, so one commit, for at most [`MAX_BATCH`] completions of distinct jobs: the
+/// pending ones become complete (with the `moveUrl` their completion names, else the one they
+/// had). Returns the rows it changed.
 async fn complete_many(
     handle: &mut Handle,
     items: &[(&JobId, Option<&MoveUrl>)],
 ) -> Result<Rows, sqlx::Error> {
-    let mut rows = Rows::with_capacity(items.len());
-    for chunk in items.chunks(MAX_BATCH) {
-        let Some(last) = chunk.last() else { continue };
-        let n = padded_len(chunk.len());
-        let cases: String = (0..n)
-            .map(|i| format!(" WHEN ${} THEN ${}", 2 + 2 * i, 3 + 2 * i))
-            .collect();
-        let ids: Vec<String> = (0..n).map(|i| format!("${}", 2 + 2 * i)).collect();
-        let sql = sqlx::AssertSqlSafe(format!(
-            "UPDATE jobs SET status = 'complete', completed_at = $1, \
-             move_url = COALESCE(CASE id{cases} END, move_url) \
-             WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
-            ids.join(", ")
-        ));
-        let changed: Vec<JobRow> = on_handle!(handle, e => {
-            let mut query = sqlx::query_as(sql).bind(now_millis());
-            for (id, move_url) in chunk.iter().chain(std::iter::repeat(last)).take(n) {
-                query = query.bind(id.as_str()).bind(move_url.map(MoveUrl::as_str));
-            }
-            query.fetch_all(e).await
-        })?;
-        rows.extend(by_id(changed));
-    }
-    Ok(rows)
+    debug_assert!(items.len() <= MAX_BATCH);
+    let Some(last) = items.last() else {
+        return Ok(Rows::new());
+    };
+    let n = padded_len(items.len());
+    let cases: String = (0..n)
+        .map(|i| format!(" WHEN ${} THEN ${}", 2 + 2 * i, 3 + 2 * i))
+        .collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("${}", 2 + 2 * i)).collect();
+    let sql = sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET status = 'complete', completed_at = $1, \
+         move_url = COALESCE(CASE id{cases} END, move_url) \
+         WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
+        ids.join(", ")
+    ));
+    let changed: Vec<JobRow> = on_handle!(handle, e => {
+        let mut query = sqlx::query_as(sql).bind(now_millis());
+        for (id, move_url) in items.iter().chain(std::iter::repeat(last)).take(n) {
+            query = query.bind(id.as_str()).bind(move_url.map(MoveUrl::as_str));
+        }
+        query.fetch_all(e).await
+    })?;
+    Ok(by_id(changed))
 }
 
 #[cfg(test)]
