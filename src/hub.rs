@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use bytestring::ByteString;
 use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 
 use crate::domain::{Job, JobId, MoveUrl};
 use crate::fanout::Fanout;
@@ -52,7 +53,8 @@ pub fn event_data(status: &str, move_url: &str) -> ByteString {
 #[derive(Debug, Default)]
 struct Slot {
     result: OnceLock<ResultData>,
-    changed: Notify,
+    /// In an `Arc` of its own so a stream can hold its wake-up without borrowing the slot.
+    changed: Arc<Notify>,
     /// When a stream of this slot last read the job as pending *after* the slot existed, in
     /// milliseconds since the registry's epoch plus one (0: never); see
     /// [`Subscription::known_pending`].
@@ -171,6 +173,17 @@ impl Subscription {
     pub fn known_pending(&self) -> bool {
         let at = self.slot.pending_read_at.load(Ordering::Acquire);
         at != 0 && self.registry.now_mark().saturating_sub(at) < PENDING_READ_FRESH_MS
+    }
+
+    /// A wake-up for when a result is delivered to this job here, or the hub closes. Enable it
+    /// before looking at [`Subscription::delivered`], so a delivery in between still wakes.
+    pub fn notified(&self) -> OwnedNotified {
+        Arc::clone(&self.slot.changed).notified_owned()
+    }
+
+    /// True once the hub has closed (shutdown): a waiting stream ends.
+    pub fn hub_closed(&self) -> bool {
+        self.registry.closed.load(Ordering::Acquire)
     }
 
     /// Records that this stream, having subscribed, read its job as pending.

@@ -13,12 +13,16 @@ use actix_web::dev::Extensions;
 use actix_web::{HttpRequest, Responder, web};
 use actix_web_lab::sse::{self, Sse};
 use bytestring::ByteString;
-use futures_util::stream::{self, Stream};
+use futures_util::stream::Stream;
+use pin_project_lite::pin_project;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::job_id;
@@ -91,20 +95,35 @@ enum Step {
     Finished,
 }
 
-/// Everything one open stream owns; dropping it (the stream ended or the client vanished)
-/// leaves the hub and uncounts the stream. Kept small: thousands of these are alive at once.
-struct Stream_ {
-    id: JobId,
-    step: Step,
-    events_sent: Counter<u64, AtomicU64>,
-    _guard: StreamGuard,
-    _permit: StreamPermit,
-    socket: Option<PeerSocket>,
-    /// One timer for both jobs: it fires at the next keep-alive or at the deadline, whichever
-    /// comes first.
-    timer: Pin<Box<Sleep>>,
-    keep_alive: Duration,
-    deadline: Instant,
+pin_project! {
+    /// One open stream: everything it owns, and the state it is in. Dropping it (the stream
+    /// ended or the client vanished) leaves the hub and uncounts the stream. Written by hand
+    /// rather than with `unfold` and an async block, which kept a second copy of this state
+    /// inside the future and a boxed timer: thousands of these are alive at once.
+    struct Events {
+        id: JobId,
+        step: Step,
+        events_sent: Counter<u64, AtomicU64>,
+        _guard: StreamGuard,
+        _permit: StreamPermit,
+        socket: Option<PeerSocket>,
+        keep_alive: Duration,
+        deadline: Instant,
+        // One timer for both jobs: it fires at the next keep-alive or at the deadline,
+        // whichever comes first.
+        #[pin]
+        timer: Sleep,
+        // The wake-up for the job's result, registered before the result is looked at, so a
+        // delivery between the look and the wait still wakes the stream.
+        #[pin]
+        woken: Option<OwnedNotified>,
+    }
+
+    impl PinnedDrop for Events {
+        fn drop(this: Pin<&mut Self>) {
+            log::debug!("stream closed on job {}", this.id);
+        }
+    }
 }
 
 fn events(
@@ -114,61 +133,79 @@ fn events(
     socket: Option<PeerSocket>,
     settings: SseSettings,
     metrics: &Metrics,
-) -> impl Stream<Item = sse::Event> + use<> {
+) -> Events {
     let now = Instant::now();
     let deadline = now + settings.timeout;
-    let state = Stream_ {
+    Events {
         id,
         step: Step::Connect(waiting),
         events_sent: metrics.events_sent.clone(),
         _guard: StreamGuard::new(metrics),
         _permit: permit,
         socket,
-        // The first keep-alive comes one period after the connect event, not at once.
-        timer: Box::pin(sleep_until((now + settings.keep_alive).min(deadline))),
         keep_alive: settings.keep_alive,
         deadline,
-    };
-    stream::unfold(state, |mut s| async move {
-        let event = match std::mem::replace(&mut s.step, Step::Finished) {
-            Step::Finished => return None,
+        // The first keep-alive comes one period after the connect event, not at once.
+        timer: sleep_until((now + settings.keep_alive).min(deadline)),
+        woken: None,
+    }
+}
+
+impl Stream for Events {
+    type Item = sse::Event;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<sse::Event>> {
+        let mut this = self.project();
+        let event = match std::mem::replace(this.step, Step::Finished) {
+            Step::Finished => return Poll::Ready(None),
             Step::Connect(Waiting::For(subscription)) => {
-                s.step = Step::Wait(subscription);
+                *this.step = Step::Wait(subscription);
                 data_event(event_data("connect", ""))
             }
             Step::Connect(Waiting::Done(result)) => {
-                s.step = Step::Send(result);
+                *this.step = Step::Send(result);
                 data_event(event_data("connect", ""))
             }
             Step::Send(result) => data_event(result.0),
-            Step::Wait(subscription) => {
-                tokio::select! {
-                    biased;
-                    // `None`: the hub closed for shutdown; the browser reconnects elsewhere.
-                    result = subscription.result() => data_event(result?.0),
-                    () = s.timer.as_mut() => {
-                        let now = Instant::now();
-                        // A write to a vanished client succeeds once and fails only on the next
-                        // tick; asking the socket first notices it within one interval.
-                        if now >= s.deadline || s.socket.is_some_and(PeerSocket::is_closed) {
-                            return None;
-                        }
-                        let next = (now + s.keep_alive).min(s.deadline);
-                        s.timer.as_mut().reset(next);
-                        s.step = Step::Wait(subscription);
-                        return Some((sse::Event::Comment(KEEP_ALIVE.into()), s));
+            Step::Wait(subscription) => loop {
+                if this.woken.is_none() {
+                    this.woken.set(Some(subscription.notified()));
+                    if let Some(woken) = this.woken.as_mut().as_pin_mut() {
+                        woken.enable();
                     }
                 }
-            }
+                if let Some(result) = subscription.delivered() {
+                    break data_event(result.0);
+                }
+                // The hub closed for shutdown; the browser reconnects elsewhere.
+                if subscription.hub_closed() {
+                    return Poll::Ready(None);
+                }
+                if let Some(woken) = this.woken.as_mut().as_pin_mut()
+                    && woken.poll(cx).is_ready()
+                {
+                    this.woken.set(None);
+                    continue;
+                }
+                if this.timer.as_mut().poll(cx).is_pending() {
+                    *this.step = Step::Wait(subscription);
+                    return Poll::Pending;
+                }
+                let now = Instant::now();
+                // A write to a vanished client succeeds once and fails only on the next tick;
+                // asking the socket first notices it within one interval.
+                if now >= *this.deadline || this.socket.is_some_and(PeerSocket::is_closed) {
+                    return Poll::Ready(None);
+                }
+                this.timer
+                    .as_mut()
+                    .reset((now + *this.keep_alive).min(*this.deadline));
+                *this.step = Step::Wait(subscription);
+                return Poll::Ready(Some(sse::Event::Comment(KEEP_ALIVE.into())));
+            },
         };
-        s.events_sent.inc();
-        Some((event, s))
-    })
-}
-
-impl Drop for Stream_ {
-    fn drop(&mut self) {
-        log::debug!("stream closed on job {}", self.id);
+        this.events_sent.inc();
+        Poll::Ready(Some(event))
     }
 }
 
