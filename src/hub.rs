@@ -6,8 +6,11 @@
 //! not in the routes.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytestring::ByteString;
@@ -140,19 +143,41 @@ pub struct Subscription {
 impl Subscription {
     /// Waits for the job's result. `None` once the hub is closed, which only happens at shutdown.
     pub async fn result(&self) -> Option<ResultData> {
+        let mut woken = std::pin::pin!(None);
+        std::future::poll_fn(|cx| self.poll_result(woken.as_mut(), cx)).await
+    }
+
+    /// [`Subscription::result`] for a hand-written future or stream, which keeps the wake-up
+    /// registration in `woken` (start with `None`) between polls. `Ready(None)` once the hub is
+    /// closed.
+    pub fn poll_result(
+        &self,
+        mut woken: Pin<&mut Option<OwnedNotified>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<ResultData>> {
         loop {
             // Register for the wake-up *before* looking, so a delivery between the look and the
             // wait still wakes us.
-            let changed = self.slot.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if let Some(result) = self.slot.result.get() {
-                return Some(result.clone());
+            if woken.is_none() {
+                woken.set(Some(Arc::clone(&self.slot.changed).notified_owned()));
+                if let Some(registered) = woken.as_mut().as_pin_mut() {
+                    registered.enable();
+                }
+            }
+            if let Some(result) = self.delivered() {
+                return Poll::Ready(Some(result));
             }
             if self.registry.closed.load(Ordering::Acquire) {
-                return None;
+                return Poll::Ready(None);
             }
-            changed.await;
+            match woken
+                .as_mut()
+                .as_pin_mut()
+                .map(|registered| registered.poll(cx))
+            {
+                Some(Poll::Ready(())) => woken.set(None),
+                _ => return Poll::Pending,
+            }
         }
     }
 }
@@ -173,17 +198,6 @@ impl Subscription {
     pub fn known_pending(&self) -> bool {
         let at = self.slot.pending_read_at.load(Ordering::Acquire);
         at != 0 && self.registry.now_mark().saturating_sub(at) < PENDING_READ_FRESH_MS
-    }
-
-    /// A wake-up for when a result is delivered to this job here, or the hub closes. Enable it
-    /// before looking at [`Subscription::delivered`], so a delivery in between still wakes.
-    pub fn notified(&self) -> OwnedNotified {
-        Arc::clone(&self.slot.changed).notified_owned()
-    }
-
-    /// True once the hub has closed (shutdown): a waiting stream ends.
-    pub fn hub_closed(&self) -> bool {
-        self.registry.closed.load(Ordering::Acquire)
     }
 
     /// Records that this stream, having subscribed, read its job as pending.

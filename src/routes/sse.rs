@@ -167,41 +167,27 @@ impl Stream for Events {
                 data_event(event_data("connect", ""))
             }
             Step::Send(result) => data_event(result.0),
-            Step::Wait(subscription) => loop {
-                if this.woken.is_none() {
-                    this.woken.set(Some(subscription.notified()));
-                    if let Some(woken) = this.woken.as_mut().as_pin_mut() {
-                        woken.enable();
-                    }
-                }
-                if let Some(result) = subscription.delivered() {
-                    break data_event(result.0);
-                }
+            Step::Wait(subscription) => match subscription.poll_result(this.woken.as_mut(), cx) {
+                Poll::Ready(Some(result)) => data_event(result.0),
                 // The hub closed for shutdown; the browser reconnects elsewhere.
-                if subscription.hub_closed() {
-                    return Poll::Ready(None);
-                }
-                if let Some(woken) = this.woken.as_mut().as_pin_mut()
-                    && woken.poll(cx).is_ready()
-                {
-                    this.woken.set(None);
-                    continue;
-                }
-                if this.timer.as_mut().poll(cx).is_pending() {
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    if this.timer.as_mut().poll(cx).is_pending() {
+                        *this.step = Step::Wait(subscription);
+                        return Poll::Pending;
+                    }
+                    let now = Instant::now();
+                    // A write to a vanished client succeeds once and fails only on the next
+                    // tick; asking the socket first notices it within one interval.
+                    if now >= *this.deadline || this.socket.is_some_and(PeerSocket::is_closed) {
+                        return Poll::Ready(None);
+                    }
+                    this.timer
+                        .as_mut()
+                        .reset((now + *this.keep_alive).min(*this.deadline));
                     *this.step = Step::Wait(subscription);
-                    return Poll::Pending;
+                    return Poll::Ready(Some(sse::Event::Comment(KEEP_ALIVE.into())));
                 }
-                let now = Instant::now();
-                // A write to a vanished client succeeds once and fails only on the next tick;
-                // asking the socket first notices it within one interval.
-                if now >= *this.deadline || this.socket.is_some_and(PeerSocket::is_closed) {
-                    return Poll::Ready(None);
-                }
-                this.timer
-                    .as_mut()
-                    .reset((now + *this.keep_alive).min(*this.deadline));
-                *this.step = Step::Wait(subscription);
-                return Poll::Ready(Some(sse::Event::Comment(KEEP_ALIVE.into())));
             },
         };
         this.events_sent.inc();
