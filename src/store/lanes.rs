@@ -15,9 +15,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use sqlx::ConnectOptions;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{ConnectOptions, Connection};
 use tokio::sync::oneshot;
 
 use super::{Completion, JOB_COLUMNS, JobRow, StoreError};
@@ -51,13 +51,21 @@ impl Handle {
     /// Forgets a connection a failure may have broken; a plain SQL error (a locked database,
     /// a constraint) leaves it usable.
     fn after<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
-        if let (Self::Sqlite { conn, .. }, Err(err)) = (&mut *self, &result)
+        if let Err(err) = &result
             && !matches!(err, sqlx::Error::Database(_))
-            && let Some(broken) = conn.take()
         {
-            drop(broken.close_hard());
+            self.reset();
         }
         result
+    }
+
+    /// Forgets the SQLite connection (the next statement opens a new one): after a failure that
+    /// may have broken it, or when its runner was dropped mid-batch (its runtime shut down) and
+    /// a statement may have been cut off.
+    fn reset(&mut self) {
+        if let Self::Sqlite { conn, .. } = self {
+            *conn = None;
+        }
     }
 }
 
@@ -76,18 +84,6 @@ macro_rules! on_handle {
         };
         $handle.after(result)
     }};
-}
-
-impl Handle {
-    /// After its runner was dropped mid-batch (its runtime shut down): a statement may have
-    /// been cut off, so a SQLite connection is not trusted again.
-    fn reset(&mut self) {
-        if let Self::Sqlite { conn, .. } = self
-            && let Some(cut_off) = conn.take()
-        {
-            drop(cut_off.close_hard());
-        }
-    }
 }
 
 /// A kind of request a lane batches.
@@ -157,7 +153,8 @@ impl<R: Batch> Lane<R> {
 /// The one task answering a lane's queue while it is not empty. Dropped unfinished (its runtime
 /// shut down), it hands what is queued to a runner on the store's runtime, or, if it was that
 /// runner already, gives the handle back and fails what is queued: the lane is never stuck. The
-/// batch it was answering is answered [`closed`]: it may or may not have been stored.
+/// batch it was answering is answered [`StoreError::ShuttingDown`]: it may or may not have been
+/// stored.
 struct Runner<R: Batch> {
     lane: Arc<Lane<R>>,
     handle: Option<Handle>,
@@ -195,7 +192,7 @@ impl<R: Batch> Drop for Runner<R> {
             state.handle = Some(handle);
             let queued = std::mem::take(&mut state.queue);
             drop(state);
-            // Their callers get `closed()`.
+            // Their callers get `StoreError::ShuttingDown`.
             drop(queued);
         } else {
             drop(state);
@@ -255,13 +252,13 @@ impl Lanes {
             id: id.clone(),
             reply,
         });
-        answer.await.map_err(|_| closed())?
+        answer.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
     pub(super) async fn create(&self, job: Job) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writes.push(Write::Create { job, reply });
-        answer.await.map_err(|_| closed())?
+        answer.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
     pub(super) async fn complete(
@@ -275,13 +272,8 @@ impl Lanes {
             move_url,
             reply,
         });
-        answer.await.map_err(|_| closed())?
+        answer.await.map_err(|_| StoreError::ShuttingDown)?
     }
-}
-
-/// A request whose runner was dropped (only when its runtime shuts down).
-fn closed() -> StoreError {
-    StoreError::ShuttingDown
 }
 
 impl Batch for Read {
@@ -293,13 +285,7 @@ impl Batch for Read {
                     let _ = read.reply.send(row_for(&rows, &read.id).transpose());
                 }
             }
-            Err(err) => {
-                log::warn!("reading {} job(s) failed: {err}", batch.len());
-                let err = Arc::new(err);
-                for read in batch {
-                    let _ = read.reply.send(Err(StoreError::Shared(Arc::clone(&err))));
-                }
-            }
+            Err(err) => fail_all("reading", batch.into_iter().map(|read| read.reply), err),
         }
     }
 }
@@ -321,8 +307,7 @@ impl Batch for Write {
         // Creations first: a completion queued behind its job's creation must find the job.
         // Each statement commits on its own, so each chunk is answered from its own statement.
         while !creates.is_empty() {
-            let rest = creates.split_off(creates.len().min(MAX_BATCH));
-            let chunk = std::mem::replace(&mut creates, rest);
+            let chunk = take_chunk(&mut creates);
             let jobs: Vec<&Job> = chunk.iter().map(|(job, _)| job).collect();
             let written = insert_many(handle, &jobs).await;
             writes_failing.store(written.is_err(), Ordering::Relaxed);
@@ -332,13 +317,7 @@ impl Batch for Write {
                         let _ = reply.send(Ok(()));
                     }
                 }
-                Err(err) => {
-                    log::warn!("storing {} new job(s) failed: {err}", chunk.len());
-                    let err = Arc::new(err);
-                    for (_, reply) in chunk {
-                        let _ = reply.send(Err(StoreError::Shared(Arc::clone(&err))));
-                    }
-                }
+                Err(err) => fail_all("storing", chunk.into_iter().map(|(_, reply)| reply), err),
             }
         }
         // A job named twice in one batch: the first request completes it, the later ones run
@@ -350,11 +329,28 @@ impl Batch for Write {
                 .partition(|(id, _, _)| seen.insert(id.clone()));
             completions = again;
             while !round.is_empty() {
-                let rest = round.split_off(round.len().min(MAX_BATCH));
-                let chunk = std::mem::replace(&mut round, rest);
-                complete_round(handle, chunk, writes_failing).await;
+                complete_round(handle, take_chunk(&mut round), writes_failing).await;
             }
         }
+    }
+}
+
+/// The first [`MAX_BATCH`] requests of `queue` (one statement's worth), taken out of it.
+fn take_chunk<T>(queue: &mut Vec<T>) -> Vec<T> {
+    let rest = queue.split_off(queue.len().min(MAX_BATCH));
+    std::mem::replace(queue, rest)
+}
+
+/// Answers every request of a failed statement with its one error, logged once.
+fn fail_all<T>(
+    doing: &str,
+    replies: impl ExactSizeIterator<Item = oneshot::Sender<Result<T, StoreError>>>,
+    err: sqlx::Error,
+) {
+    log::warn!("{doing} {} job(s) failed: {err}", replies.len());
+    let err = Arc::new(err);
+    for reply in replies {
+        let _ = reply.send(Err(StoreError::Shared(Arc::clone(&err))));
     }
 }
 
@@ -380,11 +376,11 @@ async fn complete_round(
     let done = match written {
         Ok(done) => done,
         Err(err) => {
-            log::warn!("completing {} job(s) failed: {err}", round.len());
-            let err = Arc::new(err);
-            for (_, _, reply) in round {
-                let _ = reply.send(Err(StoreError::Shared(Arc::clone(&err))));
-            }
+            fail_all(
+                "completing",
+                round.into_iter().map(|(_, _, reply)| reply),
+                err,
+            );
             return;
         }
     };
