@@ -46,10 +46,11 @@ enum Pool {
     Postgres(PgPool),
 }
 
-/// Runs `$body` with `$pool` bound to the configured pool, whichever database it is.
+/// Runs `$body` with `$pool` bound to the pool inside `$which` (a `&Pool`), whichever database
+/// it is.
 macro_rules! on_pool {
-    ($store:expr, $pool:ident => $body:expr) => {
-        match &$store.pool {
+    ($which:expr, $pool:ident => $body:expr) => {
+        match $which {
             Pool::Sqlite($pool) => $body,
             Pool::Postgres($pool) => $body,
         }
@@ -154,10 +155,7 @@ impl Store {
             );
             (Pool::Postgres(pool), handles)
         };
-        match &pool {
-            Pool::Sqlite(p) => sqlx::migrate!("./migrations").run(p).await?,
-            Pool::Postgres(p) => sqlx::migrate!("./migrations").run(p).await?,
-        }
+        on_pool!(&pool, p => sqlx::migrate!("./migrations").run(p).await?);
         let writes_failing = Arc::<AtomicBool>::default();
         let (reader, writer) = handles;
         Ok(Self {
@@ -181,7 +179,7 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        on_pool!(self, p => {
+        on_pool!(&self.pool, p => {
             sqlx::query("SELECT 1").execute(p).await?;
         });
         Ok(())
@@ -223,7 +221,7 @@ impl Store {
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'complete' AND id IN ({})",
                 placeholders.join(", ")
             ));
-            let rows: Vec<JobRow> = on_pool!(self, p => {
+            let rows: Vec<JobRow> = on_pool!(&self.pool, p => {
                 let mut query = sqlx::query_as(sql);
                 for id in chunk {
                     query = query.bind(id.as_str());
@@ -242,20 +240,18 @@ impl Store {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2"
         ));
-        let rows: Vec<JobRow> =
-            on_pool!(self, p => sqlx::query_as(sql).bind(limit).bind(offset).fetch_all(p).await?);
+        let rows: Vec<JobRow> = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(limit).bind(offset).fetch_all(p).await?);
         rows.into_iter().map(Job::try_from).collect()
     }
 
     pub async fn count_jobs(&self) -> Result<i64, StoreError> {
-        let (n,): (i64,) =
-            on_pool!(self, p => sqlx::query_as("SELECT COUNT(*) FROM jobs").fetch_one(p).await?);
+        let (n,): (i64,) = on_pool!(&self.pool, p => sqlx::query_as("SELECT COUNT(*) FROM jobs").fetch_one(p).await?);
         Ok(n)
     }
 
     /// Deletes jobs created before `cutoff_millis`; returns how many went.
     pub async fn purge_before(&self, cutoff_millis: i64) -> Result<u64, StoreError> {
-        let done = on_pool!(self, p => sqlx::query("DELETE FROM jobs WHERE created_at < $1")
+        let done = on_pool!(&self.pool, p => sqlx::query("DELETE FROM jobs WHERE created_at < $1")
             .bind(cutoff_millis)
             .execute(p)
             .await?
