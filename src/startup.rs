@@ -134,7 +134,10 @@ impl Application {
                 .wrap(security_headers())
                 .configure(routes::configure)
         })
-        .on_connect(routes::sse::remember_socket)
+        // A client that closes its side has gone (page A left, or nginx dropped the browser's
+        // request): end its connection at once, and with it the stream and its hub entry.
+        // EventSource never half-closes a request it still reads.
+        .h1_allow_half_closed(false)
         .backlog(4096)
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
         .disable_signals();

@@ -6,10 +6,6 @@
 //! proxies from cutting the stream; after the stream timeout it ends cleanly and the browser
 //! reconnects after `retry`.
 
-use std::any::Any;
-use std::os::fd::{AsRawFd, RawFd};
-
-use actix_web::dev::Extensions;
 use actix_web::{HttpRequest, Responder, web};
 use actix_web_lab::sse::{self, Sse};
 use bytestring::ByteString;
@@ -67,14 +63,7 @@ pub async fn connect(
         }
     };
     log::debug!("stream opened on job {id} from {:?}", req.peer_addr());
-    let events = events(
-        id,
-        waiting,
-        permit,
-        req.conn_data::<PeerSocket>().copied(),
-        state.sse,
-        &state.metrics,
-    );
+    let events = events(id, waiting, permit, state.sse, &state.metrics);
     Ok(Sse::from_infallible_stream(events)
         .with_retry_duration(state.sse.retry)
         .customize()
@@ -106,7 +95,6 @@ pin_project! {
         events_sent: Counter<u64, AtomicU64>,
         _guard: StreamGuard,
         _permit: StreamPermit,
-        socket: Option<PeerSocket>,
         keep_alive: Duration,
         deadline: Instant,
         // One timer for both jobs: it fires at the next keep-alive or at the deadline,
@@ -130,7 +118,6 @@ fn events(
     id: JobId,
     waiting: Waiting,
     permit: StreamPermit,
-    socket: Option<PeerSocket>,
     settings: SseSettings,
     metrics: &Metrics,
 ) -> Events {
@@ -142,7 +129,6 @@ fn events(
         events_sent: metrics.events_sent.clone(),
         _guard: StreamGuard::new(metrics),
         _permit: permit,
-        socket,
         keep_alive: settings.keep_alive,
         deadline,
         // The first keep-alive comes one period after the connect event, not at once.
@@ -177,9 +163,7 @@ impl Stream for Events {
                         return Poll::Pending;
                     }
                     let now = Instant::now();
-                    // A write to a vanished client succeeds once and fails only on the next
-                    // tick; asking the socket first notices it within one interval.
-                    if now >= *this.deadline || this.socket.is_some_and(PeerSocket::is_closed) {
+                    if now >= *this.deadline {
                         return Poll::Ready(None);
                     }
                     this.timer
@@ -199,46 +183,4 @@ const KEEP_ALIVE: &str = "keep-alive";
 
 fn data_event(data: ByteString) -> sse::Event {
     sse::Data::new(data).event("result").into()
-}
-
-/// The TCP socket a request came in on, remembered per connection by [`remember_socket`] so an
-/// idle stream can tell whether its client is still there.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerSocket(RawFd);
-
-/// `HttpServer::on_connect` hook: remembers each plain TCP connection's socket.
-pub fn remember_socket(connection: &dyn Any, data: &mut Extensions) {
-    if let Some(socket) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        data.insert(PeerSocket(socket.as_raw_fd()));
-    }
-}
-
-impl PeerSocket {
-    /// Whether the client has closed or reset the connection (end of file or an error on a
-    /// non-blocking peek). Data waiting to be read means it is alive.
-    fn is_closed(self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: this runs only while the stream is being polled, and the stream is polled by the
-        // connection's dispatcher, which owns the socket: the descriptor is open and is this
-        // connection's. MSG_PEEK | MSG_DONTWAIT neither consumes data nor blocks. This holds for
-        // actix's HTTP/1 dispatcher, the only one Handoff serves (no `http2` feature, no h2c):
-        // enabling HTTP/2 in actix would move bodies into spawned tasks, and this check would
-        // then have to hold a `dup()`ed descriptor instead.
-        let n = unsafe {
-            libc::recv(
-                self.0,
-                (&raw mut byte).cast::<libc::c_void>(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
-            0 => true,
-            n if n > 0 => false,
-            _ => !matches!(
-                std::io::Error::last_os_error().kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-            ),
-        }
-    }
 }
