@@ -7,8 +7,8 @@
 #   RUNS=1 SIZES=1000 PEERS=0 bash scripts/bench.sh    # a quick look
 #
 # Settings (environment): RUNS (3), SIZES ("1000 10000 19000"), PEER_N (1000), PEERS (1 = also
-# the Python and Node peers), FLOOR_N (10000: N for the bare actix-web floor, examples/bare_actix.rs;
-# empty = skip it), PEERS_DIR (where start-nchan.sh lives; default ../shared/peers,
+# the Python and Node peers), FLOOR_N (10000: N for the floors, bare actix-web and bare hyper,
+# examples/bare_*.rs; empty = skip them), PEERS_DIR (where start-nchan.sh lives; default ../shared/peers,
 # then /work/shared/peers), SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core),
 # BASE_PORT (18080; each run takes the next port), OUT (target/bench).
 set -euo pipefail
@@ -41,7 +41,7 @@ ulimit -n "$(ulimit -Hn)"
 command -v taskset >/dev/null || { echo "bench.sh: taskset missing (apt-get install util-linux)" >&2; exit 2; }
 
 say "building (release)"
-cargo build --release --locked --bin handoff --bin handoff-bench --example bare_actix
+cargo build --release --locked --bin handoff --bin handoff-bench --example bare_actix --example bare_hyper
 bench_bin=$root/target/release/handoff-bench
 mkdir -p "$OUT/json"
 rm -f "$OUT"/json/*.json
@@ -93,6 +93,12 @@ start_bare_actix() {
   server_pid=$!; measure_pid=$server_pid
   wait_port "$PORT"
 }
+start_bare_hyper() {
+  taskset -c "$SERVER_CPU" "$root/target/release/examples/bare_hyper" "127.0.0.1:$PORT" \
+    >"$OUT/bare-hyper.log" 2>&1 &
+  server_pid=$!; measure_pid=$server_pid
+  wait_port "$PORT"
+}
 start_nchan() {
   local line
   line=$(taskset -c "$SERVER_CPU" "$PEERS_DIR/start-nchan.sh" $PORT)
@@ -128,7 +134,7 @@ stop_server() { # name: stop it and remove the folder this run gave it (database
 target_args() { # name: the bench tool's target arguments
   case $1 in
     handoff) echo "--handoff http://127.0.0.1:$PORT --token $TOKEN" ;;
-    bare-actix) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
+    bare-actix | bare-hyper) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
     nchan) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub?id={id}" ;;
     python) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
     node-plain) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
@@ -171,7 +177,10 @@ for rep in $(seq "$RUNS"); do
     for mode in distinct single; do
       one_run handoff "$n" "$mode" "$rep"
       one_run nchan "$n" "$mode" "$rep"
-      [ "$n" != "$FLOOR_N" ] || one_run bare-actix "$n" "$mode" "$rep"
+      if [ "$n" = "$FLOOR_N" ]; then
+        one_run bare-actix "$n" "$mode" "$rep"
+        one_run bare-hyper "$n" "$mode" "$rep"
+      fi
     done
   done
   if [ "$PEERS" = 1 ]; then

@@ -59,6 +59,10 @@ FIGURES = [
 ]
 
 
+# The floors: Handoff's stack, and hyper, with nothing of Handoff's own (examples/bare_*.rs).
+FLOORS = [("bare-actix", "bare actix-web"), ("bare-hyper", "bare hyper")]
+
+
 def per_run_ratio(runs_a, runs_b, key):
     ratios = []
     for rep, a in runs_a.items():
@@ -123,30 +127,31 @@ def main():
                 row += f" {fmt(mh, digits)} | {fmt(mc, digits)} | {fmt(ratio, 2)} |"
             row += f" {delivered(h)} | {delivered(c)} |"
             w(row)
-    floor_n = sorted({n for (name, _, n) in runs if name == "bare-actix"})
-    if floor_n:
+    floors = [(name, title) for name, title in FLOORS if any(k[0] == name for k in runs)]
+    if floors:
         w("")
-        w("### The stack's floor: bare actix-web against Nchan, same tool, same pinning")
+        w("### The floors: bare actix-web and bare hyper against Nchan, same tool, same pinning")
         w("")
-        w("`examples/bare_actix.rs` is actix-web + actix-web-lab's `Sse` and the same stream shape "
-          "as Handoff, with nothing else (no database, limits, metrics or middleware). Where it "
-          "cannot reach a target either, the target is out of reach of the stack, not of Handoff's "
-          "own code. × is bare ÷ Nchan; Handoff ÷ bare shows what Handoff's own work costs.")
+        w("`examples/bare_actix.rs` is Handoff's stack (actix-web, actix-web-lab's `Sse`, jemalloc) "
+          "with Handoff's stream shape and nothing else: no database, limits, metrics or middleware. "
+          "`examples/bare_hyper.rs` is the same on hyper alone, accepting and serving on one "
+          "current-thread runtime. Where a floor cannot reach a target, no amount of work in "
+          "Handoff's own code reaches it on that stack. × is floor ÷ Nchan; Handoff ÷ floor shows "
+          "what Handoff's own work costs.")
         w("")
-        head = "| N | mode |"
-        rule = "|---:|---|"
+        head = "| server | N | mode |"
+        rule = "|---|---:|---|"
         for title, _, _, _ in FIGURES:
-            head += f" {title}: bare | × Nchan | Handoff ÷ bare |"
+            head += f" {title} | × Nchan | Handoff ÷ it |"
             rule += "---:|---:|---:|"
         w(head + " delivered |")
         w(rule + "---:|")
-        for n in floor_n:
-            for mode in ("distinct", "single"):
-                b = runs.get(("bare-actix", mode, n), {})
-                if not b:
+        for name, title in floors:
+            for (nm, mode, n), b in sorted(runs.items()):
+                if nm != name:
                     continue
                 h, c = runs.get(("handoff", mode, n), {}), runs.get(("nchan", mode, n), {})
-                row = f"| {n:,} | {mode} |"
+                row = f"| {title} | {n:,} | {mode} |"
                 for _, key, digits, _ in FIGURES:
                     if mode == "single" and key == "completions_per_sec":
                         row += " – | – | – |"
@@ -174,8 +179,8 @@ def main():
     w("")
     w("### Targets (issue 5), at N = 10,000 unless stated")
     w("")
-    w("| figure | must reach | measured | met | bare actix-web, same run |")
-    w("|---|---|---:|---|---:|")
+    w("| figure | must reach | Handoff | met |" + "".join(f" {t}, same run |" for _, t in FLOORS))
+    w("|---|---|---:|---|" + "---:|" * len(FLOORS))
 
     def ratio(mode, n, key, name="handoff"):
         return per_run_ratio(runs.get((name, mode, n), {}), runs.get(("nchan", mode, n), {}), key)
@@ -190,15 +195,18 @@ def main():
         ("connects/s (single)", "≥ 1.0 × Nchan", ("single", 10000, "connects_per_sec"), lambda r: r >= 1.0),
     ]
     for name, goal, where, ok in checks:
-        value, floor = ratio(*where), ratio(*where, name="bare-actix")
+        value = ratio(*where)
         met = "–" if value is None else ("yes" if ok(value) else "**no**")
-        floor_text = "–" if floor is None else f"{fmt(floor, 2)} ×" + ("" if ok(floor) else " (not met)")
-        w(f"| {name} | {goal} | {fmt(value, 2)} × | {met} | {floor_text} |")
+        row = f"| {name} | {goal} | {fmt(value, 2)} × | {met} |"
+        for floor_name, _ in FLOORS:
+            floor = ratio(*where, name=floor_name)
+            row += " – |" if floor is None else f" {fmt(floor, 2)} ×{'' if ok(floor) else ' (not met)'} |"
+        w(row)
     most = max(sizes) if sizes else 0
     held = [r for mode in ("distinct", "single") for r in runs.get(("handoff", mode, most), {}).values()]
     all_ok = bool(held) and all(r["ok"] for r in held)
     w(f"| streams held at once, nothing lost | 19,000 | {most:,} in {len(held)} run(s) | "
-      f"{'yes' if all_ok and most >= 19000 else '**no**'} | – |")
+      f"{'yes' if all_ok and most >= 19000 else '**no**'} |" + " – |" * len(FLOORS))
     text = "\n".join(out)
 
     try:
