@@ -195,6 +195,6 @@ machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(fr
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 scripts/bench_table.py "$OUT/json" BENCHMARKS.md \
   --runs "$RUNS" --machine "$machine" --load "$load" --workers "$WORKERS" \
-  --commit "$(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes')" \
+  --commit "$(git rev-parse --short HEAD)$(git diff --quiet -- . ':!BENCHMARKS.md' || echo '+changes')" \
   --command "bash scripts/bench.sh$( [ "$RUNS" = 3 ] || echo " (RUNS=$RUNS)" )"
 say "done: BENCHMARKS.md"
