@@ -155,7 +155,7 @@ one_run() { # name n mode rep
   fi
   # shellcheck disable=SC2046 # target_args is a list of words without spaces inside
   taskset -c "$CLIENT_CPU" "$bench_bin" $(target_args "$name") -n "$n" --mode "$mode" \
-    --timeout 120 --server-pid "$measure_pid" --label "$name" --json "$json" ||
+    --timeout 120 --leave-on-result --server-pid "$measure_pid" --label "$name" --json "$json" ||
     echo "bench.sh: $name $mode N=$n run $rep FAILED (see the table above)" >&2
   stop_server "$name"
 }

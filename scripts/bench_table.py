@@ -99,6 +99,15 @@ def main():
       f"Every figure is the median of {args.runs} run(s); a ratio is Handoff ÷ Nchan, the median "
       f"of the ratios taken in the same run. Load average when the table was written: {args.load} "
       f"(other engineers share this machine).")
+    leaving = {r.get("leave_on_result", False) for rs in runs.values() for r in rs.values()}
+    if leaving == {True}:
+        w("")
+        w("Every stream was closed by the client as soon as its result arrived, as page A does "
+          "when it moves on (`--leave-on-result`), so every server tears its streams down inside "
+          "the completion window.")
+    elif leaving == {False}:
+        w("")
+        w("Streams stayed open after their result unless the server ended them.")
     w("")
     w("### Handoff vs Nchan")
     w("")

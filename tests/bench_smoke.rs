@@ -9,7 +9,8 @@ use serde_json::Value;
 use support::{TOKEN, TestApp};
 
 /// Runs `handoff-bench` against `app` and returns its JSON report, after checking it exited 0.
-async fn bench(app: &TestApp, mode: &str, streams: usize) -> Value {
+/// `leave_on_result`: the clients close each stream at its result, as `scripts/bench.sh` runs it.
+async fn bench(app: &TestApp, mode: &str, streams: usize, leave_on_result: bool) -> Value {
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("report.json");
     let mut command = Command::new(env!("CARGO_BIN_EXE_handoff-bench"));
@@ -26,6 +27,9 @@ async fn bench(app: &TestApp, mode: &str, streams: usize) -> Value {
     command
         .args(["-n", &streams.to_string(), "--json"])
         .arg(&json);
+    if leave_on_result {
+        command.arg("--leave-on-result");
+    }
     // The tool runs its own runtime and blocks; keep this test's runtime (and the app) free.
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
@@ -53,17 +57,19 @@ fn assert_every_event_arrived_once(report: &Value, streams: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_delivers_every_event_of_200_distinct_jobs_exactly_once() {
     let app = TestApp::spawn().await;
-    let report = bench(&app, "distinct", 200).await;
+    let report = bench(&app, "distinct", 200, false).await;
     assert_every_event_arrived_once(&report, 200);
+    assert_eq!(report["leave_on_result"], false, "{report}");
     assert_eq!(report["completions"], 200, "{report}");
     assert_eq!(app.metric("handoff_jobs_completed_total").await, 200.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_delivers_one_job_to_200_streams_exactly_once() {
+async fn bench_delivers_one_job_to_200_streams_exactly_once_when_each_leaves_at_its_result() {
     let app = TestApp::spawn().await;
-    let report = bench(&app, "single", 200).await;
+    let report = bench(&app, "single", 200, true).await;
     assert_every_event_arrived_once(&report, 200);
+    assert_eq!(report["leave_on_result"], true, "{report}");
     assert_eq!(report["completions"], 1, "{report}");
 }
 

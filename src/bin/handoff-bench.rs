@@ -75,6 +75,11 @@ struct Args {
     /// How long to keep listening after the last expected event, to catch duplicates (ms).
     #[arg(long, default_value_t = 200)]
     settle_ms: u64,
+    /// Close each stream as soon as its result arrives, as page A does when it moves on to
+    /// page B. Every server then tears its streams down inside the completion window, whether
+    /// or not it ends them itself; a duplicate sent later on the same stream goes unseen.
+    #[arg(long)]
+    leave_on_result: bool,
     /// The server's pid (for Nchan: the worker's), to read its resident memory.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -166,6 +171,7 @@ async fn run(args: &Args, target: &Target) -> Report {
         streams: args.streams,
         connect_concurrency: args.connect_concurrency,
         publishers: args.publishers,
+        leave_on_result: args.leave_on_result,
         expected: args.streams,
         ..Report::default()
     };
@@ -202,6 +208,7 @@ async fn run(args: &Args, target: &Target) -> Report {
         channel_of,
         args.streams,
         args.connect_concurrency,
+        args.leave_on_result,
         start + phase,
         &board,
         &stop,

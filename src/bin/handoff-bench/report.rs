@@ -46,6 +46,7 @@ pub struct Report {
     pub streams: usize,
     pub connect_concurrency: usize,
     pub publishers: usize,
+    pub leave_on_result: bool,
     pub opened: usize,
     pub connect_failures: usize,
     pub connect_secs: f64,
@@ -83,7 +84,18 @@ impl Report {
                 "run",
                 format!("{} ({}, {})", self.label, self.target, self.mode),
             ),
-            ("streams", self.streams.to_string()),
+            (
+                "streams",
+                format!(
+                    "{}{}",
+                    self.streams,
+                    if self.leave_on_result {
+                        ", each closed by the client at its result"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
             (
                 "opened",
                 format!(

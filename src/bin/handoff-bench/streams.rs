@@ -83,12 +83,14 @@ pub struct Opened {
 }
 
 /// Spawns one task per stream; each reports how its opening went on the returned channel, then
-/// reads its stream until the stream ends or `stop` is cancelled.
+/// reads its stream until the stream ends, `stop` is cancelled, or (with `leave_on_result`) its
+/// result arrives.
 pub fn open_all(
     template: &UrlTemplate,
     channel_of: impl Fn(usize) -> String,
     streams: usize,
     concurrency: usize,
+    leave_on_result: bool,
     deadline: Instant,
     board: &Arc<Board>,
     stop: &CancellationToken,
@@ -149,8 +151,12 @@ pub fn open_all(
                 let Some(Ok(frame)) = frame else { return };
                 let at = Instant::now();
                 if let Ok(data) = frame.into_data() {
-                    for _ in 0..parser.results_in(&data) {
+                    let results = parser.results_in(&data);
+                    for _ in 0..results {
                         board.record(index, at);
+                    }
+                    if leave_on_result && results > 0 {
+                        return;
                     }
                 }
             }
