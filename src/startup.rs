@@ -135,8 +135,9 @@ impl Application {
                 .configure(routes::configure)
         })
         // A client that closes its side has gone (page A left, or nginx dropped the browser's
-        // request): end its connection at once, and with it the stream and its hub entry.
-        // EventSource never half-closes a request it still reads.
+        // request): end its connection at once, and with it the stream and its hub entry. This
+        // applies to every request: one whose client half-closes before the answer gets none
+        // (browsers, EventSource, nginx and HTTP client libraries never half-close).
         .h1_allow_half_closed(false)
         .backlog(4096)
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
