@@ -206,10 +206,12 @@ async fn run(args: &Args, target: &Target) -> Report {
     let mut opened = streams::open_all(
         &target.subscribe,
         channel_of,
-        args.streams,
-        args.connect_concurrency,
-        args.leave_on_result,
-        start + phase,
+        &streams::Opening {
+            streams: args.streams,
+            concurrency: args.connect_concurrency,
+            leave_on_result: args.leave_on_result,
+            deadline: start + phase,
+        },
         &board,
         &stop,
     );

@@ -82,19 +82,33 @@ pub struct Opened {
     pub result: Result<Duration, String>,
 }
 
+/// How the streams are opened and read.
+pub struct Opening {
+    pub streams: usize,
+    /// Streams being opened at once.
+    pub concurrency: usize,
+    /// Close each stream as soon as its result arrives, as page A does.
+    pub leave_on_result: bool,
+    /// No stream is still being opened after this.
+    pub deadline: Instant,
+}
+
 /// Spawns one task per stream; each reports how its opening went on the returned channel, then
 /// reads its stream until the stream ends, `stop` is cancelled, or (with `leave_on_result`) its
 /// result arrives.
 pub fn open_all(
     template: &UrlTemplate,
     channel_of: impl Fn(usize) -> String,
-    streams: usize,
-    concurrency: usize,
-    leave_on_result: bool,
-    deadline: Instant,
+    opening: &Opening,
     board: &Arc<Board>,
     stop: &CancellationToken,
 ) -> mpsc::UnboundedReceiver<Opened> {
+    let &Opening {
+        streams,
+        concurrency,
+        leave_on_result,
+        deadline,
+    } = opening;
     let (tx, rx) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
     // Where this run's source ports start: a large prime step per second, so back-to-back runs
