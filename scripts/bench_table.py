@@ -63,6 +63,27 @@ FIGURES = [
 FLOORS = [("bare-actix", "bare actix-web"), ("bare-hyper", "bare hyper")]
 
 
+def table_head(lead, lead_rule, titles, tail, tail_rule):
+    """A table's two header lines: the lead columns, three columns per figure named by
+    `titles(figure title)`, then the tail columns."""
+    head, rule = lead, lead_rule
+    for title, _, _, _ in FIGURES:
+        head += "".join(f" {t} |" for t in titles(title))
+        rule += "---:|" * 3
+    return head + tail, rule + tail_rule
+
+
+def figure_cells(mode, cells):
+    """Three cells per figure, from `cells(key, digits)`; single mode has no rate."""
+    row = ""
+    for _, key, digits, _ in FIGURES:
+        if mode == "single" and key == "completions_per_sec":
+            row += " – | – | – |"  # one completion: no rate to speak of
+        else:
+            row += "".join(f" {c} |" for c in cells(key, digits))
+    return row
+
+
 def per_run_ratio(runs_a, runs_b, key):
     ratios = []
     for rep, a in runs_a.items():
@@ -111,31 +132,20 @@ def main():
     w("")
     w("### Handoff vs Nchan")
     w("")
-    head = "| N | mode |"
-    rule = "|---:|---|"
-    for title, _, _, _ in FIGURES:
-        head += f" {title}: Handoff | Nchan | × |"
-        rule += "---:|---:|---:|"
-    head += " delivered: Handoff | Nchan |"
-    rule += "---:|---:|"
-    w(head)
-    w(rule)
+    for line in table_head("| N | mode |", "|---:|---|",
+                           lambda title: (f"{title}: Handoff", "Nchan", "×"),
+                           " delivered: Handoff | Nchan |", "---:|---:|"):
+        w(line)
     for n in sizes:
         for mode in ("distinct", "single"):
             h, c = runs.get(("handoff", mode, n), {}), runs.get(("nchan", mode, n), {})
             if not h and not c:
                 continue
-            row = f"| {n:,} | {mode} |"
-            for _, key, digits, _ in FIGURES:
-                if mode == "single" and key == "completions_per_sec":
-                    row += " – | – | – |"  # one completion: no rate to speak of
-                    continue
-                mh = median(figure(r, key) for r in h.values())
-                mc = median(figure(r, key) for r in c.values())
-                ratio = per_run_ratio(h, c, key)
-                row += f" {fmt(mh, digits)} | {fmt(mc, digits)} | {fmt(ratio, 2)} |"
-            row += f" {delivered(h)} | {delivered(c)} |"
-            w(row)
+            row = f"| {n:,} | {mode} |" + figure_cells(mode, lambda key, digits: (
+                fmt(median(figure(r, key) for r in h.values()), digits),
+                fmt(median(figure(r, key) for r in c.values()), digits),
+                fmt(per_run_ratio(h, c, key), 2)))
+            w(row + f" {delivered(h)} | {delivered(c)} |")
     floors = [(name, title) for name, title in FLOORS if any(k[0] == name for k in runs)]
     if floors:
         w("")
@@ -148,26 +158,19 @@ def main():
           "Handoff's own code reaches it on that stack. × is floor ÷ Nchan; Handoff ÷ floor shows "
           "what Handoff's own work costs.")
         w("")
-        head = "| server | N | mode |"
-        rule = "|---|---:|---|"
-        for title, _, _, _ in FIGURES:
-            head += f" {title} | × Nchan | Handoff ÷ it |"
-            rule += "---:|---:|---:|"
-        w(head + " delivered |")
-        w(rule + "---:|")
+        for line in table_head("| server | N | mode |", "|---|---:|---|",
+                               lambda title: (title, "× Nchan", "Handoff ÷ it"),
+                               " delivered |", "---:|"):
+            w(line)
         for name, title in floors:
             for (nm, mode, n), b in sorted(runs.items()):
                 if nm != name:
                     continue
                 h, c = runs.get(("handoff", mode, n), {}), runs.get(("nchan", mode, n), {})
-                row = f"| {title} | {n:,} | {mode} |"
-                for _, key, digits, _ in FIGURES:
-                    if mode == "single" and key == "completions_per_sec":
-                        row += " – | – | – |"
-                        continue
-                    mb = median(figure(r, key) for r in b.values())
-                    row += (f" {fmt(mb, digits)} | {fmt(per_run_ratio(b, c, key), 2)} |"
-                            f" {fmt(per_run_ratio(h, b, key), 2)} |")
+                row = f"| {title} | {n:,} | {mode} |" + figure_cells(mode, lambda key, digits: (
+                    fmt(median(figure(r, key) for r in b.values()), digits),
+                    fmt(per_run_ratio(b, c, key), 2),
+                    fmt(per_run_ratio(h, b, key), 2)))
                 w(row + f" {delivered(b)} |")
     peers = [p for p in ("python", "node-plain", "better-sse") if any(k[0] == p for k in runs)]
     if peers:
