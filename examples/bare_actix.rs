@@ -1,9 +1,9 @@
 //! The floor under Handoff's figures in BENCHMARKS.md: the same stack (actix-web 4,
 //! actix-web-lab's `Sse`, tokio, jemalloc) and the same stream shape (`retry:`, a connect event,
 //! the result event, end of stream), with nothing else: no database, no limits, no metrics, no
-//! middleware, no job ids to parse, no cleanup of a stream that leaves before its result. `scripts/bench.sh` runs it through the same bench tool as a
-//! generic target, so a Handoff figure that this server cannot reach either is bounded by the
-//! stack, not by Handoff's own code.
+//! middleware, no job ids to parse, no cleanup of a stream that leaves before its result.
+//! `scripts/bench.sh` runs it through the same bench tool as a generic target, so a Handoff
+//! figure that this server cannot reach either is bounded by the stack, not by Handoff's own code.
 //!
 //!   cargo run --release --example bare_actix -- 127.0.0.1:8090 [workers]
 //!   GET  /sub/{id}   the stream

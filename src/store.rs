@@ -240,12 +240,16 @@ impl Store {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2"
         ));
-        let rows: Vec<JobRow> = on_pool!(&self.pool, p => sqlx::query_as(sql).bind(limit).bind(offset).fetch_all(p).await?);
+        let rows: Vec<JobRow> = on_pool!(&self.pool, p => {
+            sqlx::query_as(sql).bind(limit).bind(offset).fetch_all(p).await?
+        });
         rows.into_iter().map(Job::try_from).collect()
     }
 
     pub async fn count_jobs(&self) -> Result<i64, StoreError> {
-        let (n,): (i64,) = on_pool!(&self.pool, p => sqlx::query_as("SELECT COUNT(*) FROM jobs").fetch_one(p).await?);
+        let (n,): (i64,) = on_pool!(&self.pool, p => {
+            sqlx::query_as("SELECT COUNT(*) FROM jobs").fetch_one(p).await?
+        });
         Ok(n)
     }
 
