@@ -8,7 +8,7 @@
 #
 # Settings (environment): RUNS (3), SIZES ("1000 10000 19000"), PEER_N (1000), PEERS (1 = also
 # the Python and Node peers), FLOOR_N (10000: N for the floors, bare actix-web and bare hyper,
-# examples/bare_*.rs; empty = skip them), PEERS_DIR (where start-nchan.sh lives; default ../shared/peers,
+# examples/bare_*.rs, and the write floor, examples/store_alone.rs; empty = skip them), PEERS_DIR (where start-nchan.sh lives; default ../shared/peers,
 # then /work/shared/peers), SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core),
 # BASE_PORT (18080; each run takes the next port), OUT (target/bench).
 set -euo pipefail
@@ -41,7 +41,8 @@ ulimit -n "$(ulimit -Hn)"
 command -v taskset >/dev/null || { echo "bench.sh: taskset missing (apt-get install util-linux)" >&2; exit 2; }
 
 say "building (release)"
-cargo build --release --locked --bin handoff --bin handoff-bench --example bare_actix --example bare_hyper
+cargo build --release --locked --bin handoff --bin handoff-bench --example bare_actix --example bare_hyper \
+  --example store_alone
 bench_bin=$root/target/release/handoff-bench
 mkdir -p "$OUT/json"
 rm -f "$OUT"/json/*.json
@@ -142,6 +143,14 @@ target_args() { # name: the bench tool's target arguments
   esac
 }
 
+store_run() { # callers n rep: Handoff's store alone on the server's core (the write floor)
+  local callers=$1 n=$2 rep=$3
+  say "store alone, $callers caller(s), $n completions, run $rep"
+  taskset -c "$SERVER_CPU" "$root/target/release/examples/store_alone" "$n" "$callers" \
+    "$OUT/json/store-alone-c$callers-distinct-$n-$rep.json" ||
+    echo "bench.sh: store alone, $callers caller(s), run $rep FAILED" >&2
+}
+
 one_run() { # name n mode rep
   local name=$1 n=$2 mode=$3 rep=$4 json
   json="$OUT/json/$name-$mode-$n-$rep.json"
@@ -180,6 +189,10 @@ for rep in $(seq "$RUNS"); do
       if [ "$n" = "$FLOOR_N" ]; then
         one_run bare-actix "$n" "$mode" "$rep"
         one_run bare-hyper "$n" "$mode" "$rep"
+        if [ "$mode" = distinct ]; then
+          store_run 4 "$n" "$rep"
+          store_run 1 "$n" "$rep"
+        fi
       fi
     done
   done

@@ -172,6 +172,34 @@ def main():
                     fmt(per_run_ratio(b, c, key), 2),
                     fmt(per_run_ratio(h, b, key), 2)))
                 w(row + f" {delivered(b)} |")
+    stores = sorted(((name, n), rs) for (name, _, n), rs in runs.items()
+                    if name.startswith("store-alone-c"))
+    if stores:
+        w("")
+        w("### The write floor: Handoff's store alone, on the server's core")
+        w("")
+        w("`examples/store_alone.rs` completes jobs through Handoff's own `Store::complete_job` (the "
+          "write lane and its durable SQLite commit, as the server makes them) with no HTTP, hub or "
+          "streams, each caller waiting for its answer before the next: 4 callers always fill a "
+          "batch of 4 (the best case for the write; the server's 4 publishers fill about 2.3), 1 "
+          "caller makes every batch a batch of one. µs per completion is 1 ÷ rate: time on the "
+          "one core (busy about 85 % of it, over half in the kernel, switching between the "
+          "runtime's thread and sqlx's SQLite thread). Nchan's and Handoff's whole completions "
+          "(10,000 distinct, same run) are in the same unit: the write alone takes that share of "
+          "the time Nchan needs for everything.")
+        w("")
+        w("| callers | completions/s | µs per completion | Nchan: µs per whole completion | "
+          "write ÷ Nchan's whole | Handoff: µs per whole completion |")
+        w("|---:|---:|---:|---:|---:|---:|")
+        for (name, n), rs in stores:
+            c = runs.get(("nchan", "distinct", n), {})
+            h = runs.get(("handoff", "distinct", n), {})
+            micros = lambda group: median(1e6 / r["completions_per_sec"] for r in group.values()
+                                          if r.get("completions_per_sec"))
+            w(f"| {name.removeprefix('store-alone-c')} | "
+              f"{fmt(median(figure(r, 'completions_per_sec') for r in rs.values()))} | "
+              f"{fmt(micros(rs), 1)} | {fmt(micros(c), 1)} | "
+              f"{fmt(per_run_ratio(c, rs, 'completions_per_sec'), 2)} | {fmt(micros(h), 1)} |")
     peers = [p for p in ("python", "node-plain", "better-sse") if any(k[0] == p for k in runs)]
     if peers:
         w("")

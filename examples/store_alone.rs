@@ -1,0 +1,113 @@
+//! The write floor under Handoff's completions per second in BENCHMARKS.md: Handoff's own store
+//! (`Store::complete_job`: the write lane and the durable SQLite commit the server makes for every
+//! completion) with no HTTP, no hub and no streams, driven the way the bench tool drives the
+//! server: `callers` tasks (the bench's 4 publishers), each waiting for its answer before it
+//! sends the next. One thread, plus sqlx's SQLite threads. `scripts/bench.sh` pins it to the
+//! server's core: the server does this work and all its HTTP work on that one core, so the core
+//! time this takes per completion is part of Handoff's, and no change outside the write path
+//! brings Handoff's time per completion below it.
+//!
+//!   cargo run --release --example store_alone -- [jobs (10000)] [callers (4)] [report.json]
+
+use std::time::Instant;
+
+use futures_util::future::join_all;
+use handoff::domain::JobId;
+use handoff::store::{Completion, Store};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(serde::Serialize)]
+struct Report {
+    label: &'static str,
+    callers: usize,
+    completions: usize,
+    completion_failures: usize,
+    completion_secs: f64,
+    completions_per_sec: f64,
+    /// Core time per completion when the core is saturated: the inverse of the rate.
+    micros_per_completion: f64,
+    ok: bool,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let jobs: usize = args.next().map_or(Ok(10_000), |n| n.parse())?;
+    let callers: usize = args.next().map_or(Ok(4), |n| n.parse())?.max(1);
+    let json = args.next();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(measure(jobs, callers))?;
+    println!(
+        "store alone: {} completions by {callers} callers in {:.3} s: {:.0}/s, {:.1} µs each{}",
+        report.completions,
+        report.completion_secs,
+        report.completions_per_sec,
+        report.micros_per_completion,
+        if report.ok { "" } else { " (FAILURES)" }
+    );
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(format!("{} completion(s) failed", report.completion_failures).into())
+    }
+}
+
+async fn measure(jobs: usize, callers: usize) -> Result<Report, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store =
+        Store::connect(&format!("sqlite://{}/store-alone.db", dir.path().display())).await?;
+    // The jobs exist first, as in the bench (not timed): every completion below finds its job.
+    let created = join_all((0..callers).map(|caller| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in (caller..jobs).step_by(callers) {
+                ids.push(store.create_job(None).await?.id);
+            }
+            Ok::<Vec<JobId>, handoff::store::StoreError>(ids)
+        })
+    }))
+    .await;
+    let mut shares = Vec::with_capacity(callers);
+    for share in created {
+        shares.push(share??);
+    }
+
+    let start = Instant::now();
+    let finished = join_all(shares.into_iter().map(|ids| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut completed = 0;
+            for id in &ids {
+                if let Ok(Completion::Completed(_)) = store.complete_job(id, None).await {
+                    completed += 1;
+                }
+            }
+            (completed, ids.len() - completed)
+        })
+    }))
+    .await;
+    let secs = start.elapsed().as_secs_f64();
+    let (mut completions, mut completion_failures) = (0, 0);
+    for caller in finished {
+        let (done, failed) = caller?;
+        completions += done;
+        completion_failures += failed;
+    }
+    Ok(Report {
+        label: "store-alone",
+        callers,
+        completions,
+        completion_failures,
+        completion_secs: secs,
+        completions_per_sec: completions as f64 / secs.max(1e-9),
+        micros_per_completion: secs * 1e6 / completions.max(1) as f64,
+        ok: completion_failures == 0 && completions == jobs,
+    })
+}
