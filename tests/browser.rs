@@ -40,6 +40,35 @@ async fn a_demo_job_started_on_the_landing_page_reaches_page_b_when_completed() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn nginx_passes_health_checks_on_but_not_metrics() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(&[app.port]);
+    let get = |url: String| {
+        let client = app.client.clone();
+        async move { client.get(url).send().await.expect("an answer") }
+    };
+    let direct = get(app.url("/metrics")).await;
+    assert_eq!(direct.status(), 200, "the instance itself serves /metrics");
+    assert!(
+        direct
+            .text()
+            .await
+            .unwrap()
+            .contains("handoff_open_streams")
+    );
+    let proxied = get(nginx.http_url("/metrics")).await;
+    assert_eq!(
+        proxied.status(),
+        404,
+        "nginx keeps one instance's metrics to itself"
+    );
+    assert!(!proxied.text().await.unwrap().contains("handoff_"));
+    let health = get(nginx.http_url("/healthz")).await;
+    assert_eq!(health.status(), 200);
+    assert!(health.text().await.unwrap().starts_with("ok\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_demo_flow_works_through_nginx_over_http1_and_over_http2_with_tls() {
     let app = TestApp::spawn().await;
     let nginx = Nginx::start(&[app.port]);
