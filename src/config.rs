@@ -71,7 +71,7 @@ impl Config {
         {
             return Err(ConfigError {
                 var: "DATABASE_URL",
-                value: database_url,
+                value: without_password(&database_url),
                 reason: "expected a sqlite://… or postgres://… URL".into(),
             });
         }
@@ -81,7 +81,7 @@ impl Config {
         {
             return Err(ConfigError {
                 var: "REDIS_URL",
-                value: url.clone(),
+                value: without_password(url),
                 reason: "expected a redis://… URL".into(),
             });
         }
@@ -117,6 +117,21 @@ fn parse<T>(
 ) -> Result<T, ConfigError> {
     let value = get(var).unwrap_or_else(|| default.to_owned());
     parse(&value).map_err(|reason| ConfigError { var, value, reason })
+}
+
+/// A rejected URL as an error message may show it: with its password, if any, masked.
+fn without_password(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            // Fails only for URLs that cannot carry a password, and this one has one.
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        Ok(_) => raw.to_owned(),
+        // A path, say: shown as given, unless it might hold a `user:password@`.
+        Err(_) if !raw.contains('@') => raw.to_owned(),
+        Err(_) => "(not shown: not a URL)".into(),
+    }
 }
 
 /// The shortest API token accepted: the token is all that guards completions and the admin page,
@@ -223,5 +238,26 @@ mod tests {
             assert_eq!(err.var, var);
             assert!(err.to_string().contains(var), "{err}");
         }
+    }
+
+    #[test]
+    fn a_rejected_url_is_shown_without_its_password() {
+        for (var, value) in [
+            (
+                "DATABASE_URL",
+                "mysql://app:hunter2secret@db.internal:3306/jobs",
+            ),
+            ("REDIS_URL", "http://:hunter2secret@cache.internal:6379"),
+        ] {
+            let err = with(&[(var, value)]).unwrap_err().to_string();
+            assert!(!err.contains("hunter2secret"), "{err}");
+            assert!(err.contains("***@"), "the rest of the URL stays: {err}");
+        }
+        let err = with(&[("DATABASE_URL", "data/handoff.db")]).unwrap_err();
+        assert!(err.to_string().contains("data/handoff.db"), "{err}");
+        let err = with(&[("DATABASE_URL", "mysq1 app:hunter2secret@db")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2secret"), "{err}");
     }
 }
