@@ -6,7 +6,7 @@
 //! place back, so the counts cannot drift the way a periodic sweep could.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,17 @@ pub enum Refusal {
     ClientFull(usize),
 }
 
+/// What a per-client limit counts as one client: an IPv4 address, or an IPv6 /64. A home or a
+/// server is given a whole /64 and may use any address in it, so counting single IPv6 addresses
+/// would let one client step around every per-client limit. IPv4-mapped IPv6 addresses count as
+/// the IPv4 address they carry.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
+
 /// The stream caps (`HANDOFF_MAX_STREAMS`, `HANDOFF_MAX_STREAMS_PER_CLIENT`) and the current counts.
 #[derive(Debug, Clone)]
 pub struct StreamLimits {
@@ -170,6 +181,7 @@ impl StreamLimits {
         }
         let client = match (self.inner.max_per_client, client) {
             (Some(max), Some(ip)) => {
+                let ip = client_key(ip);
                 let n = counts.per_client.entry(ip).or_default();
                 if *n >= max {
                     return Err(Refusal::ClientFull(max));
@@ -240,7 +252,9 @@ impl LoginThrottle {
 
     /// `Err(wait)` while `client` must wait before its next attempt.
     pub fn check(&self, client: Option<IpAddr>) -> Result<(), Duration> {
-        let Some(ip) = client else { return Ok(()) };
+        let Some(ip) = client.map(client_key) else {
+            return Ok(());
+        };
         let now = Instant::now();
         match self.lock().get(&ip).and_then(|f| f.blocked_until) {
             Some(until) if until > now => Err(until - now),
@@ -250,7 +264,7 @@ impl LoginThrottle {
 
     /// Records a wrong token from `client`; returns how long it must now wait, if at all.
     pub fn failed(&self, client: Option<IpAddr>) -> Option<Duration> {
-        let ip = client?;
+        let ip = client_key(client?);
         let now = Instant::now();
         let mut failures = self.lock();
         if failures.len() >= MAX_REMEMBERED_ADDRESSES && !failures.contains_key(&ip) {
@@ -282,7 +296,7 @@ impl LoginThrottle {
     /// A right token: `client` starts afresh.
     pub fn succeeded(&self, client: Option<IpAddr>) {
         if let Some(ip) = client {
-            self.lock().remove(&ip);
+            self.lock().remove(&client_key(ip));
         }
     }
 }
@@ -311,6 +325,40 @@ mod tests {
                 .check(blocked(u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap()))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_slash_64_and_a_mapped_ipv4_is_its_ipv4() {
+        let limits = StreamLimits::new(100, Some(1));
+        let _a = limits.admit(ip("2001:db8:1:2::1")).unwrap();
+        assert_eq!(
+            limits
+                .admit(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+                .unwrap_err(),
+            Refusal::ClientFull(1),
+            "another address in the same /64 is the same client"
+        );
+        assert!(
+            limits.admit(ip("2001:db8:1:3::1")).is_ok(),
+            "the next /64 is not"
+        );
+        let _b = limits.admit(ip("192.0.2.7")).unwrap();
+        assert_eq!(
+            limits.admit(ip("::ffff:192.0.2.7")).unwrap_err(),
+            Refusal::ClientFull(1)
+        );
+
+        let throttle = LoginThrottle::default();
+        for n in 0..=FREE_LOGIN_FAILURES {
+            throttle.failed(ip(&format!("2001:db8:1:2::{:x}", n + 1)));
+        }
+        assert!(
+            throttle.check(ip("2001:db8:1:2::abcd")).is_err(),
+            "guesses from one /64 add up, whichever addresses they come from"
+        );
+        assert!(throttle.check(ip("2001:db8:1:3::1")).is_ok());
+        throttle.succeeded(ip("2001:db8:1:2::99"));
+        assert!(throttle.check(ip("2001:db8:1:2::abcd")).is_ok());
     }
 
     #[test]
