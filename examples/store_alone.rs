@@ -5,7 +5,8 @@
 //! sends the next. One thread, plus sqlx's SQLite threads. `scripts/bench.sh` pins it to the
 //! server's core: the server does this work and all its HTTP work on that one core, so the core
 //! time this takes per completion is part of Handoff's, and no change outside the write path
-//! brings Handoff's time per completion below it.
+//! brings Handoff's time per completion below it (less whatever HTTP work the server fits into
+//! the core's idle moments while it waits for sqlx's thread).
 //!
 //!   cargo run --release --example store_alone -- [jobs (10000)] [callers (4)] [report.json]
 
@@ -26,8 +27,10 @@ struct Report {
     completion_failures: usize,
     completion_secs: f64,
     completions_per_sec: f64,
-    /// Core time per completion when the core is saturated: the inverse of the rate.
+    /// Wall time per completion on the pinned core: the inverse of the rate.
     micros_per_completion: f64,
+    /// The first failure, if any, as the store reported it.
+    first_error: Option<String>,
     ok: bool,
 }
 
@@ -46,7 +49,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.completion_secs,
         report.completions_per_sec,
         report.micros_per_completion,
-        if report.ok { "" } else { " (FAILURES)" }
+        match &report.first_error {
+            None => String::new(),
+            Some(error) => format!(" ({} FAILED; first: {error})", report.completion_failures),
+        }
     );
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
@@ -83,22 +89,26 @@ async fn measure(jobs: usize, callers: usize) -> Result<Report, Box<dyn std::err
     let finished = join_all(shares.into_iter().map(|ids| {
         let store = store.clone();
         tokio::spawn(async move {
-            let mut completed = 0;
+            let (mut completed, mut first_error) = (0, None);
             for id in &ids {
-                if let Ok(Completion::Completed(_)) = store.complete_job(id, None).await {
-                    completed += 1;
+                match store.complete_job(id, None).await {
+                    Ok(Completion::Completed(_)) => completed += 1,
+                    other => {
+                        first_error.get_or_insert_with(|| format!("job {id}: {other:?}"));
+                    }
                 }
             }
-            (completed, ids.len() - completed)
+            (completed, ids.len() - completed, first_error)
         })
     }))
     .await;
     let secs = start.elapsed().as_secs_f64();
-    let (mut completions, mut completion_failures) = (0, 0);
+    let (mut completions, mut completion_failures, mut first_error) = (0, 0, None);
     for caller in finished {
-        let (done, failed) = caller?;
+        let (done, failed, error) = caller?;
         completions += done;
         completion_failures += failed;
+        first_error = first_error.or(error);
     }
     Ok(Report {
         label: "store-alone",
@@ -108,6 +118,7 @@ async fn measure(jobs: usize, callers: usize) -> Result<Report, Box<dyn std::err
         completion_secs: secs,
         completions_per_sec: completions as f64 / secs.max(1e-9),
         micros_per_completion: secs * 1e6 / completions.max(1) as f64,
+        first_error,
         ok: completion_failures == 0 && completions == jobs,
     })
 }

@@ -146,7 +146,7 @@ target_args() { # name: the bench tool's target arguments
 store_run() { # callers n rep: Handoff's store alone on the server's core (the write floor)
   local callers=$1 n=$2 rep=$3
   say "store alone, $callers caller(s), $n completions, run $rep"
-  taskset -c "$SERVER_CPU" "$root/target/release/examples/store_alone" "$n" "$callers" \
+  timeout 120 taskset -c "$SERVER_CPU" "$root/target/release/examples/store_alone" "$n" "$callers" \
     "$OUT/json/store-alone-c$callers-distinct-$n-$rep.json" ||
     echo "bench.sh: store alone, $callers caller(s), run $rep FAILED" >&2
 }

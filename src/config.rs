@@ -119,18 +119,36 @@ fn parse<T>(
     parse(&value).map_err(|reason| ConfigError { var, value, reason })
 }
 
-/// A rejected URL as an error message may show it: with its password, if any, masked.
+/// A rejected URL as an error message may show it: with its password, in the user part or as a
+/// `password=` query parameter, masked; not at all when it has no `scheme://host` to go by and
+/// might hold one.
 fn without_password(raw: &str) -> String {
     match url::Url::parse(raw) {
-        Ok(mut url) if url.password().is_some() => {
-            // Fails only for URLs that cannot carry a password, and this one has one.
-            let _ = url.set_password(Some("***"));
+        Ok(mut url) if url.has_host() => {
+            if url.password().is_some() {
+                // Fails only for URLs that cannot carry a password, and this one has one.
+                let _ = url.set_password(Some("***"));
+            }
+            let is_password = |key: &str| key.eq_ignore_ascii_case("password");
+            if url.query_pairs().any(|(key, _)| is_password(&key)) {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(key, value)| {
+                        let value = if is_password(&key) {
+                            "***".into()
+                        } else {
+                            value
+                        };
+                        (key.into_owned(), value.into_owned())
+                    })
+                    .collect();
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             url.to_string()
         }
-        Ok(_) => raw.to_owned(),
-        // A path, say: shown as given, unless it might hold a `user:password@`.
-        Err(_) if !raw.contains('@') => raw.to_owned(),
-        Err(_) => "(not shown: not a URL)".into(),
+        // A path, say: shown as given.
+        _ if !raw.contains('@') && !raw.to_ascii_lowercase().contains("password") => raw.to_owned(),
+        _ => "(not shown: it may hold a password)".into(),
     }
 }
 
@@ -255,9 +273,18 @@ mod tests {
         }
         let err = with(&[("DATABASE_URL", "data/handoff.db")]).unwrap_err();
         assert!(err.to_string().contains("data/handoff.db"), "{err}");
-        let err = with(&[("DATABASE_URL", "mysq1 app:hunter2secret@db")])
-            .unwrap_err()
-            .to_string();
-        assert!(!err.contains("hunter2secret"), "{err}");
+        for (var, value) in [
+            ("DATABASE_URL", "mysq1 app:hunter2secret@db"),
+            ("DATABASE_URL", "app:hunter2secret@db/jobs"),
+            ("REDIS_URL", "redis:hunter2secret@cache:6379"),
+            ("REDIS_URL", "redis:/:hunter2secret@cache"),
+            (
+                "DATABASE_URL",
+                "mysql://db.internal/jobs?user=app&password=hunter2secret",
+            ),
+        ] {
+            let err = with(&[(var, value)]).unwrap_err().to_string();
+            assert!(!err.contains("hunter2secret"), "{err}");
+        }
     }
 }

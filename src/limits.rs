@@ -115,13 +115,17 @@ impl TrustedProxies {
 pub enum Refusal {
     #[error("this server has {0} event streams open, its limit; try again shortly")]
     Full(usize),
-    #[error("this address has {0} event streams open, its limit; close some first")]
+    #[error(
+        "this client (its address; for IPv6, its /64) has {0} event streams open, its limit; close some first"
+    )]
     ClientFull(usize),
 }
 
 /// What a per-client limit counts as one client: an IPv4 address, or an IPv6 /64. A home or a
-/// server is given a whole /64 and may use any address in it, so counting single IPv6 addresses
-/// would let one client step around every per-client limit. IPv4-mapped IPv6 addresses count as
+/// server is given at least a /64 and may use any address in it, so counting single IPv6
+/// addresses would let one client step around every per-client limit for free. What still gets
+/// through: a home given a /56 or /48 has that many /64s to step through; and where a provider
+/// puts several customers in one /64, they share its limits. IPv4-mapped IPv6 addresses count as
 /// the IPv4 address they carry.
 fn client_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
