@@ -20,18 +20,18 @@ use handoff::store::{Completion, Store};
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(serde::Serialize)]
-struct Report {
-    label: &'static str,
-    callers: usize,
-    completions: usize,
-    completion_failures: usize,
-    completion_secs: f64,
-    completions_per_sec: f64,
+pub(crate) struct Report {
+    pub(crate) label: &'static str,
+    pub(crate) callers: usize,
+    pub(crate) completions: usize,
+    pub(crate) completion_failures: usize,
+    pub(crate) completion_secs: f64,
+    pub(crate) completions_per_sec: f64,
     /// Wall time per completion on the pinned core: the inverse of the rate.
-    micros_per_completion: f64,
+    pub(crate) micros_per_completion: f64,
     /// The first failure, if any, as the store reported it.
-    first_error: Option<String>,
-    ok: bool,
+    pub(crate) first_error: Option<String>,
+    pub(crate) ok: bool,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -64,7 +64,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-async fn measure(jobs: usize, callers: usize) -> Result<Report, Box<dyn std::error::Error>> {
+/// Creates `jobs` jobs in a fresh SQLite file, then completes them all with `callers` callers.
+/// Also run by `tests/bench_smoke.rs`, so the write floor keeps working.
+pub(crate) async fn measure(
+    jobs: usize,
+    callers: usize,
+) -> Result<Report, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let store =
         Store::connect(&format!("sqlite://{}/store-alone.db", dir.path().display())).await?;

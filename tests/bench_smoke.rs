@@ -87,3 +87,19 @@ async fn bench_refuses_a_target_that_is_not_loopback() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("loopback"));
 }
+
+// The write floor, `examples/store_alone.rs`, compiled into this test so it keeps working.
+#[allow(dead_code)]
+#[path = "../examples/store_alone.rs"]
+mod store_alone;
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_write_floor_completes_every_job_once_and_says_so() {
+    for callers in [1, 4] {
+        let report = store_alone::measure(200, callers).await.expect("a report");
+        assert!(report.ok, "{:?}", report.first_error);
+        assert_eq!(report.completions, 200);
+        assert_eq!(report.completion_failures, 0);
+        assert!(report.completions_per_sec > 0.0);
+    }
+}
