@@ -116,7 +116,7 @@ pub enum Refusal {
     #[error("this server has {0} event streams open, its limit; try again shortly")]
     Full(usize),
     #[error(
-        "this client (its address; for IPv6, its /64) has {0} event streams open, its limit; close some first"
+        "this address (for IPv6, its /64) has {0} event streams open, its limit; close some first"
     )]
     ClientFull(usize),
 }
