@@ -8,9 +8,10 @@
 #
 # Settings (environment): RUNS (3), SIZES ("1000 10000 19000"), PEER_N (1000), PEERS (1 = also
 # the Python and Node peers), FLOOR_N (10000: N for the floors, bare actix-web and bare hyper,
-# examples/bare_*.rs, and the write floor, examples/store_alone.rs; empty = skip them), PEERS_DIR (where start-nchan.sh lives; default ../shared/peers,
-# then /work/shared/peers), SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core),
-# BASE_PORT (18080; each run takes the next port), OUT (target/bench).
+# examples/bare_*.rs, and the write floor, examples/store_alone.rs; empty = skip them),
+# PEERS_DIR (where start-nchan.sh lives; default ../shared/peers, then /work/shared/peers),
+# SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core), BASE_PORT (18080; each run
+# takes the next port), OUT (target/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
