@@ -1,7 +1,6 @@
 //! Who may change jobs: API callers with the token, and admins with a session cookie and a CSRF
 //! token. Every secret comparison runs in constant time.
 
-use actix_web::HttpRequest;
 use actix_web::cookie::{Cookie, CookieJar, Key, SameSite, time::Duration as CookieDuration};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -69,11 +68,9 @@ impl Secrets {
         digest(presented).ct_eq(&self.token_digest).into()
     }
 
-    /// Whether the request carries `Authorization: Bearer <the token>`.
-    pub fn bearer_ok(&self, req: &HttpRequest) -> bool {
-        req.headers()
-            .get(actix_web::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+    /// Whether an `Authorization` header's value is `Bearer <the token>`.
+    pub fn bearer_ok(&self, authorization: Option<&str>) -> bool {
+        authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|token| self.token_matches(token.trim()))
     }
@@ -94,11 +91,10 @@ impl Secrets {
         (cookie, session)
     }
 
-    /// The session the request's cookie proves, if it is authentic and not expired.
-    pub fn session(&self, req: &HttpRequest) -> Option<AdminSession> {
-        let cookie = req.cookie(SESSION_COOKIE)?;
+    /// The session a request's [`SESSION_COOKIE`] proves, if it is authentic and not expired.
+    pub fn session(&self, cookie: Option<Cookie<'static>>) -> Option<AdminSession> {
         let jar = CookieJar::new();
-        let plain = jar.private(&self.session_key).decrypt(cookie)?;
+        let plain = jar.private(&self.session_key).decrypt(cookie?)?;
         let (csrf, expires) = plain.value().split_once('.')?;
         let expires: i64 = expires.parse().ok()?;
         (expires > now_millis()).then(|| AdminSession {
@@ -127,7 +123,6 @@ fn session_cookie(value: String, secure: bool) -> Cookie<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::test::TestRequest;
 
     #[test]
     fn only_the_exact_token_matches() {
@@ -135,6 +130,9 @@ mod tests {
         assert!(s.token_matches("sesame"));
         assert!(!s.token_matches("sesam"));
         assert!(!s.token_matches(""));
+        assert!(s.bearer_ok(Some("Bearer sesame")));
+        assert!(!s.bearer_ok(Some("sesame")));
+        assert!(!s.bearer_ok(None));
     }
 
     #[test]
@@ -143,17 +141,13 @@ mod tests {
         let (cookie, session) = s.start_session(false);
         assert!(cookie.http_only().unwrap_or(false));
         assert_eq!(cookie.same_site(), Some(SameSite::Strict));
-        let req = TestRequest::default()
-            .cookie(cookie.clone())
-            .to_http_request();
-        assert_eq!(s.session(&req), Some(session.clone()));
+        assert_eq!(s.session(Some(cookie.clone())), Some(session.clone()));
         assert!(session.csrf_matches(&session.csrf.clone()));
         assert!(!session.csrf_matches("nope"));
 
         let other = Secrets::new("other");
-        assert_eq!(other.session(&req), None);
+        assert_eq!(other.session(Some(cookie)), None);
         let forged = Cookie::new(SESSION_COOKIE, format!("{}.{}", session.csrf, i64::MAX));
-        let req = TestRequest::default().cookie(forged).to_http_request();
-        assert_eq!(s.session(&req), None);
+        assert_eq!(s.session(Some(forged)), None);
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::limits::TrustedProxies;
 
-/// Everything Handoff can be told at start-up.
-#[derive(Debug, Clone)]
+/// Everything Handoff can be told at start-up. Its `Debug` masks the secrets.
+#[derive(Clone)]
 pub struct Config {
     /// `HANDOFF_ADDR`: where to listen.
     pub addr: SocketAddr,
@@ -41,6 +41,33 @@ pub struct Config {
     pub trusted_proxies: TrustedProxies,
     /// `HANDOFF_RETENTION_SECS`: jobs older than this are purged.
     pub retention: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("addr", &self.addr)
+            .field("database_url", &without_password(&self.database_url))
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(without_password),
+            )
+            .field("redis_channel", &self.redis_channel)
+            .field(
+                "api_token",
+                &self.api_token.as_ref().map(|_| "(set, not shown)"),
+            )
+            .field("sse_timeout", &self.sse_timeout)
+            .field("sse_retry", &self.sse_retry)
+            .field("keep_alive", &self.keep_alive)
+            .field("workers", &self.workers)
+            .field("resync_interval", &self.resync_interval)
+            .field("max_streams", &self.max_streams)
+            .field("max_streams_per_client", &self.max_streams_per_client)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("retention", &self.retention)
+            .finish()
+    }
 }
 
 /// A variable that is set but unusable.
@@ -233,6 +260,24 @@ mod tests {
         assert_eq!(c.max_streams_per_client, None);
         assert_eq!(c.trusted_proxies, TrustedProxies::default());
         assert_eq!(c.retention, Duration::from_secs(604_800));
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let c = with(&[
+            ("HANDOFF_API_TOKEN", "hunter2secret-hunter2secret"),
+            ("DATABASE_URL", "postgres://app:dbsecret1@db/jobs"),
+            ("REDIS_URL", "redis://:redissecret1@cache:6379"),
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        for secret in ["hunter2secret", "dbsecret1", "redissecret1"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("db/jobs") && shown.contains("api_token"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -165,6 +165,28 @@ impl Job {
     pub fn is_complete(&self) -> bool {
         self.status == JobStatus::Complete
     }
+
+    /// How the job ended, once it has.
+    pub fn ending(&self) -> Option<Ending> {
+        self.is_complete().then(|| Ending::Complete {
+            target: self.target(),
+        })
+    }
+}
+
+/// What a job's waiting browsers are told when it ends: where to go next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Complete { target: MoveUrl },
+}
+
+impl Ending {
+    /// Where the browser goes.
+    pub fn target(&self) -> &MoveUrl {
+        match self {
+            Self::Complete { target } => target,
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, the unit every stored time uses.

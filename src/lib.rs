@@ -1,20 +1,21 @@
 //! Handoff: tells a waiting browser, over Server-Sent Events, that its server-side job is done.
 //!
-//! - [`config`]: settings from the environment.
-//! - [`domain`]: job ids, redirect targets, statuses; parsed, never re-checked.
+//! Layers, each knowing only those below it (ARCHITECTURE.md draws them):
+//! - [`startup`]: wiring, listening and shutting down; [`config`]: settings from the environment.
+//! - [`routes`]: the HTTP interface (pages, event streams, API, admin, health); translates between
+//!   HTTP and the use cases, and maps their errors to answers.
+//! - [`jobs`]: the use cases: create, complete, read, watch, list, purge.
+//! - [`delivery`]: how a stored ending reaches every waiting stream, here ([`hub`]) and on other
+//!   instances ([`fanout`], the Redis link), with the catch-up that makes a lost message harmless.
 //! - [`store`]: all SQL; the job table is the truth (SQLite or PostgreSQL).
-//! - [`hub`]: which streams wait for which job, and how a completion reaches them.
-//! - [`fanout`]: Redis Pub/Sub between instances, and the resync that makes a lost message harmless.
-//! - [`jobs`]: creating and completing a job (store first, then publish).
-//! - [`auth`]: API token, admin session cookie, CSRF.
-//! - [`routes`]: the HTTP interface; [`error`]: how failures become responses.
-//! - [`limits`]: stream caps, the client's address, the open-file limit.
-//! - [`metrics`]: `/metrics`; [`startup`]: wiring, listening and shutting down.
+//! - [`domain`]: job ids, redirect targets, statuses, endings; parsed, never re-checked.
+//! - Beside them: [`auth`] (API token, admin session, CSRF), [`limits`] (stream caps, client
+//!   address, login throttle, open-file limit), [`metrics`] (`/metrics`).
 
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod domain;
-pub mod error;
 pub mod fanout;
 pub mod hub;
 pub mod jobs;

@@ -1,10 +1,15 @@
-//! The HTTP interface, one module per area. `configure` is the whole route table.
+//! The HTTP interface, one module per area: it translates between HTTP and the use cases
+//! ([`crate::jobs`]) and maps their errors to answers ([`error`]). `configure` is the whole route
+//! table; [`AppState`] is what every handler shares.
 
 pub mod admin;
 pub mod api;
+pub mod error;
 pub mod ops;
 pub mod pages;
 pub mod sse;
+
+use std::net::IpAddr;
 
 use actix_web::dev::ServiceResponse;
 use actix_web::error::UrlencodedError;
@@ -12,8 +17,64 @@ use actix_web::http::{StatusCode, header};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{HttpRequest, HttpResponse, web};
 
+use crate::auth::{AdminSession, SESSION_COOKIE, Secrets};
 use crate::domain::JobId;
-use crate::error::AppError;
+use crate::jobs::Jobs;
+use crate::limits::{LoginThrottle, StreamLimits, TrustedProxies};
+use crate::metrics::Metrics;
+use error::AppError;
+use sse::SseSettings;
+
+/// What every handler shares; built once, outside the server closure, so all workers see one hub.
+#[derive(Debug)]
+pub struct AppState {
+    pub jobs: Jobs,
+    pub metrics: Metrics,
+    pub secrets: Secrets,
+    pub sse: SseSettings,
+    /// Stream caps and counts; [`sse`] takes a permit per stream.
+    pub limits: StreamLimits,
+    /// Whose `X-Forwarded-For` names the client.
+    pub proxies: TrustedProxies,
+    /// Wrong admin logins per client address.
+    pub logins: LoginThrottle,
+}
+
+impl AppState {
+    /// The address `req` comes from, believing `X-Forwarded-For` from trusted proxies only.
+    fn client_addr(&self, req: &HttpRequest) -> Option<IpAddr> {
+        let forwarded_for = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .filter_map(|v| v.to_str().ok());
+        self.proxies
+            .client_addr(req.peer_addr().map(|a| a.ip()), forwarded_for)
+    }
+
+    /// Whether the browser reached us over TLS: a trusted proxy's `X-Forwarded-Proto` or
+    /// `Forwarded` says so, or this listener itself is TLS. Anyone else's claim is ignored.
+    fn is_tls(&self, req: &HttpRequest) -> bool {
+        if self.proxies.trusts(req.peer_addr().map(|a| a.ip())) {
+            req.connection_info().scheme() == "https"
+        } else {
+            req.app_config().secure()
+        }
+    }
+
+    /// Whether `req` carries `Authorization: Bearer <the API token>`.
+    fn bearer_ok(&self, req: &HttpRequest) -> bool {
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        self.secrets.bearer_ok(authorization)
+    }
+
+    /// The admin session `req`'s cookie proves, if any.
+    fn admin_session(&self, req: &HttpRequest) -> Option<AdminSession> {
+        self.secrets.session(req.cookie(SESSION_COOKIE))
+    }
+}
 
 /// Largest request body we read: a job request is a few hundred bytes.
 pub const BODY_LIMIT: usize = 16 * 1024;

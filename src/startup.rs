@@ -15,44 +15,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Secrets, random_token};
 use crate::config::Config;
+use crate::delivery::Delivery;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
-use crate::limits::{self, LoginThrottle, StreamLimits, TrustedProxies};
+use crate::jobs::Jobs;
+use crate::limits::{self, LoginThrottle, StreamLimits};
 use crate::metrics::Metrics;
-use crate::routes;
+use crate::routes::sse::SseSettings;
+use crate::routes::{self, AppState};
 use crate::store::{Store, StoreError};
 
 /// How long the server waits for connections after the streams were told to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-
-/// What every handler shares; built once, outside the server closure, so all workers see one hub.
-#[derive(Debug)]
-pub struct AppState {
-    pub store: Store,
-    pub hub: Hub,
-    /// The Redis fan-out, when `REDIS_URL` is set; `/healthz` checks it.
-    pub fanout: Option<Fanout>,
-    pub metrics: Metrics,
-    pub secrets: Secrets,
-    pub sse: SseSettings,
-    /// Stream caps and counts; [`crate::routes::sse`] takes a permit per stream.
-    pub limits: StreamLimits,
-    /// Whose `X-Forwarded-For` names the client.
-    pub proxies: TrustedProxies,
-    /// Wrong admin logins per client address.
-    pub logins: LoginThrottle,
-    /// Cancelled when the server shuts down: the hub closes (every open stream ends), then the
-    /// server stops.
-    pub shutdown: CancellationToken,
-}
-
-/// The stream timing, from [`Config`].
-#[derive(Debug, Clone, Copy)]
-pub struct SseSettings {
-    pub timeout: Duration,
-    pub retry: Duration,
-    pub keep_alive: Duration,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -68,8 +42,10 @@ pub enum StartError {
 pub struct Application {
     port: u16,
     server: Server,
-    state: web::Data<AppState>,
+    jobs: Jobs,
     retention: Duration,
+    /// Cancelled to shut down: every open stream ends, then the server stops.
+    shutdown: CancellationToken,
 }
 
 impl Application {
@@ -78,10 +54,6 @@ impl Application {
         let fanout = match &config.redis_url {
             Some(url) => Some(Fanout::new(url, &config.redis_channel)?),
             None => None,
-        };
-        let hub = match &fanout {
-            Some(fanout) => Hub::with_fanout(fanout.clone()),
-            None => Hub::new(),
         };
         let token = match &config.api_token {
             Some(token) => token.clone(),
@@ -98,11 +70,19 @@ impl Application {
         let max_streams = config
             .max_streams
             .unwrap_or_else(|| limits::default_max_streams(open_files));
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let delivery = Delivery::new(Hub::new(), fanout, store.clone(), metrics.clone());
+        // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
+        delivery.spawn_fan_in(config.resync_interval, shutdown.clone());
+        let fan_out = match delivery.fanout() {
+            Some(fanout) => format!("Redis channel {}", fanout.channel()),
+            None => "off".into(),
+        };
+        let jobs = Jobs::new(store.clone(), delivery, metrics.clone());
         let state = web::Data::from(Arc::new(AppState {
-            store,
-            hub,
-            fanout,
-            metrics: Metrics::new(),
+            jobs: jobs.clone(),
+            metrics,
             secrets: Secrets::new(&token),
             sse: SseSettings {
                 timeout: config.sse_timeout,
@@ -112,18 +92,7 @@ impl Application {
             limits: StreamLimits::new(max_streams, config.max_streams_per_client),
             proxies: config.trusted_proxies.clone(),
             logins: LoginThrottle::default(),
-            shutdown: CancellationToken::new(),
         }));
-        if let Some(fanout) = &state.fanout {
-            // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
-            fanout.spawn_subscriber(
-                state.hub.clone(),
-                state.store.clone(),
-                state.metrics.clone(),
-                config.resync_interval,
-                state.shutdown.clone(),
-            );
-        }
         let listener = TcpListener::bind(config.addr)?;
         let port = listener.local_addr()?.port();
         let server_state = state.clone();
@@ -146,21 +115,18 @@ impl Application {
             server = server.workers(workers);
         }
         let server = server.listen(listener)?.run();
-        let fan_out = match &state.fanout {
-            Some(fanout) => format!("Redis channel {}", fanout.channel()),
-            None => "off".into(),
-        };
         log::info!(
             "Handoff listening on http://{}:{port} (database: {}, fan-out: {fan_out}, \
              at most {max_streams} streams, open-file limit {open_files})",
             config.addr.ip(),
-            state.store.kind()
+            store.kind()
         );
         Ok(Self {
             port,
             server,
-            state,
+            jobs,
             retention: config.retention,
+            shutdown,
         })
     }
 
@@ -170,20 +136,19 @@ impl Application {
 
     /// Cancel it to shut down: streams end at once, the server stops within [`SHUTDOWN_GRACE`].
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.state.shutdown.clone()
+        self.shutdown.clone()
     }
 
     /// Runs until the shutdown token is cancelled and the server has stopped.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
-        let token = self.state.shutdown.clone();
-        let hub = self.state.hub.clone();
-        let (state, retention) = (self.state.clone(), self.retention);
-        tokio::spawn(async move { crate::jobs::purge_old_jobs(&state, retention).await });
+        let (jobs, retention, shutdown) =
+            (self.jobs.clone(), self.retention, self.shutdown.clone());
+        tokio::spawn(async move { jobs.purge_old_jobs(retention, shutdown).await });
+        let (jobs, shutdown) = (self.jobs, self.shutdown);
         tokio::spawn(async move {
-            token.cancelled().await;
-            // Every waiting stream ends now; the browsers reconnect (to another instance).
-            hub.close();
+            shutdown.cancelled().await;
+            jobs.close_streams();
             handle.stop(true).await;
         });
         self.server.await

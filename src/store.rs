@@ -1,22 +1,27 @@
-//! All SQL: the `jobs` table in SQLite (the embedded default) or PostgreSQL (scale-out).
+//! The `jobs` table in SQLite (the embedded default) or PostgreSQL (scale-out): the truth about
+//! every job. All SQL is in here.
 //!
-//! The table is the truth about every job. Each statement is written once in SQL both databases
-//! accept; `on_pool!` runs it on whichever pool is configured.
+//! [`Store`] is the only way in. The hot statements go through the lanes (`lanes`: batched,
+//! group-committed, on a generic batch runner, `batch`, with their SQL in `sql`); the rest runs on
+//! a pool. Each statement is written once in SQL both databases accept, and `db` dispatches it.
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::domain::{Job, JobId, JobStatus, MoveUrl, now_millis};
 
+mod batch;
+mod db;
 mod lanes;
-use lanes::{Handle, Lanes};
+mod sql;
+
+use db::{Db, JOB_COLUMNS, JobRow, LaneConn, Pool, on_db};
+use lanes::Lanes;
 
 /// A database failure; its text goes to the log, never to a client.
 #[derive(Debug, thiserror::Error)]
@@ -40,23 +45,6 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-#[derive(Debug, Clone)]
-enum Pool {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
-}
-
-/// Runs `$body` with `$pool` bound to the pool inside `$which` (a `&Pool`), whichever database
-/// it is.
-macro_rules! on_pool {
-    ($which:expr, $pool:ident => $body:expr) => {
-        match $which {
-            Pool::Sqlite($pool) => $body,
-            Pool::Postgres($pool) => $body,
-        }
-    };
-}
-
 /// What completing a job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Completion {
@@ -78,46 +66,11 @@ pub struct Store {
     writes_failing: Arc<AtomicBool>,
 }
 
-#[derive(Clone, sqlx::FromRow)]
-struct JobRow {
-    id: String,
-    status: String,
-    move_url: Option<String>,
-    created_at: i64,
-    completed_at: Option<i64>,
-}
-
-impl TryFrom<JobRow> for Job {
-    type Error = StoreError;
-
-    fn try_from(row: JobRow) -> Result<Self, StoreError> {
-        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} in job {:?}", row.id));
-        let status = match row.status.as_str() {
-            "pending" => JobStatus::Pending,
-            "complete" => JobStatus::Complete,
-            _ => return Err(corrupt("unknown status")),
-        };
-        let move_url = match &row.move_url {
-            Some(raw) => Some(MoveUrl::parse(raw).map_err(|_| corrupt("invalid move_url"))?),
-            None => None,
-        };
-        Ok(Job {
-            id: JobId::parse(&row.id).map_err(|_| corrupt("invalid id"))?,
-            status,
-            move_url,
-            created_at: row.created_at,
-            completed_at: row.completed_at,
-        })
-    }
-}
-
-const JOB_COLUMNS: &str = "id, status, move_url, created_at, completed_at";
-
 impl Store {
     /// Connects, creating the SQLite file and its folder when needed, and runs the migrations.
     /// On PostgreSQL the migrator holds an advisory lock, so instances may start together.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let (pool, handles) = if url.starts_with("sqlite:") {
+        let (pool, lane_conns) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 // WAL with synchronous=NORMAL survives a crash of the process; only an OS crash or
@@ -137,27 +90,20 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(options.clone())
                 .await?;
-            // The lanes open their own connections when they first need them.
-            let lane = || Handle::Sqlite {
-                options: Box::new(options.clone()),
-                conn: None,
-            };
-            (Pool::Sqlite(pool), (lane(), lane()))
+            let lanes = (LaneConn::sqlite(&options), LaneConn::sqlite(&options));
+            (Db::Sqlite(pool), lanes)
         } else {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect(url)
                 .await?;
-            let handles = (
-                Handle::Postgres(pool.clone()),
-                Handle::Postgres(pool.clone()),
-            );
-            (Pool::Postgres(pool), handles)
+            let lanes = (Db::Postgres(pool.clone()), Db::Postgres(pool.clone()));
+            (Db::Postgres(pool), lanes)
         };
-        on_pool!(&pool, p => sqlx::migrate!("./migrations").run(p).await?);
+        on_db!(pool.executor(), p => sqlx::migrate!("./migrations").run(p).await?);
         let writes_failing = Arc::<AtomicBool>::default();
-        let (reader, writer) = handles;
+        let (reader, writer) = lane_conns;
         Ok(Self {
             pool,
             lanes: Lanes::new(reader, writer, Arc::clone(&writes_failing)),
@@ -173,13 +119,13 @@ impl Store {
     /// Which database this is, for logs and health output.
     pub fn kind(&self) -> &'static str {
         match self.pool {
-            Pool::Sqlite(_) => "sqlite",
-            Pool::Postgres(_) => "postgres",
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres(_) => "postgres",
         }
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        on_pool!(&self.pool, p => {
+        on_db!(self.pool.executor(), p => {
             sqlx::query("SELECT 1").execute(p).await?;
         });
         Ok(())
@@ -199,7 +145,12 @@ impl Store {
     }
 
     pub async fn get_job(&self, id: &JobId) -> Result<Option<Job>, StoreError> {
-        self.lanes.get(id).await
+        Ok(self.lanes.get_many(vec![id.clone()]).await?.pop())
+    }
+
+    /// The stored jobs among `ids`, in no particular order; unknown ids are left out.
+    pub async fn jobs_among(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        self.lanes.get_many(ids.to_vec()).await
     }
 
     /// Marks the job complete, durably, exactly once. `move_url` overrides the target asked for
@@ -212,42 +163,19 @@ impl Store {
         self.lanes.complete(id, move_url).await
     }
 
-    /// The completed jobs among `ids`, for delivering what a subscriber may have missed.
-    pub async fn completed_among(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
-        let mut done = Vec::new();
-        for chunk in ids.chunks(500) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'complete' AND id IN ({})",
-                placeholders.join(", ")
-            ));
-            let rows: Vec<JobRow> = on_pool!(&self.pool, p => {
-                let mut query = sqlx::query_as(sql);
-                for id in chunk {
-                    query = query.bind(id.as_str());
-                }
-                query.fetch_all(p).await?
-            });
-            for row in rows {
-                done.push(row.try_into()?);
-            }
-        }
-        Ok(done)
-    }
-
     /// One page of jobs, newest first.
     pub async fn recent_jobs(&self, limit: i64, offset: i64) -> Result<Vec<Job>, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2"
         ));
-        let rows: Vec<JobRow> = on_pool!(&self.pool, p => {
+        let rows: Vec<JobRow> = on_db!(self.pool.executor(), p => {
             sqlx::query_as(sql).bind(limit).bind(offset).fetch_all(p).await?
         });
         rows.into_iter().map(Job::try_from).collect()
     }
 
     pub async fn count_jobs(&self) -> Result<i64, StoreError> {
-        let (n,): (i64,) = on_pool!(&self.pool, p => {
+        let (n,): (i64,) = on_db!(self.pool.executor(), p => {
             sqlx::query_as("SELECT COUNT(*) FROM jobs").fetch_one(p).await?
         });
         Ok(n)
@@ -255,7 +183,7 @@ impl Store {
 
     /// Deletes jobs created before `cutoff_millis`; returns how many went.
     pub async fn purge_before(&self, cutoff_millis: i64) -> Result<u64, StoreError> {
-        let done = on_pool!(&self.pool, p => sqlx::query("DELETE FROM jobs WHERE created_at < $1")
+        let done = on_db!(self.pool.executor(), p => sqlx::query("DELETE FROM jobs WHERE created_at < $1")
             .bind(cutoff_millis)
             .execute(p)
             .await?

@@ -7,13 +7,12 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
 
-use super::job_id;
+use super::error::AppError;
 use super::pages::{PageError, html, see_other};
+use super::{AppState, job_id};
 use crate::auth::{AdminSession, logout_cookie};
 use crate::domain::{MoveUrl, rfc3339};
-use crate::error::AppError;
-use crate::jobs;
-use crate::startup::AppState;
+use crate::jobs::Listed;
 
 const PAGE_SIZE: i64 = 20;
 
@@ -27,6 +26,8 @@ struct Row {
     id: String,
     status: &'static str,
     pending: bool,
+    /// The custom target, if the job has one.
+    move_url: Option<String>,
     created_at: String,
     completed_at: String,
     streams: usize,
@@ -50,48 +51,39 @@ pub struct PageQuery {
     page: Option<u32>,
 }
 
-/// Whether the browser reached us over TLS: a trusted proxy's `X-Forwarded-Proto`/`Forwarded`
-/// says so, or this listener itself is TLS. Anyone else's claim is ignored.
-fn is_tls(req: &HttpRequest, state: &AppState) -> bool {
-    if state.proxies.trusts_peer(req) {
-        req.connection_info().scheme() == "https"
-    } else {
-        req.app_config().secure()
-    }
-}
-
 pub async fn page(
     req: HttpRequest,
     query: web::Query<PageQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
-    let Some(session) = state.secrets.session(&req) else {
+    let Some(session) = state.admin_session(&req) else {
         return Ok(html(StatusCode::OK, &LoginPage { problem: None }));
     };
-    let total = state.store.count_jobs().await.map_err(AppError::from)?;
+    let total = state.jobs.count().await.map_err(AppError::from)?;
     let pages = ((total + PAGE_SIZE - 1) / PAGE_SIZE).max(1);
     let page = i64::from(query.page.unwrap_or(1).max(1)).min(pages);
-    let jobs = state
-        .store
-        .recent_jobs(PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    let listed = state
+        .jobs
+        .recent(PAGE_SIZE, (page - 1) * PAGE_SIZE)
         .await
         .map_err(AppError::from)?;
-    let rows = jobs
-        .iter()
-        .map(|job| Row {
+    let rows = listed
+        .into_iter()
+        .map(|Listed { job, streams }| Row {
             id: job.id.to_string(),
             status: job.status.as_str(),
             pending: !job.is_complete(),
+            move_url: job.move_url.as_ref().map(ToString::to_string),
             created_at: rfc3339(job.created_at),
             completed_at: job.completed_at.map(rfc3339).unwrap_or_else(|| "—".into()),
-            streams: state.hub.streams_on(&job.id),
+            streams,
         })
         .collect();
     let page_view = AdminPage {
         csrf: session.csrf,
         rows,
         total,
-        watched: state.hub.watched_jobs(),
+        watched: state.jobs.watched_jobs(),
         page,
         pages,
         prev_page: (page > 1).then_some(page - 1),
@@ -116,7 +108,7 @@ pub async fn login(
     form: web::Form<LoginForm>,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let client = state.proxies.client_addr(&req);
+    let client = state.client_addr(&req);
     // While an address must wait, its attempts are not even checked: guessing gains nothing.
     if let Err(wait) = state.logins.check(client) {
         return too_many_logins(wait);
@@ -139,7 +131,7 @@ pub async fn login(
         );
     }
     state.logins.succeeded(client);
-    let (cookie, _) = state.secrets.start_session(is_tls(&req, &state));
+    let (cookie, _) = state.secrets.start_session(state.is_tls(&req));
     let mut response = see_other("/admin");
     // A cookie we built ourselves always encodes into a header.
     let _ = response.add_cookie(&cookie);
@@ -180,8 +172,7 @@ fn checked_session(
     form: &AdminForm,
 ) -> Result<AdminSession, PageError> {
     let session = state
-        .secrets
-        .session(req)
+        .admin_session(req)
         .ok_or(AppError::Forbidden("not logged in: log in on /admin first"))?;
     if session.csrf_matches(&form.csrf) {
         Ok(session)
@@ -200,7 +191,7 @@ pub async fn logout(
 ) -> Result<HttpResponse, PageError> {
     checked_session(&req, &state, &form)?;
     let mut response = see_other("/admin");
-    let _ = response.add_cookie(&logout_cookie(is_tls(&req, &state)));
+    let _ = response.add_cookie(&logout_cookie(state.is_tls(&req)));
     Ok(response)
 }
 
@@ -214,7 +205,7 @@ pub async fn create(
         "" => None,
         raw => Some(MoveUrl::parse(raw).map_err(AppError::from)?),
     };
-    jobs::create(&state, move_url).await?;
+    state.jobs.create(move_url).await.map_err(AppError::from)?;
     Ok(see_other("/admin"))
 }
 
@@ -226,6 +217,10 @@ pub async fn complete(
 ) -> Result<HttpResponse, PageError> {
     checked_session(&req, &state, &form)?;
     let id = job_id(&path)?;
-    jobs::complete(&state, &id, None).await?;
+    state
+        .jobs
+        .complete(&id, None)
+        .await
+        .map_err(AppError::from)?;
     Ok(see_other("/admin"))
 }

@@ -5,11 +5,9 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
-use super::job_id;
+use super::error::AppError;
+use super::{AppState, job_id};
 use crate::domain::{Job, MoveUrl, rfc3339};
-use crate::error::AppError;
-use crate::jobs;
-use crate::startup::AppState;
 
 /// A job as the API shows it.
 #[derive(Debug, Serialize)]
@@ -68,7 +66,7 @@ pub fn move_url_from(body: &[u8]) -> Result<Option<MoveUrl>, AppError> {
 }
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), AppError> {
-    if state.secrets.bearer_ok(req) {
+    if state.bearer_ok(req) {
         Ok(())
     } else {
         Err(AppError::Unauthorized)
@@ -81,7 +79,7 @@ pub async fn create(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, AppError> {
     authorize(&req, &state)?;
-    let job = jobs::create(&state, move_url_from(&body)?).await?;
+    let job = state.jobs.create(move_url_from(&body)?).await?;
     let mut view = JobView::from(&job);
     view.wait_url = Some(format!("/jobs/{}", job.id));
     Ok(HttpResponse::Created()
@@ -94,11 +92,7 @@ pub async fn show(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, AppError> {
     let id = job_id(&path)?;
-    let job = state
-        .store
-        .get_job(&id)
-        .await?
-        .ok_or(AppError::JobNotFound)?;
+    let job = state.jobs.get(&id).await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(JobView::from(&job)))
@@ -112,6 +106,6 @@ pub async fn complete(
 ) -> Result<HttpResponse, AppError> {
     authorize(&req, &state)?;
     let id = job_id(&path)?;
-    let job = jobs::complete(&state, &id, move_url_from(&body)?).await?;
+    let job = state.jobs.complete(&id, move_url_from(&body)?).await?;
     Ok(HttpResponse::Ok().json(JobView::from(&job)))
 }

@@ -6,11 +6,9 @@ use askama::Template;
 use askama_web::WebTemplate;
 use serde::Deserialize;
 
-use super::job_id;
+use super::error::AppError;
+use super::{AppState, job_id};
 use crate::domain::{JobId, rfc3339};
-use crate::error::AppError;
-use crate::jobs;
-use crate::startup::AppState;
 
 /// An [`AppError`] answered as an HTML page rather than JSON.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +69,7 @@ pub async fn index() -> IndexPage {
 }
 
 pub async fn create_demo_job(state: web::Data<AppState>) -> Result<HttpResponse, PageError> {
-    let job = jobs::create(&state, None).await?;
+    let job = state.jobs.create(None).await.map_err(AppError::from)?;
     Ok(see_other(&format!("/jobs/{}", job.id)))
 }
 
@@ -94,11 +92,8 @@ pub async fn wait(
     state: web::Data<AppState>,
 ) -> Result<WaitPage, PageError> {
     let id = job_id(&path)?;
-    let job = state.store.get_job(&id).await.map_err(AppError::from)?;
-    match job {
-        Some(job) => Ok(WaitPage { id: job.id }),
-        None => Err(AppError::JobNotFound.into()),
-    }
+    let job = state.jobs.get(&id).await.map_err(AppError::from)?;
+    Ok(WaitPage { id: job.id })
 }
 
 #[derive(Deserialize)]
@@ -112,6 +107,8 @@ struct ResultPage {
     id: JobId,
     created_at: String,
     completed_at: String,
+    /// The job's own target, when it names one (its tabs went there, not here).
+    move_url: Option<String>,
 }
 
 #[derive(Template)]
@@ -130,16 +127,12 @@ pub async fn result(
         .as_deref()
         .ok_or_else(|| AppError::BadRequest("the link has no job id (?id=…)".into()))?;
     let id = job_id(raw)?;
-    let job = state
-        .store
-        .get_job(&id)
-        .await
-        .map_err(AppError::from)?
-        .ok_or(AppError::JobNotFound)?;
+    let job = state.jobs.get(&id).await.map_err(AppError::from)?;
     Ok(match job.completed_at {
         Some(completed_at) if job.is_complete() => html(
             StatusCode::OK,
             &ResultPage {
+                move_url: job.move_url.as_ref().map(ToString::to_string),
                 id: job.id,
                 created_at: rfc3339(job.created_at),
                 completed_at: rfc3339(completed_at),

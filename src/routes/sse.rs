@@ -6,28 +6,66 @@
 //! proxies from cutting the stream; after the stream timeout it ends cleanly and the browser
 //! reconnects after `retry`.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use actix_web::{HttpRequest, Responder, web};
 use actix_web_lab::sse::{self, Sse};
 use bytestring::ByteString;
 use futures_util::stream::Stream;
 use pin_project_lite::pin_project;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
-use std::task::{Context, Poll};
-use std::time::Duration;
-
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep, sleep_until};
 
-use super::job_id;
-use crate::domain::JobId;
-use crate::error::AppError;
-use crate::hub::{ResultData, Subscription, event_data};
+use super::error::AppError;
+use super::{AppState, job_id};
+use crate::domain::{Ending, JobId};
+use crate::hub::{News, Subscription};
+use crate::jobs::Watch;
 use crate::limits::StreamPermit;
 use crate::metrics::{Metrics, StreamGuard};
-use crate::startup::{AppState, SseSettings};
+
+/// The stream timing, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct SseSettings {
+    pub timeout: Duration,
+    pub retry: Duration,
+    pub keep_alive: Duration,
+}
+
+/// The event name of every data event, as the original client listens for it.
+const EVENT: &str = "result";
+const KEEP_ALIVE: &str = "keep-alive";
+
+/// The payload the original client reads: `data.status` and `data.moveUrl`.
+#[derive(serde::Serialize)]
+struct EventData<'a> {
+    status: &'a str,
+    #[serde(rename = "moveUrl")]
+    move_url: &'a str,
+}
+
+/// Encodes an event payload; `status` first, as the original server wrote it.
+fn event_data(status: &str, move_url: &str) -> ByteString {
+    let data = EventData { status, move_url };
+    // Serializing two strings cannot fail.
+    ByteString::from(serde_json::to_string(&data).unwrap_or_default())
+}
+
+/// `{"status":"result","moveUrl":"…"}`.
+fn ending_data(ending: &Ending) -> ByteString {
+    match ending {
+        Ending::Complete { target } => event_data("result", target.as_str()),
+    }
+}
+
+fn data_event(data: ByteString) -> sse::Event {
+    sse::Data::new(data).event(EVENT).into()
+}
 
 pub async fn connect(
     req: HttpRequest,
@@ -38,57 +76,31 @@ pub async fn connect(
     // Admission before anything else: a refused stream costs no hub entry and no query.
     let permit = state
         .limits
-        .admit(state.proxies.client_addr(&req))
+        .admit(state.client_addr(&req))
         .inspect_err(|_| {
             state.metrics.streams_refused.inc();
         })?;
-    // Subscribe first, then read the status: see `Hub::subscribe`. The read is skipped when
-    // this job's result has reached its streams here, or another of them read it as pending.
-    let subscription = state.hub.subscribe(&id);
-    let waiting = if let Some(result) = subscription.delivered() {
-        Waiting::Done(result)
-    } else if subscription.known_pending() {
-        Waiting::For(subscription)
-    } else {
-        let job = state
-            .store
-            .get_job(&id)
-            .await?
-            .ok_or(AppError::JobNotFound)?;
-        if job.is_complete() {
-            Waiting::Done(ResultData::for_job(&job))
-        } else {
-            subscription.saw_pending();
-            Waiting::For(subscription)
-        }
-    };
+    let watch = state.jobs.watch(&id).await?;
     log::debug!("stream opened on job {id} from {:?}", req.peer_addr());
-    let events = events(id, waiting, permit, state.sse, &state.metrics);
+    let events = events(id, watch, permit, state.sse, &state.metrics);
     Ok(Sse::from_infallible_stream(events)
         .with_retry_duration(state.sse.retry)
         .customize()
         .insert_header(("X-Accel-Buffering", "no")))
 }
 
-/// What the stream is waiting for after the connect event.
-enum Waiting {
-    /// Connect-and-send: the job was complete when the stream opened.
-    Done(ResultData),
-    For(Subscription),
-}
-
 enum Step {
-    Connect(Waiting),
-    Wait(Subscription),
-    Send(ResultData),
+    /// The connect event is next; then the news, if the job had ended already.
+    Connect(Option<Arc<News>>),
+    Send(Arc<News>),
+    Wait,
     Finished,
 }
 
 pin_project! {
     /// One open stream: everything it owns, and the state it is in. Dropping it (the stream
-    /// ended or the client vanished) leaves the hub and uncounts the stream. Written by hand
-    /// rather than with `unfold` and an async block, which kept a second copy of this state
-    /// inside the future and a boxed timer: thousands of these are alive at once.
+    /// ended or the client vanished) leaves the hub and uncounts the stream. Written by hand so
+    /// that it holds each piece of state once and its timer inline: thousands are alive at once.
     struct Events {
         id: JobId,
         step: Step,
@@ -101,10 +113,8 @@ pin_project! {
         // whichever comes first.
         #[pin]
         timer: Sleep,
-        // The wake-up for the job's result, registered before the result is looked at, so a
-        // delivery between the look and the wait still wakes the stream.
         #[pin]
-        woken: Option<OwnedNotified>,
+        subscription: Option<Subscription>,
     }
 
     impl PinnedDrop for Events {
@@ -116,16 +126,20 @@ pin_project! {
 
 fn events(
     id: JobId,
-    waiting: Waiting,
+    watch: Watch,
     permit: StreamPermit,
     settings: SseSettings,
     metrics: &Metrics,
 ) -> Events {
     let now = Instant::now();
     let deadline = now + settings.timeout;
+    let (step, subscription) = match watch {
+        Watch::Ended(news) => (Step::Connect(Some(news)), None),
+        Watch::Waiting(subscription) => (Step::Connect(None), Some(subscription)),
+    };
     Events {
         id,
-        step: Step::Connect(waiting),
+        step,
         events_sent: metrics.events_sent.clone(),
         _guard: StreamGuard::new(metrics),
         _permit: permit,
@@ -133,7 +147,7 @@ fn events(
         deadline,
         // The first keep-alive comes one period after the connect event, not at once.
         timer: sleep_until((now + settings.keep_alive).min(deadline)),
-        woken: None,
+        subscription,
     }
 }
 
@@ -144,43 +158,38 @@ impl Stream for Events {
         let mut this = self.project();
         let event = match std::mem::replace(this.step, Step::Finished) {
             Step::Finished => return Poll::Ready(None),
-            Step::Connect(Waiting::For(subscription)) => {
-                *this.step = Step::Wait(subscription);
+            Step::Connect(ended) => {
+                *this.step = ended.map_or(Step::Wait, Step::Send);
                 data_event(event_data("connect", ""))
             }
-            Step::Connect(Waiting::Done(result)) => {
-                *this.step = Step::Send(result);
-                data_event(event_data("connect", ""))
-            }
-            Step::Send(result) => data_event(result.0),
-            Step::Wait(subscription) => match subscription.poll_result(this.woken.as_mut(), cx) {
-                Poll::Ready(Some(result)) => data_event(result.0),
-                // The hub closed for shutdown; the browser reconnects elsewhere.
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => {
-                    if this.timer.as_mut().poll(cx).is_pending() {
-                        *this.step = Step::Wait(subscription);
-                        return Poll::Pending;
+            Step::Send(news) => data_event(news.encoded(ending_data)),
+            Step::Wait => {
+                let Some(subscription) = this.subscription.as_mut().as_pin_mut() else {
+                    return Poll::Ready(None);
+                };
+                match subscription.poll_next(cx) {
+                    Poll::Ready(Some(news)) => data_event(news.encoded(ending_data)),
+                    // The hub closed for shutdown; the browser reconnects elsewhere.
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => {
+                        *this.step = Step::Wait;
+                        if this.timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        let now = Instant::now();
+                        if now >= *this.deadline {
+                            *this.step = Step::Finished;
+                            return Poll::Ready(None);
+                        }
+                        this.timer
+                            .as_mut()
+                            .reset((now + *this.keep_alive).min(*this.deadline));
+                        return Poll::Ready(Some(sse::Event::Comment(KEEP_ALIVE.into())));
                     }
-                    let now = Instant::now();
-                    if now >= *this.deadline {
-                        return Poll::Ready(None);
-                    }
-                    this.timer
-                        .as_mut()
-                        .reset((now + *this.keep_alive).min(*this.deadline));
-                    *this.step = Step::Wait(subscription);
-                    return Poll::Ready(Some(sse::Event::Comment(KEEP_ALIVE.into())));
                 }
-            },
+            }
         };
         this.events_sent.inc();
         Poll::Ready(Some(event))
     }
-}
-
-const KEEP_ALIVE: &str = "keep-alive";
-
-fn data_event(data: ByteString) -> sse::Event {
-    sse::Data::new(data).event("result").into()
 }

@@ -1,10 +1,13 @@
-//! The one error type of the HTTP layer. Each variant's doc names its status code. Client errors
-//! say what was wrong; server errors say nothing internal, and the log gets the cause.
+//! The one error type of the HTTP layer, and how the use cases' errors map onto it. Each
+//! variant's doc names its status code. Client errors say what was wrong; server errors say
+//! nothing internal, and the log gets the cause.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
+use super::BODY_LIMIT;
 use crate::domain::{JobIdError, MoveUrlError};
+use crate::jobs::JobsError;
 use crate::limits::Refusal;
 use crate::store::StoreError;
 
@@ -22,11 +25,8 @@ pub enum AppError {
     /// 400: anything else wrong with the request; the text says what.
     #[error("{0}")]
     BadRequest(String),
-    /// 413: the body is over [`crate::routes::BODY_LIMIT`].
-    #[error(
-        "the request body is larger than the limit of {} bytes",
-        crate::routes::BODY_LIMIT
-    )]
+    /// 413: the body is over [`BODY_LIMIT`].
+    #[error("the request body is larger than the limit of {BODY_LIMIT} bytes")]
     PayloadTooLarge,
     /// 401: no API token, or a wrong one.
     #[error("missing or wrong API token: send 'Authorization: Bearer <token>'")]
@@ -56,6 +56,15 @@ impl From<StoreError> for AppError {
                 Self::Unavailable(err)
             }
             _ => Self::Internal(err),
+        }
+    }
+}
+
+impl From<JobsError> for AppError {
+    fn from(err: JobsError) -> Self {
+        match err {
+            JobsError::NotFound => Self::JobNotFound,
+            JobsError::Store(err) => err.into(),
         }
     }
 }

@@ -1,0 +1,134 @@
+//! How fast one address may guess the admin token.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::client::client_key;
+
+/// Wrong admin logins an address may make before it has to wait.
+pub(super) const FREE_LOGIN_FAILURES: u32 = 5;
+/// The first wait; each further failure doubles it, up to [`MAX_LOGIN_WAIT`].
+const FIRST_LOGIN_WAIT: Duration = Duration::from_secs(1);
+const MAX_LOGIN_WAIT: Duration = Duration::from_secs(15 * 60);
+/// Addresses remembered at most; beyond it, those no longer waiting are forgotten first.
+const MAX_REMEMBERED_ADDRESSES: usize = 10_000;
+
+/// Slows down token guessing on `/admin/login`, per client address: after
+/// [`FREE_LOGIN_FAILURES`] wrong tokens, each attempt must wait a doubling time; a right token
+/// clears the address's record.
+#[derive(Debug, Default)]
+pub struct LoginThrottle {
+    /// A std `Mutex`: never held across an `.await`; each critical section is one map update.
+    failures: Mutex<HashMap<IpAddr, LoginFailures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LoginFailures {
+    count: u32,
+    blocked_until: Option<Instant>,
+}
+
+impl LoginThrottle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, LoginFailures>> {
+        // Each update is a single insert or remove: a poisoned map is still consistent.
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `Err(wait)` while `client` must wait before its next attempt.
+    pub fn check(&self, client: Option<IpAddr>) -> Result<(), Duration> {
+        let Some(ip) = client.map(client_key) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        match self.lock().get(&ip).and_then(|f| f.blocked_until) {
+            Some(until) if until > now => Err(until - now),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a wrong token from `client`; returns how long it must now wait, if at all.
+    pub fn failed(&self, client: Option<IpAddr>) -> Option<Duration> {
+        let ip = client_key(client?);
+        let now = Instant::now();
+        let mut failures = self.lock();
+        if failures.len() >= MAX_REMEMBERED_ADDRESSES && !failures.contains_key(&ip) {
+            failures.retain(|_, f| f.blocked_until.is_some_and(|until| until > now));
+            // Still full (every address is waiting): forget the one whose wait ends first, so
+            // the map never grows past its cap.
+            if failures.len() >= MAX_REMEMBERED_ADDRESSES
+                && let Some(soonest) = failures
+                    .iter()
+                    .min_by_key(|(_, f)| f.blocked_until)
+                    .map(|(ip, _)| *ip)
+            {
+                failures.remove(&soonest);
+            }
+        }
+        let entry = failures.entry(ip).or_insert(LoginFailures {
+            count: 0,
+            blocked_until: None,
+        });
+        entry.count = entry.count.saturating_add(1);
+        let over = entry.count.checked_sub(FREE_LOGIN_FAILURES)?;
+        let wait = FIRST_LOGIN_WAIT
+            .saturating_mul(2u32.saturating_pow(over.min(20)))
+            .min(MAX_LOGIN_WAIT);
+        entry.blocked_until = Some(now + wait);
+        Some(wait)
+    }
+
+    /// A right token: `client` starts afresh.
+    pub fn succeeded(&self, client: Option<IpAddr>) {
+        if let Some(ip) = client {
+            self.lock().remove(&client_key(ip));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        s.parse().ok()
+    }
+
+    #[test]
+    fn the_login_record_never_grows_past_its_cap_even_when_everyone_waits() {
+        let throttle = LoginThrottle::default();
+        let blocked = |n: u32| Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)));
+        for n in 0..=u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap() {
+            for _ in 0..=FREE_LOGIN_FAILURES {
+                throttle.failed(blocked(n));
+            }
+        }
+        assert_eq!(throttle.lock().len(), MAX_REMEMBERED_ADDRESSES);
+        assert!(
+            throttle
+                .check(blocked(u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap()))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn login_failures_beyond_five_wait_a_doubling_time_and_a_success_clears_them() {
+        let throttle = LoginThrottle::default();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        for _ in 0..4 {
+            assert_eq!(throttle.failed(a), None);
+        }
+        assert_eq!(throttle.failed(a), Some(Duration::from_secs(1)));
+        assert!(throttle.check(a).is_err());
+        assert!(throttle.check(b).is_ok(), "another address is not affected");
+        assert_eq!(throttle.failed(a), Some(Duration::from_secs(2)));
+        assert_eq!(throttle.failed(a), Some(Duration::from_secs(4)));
+        for _ in 0..40 {
+            throttle.failed(a);
+        }
+        assert_eq!(throttle.failed(a), Some(MAX_LOGIN_WAIT));
+        throttle.succeeded(a);
+        assert!(throttle.check(a).is_ok());
+    }
+}
