@@ -17,7 +17,8 @@ mod tests {
     use super::*;
     use std::net::IpAddr;
 
-    fn ip(s: &str) -> Option<IpAddr> {
+    /// An address for the tests of every topic.
+    pub(super) fn ip(s: &str) -> Option<IpAddr> {
         s.parse().ok()
     }
 

@@ -79,10 +79,7 @@ pub(super) fn client_key(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> Option<IpAddr> {
-        s.parse().ok()
-    }
+    use crate::limits::tests::ip;
 
     #[test]
     fn trusted_proxies_parse_ips_and_cidrs_and_name_the_bad_entry() {

@@ -114,10 +114,7 @@ impl Drop for StreamPermit {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> Option<IpAddr> {
-        s.parse().ok()
-    }
+    use crate::limits::tests::ip;
 
     #[test]
     fn the_total_cap_refuses_the_next_stream_and_a_drop_frees_a_place() {

@@ -90,10 +90,7 @@ impl LoginThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> Option<IpAddr> {
-        s.parse().ok()
-    }
+    use crate::limits::tests::ip;
 
     #[test]
     fn the_login_record_never_grows_past_its_cap_even_when_everyone_waits() {

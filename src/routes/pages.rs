@@ -117,7 +117,7 @@ struct PendingPage {
     id: JobId,
 }
 
-/// Page B (`/test.do?id=…`, the original's address).
+/// Page B, at the Spring server's address (`/test.do?id=…`), which its client was sent to.
 pub async fn result(
     query: web::Query<ResultQuery>,
     state: web::Data<AppState>,

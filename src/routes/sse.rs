@@ -1,10 +1,11 @@
 //! `GET /sse/connect/{id}`: the event stream page A listens to.
 //!
-//! Protocol (kept from the original server): `retry:`, then `event: result` with
-//! `{"status":"connect","moveUrl":""}`, then, when the job completes, `event: result` with
-//! `{"status":"result","moveUrl":"…"}` and the end of the stream. `:` comments keep idle
-//! proxies from cutting the stream; after the stream timeout it ends cleanly and the browser
-//! reconnects after `retry`.
+//! The protocol is the one of the Spring server Handoff replaces (README, "Event protocol"), so
+//! its client keeps working: `retry:`, then `event: result` with `{"status":"connect",
+//! "moveUrl":""}`, then, when the job completes, `event: result` with `{"status":"result",
+//! "moveUrl":"…"}` and the end of the stream. `:` comments keep idle proxies from cutting the
+//! stream; after the stream timeout it ends cleanly and the browser reconnects after `retry`.
+//! The wire format (event names, JSON fields) lives here and nowhere else.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -37,11 +38,11 @@ pub struct SseSettings {
     pub keep_alive: Duration,
 }
 
-/// The event name of every data event, as the original client listens for it.
+/// The event name of every data event, as the Spring client listens for it.
 const EVENT: &str = "result";
 const KEEP_ALIVE: &str = "keep-alive";
 
-/// The payload the original client reads: `data.status` and `data.moveUrl`.
+/// The payload the Spring client reads: `data.status` and `data.moveUrl`.
 #[derive(serde::Serialize)]
 struct EventData<'a> {
     status: &'a str,
@@ -49,7 +50,7 @@ struct EventData<'a> {
     move_url: &'a str,
 }
 
-/// Encodes an event payload; `status` first, as the original server wrote it.
+/// Encodes an event payload; `status` first, as the Spring server wrote it.
 fn event_data(status: &str, move_url: &str) -> ByteString {
     let data = EventData { status, move_url };
     // Serializing two strings cannot fail.
