@@ -8,13 +8,12 @@
 #
 # Settings (environment): RUNS (3), SIZES ("1000 10000 19000"), PEER_N (1000), PEERS (1 = also
 # the Python and Node peers), FLOOR_N (10000: N for the floors, bare actix-web and bare hyper,
-# examples/bare_*.rs, and the write floor, examples/store_alone.rs; empty = skip them),
+# bench/examples/bare_*.rs, and the write floor, bench/examples/store_alone.rs; empty = skip them),
 # PEERS_DIR (where start-nchan.sh lives; default ../shared/peers, then /work/shared/peers),
 # SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core), BASE_PORT (18080; each run
 # takes the next port), OUT (target/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
 
 RUNS=${RUNS:-3}
 SIZES=${SIZES:-"1000 10000 19000"}
@@ -42,9 +41,12 @@ ulimit -n "$(ulimit -Hn)"
 command -v taskset >/dev/null || { echo "bench.sh: taskset missing (apt-get install util-linux)" >&2; exit 2; }
 
 say "building (release)"
-cargo build --release --locked --bin handoff --bin handoff-bench --example bare_actix --example bare_hyper \
-  --example store_alone
-bench_bin=$root/target/release/handoff-bench
+cargo build --release --locked -p handoff --bin handoff -p handoff-bench --bin handoff-bench \
+  --example bare_actix --example bare_hyper --example store_alone
+# Where cargo put them: target/ unless CARGO_TARGET_DIR (or a cargo config) says otherwise.
+release=$(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release
+bench_bin=$release/handoff-bench
 mkdir -p "$OUT/json"
 rm -f "$OUT"/json/*.json
 
@@ -85,18 +87,18 @@ start_handoff() {
   server_dir=$dir
   HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="sqlite://$dir/handoff.db" HANDOFF_API_TOKEN=$TOKEN \
     HANDOFF_SSE_TIMEOUT_SECS=600 HANDOFF_WORKERS=$WORKERS RUST_LOG=warn \
-    taskset -c "$SERVER_CPU" "$root/target/release/handoff" >"$OUT/handoff.log" 2>&1 &
+    taskset -c "$SERVER_CPU" "$release/handoff" >"$OUT/handoff.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
   wait_port "$port"
 }
 start_bare_actix() {
-  taskset -c "$SERVER_CPU" "$root/target/release/examples/bare_actix" "127.0.0.1:$PORT" "$WORKERS" \
+  taskset -c "$SERVER_CPU" "$release/examples/bare_actix" "127.0.0.1:$PORT" "$WORKERS" \
     >"$OUT/bare-actix.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
   wait_port "$PORT"
 }
 start_bare_hyper() {
-  taskset -c "$SERVER_CPU" "$root/target/release/examples/bare_hyper" "127.0.0.1:$PORT" \
+  taskset -c "$SERVER_CPU" "$release/examples/bare_hyper" "127.0.0.1:$PORT" \
     >"$OUT/bare-hyper.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
   wait_port "$PORT"
@@ -147,7 +149,7 @@ target_args() { # name: the bench tool's target arguments
 store_run() { # callers n rep: Handoff's store alone on the server's core (the write floor)
   local callers=$1 n=$2 rep=$3
   say "store alone, $callers caller(s), $n completions, run $rep"
-  timeout 120 taskset -c "$SERVER_CPU" "$root/target/release/examples/store_alone" "$n" "$callers" \
+  timeout 120 taskset -c "$SERVER_CPU" "$release/examples/store_alone" "$n" "$callers" \
     "$OUT/json/store-alone-c$callers-distinct-$n-$rep.json" ||
     echo "bench.sh: store alone, $callers caller(s), run $rep FAILED" >&2
 }

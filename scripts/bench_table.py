@@ -59,7 +59,8 @@ FIGURES = [
 ]
 
 
-# The floors: Handoff's stack, and hyper, with nothing of Handoff's own (examples/bare_*.rs).
+# The floors: Handoff's stack, and hyper, with nothing of Handoff's own
+# (bench/examples/bare_*.rs).
 FLOORS = [("bare-actix", "bare actix-web"), ("bare-hyper", "bare hyper")]
 
 
@@ -151,12 +152,12 @@ def main():
         w("")
         w("### The floors: bare actix-web and bare hyper against Nchan, same tool, same pinning")
         w("")
-        w("`examples/bare_actix.rs` is Handoff's stack (actix-web, actix-web-lab's `Sse`, jemalloc) "
-          "with Handoff's stream shape and nothing else: no database, limits, metrics or middleware. "
-          "`examples/bare_hyper.rs` is the same on hyper alone, accepting and serving on one "
-          "current-thread runtime. Where a floor cannot reach a target, no amount of work in "
-          "Handoff's own code reaches it on that stack. × is floor ÷ Nchan; Handoff ÷ floor shows "
-          "what Handoff's own work costs.")
+        w("`bench/examples/bare_actix.rs` is Handoff's stack (actix-web, actix-web-lab's `Sse`, "
+          "jemalloc) with Handoff's stream shape and nothing else: no database, limits, metrics or "
+          "middleware. `bench/examples/bare_hyper.rs` is the same on hyper alone, accepting and "
+          "serving on one current-thread runtime. Where a floor cannot reach a target, no amount "
+          "of work in Handoff's own code reaches it on that stack. × is floor ÷ Nchan; Handoff ÷ "
+          "floor shows what Handoff's own work costs.")
         w("")
         for line in table_head("| server | N | mode |", "|---|---:|---|",
                                lambda title: (title, "× Nchan", "Handoff ÷ it"),
@@ -180,14 +181,15 @@ def main():
         w("### The write floor: Handoff's store alone, on the server's core")
         w("")
         n_floor = stores[0][0][1]
-        w("`examples/store_alone.rs` completes jobs through Handoff's own `Store::complete_job` (the "
-          "write lane and its durable SQLite commit, as the server makes them) with no HTTP, hub or "
-          "streams, each caller waiting for its answer before the next: 4 callers fill every batch "
-          "with 4 (the best case for the write), 1 caller makes every batch a batch of one. "
-          "µs per completion is 1 ÷ rate: wall time on the pinned core, which is not busy all of "
-          "it (sqlx's SQLite thread and the runtime's thread take turns). Nchan's and Handoff's "
-          f"whole completions ({n_floor:,} distinct, same run) are in the same unit. A run whose "
-          "completions failed is left out and counted in the last column.")
+        w("`bench/examples/store_alone.rs` completes jobs through Handoff's own "
+          "`Store::complete_job` (the write lane and its durable SQLite commit, as the server "
+          "makes them) with no HTTP, hub or streams, each caller waiting for its answer before "
+          "the next: 4 callers fill every batch with 4 (the best case for the write), 1 caller "
+          "makes every batch a batch of one. µs per completion is 1 ÷ rate: wall time on the "
+          "pinned core, which is not busy all of it (sqlx's SQLite thread and the runtime's "
+          f"thread take turns). Nchan's and Handoff's whole completions ({n_floor:,} distinct, "
+          "same run) are in the same unit. A run whose completions failed is left out and counted "
+          "in the last column.")
         w("")
         w("| callers | completions/s | µs per completion | Nchan: µs per whole completion | "
           "write ÷ Nchan's whole | Handoff: µs per whole completion | failed runs |")

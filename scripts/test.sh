@@ -37,10 +37,10 @@ redis-cli -h 127.0.0.1 -p 6379 ping
 
 say "format and lints"
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "tests"
-cargo test --all-targets --locked -- --include-ignored
+cargo test --workspace --all-targets --locked -- --include-ignored
 
 say "core and admin suites again, against PostgreSQL (a fresh database per app)"
 HANDOFF_TEST_DB=postgres cargo test --locked --test core --test admin

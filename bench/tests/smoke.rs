@@ -1,12 +1,71 @@
 //! The bench tool keeps working: a small run against a real Handoff, in both modes. No timing is
 //! asserted; only that every expected event arrived exactly once and the tool said so.
-
-mod support;
+//! (The write floor's test is in `examples/store_alone.rs`, beside what it runs.)
 
 use std::process::Command;
 
+use handoff::config::Config;
+use handoff::startup::Application;
 use serde_json::Value;
-use support::{TOKEN, TestApp};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// A real Handoff on 127.0.0.1:<port 0> with a fresh SQLite file; dropping it stops the server.
+struct TestApp {
+    base: String,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    async fn spawn() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::from_lookup(|_| None).expect("defaults are valid");
+        config.addr = "127.0.0.1:0".parse().expect("valid address");
+        config.database_url = format!("sqlite://{}/handoff.db", dir.path().display());
+        config.api_token = Some(TOKEN.to_owned());
+        config.workers = Some(2);
+        let app = Application::build(config).await.expect("the app builds");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let shutdown = app.shutdown_token();
+        tokio::spawn(app.run_until_stopped());
+        Self {
+            base,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    /// A metric's current value from `/metrics`.
+    async fn metric(&self, name: &str) -> f64 {
+        let addr = self.base.trim_start_matches("http://");
+        let mut socket = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect for /metrics");
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        socket
+            .write_all(request.as_bytes())
+            .await
+            .expect("send /metrics");
+        let mut text = String::new();
+        socket
+            .read_to_string(&mut text)
+            .await
+            .expect("read /metrics");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
 
 /// Runs `handoff-bench` against `app` and returns its JSON report, after checking it exited 0.
 /// `leave_on_result`: the clients close each stream at its result, as `scripts/bench.sh` runs it.
@@ -86,20 +145,4 @@ async fn bench_refuses_a_target_that_is_not_loopback() {
         .expect("handoff-bench runs");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("loopback"));
-}
-
-// The write floor, `examples/store_alone.rs`, compiled into this test so it keeps working.
-#[allow(dead_code)]
-#[path = "../examples/store_alone.rs"]
-mod store_alone;
-
-#[tokio::test(flavor = "current_thread")]
-async fn the_write_floor_completes_every_job_once_and_says_so() {
-    for callers in [1, 4] {
-        let report = store_alone::measure(200, callers).await.expect("a report");
-        assert!(report.ok, "{:?}", report.first_error);
-        assert_eq!(report.completions, 200);
-        assert_eq!(report.completion_failures, 0);
-        assert!(report.completions_per_sec > 0.0);
-    }
 }

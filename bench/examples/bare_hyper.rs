@@ -3,7 +3,7 @@
 //! no actix). It answers whether another Rust HTTP stack would lift the figures that bare
 //! actix-web cannot reach. Not Handoff's stack; `scripts/bench.sh` runs it through the same tool.
 //!
-//!   cargo run --release --example bare_hyper -- 127.0.0.1:8091
+//!   cargo run --release -p handoff-bench --example bare_hyper -- 127.0.0.1:8091
 //!   GET  /sub/{id}   the stream
 //!   POST /pub/{id}   sends the body as the result event to every stream on {id}; answers how many
 

@@ -5,7 +5,7 @@
 //! `scripts/bench.sh` runs it through the same bench tool as a generic target, so a Handoff
 //! figure that this server cannot reach either is bounded by the stack, not by Handoff's own code.
 //!
-//!   cargo run --release --example bare_actix -- 127.0.0.1:8090 [workers]
+//!   cargo run --release -p handoff-bench --example bare_actix -- 127.0.0.1:8090 [workers]
 //!   GET  /sub/{id}   the stream
 //!   POST /pub/{id}   sends the body as the result event to every stream on {id}; answers how many
 

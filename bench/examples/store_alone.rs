@@ -8,7 +8,8 @@
 //! brings Handoff's time per completion below it (less whatever HTTP work the server fits into
 //! the core's idle moments while it waits for sqlx's thread).
 //!
-//!   cargo run --release --example store_alone -- [jobs (10000)] [callers (4)] [report.json]
+//!   cargo run --release -p handoff-bench --example store_alone -- \
+//!       [jobs (10000)] [callers (4)] [report.json]
 
 use std::time::Instant;
 
@@ -20,16 +21,16 @@ use handoff::store::{Completion, Store};
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(serde::Serialize)]
-pub(crate) struct Report {
-    pub(crate) label: &'static str,
-    pub(crate) callers: usize,
-    pub(crate) completions: usize,
-    pub(crate) completion_failures: usize,
-    pub(crate) completion_secs: f64,
-    pub(crate) completions_per_sec: f64,
+struct Report {
+    label: &'static str,
+    callers: usize,
+    completions: usize,
+    completion_failures: usize,
+    completion_secs: f64,
+    completions_per_sec: f64,
     /// The first failure, if any, as the store reported it.
-    pub(crate) first_error: Option<String>,
-    pub(crate) ok: bool,
+    first_error: Option<String>,
+    ok: bool,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -64,11 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Creates `jobs` jobs in a fresh SQLite file, then completes them all with `callers` callers.
-/// Also run by `tests/bench_smoke.rs`, so the write floor keeps working.
-pub(crate) async fn measure(
-    jobs: usize,
-    callers: usize,
-) -> Result<Report, Box<dyn std::error::Error>> {
+async fn measure(jobs: usize, callers: usize) -> Result<Report, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let store =
         Store::connect(&format!("sqlite://{}/store-alone.db", dir.path().display())).await?;
@@ -124,4 +121,21 @@ pub(crate) async fn measure(
         first_error,
         ok: completion_failures == 0 && completions == jobs,
     })
+}
+
+// `test = true` in Cargo.toml: `cargo test` runs this, so the write floor keeps working.
+#[cfg(test)]
+mod tests {
+    use super::measure;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_write_floor_completes_every_job_once_and_says_so() {
+        for callers in [1, 4] {
+            let report = measure(200, callers).await.expect("a report");
+            assert!(report.ok, "{:?}", report.first_error);
+            assert_eq!(report.completions, 200);
+            assert_eq!(report.completion_failures, 0);
+            assert!(report.completions_per_sec > 0.0);
+        }
+    }
 }

@@ -8,14 +8,9 @@
 //! handoff-bench --sub-url 'http://127.0.0.1:8081/sub/{id}' --pub-url 'http://127.0.0.1:8081/pub?id={id}'
 //! ```
 
-// The crate root is a file, so its modules' folder is named explicitly.
-#[path = "handoff-bench/http.rs"]
 mod http;
-#[path = "handoff-bench/report.rs"]
 mod report;
-#[path = "handoff-bench/streams.rs"]
 mod streams;
-#[path = "handoff-bench/target.rs"]
 mod target;
 
 use std::path::PathBuf;
