@@ -1,10 +1,8 @@
 //! The admin surface: login, CSRF, and completing a job from the form.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{TOKEN, TestApp};
+use crate::support::{TOKEN, TestApp};
 
 const WAIT: Duration = Duration::from_secs(5);
 

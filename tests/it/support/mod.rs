@@ -1,5 +1,4 @@
 //! Test support: the real app on a real port against a fresh database, and a raw SSE reader.
-#![allow(dead_code)] // each test binary uses its own part of this module
 
 pub mod browser;
 pub mod nginx;
@@ -34,8 +33,14 @@ pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgre
 /// A database made for one test: a SQLite file in a temporary folder, or a PostgreSQL database
 /// `handoff_t_<random>`. Dropping it removes it.
 pub enum FreshDb {
-    Sqlite { dir: tempfile::TempDir, url: String },
-    Postgres { name: String, url: String },
+    Sqlite {
+        _dir: tempfile::TempDir,
+        url: String,
+    },
+    Postgres {
+        name: String,
+        url: String,
+    },
 }
 
 impl FreshDb {
@@ -51,7 +56,7 @@ impl FreshDb {
     pub fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}/handoff.db", dir.path().display());
-        Self::Sqlite { dir, url }
+        Self::Sqlite { _dir: dir, url }
     }
 
     /// A new, empty PostgreSQL database on 127.0.0.1:5432.
@@ -69,13 +74,6 @@ impl FreshDb {
     pub fn url(&self) -> &str {
         match self {
             Self::Sqlite { url, .. } | Self::Postgres { url, .. } => url,
-        }
-    }
-
-    pub fn dir(&self) -> Option<&std::path::Path> {
-        match self {
-            Self::Sqlite { dir, .. } => Some(dir.path()),
-            Self::Postgres { .. } => None,
         }
     }
 }

@@ -1,12 +1,12 @@
 //! The admin and API surface under attack: token guessing, forged forwarding headers, security
 //! headers on every answer, and what the log may never show.
 
-mod support;
-
 use std::time::Duration;
 
 use handoff::limits::TrustedProxies;
-use support::{TOKEN, TestApp};
+
+use crate::support;
+use crate::support::{TOKEN, TestApp};
 
 async fn login_with(app: &TestApp, token: &str, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut request = app

@@ -1,11 +1,11 @@
 //! Limits: the server-wide stream cap, the per-client cap and whose address counts; retention.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{SseReader, TestApp};
+
+use crate::support;
+use crate::support::{SseReader, TestApp};
 
 const WITHIN: Duration = Duration::from_secs(5);
 

@@ -2,18 +2,18 @@
 //! acknowledged completion, and SIGTERM with thousands of open streams. Through all of them no
 //! completion acknowledged with `200` is lost, and everything recovers by itself.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use sqlx::Connection as _;
-use support::{SseBlock, TestApp, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+
+use crate::support;
+use crate::support::{SseBlock, TestApp, eventually};
 
 const WITHIN: Duration = Duration::from_secs(5);
 const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";

@@ -1,10 +1,9 @@
 //! The core flow against the real app on a real port: page A's stream, completion, page B.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::{SseBlock, TOKEN, TestApp};
+use crate::support;
+use crate::support::{SseBlock, TOKEN, TestApp};
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -9,16 +9,16 @@
 //! disturbs nobody else; the others use the shared Redis at 127.0.0.1:6379 on a channel of
 //! their own.
 
-mod support;
-
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, stream};
-use support::browser::Browser;
-use support::nginx::Nginx;
-use support::{EventSource, FreshDb, SseReader, eventually, start_binary};
+
+use crate::support;
+use crate::support::browser::Browser;
+use crate::support::nginx::Nginx;
+use crate::support::{EventSource, FreshDb, SseReader, eventually, start_binary};
 
 const WAIT: Duration = Duration::from_secs(5);
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";

@@ -2,14 +2,14 @@
 //! would normalise `../` or refuse CRLF): every answer is a clear 4xx, the server stays up, and
 //! nothing stored changes.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use handoff::store::Store;
-use support::{TOKEN, TestApp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::support;
+use crate::support::{TOKEN, TestApp};
 
 /// A response as read off the wire.
 #[derive(Debug)]

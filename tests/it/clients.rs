@@ -1,14 +1,14 @@
 //! Slow, vanishing and misbehaving clients: none of them blocks anyone else, each is let go in
 //! bounded time, and ten thousand of them leave nothing behind.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use support::{TestApp, eventually, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::support;
+use crate::support::{TestApp, eventually, metric};
 
 const WITHIN: Duration = Duration::from_secs(5);
 

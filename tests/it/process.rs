@@ -1,12 +1,11 @@
 //! The `handoff` binary as an operator runs it: start-up config errors, SIGTERM.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{SseReader, TOKEN};
+use crate::support;
+use crate::support::{SseReader, TOKEN};
 
 /// Starts the binary on port 0 with `envs`; returns the child and its base URL.
 fn start(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String) {
