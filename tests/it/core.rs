@@ -306,15 +306,44 @@ async fn pages_a_and_b_and_the_landing_page_answer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_custom_move_url_is_escaped_wherever_it_is_shown() {
+    let raw = "/x?a=\"><script>alert(1)</script>&b=<i>";
+    // askama's HTML escaping, which writes decimal references for `"`, `&`, `'`, `<` and `>`.
+    let escaped = "/x?a=&#34;&#62;&#60;script&#62;alert(1)&#60;/script&#62;&#38;b=&#60;i&#62;";
     let app = TestApp::spawn().await;
-    let job = app
-        .create_job(Some("/x?a=\"><script>alert(1)</script>"))
-        .await;
+    let job = app.create_job(Some(raw)).await;
     let id = job["id"].as_str().unwrap();
-    app.complete(id).await;
+    assert_eq!(app.complete(id).await.status(), 200);
     let mut stream = app.stream(id).await;
     let result = stream.expect_connect_result_end(WAIT).await;
-    assert_eq!(result["moveUrl"], "/x?a=\"><script>alert(1)</script>");
+    assert_eq!(
+        result["moveUrl"], raw,
+        "the stream carries the moveUrl as given"
+    );
+
+    let page_b = page_text(&app.client, app.url(&format!("/test.do?id={id}"))).await;
+    let admin = page_text(&app.admin_session().await, app.url("/admin")).await;
+    assert!(
+        page_b.contains(&format!("<code>{escaped}</code>")),
+        "page B shows the moveUrl, escaped, as code:\n{page_b}"
+    );
+    for (page, html) in [("page B", &page_b), ("the admin page", &admin)] {
+        assert!(
+            html.contains("Moves to"),
+            "{page} says where the job moves to:\n{html}"
+        );
+        assert!(
+            html.contains(escaped),
+            "{page} shows the moveUrl escaped:\n{html}"
+        );
+        // The pages' own markup has `"><` (`<a href="…"><code>`): the attribute breakout is
+        // looked for with the tag that follows it.
+        for unescaped in [raw, "\"><script", "<script>", "<i>"] {
+            assert!(
+                !html.contains(unescaped),
+                "{page} shows {unescaped:?} unescaped:\n{html}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
