@@ -43,7 +43,7 @@ say "tests"
 cargo test --workspace --all-targets --locked -- --include-ignored
 
 say "core and admin suites again, against PostgreSQL (a fresh database per app)"
-HANDOFF_TEST_DB=postgres cargo test --locked --test core --test admin
+HANDOFF_TEST_DB=postgres cargo test --locked --test it -- core:: admin::
 say "fuzz: job ids, moveUrls, API bodies (${FUZZ_SECS:-20} s each)"
 # cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets it pass its -Z flags; no sanitizer
 # (the parsers are safe Rust), a dev build to keep the instrumented build to about 3 minutes.

@@ -2,14 +2,13 @@
 //! would normalise `../` or refuse CRLF): every answer is a clear 4xx, the server stays up, and
 //! nothing stored changes.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use handoff::store::Store;
-use support::{TOKEN, TestApp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::support::{SseReader, TOKEN, TestApp, WAIT};
 
 /// A response as read off the wire.
 #[derive(Debug)]
@@ -295,7 +294,7 @@ async fn hostile_ids_query_strings_and_bodies_get_a_clear_4xx_and_change_nothing
         started.elapsed()
     );
 
-    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), 200, "the server stays up");
     assert_eq!(snapshot(&app).await, before, "nothing stored changed");
 }
@@ -361,17 +360,10 @@ async fn garbage_in_last_event_id_does_not_disturb_a_stream() {
         .send()
         .await
         .unwrap();
-    let mut stream = support::SseReader::from_response(response);
-    assert_eq!(stream.response_status, 200);
-    assert_eq!(
-        stream.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-        "connect"
-    );
+    let mut stream = SseReader::from_response(response);
+    stream.expect_connect().await;
     assert_eq!(app.complete(&id).await.status(), 200);
-    assert_eq!(
-        stream.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-        "result"
-    );
+    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "result");
 }
 
 #[tokio::test]
@@ -407,6 +399,6 @@ async fn a_slow_loris_sending_headers_byte_by_byte_is_cut_off() {
         "{answer}"
     );
     eprintln!("slow loris cut off after {:?}", started.elapsed());
-    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), 200);
 }

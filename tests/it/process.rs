@@ -1,18 +1,11 @@
 //! The `handoff` binary as an operator runs it: start-up config errors, SIGTERM.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{SseReader, TOKEN};
-
-/// Starts the binary on port 0 with `envs`; returns the child and its base URL.
-fn start(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Child, String) {
-    let (child, base, _log) = support::start_binary(dir, envs);
-    (child, base)
-}
+use crate::support;
+use crate::support::{SseReader, WAIT, start_binary};
 
 #[test]
 fn an_invalid_setting_stops_start_up_naming_the_variable() {
@@ -28,17 +21,13 @@ fn an_invalid_setting_stops_start_up_naming_the_variable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base) = start(dir.path(), &[]);
+    let (mut child, base, _log) = start_binary(dir.path(), &[]);
     let client = support::client();
     let id = &support::job_id_at(&client, &base).await;
+    let stream_url = format!("{base}/sse/connect/{id}");
     let mut streams = Vec::new();
     for _ in 0..20 {
-        let mut s = SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;
-        assert_eq!(
-            s.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-            "connect"
-        );
-        streams.push(s);
+        streams.push(SseReader::connected(&client, &stream_url).await);
     }
     let started = support::sigterm(&child);
     for s in &mut streams {
@@ -53,22 +42,11 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
     assert!(exited.success(), "{exited:?}");
 
     // A restart on the same file keeps the job; completing it reaches a reconnecting browser.
-    let (mut child, base) = start(dir.path(), &[]);
-    let mut s = SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;
-    assert_eq!(
-        s.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-        "connect"
-    );
-    client
-        .post(format!("{base}/api/jobs/{id}/complete"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        s.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-        "result"
-    );
+    let (mut child, base, _log) = start_binary(dir.path(), &[]);
+    let mut s = SseReader::connected(&client, &format!("{base}/sse/connect/{id}")).await;
+    let completed = support::complete_at(&client, &base, id, None).await;
+    assert_eq!(completed.status(), 200);
+    assert_eq!(s.next_result(WAIT).await.unwrap()["status"], "result");
     child.kill().unwrap();
     child.wait().unwrap();
 }

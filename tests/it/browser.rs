@@ -5,15 +5,14 @@
 //! Needs `chromium`, `chromium-driver` and `nginx` (scripts/test.sh installs them); a test fails
 //! saying what to install when one is missing.
 
-mod support;
-
 use std::time::Duration;
 
 use fantoccini::wd::WindowHandle;
 use serde_json::json;
-use support::browser::{Browser, PATIENCE};
-use support::nginx::Nginx;
-use support::{TOKEN, TestApp, eventually};
+
+use crate::support::browser::{Browser, PATIENCE};
+use crate::support::nginx::Nginx;
+use crate::support::{TOKEN, TestApp, eventually};
 
 /// From the landing page at `origin`: start a demo job, wait on page A, complete it through the
 /// API, arrive on page B. Returns the job id.

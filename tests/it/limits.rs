@@ -1,13 +1,11 @@
 //! Limits: the server-wide stream cap, the per-client cap and whose address counts; retention.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{SseReader, TestApp};
 
-const WITHIN: Duration = Duration::from_secs(5);
+use crate::support;
+use crate::support::{SseReader, TestApp, WAIT};
 
 async fn open_from(app: &TestApp, id: &str, forwarded_for: &str) -> SseReader {
     let response = app
@@ -40,9 +38,7 @@ async fn beyond_the_stream_cap_new_streams_get_503_and_open_ones_keep_running() 
     let id = app.job_id().await;
     let mut open = Vec::new();
     for _ in 0..3 {
-        let mut s = app.stream(&id).await;
-        assert_eq!(s.next_result(WITHIN).await.unwrap()["status"], "connect");
-        open.push(s);
+        open.push(app.connected_stream(&id).await);
     }
 
     let (status, retry_after, body) = refused(app.stream(&id).await).await;
@@ -56,24 +52,21 @@ async fn beyond_the_stream_cap_new_streams_get_503_and_open_ones_keep_running() 
         "{body}"
     );
     assert_eq!(app.metric("handoff_streams_refused_total").await, 1.0);
-    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), 200, "the server stays healthy at the cap");
 
     assert_eq!(app.complete(&id).await.status(), 200);
     for s in &mut open {
-        assert_eq!(s.next_result(WITHIN).await.unwrap()["status"], "result");
-        assert_eq!(s.next_block(WITHIN).await, None);
+        assert_eq!(s.next_result(WAIT).await.unwrap()["status"], "result");
+        assert_eq!(s.next_block(WAIT).await, None);
     }
-    assert!(
-        app.metric_reaches("handoff_open_streams", 0.0, WITHIN)
-            .await
-    );
+    assert!(app.metric_reaches("handoff_open_streams", 0.0, WAIT).await);
     let mut again = app.stream(&id).await;
     assert_eq!(
         again.response_status, 200,
         "places free up when streams end"
     );
-    again.expect_connect_result_end(WITHIN).await;
+    again.expect_connect_result_end(WAIT).await;
 }
 
 #[tokio::test]
@@ -87,7 +80,7 @@ async fn the_per_client_cap_counts_the_forwarded_address_of_a_trusted_proxy() {
     let mut open = Vec::new();
     for _ in 0..2 {
         let mut s = open_from(&app, &id, "203.0.113.1").await;
-        assert_eq!(s.next_result(WITHIN).await.unwrap()["status"], "connect");
+        s.expect_connect().await;
         open.push(s);
     }
     let (status, retry_after, body) = refused(open_from(&app, &id, "203.0.113.1").await).await;
@@ -103,10 +96,7 @@ async fn the_per_client_cap_counts_the_forwarded_address_of_a_trusted_proxy() {
         other.response_status, 200,
         "another client has its own allowance"
     );
-    assert_eq!(
-        other.next_result(WITHIN).await.unwrap()["status"],
-        "connect"
-    );
+    other.expect_connect().await;
 }
 
 #[tokio::test]
@@ -116,7 +106,7 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     let mut open = Vec::new();
     for client in ["203.0.113.1", "203.0.113.2"] {
         let mut s = open_from(&app, &id, client).await;
-        assert_eq!(s.next_result(WITHIN).await.unwrap()["status"], "connect");
+        s.expect_connect().await;
         open.push(s);
     }
     let third = open_from(&app, &id, "203.0.113.3").await;
@@ -145,18 +135,8 @@ async fn a_job_past_its_retention_is_purged_and_answers_like_an_unknown_one() {
         "/jobs/{}",
         "/test.do?id={}",
     ] {
-        let purged = app
-            .client
-            .get(app.url(&path.replace("{}", &id)))
-            .send()
-            .await
-            .unwrap();
-        let never = app
-            .client
-            .get(app.url(&path.replace("{}", unknown)))
-            .send()
-            .await
-            .unwrap();
+        let purged = app.get(&path.replace("{}", &id)).await;
+        let never = app.get(&path.replace("{}", unknown)).await;
         assert_eq!(purged.status(), 404, "{path}");
         assert_eq!(
             purged.text().await.unwrap(),

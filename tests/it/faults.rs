@@ -2,21 +2,19 @@
 //! acknowledged completion, and SIGTERM with thousands of open streams. Through all of them no
 //! completion acknowledged with `200` is lost, and everything recovers by itself.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use sqlx::Connection as _;
-use support::{SseBlock, TestApp, eventually};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-const WITHIN: Duration = Duration::from_secs(5);
-const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+use crate::support;
+use crate::support::HttpConnection::Close;
+use crate::support::{FreshDb, TestApp, WAIT, eventually, raw_connected_stream};
 
 /// A TCP proxy in front of PostgreSQL that the test can cut (every connection dropped, new ones
 /// refused) and restore: the database becomes unreachable exactly as over a broken network.
@@ -58,39 +56,13 @@ impl Proxy {
     }
 }
 
-/// A fresh PostgreSQL database for one test; dropped by the caller at the end.
-async fn fresh_postgres_database() -> String {
-    let mut admin = sqlx::PgConnection::connect(POSTGRES).await.unwrap_or_else(|err| {
-        panic!("PostgreSQL must run at 127.0.0.1:5432 (user postgres, trust auth; scripts/test.sh starts it): {err}")
-    });
-    let name = format!("handoff_faults_{}", std::process::id());
-    let drop = sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"));
-    sqlx::query(drop).execute(&mut admin).await.unwrap();
-    let create = sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"));
-    sqlx::query(create).execute(&mut admin).await.unwrap();
-    name
-}
-
-async fn drop_postgres_database(name: &str) {
-    if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES).await {
-        let drop = sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
-        let _ = sqlx::query(drop).execute(&mut admin).await;
-    }
-}
-
 /// Creates and completes jobs back to back until `stop`; returns the ids whose completion was
 /// acknowledged with `200`, and how many answers were `503`.
 async fn complete_continuously(app: &TestApp, stop: &AtomicBool) -> (Vec<String>, usize) {
     let (mut acked, mut unavailable) = (Vec::new(), 0);
     while !stop.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let created = app
-            .client
-            .post(app.url("/api/jobs"))
-            .bearer_auth(support::TOKEN)
-            .send()
-            .await
-            .unwrap();
+        let created = support::post_job(&app.client, &app.base, None).await;
         if created.status() != 201 {
             assert_eq!(
                 created.status(),
@@ -118,16 +90,12 @@ async fn complete_continuously(app: &TestApp, stop: &AtomicBool) -> (Vec<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL at 127.0.0.1:5432; scripts/test.sh starts it"]
 async fn postgres_cut_off_answers_503_keeps_streams_open_and_recovers_without_losing_completions() {
-    let database = fresh_postgres_database().await;
+    let db = FreshDb::postgres().await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
-    let url = format!("postgres://postgres@127.0.0.1:{}/{database}", proxy.port);
+    let url = db.postgres_url_via(proxy.port);
     let app = TestApp::spawn_on(&url, |c| c.keep_alive = Duration::from_secs(1)).await;
     let waiting = app.job_id().await;
-    let mut stream = app.stream(&waiting).await;
-    assert_eq!(
-        stream.next_result(WITHIN).await.unwrap()["status"],
-        "connect"
-    );
+    let mut stream = app.connected_stream(&waiting).await;
 
     let stop = AtomicBool::new(false);
     let outage = async {
@@ -140,18 +108,12 @@ async fn postgres_cut_off_answers_503_keeps_streams_open_and_recovers_without_lo
             body["error"],
             "the database is unavailable; try again shortly"
         );
-        let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+        let health = app.get("/healthz").await;
         assert_eq!(health.status(), 503);
         assert!(health.text().await.unwrap().contains("database: down"));
         // The open stream keeps running: keep-alives still arrive.
-        assert!(matches!(
-            stream.next_block(WITHIN).await,
-            Some(SseBlock::Comment(_))
-        ));
-        assert!(matches!(
-            stream.next_block(WITHIN).await,
-            Some(SseBlock::Comment(_))
-        ));
+        stream.expect_keep_alive(WAIT).await;
+        stream.expect_keep_alive(WAIT).await;
         let refused = app.stream(&waiting).await;
         assert_eq!(
             refused.response_status, 503,
@@ -160,13 +122,7 @@ async fn postgres_cut_off_answers_503_keeps_streams_open_and_recovers_without_lo
         proxy.restore();
         assert!(
             eventually(Duration::from_secs(10), || async {
-                app.client
-                    .get(app.url("/healthz"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    == 200
+                app.get("/healthz").await.status() == 200
             })
             .await,
             "health recovers by itself"
@@ -187,31 +143,22 @@ async fn postgres_cut_off_answers_503_keeps_streams_open_and_recovers_without_lo
         200,
         "completing works again"
     );
-    let result = stream
-        .next_result(WITHIN)
-        .await
-        .expect("the stream's result");
+    let result = stream.next_result(WAIT).await.expect("the stream's result");
     assert_eq!(result["status"], "result");
     for id in &acked {
-        let job: serde_json::Value = app.get_job(id).await.json().await.unwrap();
         assert_eq!(
-            job["status"], "complete",
+            app.job(id).await["status"],
+            "complete",
             "an acknowledged completion was lost: {id}"
         );
     }
-    drop(app);
-    drop_postgres_database(&database).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_sqlite_file_answers_503_and_recovers_when_the_lock_goes() {
     let app = TestApp::spawn().await;
     let id = app.job_id().await;
-    let mut stream = app.stream(&id).await;
-    assert_eq!(
-        stream.next_result(WITHIN).await.unwrap()["status"],
-        "connect"
-    );
+    let mut stream = app.connected_stream(&id).await;
 
     // Another process takes the write lock and keeps it.
     let mut locker = sqlx::SqliteConnection::connect(&app.database_url)
@@ -229,12 +176,12 @@ async fn a_locked_sqlite_file_answers_503_and_recovers_when_the_lock_goes() {
         body["error"],
         "the database is unavailable; try again shortly"
     );
-    let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
     assert_eq!(
-        job["status"], "pending",
+        app.job(&id).await["status"],
+        "pending",
         "readers still read while the writer is locked out"
     );
-    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), 503);
     let text = health.text().await.unwrap();
     assert!(text.contains("database: writes failing"), "{text}");
@@ -245,16 +192,13 @@ async fn a_locked_sqlite_file_answers_503_and_recovers_when_the_lock_goes() {
         200,
         "writes work again once the lock goes"
     );
-    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(
         health.status(),
         200,
         "healthy again after a write went through"
     );
-    assert_eq!(
-        stream.next_result(WITHIN).await.unwrap()["status"],
-        "result"
-    );
+    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "result");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +211,9 @@ async fn a_completion_acknowledged_right_before_sigkill_is_there_after_restart()
         for _ in 0..20 {
             let id = support::job_id_at(&client, &base).await;
             assert_eq!(
-                support::complete_at(&client, &base, &id).await.status(),
+                support::complete_at(&client, &base, &id, None)
+                    .await
+                    .status(),
                 200
             );
             acked.push(id);
@@ -277,16 +223,9 @@ async fn a_completion_acknowledged_right_before_sigkill_is_there_after_restart()
         child.wait().unwrap();
         let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
         for id in &acked {
-            let job: serde_json::Value = client
-                .get(format!("{base}/api/jobs/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
             assert_eq!(
-                job["status"], "complete",
+                support::job_at(&client, &base, id).await["status"],
+                "complete",
                 "round {round}: lost the completion of {id}"
             );
         }
@@ -295,24 +234,14 @@ async fn a_completion_acknowledged_right_before_sigkill_is_there_after_restart()
     }
 }
 
-/// Opens a raw stream and reads up to the connect event.
-async fn open_raw(addr: &str, id: &str) -> TcpStream {
-    let mut socket = TcpStream::connect(addr).await.expect("connect");
-    let request = format!(
-        "GET /sse/connect/{id} HTTP/1.1\r\nHost: handoff.test\r\nConnection: close\r\n\r\n"
-    );
-    socket.write_all(request.as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !String::from_utf8_lossy(&seen).contains(r#""status":"connect""#) {
-        let n = tokio::time::timeout(WITHIN, socket.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before the connect event");
-        seen.extend_from_slice(&buf[..n]);
-    }
-    socket
+/// `count` raw streams, spread over `ids` in turn, each read up to its connect event. Each asks
+/// for `Connection: close`, so the server's close marks the end of its stream.
+async fn connected_raw_streams(base: &str, ids: &[String], count: usize) -> Vec<TcpStream> {
+    futures_util::stream::iter(0..count)
+        .map(|i| raw_connected_stream(base, &ids[i % ids.len()], Close))
+        .buffer_unordered(100)
+        .collect()
+        .await
 }
 
 /// Reads until the server closes the stream; returns everything read.
@@ -329,16 +258,11 @@ async fn sigterm_with_two_thousand_streams_ends_them_within_a_second_and_browser
     let dir = tempfile::tempdir().unwrap();
     let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
     let client = support::client();
-    let addr = base.trim_start_matches("http://").to_owned();
     let mut ids = Vec::new();
     for _ in 0..20 {
         ids.push(support::job_id_at(&client, &base).await);
     }
-    let sockets: Vec<TcpStream> = futures_util::stream::iter(0..STREAMS)
-        .map(|i| open_raw(&addr, &ids[i % ids.len()]))
-        .buffer_unordered(100)
-        .collect()
-        .await;
+    let sockets = connected_raw_streams(&base, &ids, STREAMS).await;
     assert_eq!(
         support::metric(&client, &base, "handoff_open_streams").await,
         STREAMS as f64
@@ -364,17 +288,17 @@ async fn sigterm_with_two_thousand_streams_ends_them_within_a_second_and_browser
 
     // The browsers reconnect to the restarted server, the jobs complete, every one gets its result.
     let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
-    let addr = base.trim_start_matches("http://").to_owned();
-    let sockets: Vec<TcpStream> = futures_util::stream::iter(0..STREAMS)
-        .map(|i| open_raw(&addr, &ids[i % ids.len()]))
-        .buffer_unordered(100)
-        .collect()
-        .await;
+    let sockets = connected_raw_streams(&base, &ids, STREAMS).await;
     for id in &ids {
-        assert_eq!(support::complete_at(&client, &base, id).await.status(), 200);
+        assert_eq!(
+            support::complete_at(&client, &base, id, None)
+                .await
+                .status(),
+            200
+        );
     }
     let bodies: Vec<String> = futures_util::stream::iter(sockets)
-        .map(|s| tokio::time::timeout(WITHIN, read_to_end(s)))
+        .map(|s| tokio::time::timeout(WAIT, read_to_end(s)))
         .buffer_unordered(STREAMS)
         .map(|r| r.expect("a result within 5 s"))
         .collect()

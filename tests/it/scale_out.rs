@@ -9,18 +9,16 @@
 //! disturbs nobody else; the others use the shared Redis at 127.0.0.1:6379 on a channel of
 //! their own.
 
-mod support;
-
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, stream};
-use support::browser::Browser;
-use support::nginx::Nginx;
-use support::{EventSource, FreshDb, SseReader, eventually, start_binary};
 
-const WAIT: Duration = Duration::from_secs(5);
+use crate::support;
+use crate::support::browser::Browser;
+use crate::support::nginx::Nginx;
+use crate::support::{EventSource, FreshDb, SseReader, WAIT, eventually, start_binary};
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
 /// A Pub/Sub channel no other test run uses.
@@ -119,23 +117,17 @@ impl Instance {
     }
 
     async fn job_id(&self) -> String {
-        let job = support::create_job_at(&self.client, &self.base, None).await;
-        job["id"].as_str().expect("an id").to_owned()
+        support::job_id_at(&self.client, &self.base).await
     }
 
     async fn complete(&self, id: &str) -> u16 {
-        let resp = support::complete_at(&self.client, &self.base, id).await;
+        let resp = support::complete_at(&self.client, &self.base, id, None).await;
         resp.status().as_u16()
     }
 
     /// Opens a stream on `id` and reads its connect event.
     async fn connected_stream(&self, id: &str) -> SseReader {
-        let mut stream =
-            SseReader::open(&self.client, &self.url(&format!("/sse/connect/{id}"))).await;
-        assert_eq!(stream.response_status, 200, "stream on {}", self.base);
-        let connect = stream.next_result(WAIT).await.expect("a connect event");
-        assert_eq!(connect["status"], "connect");
-        stream
+        SseReader::connected(&self.client, &self.url(&format!("/sse/connect/{id}"))).await
     }
 
     async fn metric(&self, name: &str) -> f64 {
@@ -159,12 +151,8 @@ struct RedisServer {
 
 impl RedisServer {
     async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
         let mut server = Self {
-            port,
+            port: support::free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
         };
@@ -497,15 +485,7 @@ async fn instances_starting_together_on_a_fresh_database_migrate_it_once() {
     }
     let id = instances[0].job_id().await;
     assert_eq!(instances[3].complete(&id).await, 200);
-    let job: serde_json::Value = instances[1]
-        .client
-        .get(instances[1].url(&format!("/api/jobs/{id}")))
-        .send()
-        .await
-        .expect("get job")
-        .json()
-        .await
-        .expect("job JSON");
+    let job = support::job_at(&instances[1].client, &instances[1].base, &id).await;
     assert_eq!(job["status"], "complete");
 
     let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
@@ -609,7 +589,7 @@ async fn a_client_whose_instance_is_killed_reconnects_through_nginx_to_the_other
     let survivor = 1 - holder;
 
     instances[holder].kill();
-    let completion = support::complete_at(&client, &nginx.http_url(""), &id).await;
+    let completion = support::complete_at(&client, &nginx.http_url(""), &id, None).await;
     assert_eq!(
         completion.status(),
         200,
@@ -709,7 +689,9 @@ async fn cross_instance_delivery_latency_over_200_jobs() {
         let sent = Instant::now();
         let (status, result) = tokio::join!(
             async {
-                let status = support::complete_at(&runner, &two.base, &id).await.status();
+                let status = support::complete_at(&runner, &two.base, &id, None)
+                    .await
+                    .status();
                 answered.push(sent.elapsed());
                 status
             },
@@ -787,12 +769,7 @@ async fn nginx_retries_a_completion_but_not_a_job_creation_that_an_instance_took
     let nginx = Nginx::start(&[dying, live.port()]);
     let mut creations = Vec::new();
     for _ in 0..10 {
-        let created = client
-            .post(nginx.http_url("/api/jobs"))
-            .bearer_auth(support::TOKEN)
-            .send()
-            .await
-            .expect("nginx answers");
+        let created = support::post_job(&client, &nginx.http_url(""), None).await;
         creations.push(created.status().as_u16());
     }
     assert!(
@@ -806,7 +783,7 @@ async fn nginx_retries_a_completion_but_not_a_job_creation_that_an_instance_took
     let nginx = Nginx::start(&[dying, live.port()]);
     for _ in 0..10 {
         let id = live.job_id().await;
-        let completed = support::complete_at(&client, &nginx.http_url(""), &id).await;
+        let completed = support::complete_at(&client, &nginx.http_url(""), &id, None).await;
         assert_eq!(
             completed.status(),
             200,

@@ -1,56 +1,13 @@
 //! The admin surface: login, CSRF, and completing a job from the form.
 
-mod support;
-
-use std::time::Duration;
-
-use support::{TOKEN, TestApp};
-
-const WAIT: Duration = Duration::from_secs(5);
-
-fn cookie_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .cookie_store(true)
-        .build()
-        .unwrap()
-}
-
-/// POSTs a form (a real urlencoded body, as a browser sends it).
-async fn post_form(
-    client: &reqwest::Client,
-    url: impl reqwest::IntoUrl,
-    form: &[(&str, &str)],
-) -> reqwest::Response {
-    client.post(url).form(form).send().await.expect("form POST")
-}
-
-/// GETs a page's HTML.
-async fn page_text(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> String {
-    client
-        .get(url)
-        .send()
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("page text")
-}
-
-/// Pulls the CSRF token out of the admin page.
-fn csrf_of(html: &str) -> String {
-    let marker = "name=\"csrf\" value=\"";
-    let start = html.find(marker).expect("a CSRF field") + marker.len();
-    html[start..].split('"').next().unwrap().to_owned()
-}
+use crate::support::{TOKEN, TestApp, WAIT, cookie_client, csrf_of, page_text, post_form};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_admin_logs_in_and_completes_a_job_that_an_open_stream_receives() {
     let app = TestApp::spawn().await;
     let admin = cookie_client();
     let id = app.job_id().await;
-    let mut stream = app.stream(&id).await;
-    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
+    let mut stream = app.connected_stream(&id).await;
 
     let wrong = post_form(&admin, app.url("/admin/login"), &[("token", "nope")]).await;
     assert_eq!(wrong.status(), 401);
@@ -71,8 +28,11 @@ async fn an_admin_logs_in_and_completes_a_job_that_an_open_stream_receives() {
     assert_eq!(no_csrf.status(), 403);
     let bad_csrf = post_form(&admin, &complete_url, &[("csrf", "forged")]).await;
     assert_eq!(bad_csrf.status(), 403);
-    let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
-    assert_eq!(job["status"], "pending", "a refused form changes nothing");
+    assert_eq!(
+        app.job(&id).await["status"],
+        "pending",
+        "a refused form changes nothing"
+    );
 
     let ok = post_form(&admin, &complete_url, &[("csrf", csrf.as_str())]).await;
     assert_eq!(ok.status(), 303);
@@ -99,13 +59,10 @@ async fn admin_forms_without_a_session_are_forbidden() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_page_lists_open_streams_and_creates_jobs() {
     let app = TestApp::spawn().await;
-    let admin = cookie_client();
-    post_form(&admin, app.url("/admin/login"), &[("token", TOKEN)]).await;
+    let admin = app.admin_session().await;
     let id = app.job_id().await;
-    let mut a = app.stream(&id).await;
-    let mut b = app.stream(&id).await;
-    a.next_result(WAIT).await;
-    b.next_result(WAIT).await;
+    let _a = app.connected_stream(&id).await;
+    let _b = app.connected_stream(&id).await;
     let page = page_text(&admin, app.url("/admin")).await;
     let row = page.split(&format!("data-job=\"{id}\"")).nth(1).unwrap();
     assert!(

@@ -1,12 +1,9 @@
 //! The core flow against the real app on a real port: page A's stream, completion, page B.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::{SseBlock, TOKEN, TestApp};
-
-const WAIT: Duration = Duration::from_secs(5);
+use crate::support;
+use crate::support::{SseBlock, TOKEN, TestApp, WAIT, page_text};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_then_complete_delivers_the_result_and_ends_the_stream() {
@@ -43,9 +40,7 @@ async fn every_tab_gets_the_result_and_the_hub_is_empty_afterwards() {
     let id = app.job_id().await;
     let mut streams = Vec::new();
     for _ in 0..3 {
-        let mut s = app.stream(&id).await;
-        assert_eq!(s.next_result(WAIT).await.unwrap()["status"], "connect");
-        streams.push(s);
+        streams.push(app.connected_stream(&id).await);
     }
     assert_eq!(app.metric("handoff_watched_jobs").await, 1.0);
     assert_eq!(app.metric("handoff_open_streams").await, 3.0);
@@ -87,12 +82,8 @@ async fn racing_connects_and_completions_lose_nothing() {
                     }
                 }
             });
-            let status = client
-                .post(format!("{base}/api/jobs/{id}/complete"))
-                .bearer_auth(TOKEN)
-                .send()
+            let status = support::complete_at(&client, &base, &id, None)
                 .await
-                .unwrap()
                 .status();
             assert_eq!(status, 200);
             (id, reader.await.unwrap())
@@ -112,12 +103,7 @@ async fn racing_connects_and_completions_lose_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_and_malformed_ids_get_4xx_never_500() {
     let app = TestApp::spawn().await;
-    let unknown = app
-        .client
-        .get(app.url("/sse/connect/AAAAAAAAAAAAAAAAAAAAAA"))
-        .send()
-        .await
-        .unwrap();
+    let unknown = app.get("/sse/connect/AAAAAAAAAAAAAAAAAAAAAA").await;
     assert_eq!(unknown.status(), 404);
     let body: serde_json::Value = unknown.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("no job"));
@@ -137,19 +123,11 @@ async fn unknown_and_malformed_ids_get_4xx_never_500() {
             format!("/jobs/{raw}"),
             format!("/test.do?id={raw}"),
         ] {
-            let resp = app.client.get(app.url(&path)).send().await.unwrap();
-            let status = resp.status().as_u16();
+            let status = app.get(&path).await.status().as_u16();
             assert!((400..500).contains(&status), "{path} answered {status}");
         }
     }
-    let resp = app
-        .client
-        .post(app.url(&format!("/api/jobs/{long}/complete")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400);
+    assert_eq!(app.complete(&long).await.status(), 400);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -175,7 +153,7 @@ async fn the_api_refuses_a_missing_or_wrong_token_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(create.status(), 401);
-    let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
+    let job = app.job(&id).await;
     assert_eq!(job["status"], "pending");
     assert_eq!(job["moveUrl"], "");
     assert_eq!(job["completedAt"], serde_json::Value::Null);
@@ -186,14 +164,7 @@ async fn completing_twice_returns_the_stored_result_and_unknown_is_404() {
     let app = TestApp::spawn().await;
     let id = app.job_id().await;
     let first: serde_json::Value = app.complete(&id).await.json().await.unwrap();
-    let again = app
-        .client
-        .post(app.url(&format!("/api/jobs/{id}/complete")))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"moveUrl": "/other"}))
-        .send()
-        .await
-        .unwrap();
+    let again = app.complete_with(&id, "/other").await;
     assert_eq!(again.status(), 200);
     let second: serde_json::Value = again.json().await.unwrap();
     assert_eq!(first, second);
@@ -212,30 +183,14 @@ async fn a_move_url_that_leaves_the_site_is_refused() {
         "/\\evil.example",
         "javascript:alert(1)",
     ] {
-        let body = serde_json::json!({ "moveUrl": evil });
-        let create = app
-            .client
-            .post(app.url("/api/jobs"))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let create = support::post_job(&app.client, &app.base, Some(evil)).await;
         assert_eq!(create.status(), 400, "create with {evil}");
         let text = create.text().await.unwrap();
         assert!(text.contains("moveUrl"), "{text}");
-        let complete = app
-            .client
-            .post(app.url(&format!("/api/jobs/{id}/complete")))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let complete = app.complete_with(&id, evil).await;
         assert_eq!(complete.status(), 400, "complete with {evil}");
     }
-    let job: serde_json::Value = app.get_job(&id).await.json().await.unwrap();
-    assert_eq!(job["status"], "pending");
+    assert_eq!(app.job(&id).await["status"], "pending");
     let garbage = app
         .client
         .post(app.url("/api/jobs"))
@@ -252,8 +207,7 @@ async fn a_stream_ends_after_its_timeout_and_a_reconnect_works() {
     let app = TestApp::spawn_with(|c| c.sse_timeout = Duration::from_secs(2)).await;
     let id = app.job_id().await;
     let started = Instant::now();
-    let mut stream = app.stream(&id).await;
-    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
+    let mut stream = app.connected_stream(&id).await;
     assert_eq!(
         stream.next_result(WAIT).await,
         None,
@@ -264,8 +218,7 @@ async fn a_stream_ends_after_its_timeout_and_a_reconnect_works() {
         took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
         "ended after {took:?}"
     );
-    let mut again = app.stream(&id).await;
-    assert_eq!(again.next_result(WAIT).await.unwrap()["status"], "connect");
+    let mut again = app.connected_stream(&id).await;
     app.complete(&id).await;
     assert_eq!(again.next_result(WAIT).await.unwrap()["status"], "result");
 }
@@ -274,16 +227,9 @@ async fn a_stream_ends_after_its_timeout_and_a_reconnect_works() {
 async fn keep_alive_comments_flow_on_an_idle_stream() {
     let app = TestApp::spawn_with(|c| c.keep_alive = Duration::from_secs(1)).await;
     let id = app.job_id().await;
-    let mut stream = app.stream(&id).await;
-    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
-    assert!(matches!(
-        stream.next_block(WAIT).await,
-        Some(SseBlock::Comment(_))
-    ));
-    assert!(matches!(
-        stream.next_block(WAIT).await,
-        Some(SseBlock::Comment(_))
-    ));
+    let mut stream = app.connected_stream(&id).await;
+    stream.expect_keep_alive(WAIT).await;
+    stream.expect_keep_alive(WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -321,7 +267,7 @@ async fn the_stream_has_the_headers_proxies_need() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pages_a_and_b_and_the_landing_page_answer() {
     let app = TestApp::spawn().await;
-    let landing = app.client.get(app.url("/")).send().await.unwrap();
+    let landing = app.get("/").await;
     assert_eq!(landing.status(), 200);
     let text = landing.text().await.unwrap();
     assert!(text.contains("action=\"/jobs\"") && text.contains("href=\"/admin\""));
@@ -330,7 +276,7 @@ async fn pages_a_and_b_and_the_landing_page_answer() {
     assert_eq!(demo.status(), 303);
     let page_a_path = demo.headers()["location"].to_str().unwrap().to_owned();
     let id = page_a_path.strip_prefix("/jobs/").unwrap().to_owned();
-    let page_a = app.client.get(app.url(&page_a_path)).send().await.unwrap();
+    let page_a = app.get(&page_a_path).await;
     assert_eq!(page_a.status(), 200);
     let csp = page_a.headers()["content-security-policy"]
         .to_str()
@@ -341,63 +287,69 @@ async fn pages_a_and_b_and_the_landing_page_answer() {
     assert!(html.contains(&format!("data-handoff-job=\"{id}\"")));
     assert!(html.contains("src=\"/static/handoff.js\""));
     assert!(!html.contains("<script>"), "no inline script on page A");
-    let js = app
-        .client
-        .get(app.url("/static/handoff.js"))
-        .send()
-        .await
-        .unwrap();
+    let js = app.get("/static/handoff.js").await;
     assert_eq!(js.status(), 200);
     assert!(js.text().await.unwrap().contains("EventSource"));
 
-    let pending = app
-        .client
-        .get(app.url(&format!("/test.do?id={id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let pending = page_text(&app.client, app.url(&format!("/test.do?id={id}"))).await;
     assert!(
         pending.contains("Not finished yet") && pending.contains(&format!("href=\"/jobs/{id}\""))
     );
     app.complete(&id).await;
-    let page_b = app
-        .client
-        .get(app.url(&format!("/test.do?id={id}")))
-        .send()
-        .await
-        .unwrap();
+    let page_b = app.get(&format!("/test.do?id={id}")).await;
     assert_eq!(page_b.status(), 200);
     assert!(page_b.text().await.unwrap().contains("Job complete"));
-    let unknown = app
-        .client
-        .get(app.url("/test.do?id=AAAAAAAAAAAAAAAAAAAAAA"))
-        .send()
-        .await
-        .unwrap();
+    let unknown = app.get("/test.do?id=AAAAAAAAAAAAAAAAAAAAAA").await;
     assert_eq!(unknown.status(), 404);
     assert!(unknown.text().await.unwrap().contains("No such job"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_custom_move_url_is_escaped_wherever_it_is_shown() {
+    let raw = "/x?a=\"><script>alert(1)</script>&b=<i>";
+    // askama's HTML escaping, which writes decimal references for `"`, `&`, `'`, `<` and `>`.
+    let escaped = "/x?a=&#34;&#62;&#60;script&#62;alert(1)&#60;/script&#62;&#38;b=&#60;i&#62;";
     let app = TestApp::spawn().await;
-    let job = app
-        .create_job(Some("/x?a=\"><script>alert(1)</script>"))
-        .await;
+    let job = app.create_job(Some(raw)).await;
     let id = job["id"].as_str().unwrap();
-    app.complete(id).await;
+    assert_eq!(app.complete(id).await.status(), 200);
     let mut stream = app.stream(id).await;
     let result = stream.expect_connect_result_end(WAIT).await;
-    assert_eq!(result["moveUrl"], "/x?a=\"><script>alert(1)</script>");
+    assert_eq!(
+        result["moveUrl"], raw,
+        "the stream carries the moveUrl as given"
+    );
+
+    let page_b = page_text(&app.client, app.url(&format!("/test.do?id={id}"))).await;
+    let admin = page_text(&app.admin_session().await, app.url("/admin")).await;
+    assert!(
+        page_b.contains(&format!("<code>{escaped}</code>")),
+        "page B shows the moveUrl, escaped, as code:\n{page_b}"
+    );
+    for (page, html) in [("page B", &page_b), ("the admin page", &admin)] {
+        assert!(
+            html.contains("Moves to"),
+            "{page} says where the job moves to:\n{html}"
+        );
+        assert!(
+            html.contains(escaped),
+            "{page} shows the moveUrl escaped:\n{html}"
+        );
+        // The pages' own markup has `"><` (`<a href="…"><code>`): the attribute breakout is
+        // looked for with the tag that follows it.
+        for unescaped in [raw, "\"><script", "<script>", "<i>"] {
+            assert!(
+                !html.contains(unescaped),
+                "{page} shows {unescaped:?} unescaped:\n{html}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_metrics_answer() {
     let app = TestApp::spawn().await;
-    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), 200);
     assert!(health.text().await.unwrap().starts_with("ok"));
     let id = app.job_id().await;
@@ -412,8 +364,7 @@ async fn health_and_metrics_answer() {
 async fn shutting_down_ends_open_streams_within_a_second() {
     let mut app = TestApp::spawn().await;
     let id = app.job_id().await;
-    let mut stream = app.stream(&id).await;
-    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
+    let mut stream = app.connected_stream(&id).await;
     let started = Instant::now();
     let stopping = tokio::spawn(async move {
         app.stop().await;
@@ -449,25 +400,16 @@ async fn concurrent_completions_of_the_same_and_of_distinct_jobs_each_complete_o
                 .iter()
                 .map(|id| (id.clone(), format!("/done/{id}"))),
         );
-    let answers = futures_util::future::join_all(calls.map(|(id, target)| {
-        let client = app.client.clone();
-        let url = app.url(&format!("/api/jobs/{id}/complete"));
-        async move {
-            let response = client
-                .post(url)
-                .bearer_auth(TOKEN)
-                .json(&serde_json::json!({ "moveUrl": target }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            let job: serde_json::Value = response.json().await.unwrap();
-            (id, job["moveUrl"].as_str().unwrap().to_owned())
-        }
+    let app = &app;
+    let answers = futures_util::future::join_all(calls.map(|(id, target)| async move {
+        let response = app.complete_with(&id, &target).await;
+        assert_eq!(response.status(), 200);
+        let job: serde_json::Value = response.json().await.unwrap();
+        (id, job["moveUrl"].as_str().unwrap().to_owned())
     }))
     .await;
     // Every call on the shared job got the one stored result, whichever call stored it.
-    let stored: serde_json::Value = app.get_job(&shared).await.json().await.unwrap();
+    let stored = app.job(&shared).await;
     let winner = stored["moveUrl"].as_str().unwrap();
     assert!(winner.starts_with("/shared/"), "{stored}");
     for (id, move_url) in &answers {

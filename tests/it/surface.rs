@@ -1,12 +1,12 @@
 //! The admin and API surface under attack: token guessing, forged forwarding headers, security
 //! headers on every answer, and what the log may never show.
 
-mod support;
-
 use std::time::Duration;
 
 use handoff::limits::TrustedProxies;
-use support::{TOKEN, TestApp};
+
+use crate::support;
+use crate::support::{TOKEN, TestApp, WAIT, post_form};
 
 async fn login_with(app: &TestApp, token: &str, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut request = app
@@ -140,45 +140,22 @@ async fn the_log_never_shows_the_token_or_a_move_urls_query() {
         support::start_binary(dir.path(), &[("RUST_LOG", "info,handoff=debug")]);
     let client = support::client();
     let secret = "s3cr3t-reset-code";
-    let created = client
-        .post(format!("{base}/api/jobs"))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({ "moveUrl": format!("/reset?code={secret}") }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let id = created.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let reset_url = format!("/reset?code={secret}");
+    let job = support::create_job_at(&client, &base, Some(&reset_url)).await;
+    let id = job["id"].as_str().unwrap().to_owned();
     let mut stream = support::SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;
-    let override_url = serde_json::json!({ "moveUrl": format!("/done?code={secret}") });
-    let completed = client
-        .post(format!("{base}/api/jobs/{id}/complete"))
-        .bearer_auth(TOKEN)
-        .json(&override_url)
-        .send()
-        .await
-        .unwrap();
+    let override_url = format!("/done?code={secret}");
+    let completed = support::complete_at(&client, &base, &id, Some(&override_url)).await;
     assert_eq!(completed.status(), 200);
-    assert_eq!(
-        stream.next_result(Duration::from_secs(5)).await.unwrap()["status"],
-        "connect"
-    );
+    assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
     assert!(
-        stream.next_result(Duration::from_secs(5)).await.unwrap()["moveUrl"]
+        stream.next_result(WAIT).await.unwrap()["moveUrl"]
             .as_str()
             .unwrap()
             .contains(secret)
     );
     for token in ["wrong-token-attempt", TOKEN] {
-        client
-            .post(format!("{base}/admin/login"))
-            .form(&[("token", token)])
-            .send()
-            .await
-            .unwrap();
+        post_form(&client, format!("{base}/admin/login"), &[("token", token)]).await;
     }
     client
         .post(format!("{base}/api/jobs"))
@@ -224,12 +201,7 @@ async fn a_generated_token_is_logged_once_at_start_up_and_never_again() {
         .await
         .unwrap();
     assert_eq!(created.status(), 201, "the logged token works");
-    let login = client
-        .post(format!("{base}/admin/login"))
-        .form(&[("token", &token)])
-        .send()
-        .await
-        .unwrap();
+    let login = post_form(&client, format!("{base}/admin/login"), &[("token", &token)]).await;
     assert_eq!(login.status(), 303);
     child.kill().unwrap();
     child.wait().unwrap();

@@ -1,5 +1,6 @@
-//! Test support: the real app on a real port against a fresh database, and a raw SSE reader.
-#![allow(dead_code)] // each test binary uses its own part of this module
+//! Test support: the real app on a real port against a fresh database (or the `handoff` binary
+//! as a process), its API as a job runner calls it, event streams read block by block or over a
+//! raw socket, and an admin session.
 
 pub mod browser;
 pub mod nginx;
@@ -13,9 +14,14 @@ use handoff::config::Config;
 use handoff::startup::Application;
 use serde_json::Value;
 use sqlx::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub const TOKEN: &str = "test-token-0123456789";
+
+/// How long a test waits for what should happen at once (an event, a metric settling).
+pub const WAIT: Duration = Duration::from_secs(5);
 
 /// A running Handoff on 127.0.0.1:<port 0>, with its own SQLite file (or PostgreSQL database).
 pub struct TestApp {
@@ -34,8 +40,14 @@ pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgre
 /// A database made for one test: a SQLite file in a temporary folder, or a PostgreSQL database
 /// `handoff_t_<random>`. Dropping it removes it.
 pub enum FreshDb {
-    Sqlite { dir: tempfile::TempDir, url: String },
-    Postgres { name: String, url: String },
+    Sqlite {
+        _dir: tempfile::TempDir,
+        url: String,
+    },
+    Postgres {
+        name: String,
+        url: String,
+    },
 }
 
 impl FreshDb {
@@ -51,7 +63,7 @@ impl FreshDb {
     pub fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}/handoff.db", dir.path().display());
-        Self::Sqlite { dir, url }
+        Self::Sqlite { _dir: dir, url }
     }
 
     /// A new, empty PostgreSQL database on 127.0.0.1:5432.
@@ -72,10 +84,12 @@ impl FreshDb {
         }
     }
 
-    pub fn dir(&self) -> Option<&std::path::Path> {
+    /// The URL of this PostgreSQL database with its server reached at `127.0.0.1:{port}`, where a
+    /// proxy in front of it listens.
+    pub fn postgres_url_via(&self, port: u16) -> String {
         match self {
-            Self::Sqlite { dir, .. } => Some(dir.path()),
-            Self::Postgres { .. } => None,
+            Self::Postgres { name, .. } => format!("postgres://postgres@127.0.0.1:{port}/{name}"),
+            Self::Sqlite { .. } => panic!("a SQLite database has no server to reach"),
         }
     }
 }
@@ -180,27 +194,55 @@ impl TestApp {
         create_job_at(&self.client, &self.base, move_url).await
     }
 
+    /// Creates a job through the API; returns its id.
     pub async fn job_id(&self) -> String {
-        self.create_job(None).await["id"]
-            .as_str()
-            .expect("id")
-            .to_owned()
+        job_id_at(&self.client, &self.base).await
     }
 
+    /// Completes job `id` through the API, with no body.
     pub async fn complete(&self, id: &str) -> reqwest::Response {
-        complete_at(&self.client, &self.base, id).await
+        complete_at(&self.client, &self.base, id, None).await
+    }
+
+    /// Completes job `id` through the API, with `{"moveUrl": move_url}`.
+    pub async fn complete_with(&self, id: &str, move_url: &str) -> reqwest::Response {
+        complete_at(&self.client, &self.base, id, Some(move_url)).await
+    }
+
+    /// `GET path`, as an anonymous browser sends it.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        let url = self.url(path);
+        self.client
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
     }
 
     pub async fn get_job(&self, id: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(&format!("/api/jobs/{id}")))
-            .send()
-            .await
-            .expect("get job")
+        self.get(&format!("/api/jobs/{id}")).await
+    }
+
+    /// Job `id` as the API shows it.
+    pub async fn job(&self, id: &str) -> Value {
+        job_at(&self.client, &self.base, id).await
     }
 
     pub async fn stream(&self, id: &str) -> SseReader {
         SseReader::open(&self.client, &self.url(&format!("/sse/connect/{id}"))).await
+    }
+
+    /// A stream on `id` that has been answered `200` and has sent its connect event.
+    pub async fn connected_stream(&self, id: &str) -> SseReader {
+        SseReader::connected(&self.client, &self.url(&format!("/sse/connect/{id}"))).await
+    }
+
+    /// A client logged in on the admin page with the API token, as a browser would be.
+    pub async fn admin_session(&self) -> reqwest::Client {
+        let admin = cookie_client();
+        let login = post_form(&admin, self.url("/admin/login"), &[("token", TOKEN)]).await;
+        assert_eq!(login.status(), 303, "logging in on the admin page");
+        admin
     }
 
     /// Whether metric `name` reaches `value` within `within` (polled every 20 ms).
@@ -220,25 +262,71 @@ impl Drop for TestApp {
     }
 }
 
+/// `POST /api/jobs` to the Handoff at `base` with the token and, when given,
+/// `{"moveUrl": move_url}`; the answer as it comes, whatever its status.
+pub async fn post_job(
+    client: &reqwest::Client,
+    base: &str,
+    move_url: Option<&str>,
+) -> reqwest::Response {
+    with_move_url(client.post(format!("{base}/api/jobs")), move_url)
+        .send()
+        .await
+        .expect("create request")
+}
+
 /// Creates a job through the API of the Handoff at `base`; returns its JSON.
 pub async fn create_job_at(client: &reqwest::Client, base: &str, move_url: Option<&str>) -> Value {
-    let mut req = client.post(format!("{base}/api/jobs")).bearer_auth(TOKEN);
-    if let Some(url) = move_url {
-        req = req.json(&serde_json::json!({ "moveUrl": url }));
-    }
-    let resp = req.send().await.expect("create request");
+    let resp = post_job(client, base, move_url).await;
     assert_eq!(resp.status(), 201, "creating a job on {base}");
     resp.json().await.expect("job JSON")
 }
 
-/// Completes job `id` through the API of the Handoff at `base`.
-pub async fn complete_at(client: &reqwest::Client, base: &str, id: &str) -> reqwest::Response {
-    client
-        .post(format!("{base}/api/jobs/{id}/complete"))
-        .bearer_auth(TOKEN)
+/// Creates a job on the Handoff at `base`; returns its id.
+pub async fn job_id_at(client: &reqwest::Client, base: &str) -> String {
+    create_job_at(client, base, None).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned()
+}
+
+/// Completes job `id` through the API of the Handoff at `base`, with the token and, when given,
+/// `{"moveUrl": move_url}`.
+pub async fn complete_at(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    move_url: Option<&str>,
+) -> reqwest::Response {
+    let request = client.post(format!("{base}/api/jobs/{id}/complete"));
+    with_move_url(request, move_url)
         .send()
         .await
         .expect("complete request")
+}
+
+/// A job runner's API request: the token, and a `{"moveUrl": …}` body when there is one.
+fn with_move_url(
+    request: reqwest::RequestBuilder,
+    move_url: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let request = request.bearer_auth(TOKEN);
+    match move_url {
+        Some(url) => request.json(&serde_json::json!({ "moveUrl": url })),
+        None => request,
+    }
+}
+
+/// Job `id` on the Handoff at `base`, as `GET /api/jobs/{id}` shows it.
+pub async fn job_at(client: &reqwest::Client, base: &str, id: &str) -> Value {
+    client
+        .get(format!("{base}/api/jobs/{id}"))
+        .send()
+        .await
+        .expect("get job")
+        .json()
+        .await
+        .expect("job JSON")
 }
 
 pub fn client() -> reqwest::Client {
@@ -247,6 +335,47 @@ pub fn client() -> reqwest::Client {
         .pool_max_idle_per_host(0)
         .build()
         .expect("client")
+}
+
+/// A client that keeps cookies, as a browser does (for the admin session), and follows no redirect.
+pub fn cookie_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .cookie_store(true)
+        .build()
+        .expect("client")
+}
+
+/// POSTs a form (a real urlencoded body, as a browser sends it).
+pub async fn post_form(
+    client: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    client.post(url).form(form).send().await.expect("form POST")
+}
+
+/// GETs a page's HTML.
+pub async fn page_text(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("page text")
+}
+
+/// Pulls the CSRF token out of the admin page.
+pub fn csrf_of(html: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = html.find(marker).expect("a CSRF field") + marker.len();
+    html[start..]
+        .split('"')
+        .next()
+        .expect("the end of the CSRF value")
+        .to_owned()
 }
 
 pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
@@ -316,6 +445,20 @@ impl SseReader {
         Self::from_response(response)
     }
 
+    /// Opens the stream at `url` and [`expect_connect`](Self::expect_connect)s.
+    pub async fn connected(client: &reqwest::Client, url: &str) -> Self {
+        let mut stream = Self::open(client, url).await;
+        stream.expect_connect().await;
+        stream
+    }
+
+    /// Checks the stream was answered `200` and reads its connect event.
+    pub async fn expect_connect(&mut self) {
+        assert_eq!(self.response_status, 200, "the stream was refused");
+        let connect = self.next_result(WAIT).await.expect("a connect event");
+        assert_eq!(connect["status"], "connect", "{connect}");
+    }
+
     /// Reads a response already received (e.g. one sent with extra headers).
     pub fn from_response(response: reqwest::Response) -> Self {
         Self {
@@ -372,6 +515,15 @@ impl SseReader {
                 }
             }
         }
+    }
+
+    /// Reads one block and checks it is a `:` keep-alive comment.
+    pub async fn expect_keep_alive(&mut self, within: Duration) {
+        let block = self.next_block(within).await;
+        assert!(
+            matches!(block, Some(SseBlock::Comment(_))),
+            "expected a keep-alive, got {block:?}"
+        );
     }
 
     /// Reads the connect event, then the result event, then the end of the stream.
@@ -472,8 +624,62 @@ fn parse_block(block: &str) -> SseBlock {
     }
 }
 
+/// Whether a raw request lets the server keep its connection after the answer.
+#[derive(Debug, Clone, Copy)]
+pub enum HttpConnection {
+    /// No `Connection` header: HTTP/1.1 keeps the connection for a next request, as a browser does.
+    KeepAlive,
+    /// `Connection: close`: the server closes the connection once the stream ends, so a reader
+    /// can read to its end.
+    Close,
+}
+
+/// Sends `GET /sse/connect/{id}` to the Handoff at `base` over a raw socket and returns the socket
+/// unread: a client no HTTP library would be, one that never reads, or closes or resets at will.
+pub async fn raw_stream(base: &str, id: &str, connection: HttpConnection) -> TcpStream {
+    let addr = base.trim_start_matches("http://");
+    let mut socket = TcpStream::connect(addr).await.expect("connect");
+    let close = match connection {
+        HttpConnection::KeepAlive => "",
+        HttpConnection::Close => "Connection: close\r\n",
+    };
+    let request = format!(
+        "GET /sse/connect/{id} HTTP/1.1\r\nHost: handoff.test\r\nAccept: text/event-stream\r\n{close}\r\n"
+    );
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    socket
+}
+
+/// [`raw_stream`], read until its connect event arrived after a `200`.
+pub async fn raw_connected_stream(base: &str, id: &str, connection: HttpConnection) -> TcpStream {
+    let mut socket = raw_stream(base, id, connection).await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains(r#""status":"connect""#) {
+        let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no connect event within {WAIT:?}"))
+            .expect("read");
+        assert!(
+            n > 0,
+            "stream closed before the connect event: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    socket
+}
+
 /// A port nobody listens on right now (bind port 0, let go): for processes that need a port number
-/// up front, such as nginx and chromedriver.
+/// up front, such as nginx, chromedriver and redis-server.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
     listener.local_addr().expect("local address").port()
@@ -593,12 +799,4 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .ok()
         })
         .expect("a VmRSS line")
-}
-
-/// Creates a job on the Handoff at `base`; returns its id.
-pub async fn job_id_at(client: &reqwest::Client, base: &str) -> String {
-    create_job_at(client, base, None).await["id"]
-        .as_str()
-        .expect("an id")
-        .to_owned()
 }

@@ -1,0 +1,18 @@
+//! The integration tests, one module per area, all in one binary: one compile, one `support`.
+//!
+//! A test that needs a service (PostgreSQL, Redis) or a tool (nginx, Chromium) either is ignored
+//! with the reason (`#[ignore = "needs …"]`) or fails saying what to start or install;
+//! scripts/test.sh provides them all and runs with `--include-ignored`.
+
+mod admin;
+mod browser;
+mod clients;
+mod core;
+mod faults;
+mod hostile_input;
+mod limits;
+mod process;
+mod properties;
+mod scale_out;
+mod support;
+mod surface;
