@@ -41,6 +41,9 @@ pub struct Config {
     pub trusted_proxies: TrustedProxies,
     /// `HANDOFF_RETENTION_SECS`: jobs older than this are purged.
     pub retention: Duration,
+    /// `HANDOFF_JOB_DEADLINE_SECS`: a job still pending this long after its creation expires,
+    /// unless its creator names another deadline.
+    pub job_deadline: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -66,6 +69,7 @@ impl std::fmt::Debug for Config {
             .field("max_streams_per_client", &self.max_streams_per_client)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("retention", &self.retention)
+            .field("job_deadline", &self.job_deadline)
             .finish()
     }
 }
@@ -132,6 +136,7 @@ impl Config {
                 "HANDOFF_RETENTION_SECS",
                 7 * 24 * 60 * 60,
             )?),
+            job_deadline: Duration::from_secs(positive(&get, "HANDOFF_JOB_DEADLINE_SECS", 3600)?),
         })
     }
 }
@@ -260,6 +265,7 @@ mod tests {
         assert_eq!(c.max_streams_per_client, None);
         assert_eq!(c.trusted_proxies, TrustedProxies::default());
         assert_eq!(c.retention, Duration::from_secs(604_800));
+        assert_eq!(c.job_deadline, Duration::from_secs(3600));
     }
 
     #[test]
@@ -296,6 +302,7 @@ mod tests {
             ("HANDOFF_MAX_STREAMS_PER_CLIENT", "many"),
             ("HANDOFF_TRUSTED_PROXIES", "10.0.0.0/40"),
             ("HANDOFF_RETENTION_SECS", "forever"),
+            ("HANDOFF_JOB_DEADLINE_SECS", "0"),
         ] {
             let err = with(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

@@ -8,41 +8,97 @@
 
 use std::sync::Arc;
 
-use crate::domain::{Ending, JobId, MoveUrl};
+use crate::domain::{Ending, JobId, Message as DomainMessage, MoveUrl, Percent, Progress};
 use crate::fanout::{Fanout, Listener};
-use crate::hub::{Hub, News};
+use crate::hub::{Hub, News, Update};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// One ending on the Redis channel: `{"id":"…","moveUrl":"…","from":"…"}`.
-#[derive(serde::Serialize, serde::Deserialize)]
+/// One update on the Redis channel: `{"id":"…","kind":"complete","moveUrl":"…","from":"…"}`,
+/// with `message` for a failure, and `percent`, `message` and `at` for progress.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Message {
     id: String,
-    #[serde(rename = "moveUrl")]
-    move_url: String,
+    /// `complete` (also when absent: messages of versions that knew no other), `failed`,
+    /// `expired` or `progress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(rename = "moveUrl", default, skip_serializing_if = "Option::is_none")]
+    move_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    at: Option<i64>,
     /// The publishing instance; absent from messages of older versions, which count as foreign.
     #[serde(default)]
     from: String,
 }
 
 impl Message {
-    fn encode(instance: &str, id: &JobId, ending: &Ending) -> Vec<u8> {
-        let message = Message {
+    fn encode(instance: &str, id: &JobId, update: &Update) -> Vec<u8> {
+        let mut message = Message {
             id: id.as_str().to_owned(),
-            move_url: ending.target().as_str().to_owned(),
             from: instance.to_owned(),
+            ..Message::default()
         };
-        // Serializing three strings cannot fail.
+        match update {
+            Update::End(ending) => {
+                message.kind = Some(ending.status().as_str().to_owned());
+                message.move_url = Some(ending.target().as_str().to_owned());
+                if let Ending::Failed {
+                    message: Some(why), ..
+                } = ending
+                {
+                    message.message = Some(why.as_str().to_owned());
+                }
+            }
+            Update::Progress(progress) => {
+                message.kind = Some("progress".to_owned());
+                message.percent = progress.percent.map(Percent::get);
+                message.message = progress.message.as_ref().map(|m| m.as_str().to_owned());
+                message.at = Some(progress.at);
+            }
+        }
+        // Serializing strings and numbers cannot fail.
         serde_json::to_vec(&message).unwrap_or_default()
     }
 
     /// Parses what another instance published; anything malformed is refused, not delivered.
-    fn parse(payload: &[u8]) -> Result<(String, JobId, Ending), String> {
+    fn parse(payload: &[u8]) -> Result<(String, JobId, Update), String> {
         let message: Message =
-            serde_json::from_slice(payload).map_err(|e| format!("not an ending: {e}"))?;
+            serde_json::from_slice(payload).map_err(|e| format!("not an update: {e}"))?;
         let id = JobId::parse(&message.id).map_err(|e| e.to_string())?;
-        let target = MoveUrl::parse(&message.move_url).map_err(|e| e.to_string())?;
-        Ok((message.from, id, Ending::Complete { target }))
+        let text = message
+            .message
+            .as_deref()
+            .map(DomainMessage::parse)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let target = || {
+            MoveUrl::parse(message.move_url.as_deref().unwrap_or_default())
+                .map_err(|e| e.to_string())
+        };
+        let update = match message.kind.as_deref().unwrap_or("complete") {
+            "complete" => Update::End(Ending::Complete { target: target()? }),
+            "failed" => Update::End(Ending::Failed {
+                target: target()?,
+                message: text,
+            }),
+            "expired" => Update::End(Ending::Expired { target: target()? }),
+            "progress" => Update::Progress(Progress {
+                percent: message
+                    .percent
+                    .map(Percent::parse)
+                    .transpose()
+                    .map_err(|e| e.to_string())?,
+                message: text,
+                at: message.at.unwrap_or_default(),
+            }),
+            other => return Err(format!("unknown kind {other:?}")),
+        };
+        Ok((message.from, id, update))
     }
 }
 
@@ -55,7 +111,7 @@ pub struct Delivery {
 #[derive(Debug)]
 struct Inner {
     hub: Hub,
-    /// With `REDIS_URL`: endings also go to every other instance.
+    /// With `REDIS_URL`: updates also go to every other instance.
     fanout: Option<Fanout>,
     /// What the catch-up reads.
     store: Store,
@@ -89,6 +145,16 @@ impl Delivery {
     /// other instance. A failed Redis publish is only logged: the other instances' catch-up
     /// finds the ending in the store. Returns how many streams here got it.
     pub async fn publish(&self, id: &JobId, ending: Ending) -> usize {
+        self.send(id, Update::End(ending)).await
+    }
+
+    /// Delivers a progress report like an ending, except that it need not be stored first: a
+    /// report lost with Redis is replaced by the next, or read from the store at a reconnect.
+    pub async fn publish_progress(&self, id: &JobId, progress: Progress) -> usize {
+        self.send(id, Update::Progress(progress)).await
+    }
+
+    async fn send(&self, id: &JobId, update: Update) -> usize {
         let Inner {
             hub,
             fanout,
@@ -97,14 +163,14 @@ impl Delivery {
         } = &*self.inner;
         let payload = fanout
             .as_ref()
-            .map(|_| Message::encode(instance, id, &ending));
-        let reached = hub.deliver(id, &News::new(ending));
+            .map(|_| Message::encode(instance, id, &update));
+        let reached = hub.deliver(id, &News::new(update));
         if let (Some(fanout), Some(payload)) = (fanout, payload)
             && let Err(err) = fanout.broadcast(&payload).await
         {
             log::warn!(
-                "job {id}: ending stored but not published to Redis ({err}); instances deliver \
-                 it when they re-read the store"
+                "job {id}: update not published to Redis ({err}); instances deliver an ending \
+                 when they re-read the store"
             );
         }
         reached
@@ -127,8 +193,8 @@ impl Listener for Delivery {
         match Message::parse(payload) {
             // Delivered here when it was published.
             Ok((from, _, _)) if from == self.inner.instance => {}
-            Ok((_, id, ending)) => {
-                self.inner.hub.deliver(&id, &News::new(ending));
+            Ok((_, id, update)) => {
+                self.inner.hub.deliver(&id, &News::new(update));
             }
             Err(err) => log::warn!("ignoring a message on the Redis channel: {err}"),
         }
@@ -154,7 +220,7 @@ impl Listener for Delivery {
             .map_err(|e| e.to_string())?
         {
             if let Some(ending) = job.ending() {
-                delivered += hub.deliver(&job.id, &News::new(ending));
+                delivered += hub.deliver(&job.id, &News::ended(ending));
             }
         }
         if delivered > 0 {
@@ -174,16 +240,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_published_message_parses_back_into_the_same_ending_and_sender() {
+    fn every_kind_of_update_parses_back_into_the_same_update_and_sender() {
         let id = JobId::generate();
-        let ending = Ending::Complete {
-            target: MoveUrl::parse("/done?x=\"1\"").unwrap(),
-        };
-        let payload = Message::encode("me", &id, &ending);
-        assert_eq!(
-            Message::parse(&payload).unwrap(),
-            ("me".to_owned(), id, ending)
-        );
+        let target = MoveUrl::parse("/done?x=\"1\"").unwrap();
+        for update in [
+            Update::End(Ending::Complete {
+                target: target.clone(),
+            }),
+            Update::End(Ending::Failed {
+                target: target.clone(),
+                message: Some(DomainMessage::parse("disk full").unwrap()),
+            }),
+            Update::End(Ending::Expired { target }),
+            Update::Progress(Progress {
+                percent: Some(Percent::parse(40.0).unwrap()),
+                message: Some(DomainMessage::parse("page 3 of 7").unwrap()),
+                at: 17,
+            }),
+        ] {
+            let payload = Message::encode("me", &id, &update);
+            assert_eq!(
+                Message::parse(&payload).unwrap(),
+                ("me".to_owned(), id.clone(), update)
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_of_an_older_version_is_a_completion_from_another_instance() {
+        let id = JobId::generate();
+        let payload = format!(r#"{{"id":"{id}","moveUrl":"/next"}}"#);
+        let (from, parsed, update) = Message::parse(payload.as_bytes()).unwrap();
+        assert_eq!((from.as_str(), parsed), ("", id));
+        assert!(matches!(update, Update::End(Ending::Complete { .. })));
     }
 
     #[test]
@@ -193,6 +282,8 @@ mod tests {
             "not json".to_owned(),
             r#"{"id":"short","moveUrl":"/x"}"#.to_owned(),
             format!(r#"{{"id":"{id}","moveUrl":"https://evil.example"}}"#),
+            format!(r#"{{"id":"{id}","kind":"progress","percent":101}}"#),
+            format!(r#"{{"id":"{id}","kind":"unheard-of","moveUrl":"/x"}}"#),
         ] {
             assert!(Message::parse(payload.as_bytes()).is_err(), "{payload}");
         }

@@ -125,12 +125,14 @@ impl fmt::Display for MoveUrl {
     }
 }
 
-/// A job's state. A job is completed at most once and never goes back.
+/// A job's state: `pending`, then one of three end states, which are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Pending,
     Complete,
+    Failed,
+    Expired,
 }
 
 impl JobStatus {
@@ -138,24 +140,113 @@ impl JobStatus {
         match self {
             Self::Pending => "pending",
             Self::Complete => "complete",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
         }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::Pending, Self::Complete, Self::Failed, Self::Expired]
+            .into_iter()
+            .find(|status| status.as_str() == raw)
+    }
+
+    pub fn is_end(self) -> bool {
+        self != Self::Pending
     }
 }
 
+/// The longest progress or failure message, in characters.
+pub const MESSAGE_MAX_CHARS: usize = 200;
+
+/// A short text for the person watching page A: at most [`MESSAGE_MAX_CHARS`] characters, no
+/// control characters (a line break would not survive the event stream's framing anyway).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message(String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("message is longer than {MESSAGE_MAX_CHARS} characters")]
+    TooLong,
+    #[error("message must not contain control characters")]
+    ControlCharacter,
+}
+
+impl Message {
+    pub fn parse(raw: &str) -> Result<Self, MessageError> {
+        if raw.chars().count() > MESSAGE_MAX_CHARS {
+            return Err(MessageError::TooLong);
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(MessageError::ControlCharacter);
+        }
+        Ok(Self(raw.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How far a job got, in a number from 0 to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Percent(f64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("percent must be a number from 0 to 100")]
+pub struct PercentError;
+
+impl Percent {
+    pub fn parse(raw: f64) -> Result<Self, PercentError> {
+        if (0.0..=100.0).contains(&raw) {
+            Ok(Self(raw))
+        } else {
+            Err(PercentError)
+        }
+    }
+
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+/// The latest progress report of a pending job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// `None`: the job does not know how far it is (the bar stays indeterminate).
+    pub percent: Option<Percent>,
+    pub message: Option<Message>,
+    /// When it was reported, in milliseconds since the Unix epoch.
+    pub at: i64,
+}
+
 /// A job as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: JobId,
     pub status: JobStatus,
-    /// The target asked for at creation, or the final target once complete.
+    /// The target asked for at creation, or the final target once ended.
     pub move_url: Option<MoveUrl>,
     /// Milliseconds since the Unix epoch.
     pub created_at: i64,
+    /// When the job reached its end state, whichever it is.
     pub completed_at: Option<i64>,
+    /// When a job still pending expires.
+    pub deadline: i64,
+    /// The latest progress report, as last stored.
+    pub progress: Option<Progress>,
+    /// Why a failed job failed, if its runner said.
+    pub message: Option<Message>,
 }
 
 impl Job {
-    /// Where the browser goes once this job is complete.
+    /// Where the browser goes once this job has ended.
     pub fn target(&self) -> MoveUrl {
         self.move_url
             .clone()
@@ -168,23 +259,50 @@ impl Job {
 
     /// How the job ended, once it has.
     pub fn ending(&self) -> Option<Ending> {
-        self.is_complete().then(|| Ending::Complete {
-            target: self.target(),
-        })
+        let target = self.target();
+        match self.status {
+            JobStatus::Pending => None,
+            JobStatus::Complete => Some(Ending::Complete { target }),
+            JobStatus::Failed => Some(Ending::Failed {
+                target,
+                message: self.message.clone(),
+            }),
+            JobStatus::Expired => Some(Ending::Expired { target }),
+        }
     }
 }
 
-/// What a job's waiting browsers are told when it ends: where to go next.
+/// What a job's waiting browsers are told when it ends: how, and where to go next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
-    Complete { target: MoveUrl },
+    Complete {
+        target: MoveUrl,
+    },
+    Failed {
+        target: MoveUrl,
+        message: Option<Message>,
+    },
+    /// Still pending at its deadline.
+    Expired {
+        target: MoveUrl,
+    },
 }
 
 impl Ending {
     /// Where the browser goes.
     pub fn target(&self) -> &MoveUrl {
         match self {
-            Self::Complete { target } => target,
+            Self::Complete { target } | Self::Failed { target, .. } | Self::Expired { target } => {
+                target
+            }
+        }
+    }
+
+    pub fn status(&self) -> JobStatus {
+        match self {
+            Self::Complete { .. } => JobStatus::Complete,
+            Self::Failed { .. } => JobStatus::Failed,
+            Self::Expired { .. } => JobStatus::Expired,
         }
     }
 }
@@ -246,6 +364,26 @@ mod tests {
             assert_eq!(MoveUrl::parse(raw), Err(want), "{raw:?}");
         }
         assert_eq!(MoveUrl::parse("/done?x=1").unwrap().as_str(), "/done?x=1");
+    }
+
+    #[test]
+    fn messages_and_percents_outside_the_rules_are_refused() {
+        assert!(Message::parse(&"é".repeat(200)).is_ok());
+        assert_eq!(Message::parse(&"é".repeat(201)), Err(MessageError::TooLong));
+        assert_eq!(Message::parse("a\nb"), Err(MessageError::ControlCharacter));
+        assert_eq!(
+            Message::parse("a\u{7f}"),
+            Err(MessageError::ControlCharacter)
+        );
+        for ok in [0.0, 40.5, 100.0] {
+            assert!(Percent::parse(ok).is_ok());
+        }
+        for bad in [-1.0, 100.01, 101.0, f64::NAN] {
+            assert_eq!(Percent::parse(bad), Err(PercentError), "{bad}");
+        }
+        for status in ["pending", "complete", "failed", "expired"] {
+            assert_eq!(JobStatus::parse(status).unwrap().as_str(), status);
+        }
     }
 
     #[test]

@@ -19,37 +19,59 @@ use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
-use crate::domain::{Ending, JobId};
+use crate::domain::{Ending, JobId, Progress};
+
+/// What happened to a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// The latest progress report; a later one replaces it.
+    Progress(Progress),
+    /// The job ended; nothing follows.
+    End(Ending),
+}
 
 /// What the streams of a job receive, shared by all of them.
 #[derive(Debug)]
 pub struct News {
-    pub ending: Ending,
+    pub update: Update,
     /// The news as the streams' transport writes it, encoded by the first stream that sends it
     /// and reused by every other: a job watched by thousands of tabs is encoded once.
     encoded: OnceLock<ByteString>,
 }
 
 impl News {
-    pub fn new(ending: Ending) -> Arc<Self> {
+    pub fn new(update: Update) -> Arc<Self> {
         Arc::new(Self {
-            ending,
+            update,
             encoded: OnceLock::new(),
         })
     }
 
+    pub fn ended(ending: Ending) -> Arc<Self> {
+        Self::new(Update::End(ending))
+    }
+
+    pub fn progress(progress: Progress) -> Arc<Self> {
+        Self::new(Update::Progress(progress))
+    }
+
     /// The encoded news; `encode` runs for the first caller only. There is one transport (the
     /// event stream), so one encoding.
-    pub fn encoded(&self, encode: impl FnOnce(&Ending) -> ByteString) -> ByteString {
-        self.encoded.get_or_init(|| encode(&self.ending)).clone()
+    pub fn encoded(&self, encode: impl FnOnce(&Update) -> ByteString) -> ByteString {
+        self.encoded.get_or_init(|| encode(&self.update)).clone()
     }
 }
 
-/// One watched job: its news once delivered, and a way to wake the streams waiting for it.
-/// Much lighter than a channel per job: a job ends once, so one cell and one `Notify` do.
+/// One watched job: its latest progress, its ending once delivered, and a way to wake the
+/// streams waiting for it. Much lighter than a channel per job, and a stream that cannot keep
+/// up gets the latest progress, never a backlog.
 #[derive(Debug, Default)]
 struct Slot {
     ending: OnceLock<Arc<News>>,
+    /// The latest progress, and how many reports reached the slot (0: none yet).
+    progress: Mutex<(u64, Option<Arc<News>>)>,
+    /// The count of `progress`, readable without the lock.
+    progress_count: AtomicU64,
     /// In an `Arc` of its own so a subscription can hold its wake-up without borrowing the slot.
     changed: Arc<Notify>,
     /// When a subscription of this slot last read the job as pending, as [`Registry::clock`]
@@ -116,6 +138,8 @@ pin_project! {
         registry: Arc<Registry>,
         id: JobId,
         slot: Arc<Slot>,
+        // The progress count this subscription has seen.
+        seen_progress: u64,
         done: bool,
         // The wake-up, registered before the slot is looked at, so news delivered between the
         // look and the wait still wakes the stream.
@@ -137,10 +161,37 @@ pin_project! {
     }
 }
 
+impl Slot {
+    fn lock_progress(&self) -> std::sync::MutexGuard<'_, (u64, Option<Arc<News>>)> {
+        // One assignment per critical section: a poisoned lock still holds a whole value.
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `news` as the latest progress, unless the job has ended here; `only_first` keeps
+    /// it only when no report has reached the slot yet.
+    fn set_progress(&self, news: &Arc<News>, only_first: bool) -> bool {
+        let mut progress = self.lock_progress();
+        if self.ending.get().is_some() || (only_first && progress.0 > 0) {
+            return false;
+        }
+        *progress = (progress.0 + 1, Some(Arc::clone(news)));
+        self.progress_count.store(progress.0, Ordering::Release);
+        true
+    }
+}
+
 impl Subscription {
-    /// The job's news, if it has reached this job's streams here already.
+    /// The job's ending, if it has reached this job's streams here already.
     pub fn delivered(&self) -> Option<Arc<News>> {
         self.slot.ending.get().cloned()
+    }
+
+    /// Offers the stored progress of the job, read when the stream opened: the stream gets it
+    /// first, unless a report already reached the job's streams here (that one is newer).
+    pub fn offer_stored_progress(&self, news: &Arc<News>) {
+        if self.slot.set_progress(news, true) {
+            self.slot.changed.notify_waiters();
+        }
     }
 
     /// True when another subscription of this job here read it as pending less than a second
@@ -185,6 +236,13 @@ impl Stream for Subscription {
                 *this.done = true;
                 return Poll::Ready(None);
             }
+            if this.slot.progress_count.load(Ordering::Acquire) != *this.seen_progress {
+                let (count, latest) = this.slot.lock_progress().clone();
+                *this.seen_progress = count;
+                if let Some(news) = latest {
+                    return Poll::Ready(Some(news));
+                }
+            }
             match this.woken.as_mut().as_pin_mut().map(|w| w.poll(cx)) {
                 Some(Poll::Ready(())) => this.woken.set(None),
                 _ => return Poll::Pending,
@@ -214,6 +272,7 @@ impl Hub {
             registry: Arc::clone(&self.registry),
             id: id.clone(),
             slot,
+            seen_progress: 0,
             done: false,
             woken: None,
         }
@@ -221,7 +280,7 @@ impl Hub {
 
     /// Hands `news` to every subscription of `id` here; returns how many there were. A job ends
     /// once: a second copy of its ending (a resync finding what a message brought) changes
-    /// nothing.
+    /// nothing, and progress after the ending is dropped.
     pub fn deliver(&self, id: &JobId, news: &Arc<News>) -> usize {
         // Take the slot out so the waking of many streams happens outside the lock.
         let found = self
@@ -232,8 +291,13 @@ impl Hub {
         let Some((slot, subscriptions)) = found else {
             return 0;
         };
-        let _ = slot.ending.set(Arc::clone(news));
-        slot.changed.notify_waiters();
+        let changed = match news.update {
+            Update::End(_) => slot.ending.set(Arc::clone(news)).is_ok(),
+            Update::Progress(_) => slot.set_progress(news, false),
+        };
+        if changed {
+            slot.changed.notify_waiters();
+        }
         subscriptions
     }
 
@@ -277,9 +341,24 @@ mod tests {
     use futures_util::StreamExt;
 
     fn completed() -> Arc<News> {
-        News::new(Ending::Complete {
+        News::ended(Ending::Complete {
             target: MoveUrl::parse("/next").unwrap(),
         })
+    }
+
+    fn progress(percent: f64) -> Arc<News> {
+        News::progress(Progress {
+            percent: Some(crate::domain::Percent::parse(percent).unwrap()),
+            message: None,
+            at: 0,
+        })
+    }
+
+    fn percent_of(news: &News) -> f64 {
+        match &news.update {
+            Update::Progress(p) => p.percent.unwrap().get(),
+            Update::End(_) => panic!("an ending, not progress"),
+        }
     }
 
     #[tokio::test]
@@ -292,7 +371,7 @@ mod tests {
         assert_eq!(hub.deliver(&id, &completed()), 3);
         for sub in &mut subs {
             let news = sub.next().await.unwrap();
-            assert_eq!(news.ending.target().as_str(), "/next");
+            assert_eq!(news.update, completed().update);
             assert!(sub.next().await.is_none(), "a job ends once");
         }
         subs.pop();
@@ -362,10 +441,40 @@ mod tests {
         assert_eq!(hub.watched_jobs(), 0);
     }
 
+    #[tokio::test]
+    async fn a_slow_stream_gets_the_latest_progress_and_the_ending_overtakes_it() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let mut sub = Box::pin(hub.subscribe(&id));
+        for percent in [10.0, 20.0, 30.0] {
+            hub.deliver(&id, &progress(percent));
+        }
+        assert_eq!(percent_of(&sub.next().await.unwrap()), 30.0, "no backlog");
+        hub.deliver(&id, &progress(40.0));
+        hub.deliver(&id, &completed());
+        hub.deliver(&id, &progress(50.0));
+        assert_eq!(sub.next().await.unwrap().update, completed().update);
+        assert!(sub.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn stored_progress_is_offered_only_to_a_slot_without_a_newer_report() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let mut first = Box::pin(hub.subscribe(&id));
+        first.offer_stored_progress(&progress(10.0));
+        assert_eq!(percent_of(&first.next().await.unwrap()), 10.0);
+        hub.deliver(&id, &progress(20.0));
+        assert_eq!(percent_of(&first.next().await.unwrap()), 20.0);
+        let mut second = Box::pin(hub.subscribe(&id));
+        second.offer_stored_progress(&progress(10.0));
+        assert_eq!(percent_of(&second.next().await.unwrap()), 20.0);
+    }
+
     #[test]
     fn news_is_encoded_once_whoever_asks() {
         let news = completed();
-        let first = news.encoded(|ending| ending.target().as_str().into());
+        let first = news.encoded(|_| "encoded".into());
         let second = news.encoded(|_| unreachable!("encoded already"));
         assert_eq!(first, second);
     }

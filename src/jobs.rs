@@ -1,28 +1,56 @@
 //! What can be done with a job, whoever asks (the API, the admin page, the demo form, a stream):
-//! create, complete, read, watch and list, and purge old ones in the background.
+//! create, report progress, complete, fail, read, watch and list; and in the background, expire
+//! jobs at their deadline, store the latest progress, purge old jobs.
+//!
+//! A job's life: `pending` → `complete` | `failed` | `expired`, the three end states final.
+//! Progress is delivered at once but stored at most every [`PROGRESS_STORE_EVERY`] per job (the
+//! latest report wins), so many reports a second cost neither a commit each nor a write per
+//! stream each.
 //!
 //! [`Jobs`] owns the store, the delivery and the metrics, and answers in domain terms
 //! ([`JobsError`]); the routes translate. Each change logs one line at info level; a moveUrl
 //! (which may carry secrets) is never logged.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Delivery;
-use crate::domain::{Job, JobId, MoveUrl, now_millis};
+use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, now_millis};
 use crate::hub::{News, Subscription};
 use crate::metrics::Metrics;
-use crate::store::{Completion, Store, StoreError};
+use crate::store::{EndRequest, Ended, Store, StoreError};
+
+/// How often the latest progress reports are stored, and pending jobs past their deadline
+/// expired: a job expires within this long of its deadline.
+pub const PROGRESS_STORE_EVERY: Duration = Duration::from_millis(250);
+const EXPIRY_SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// The demo job's length, in one-second steps.
+const DEMO_STEPS: u32 = 8;
 
 /// Why a use case did not go through.
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
     #[error("no job with this id")]
     NotFound,
+    /// The job is in an end state that does not allow the request.
+    #[error("the job is {} already", .0.as_str())]
+    Ended(JobStatus),
+    #[error("deadlineSecs must be from 1 to {max} (the retention)")]
+    DeadlineOutOfRange { max: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// How long jobs may live, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    /// A job's deadline when its creator names none.
+    pub default_deadline: Duration,
+    /// How long a job is kept; no deadline may be later.
+    pub retention: Duration,
 }
 
 /// What a stream opened on a job waits for.
@@ -64,46 +92,143 @@ pub struct Jobs {
     store: Store,
     delivery: Delivery,
     metrics: Metrics,
+    lifetimes: Lifetimes,
+    /// The latest report of each job since the last store, waiting for the next one.
+    unstored_progress: Arc<Mutex<HashMap<JobId, Progress>>>,
 }
 
 impl Jobs {
-    pub fn new(store: Store, delivery: Delivery, metrics: Metrics) -> Self {
+    pub fn new(store: Store, delivery: Delivery, metrics: Metrics, lifetimes: Lifetimes) -> Self {
         Self {
             store,
             delivery,
             metrics,
+            lifetimes,
+            unstored_progress: Arc::default(),
         }
     }
 
-    pub async fn create(&self, move_url: Option<MoveUrl>) -> Result<Job, JobsError> {
-        let job = self.store.create_job(move_url).await?;
+    /// Creates a pending job that expires after `deadline` (default: the configured one).
+    pub async fn create(
+        &self,
+        move_url: Option<MoveUrl>,
+        deadline: Option<Duration>,
+    ) -> Result<Job, JobsError> {
+        let max = self.lifetimes.retention;
+        let deadline = deadline.unwrap_or(self.lifetimes.default_deadline.min(max));
+        if deadline < Duration::from_secs(1) || deadline > max {
+            return Err(JobsError::DeadlineOutOfRange { max: max.as_secs() });
+        }
+        let deadline_at =
+            now_millis().saturating_add(i64::try_from(deadline.as_millis()).unwrap_or(i64::MAX));
+        let job = self.store.create_job(move_url, deadline_at).await?;
         self.metrics.jobs_created.inc();
         log::info!("job {} created", job.id);
         Ok(job)
     }
 
-    /// Stores the completion durably, then publishes it. Completing again returns the stored job
-    /// and changes nothing stored, but publishes it once more: the first call may have committed
-    /// and then failed to answer or to publish (connection dropped, instance killed, nginx
-    /// passing the retry to another instance), and its waiting tabs should not wait for a resync
-    /// or a timeout.
+    /// Reports how far a pending job got: delivered to its streams at once, stored within
+    /// [`PROGRESS_STORE_EVERY`]. Returns the job with the report.
+    pub async fn report_progress(
+        &self,
+        id: &JobId,
+        percent: Option<Percent>,
+        message: Option<Message>,
+    ) -> Result<Job, JobsError> {
+        let mut job = self.get(id).await?;
+        if job.status.is_end() {
+            return Err(JobsError::Ended(job.status));
+        }
+        let progress = Progress {
+            percent,
+            message,
+            at: now_millis(),
+        };
+        self.unstored_progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone(), progress.clone());
+        self.metrics.progress_reports.inc();
+        self.delivery.publish_progress(id, progress.clone()).await;
+        job.progress = Some(progress);
+        Ok(job)
+    }
+
+    /// Runs the landing page's demo job: a report every second, as a real job runner would
+    /// send them, then completion after [`DEMO_STEPS`] seconds.
+    pub fn spawn_demo_runner(&self, id: JobId) {
+        let jobs = self.clone();
+        tokio::spawn(async move {
+            for step in 1..DEMO_STEPS {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let percent = Percent::parse(f64::from(step) * 100.0 / f64::from(DEMO_STEPS)).ok();
+                let message = Message::parse(&format!("Step {step} of {DEMO_STEPS}")).ok();
+                if jobs.report_progress(&id, percent, message).await.is_err() {
+                    // Ended by someone else (the admin page), or the database is down.
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(err) = jobs.complete(&id, None).await {
+                log::info!("demo job {id} not completed: {err}");
+            }
+        });
+    }
+
+    /// Marks a pending job complete. Completing a complete job again changes nothing and
+    /// answers it as stored; completing a failed or expired one is refused.
+    pub async fn complete(&self, id: &JobId, move_url: Option<MoveUrl>) -> Result<Job, JobsError> {
+        let request = EndRequest {
+            status: JobStatus::Complete,
+            move_url,
+            message: None,
+        };
+        self.end(id, request).await
+    }
+
+    /// Marks a pending job failed, as [`Jobs::complete`] does complete.
+    pub async fn fail(
+        &self,
+        id: &JobId,
+        message: Option<Message>,
+        move_url: Option<MoveUrl>,
+    ) -> Result<Job, JobsError> {
+        let request = EndRequest {
+            status: JobStatus::Failed,
+            move_url,
+            message,
+        };
+        self.end(id, request).await
+    }
+
+    /// Stores the ending durably, then publishes it. Ending the same way again returns the
+    /// stored job and changes nothing stored, but publishes it once more: the first call may have
+    /// committed and then failed to answer or to publish (connection dropped, instance killed,
+    /// nginx passing the retry to another instance), and its waiting tabs should not wait for a
+    /// resync or a timeout.
     ///
     /// Both steps run in a task of their own: actix drops a handler whose client went away, and
-    /// a completion already on its way to the database must still be published once stored.
-    pub async fn complete(&self, id: &JobId, move_url: Option<MoveUrl>) -> Result<Job, JobsError> {
+    /// an ending already on its way to the database must still be published once stored.
+    async fn end(&self, id: &JobId, request: EndRequest) -> Result<Job, JobsError> {
         let this = self.clone();
         let id = id.clone();
         let task = tokio::spawn(async move {
-            let (job, first) = match this.store.complete_job(&id, move_url).await? {
-                Completion::Completed(job) => (job, true),
-                Completion::AlreadyComplete(job) => (job, false),
-                Completion::NotFound => return Err(JobsError::NotFound),
+            let status = request.status;
+            let (job, first) = match this.store.end_job(&id, request).await? {
+                Ended::Now(job) => (job, true),
+                Ended::Already(job) => (job, false),
+                Ended::Conflict(job) => return Err(JobsError::Ended(job.status)),
+                Ended::NotFound => return Err(JobsError::NotFound),
             };
             if let Some(ending) = job.ending() {
                 let reached = this.delivery.publish(&id, ending).await;
                 if first {
-                    this.metrics.jobs_completed.inc();
-                    log::info!("job {id} completed; {reached} stream(s) here notified");
+                    let (counter, done) = match status {
+                        JobStatus::Failed => (&this.metrics.jobs_failed, "failed"),
+                        _ => (&this.metrics.jobs_completed, "completed"),
+                    };
+                    counter.inc();
+                    log::info!("job {id} {done}; {reached} stream(s) here notified");
                 }
             }
             Ok(job)
@@ -133,10 +258,14 @@ impl Jobs {
         if subscription.pending_read_is_fresh() {
             return Ok(Watch::Waiting(subscription));
         }
-        match self.get(id).await?.ending() {
-            Some(ending) => Ok(Watch::Ended(News::new(ending))),
+        let job = self.get(id).await?;
+        match job.ending() {
+            Some(ending) => Ok(Watch::Ended(News::ended(ending))),
             None => {
                 subscription.record_pending_read();
+                if let Some(progress) = job.progress {
+                    subscription.offer_stored_progress(&News::progress(progress));
+                }
                 Ok(Watch::Waiting(subscription))
             }
         }
@@ -191,6 +320,52 @@ impl Jobs {
     /// Ends every open stream (shutdown); browsers reconnect, to another instance.
     pub fn close_streams(&self) {
         self.delivery.hub().close();
+    }
+
+    /// Until `shutdown`: expires pending jobs past their deadline (stored, then published; with
+    /// several instances sweeping, the conditional update gives each job to one), and stores the
+    /// latest progress reports.
+    pub async fn run_timers(&self, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(EXPIRY_SWEEP_EVERY.min(PROGRESS_STORE_EVERY));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            self.store_progress().await;
+            match self.store.expire_due().await {
+                Ok(expired) => {
+                    for job in expired {
+                        if let Some(ending) = job.ending() {
+                            self.metrics.jobs_expired.inc();
+                            let reached = self.delivery.publish(&job.id, ending).await;
+                            log::info!("job {} expired; {reached} stream(s) here notified", job.id);
+                        }
+                    }
+                }
+                Err(err) => log::warn!("expiring jobs failed, will retry: {err}"),
+            }
+        }
+    }
+
+    /// Stores the reports made since the last call, in one commit; a failure is logged, and the
+    /// next report replaces what was lost.
+    async fn store_progress(&self) {
+        let reports: Vec<(JobId, Progress)> = std::mem::take(
+            &mut *self
+                .unstored_progress
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+        .into_iter()
+        .collect();
+        if reports.is_empty() {
+            return;
+        }
+        if let Err(err) = self.store.save_progress(reports).await {
+            log::warn!("storing progress reports failed: {err}");
+        }
     }
 
     /// Deletes jobs older than `retention` now, then every quarter of it (between 1 s and 1 h),

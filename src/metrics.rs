@@ -16,6 +16,9 @@ pub struct Metrics {
     pub watched_jobs: Gauge,
     pub jobs_created: Counter,
     pub jobs_completed: Counter,
+    pub jobs_failed: Counter,
+    pub jobs_expired: Counter,
+    pub progress_reports: Counter,
     pub events_sent: Counter<u64, AtomicU64>,
     pub redis_reconnects: Counter,
     pub resync_deliveries: Counter,
@@ -37,6 +40,9 @@ impl Metrics {
             watched_jobs: Gauge::default(),
             jobs_created: Counter::default(),
             jobs_completed: Counter::default(),
+            jobs_failed: Counter::default(),
+            jobs_expired: Counter::default(),
+            progress_reports: Counter::default(),
             events_sent: Counter::default(),
             redis_reconnects: Counter::default(),
             resync_deliveries: Counter::default(),
@@ -63,8 +69,23 @@ impl Metrics {
             metrics.jobs_completed.clone(),
         );
         registry.register(
+            "jobs_failed",
+            "Jobs failed through this instance",
+            metrics.jobs_failed.clone(),
+        );
+        registry.register(
+            "jobs_expired",
+            "Jobs this instance's sweep expired at their deadline",
+            metrics.jobs_expired.clone(),
+        );
+        registry.register(
+            "progress_reports",
+            "Progress reports accepted by this instance",
+            metrics.progress_reports.clone(),
+        );
+        registry.register(
             "events_sent",
-            "result events (connect and result) written to streams",
+            "Events (connect, progress and endings) written to streams",
             metrics.events_sent.clone(),
         );
         registry.register(

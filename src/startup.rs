@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
-use crate::jobs::Jobs;
+use crate::jobs::{Jobs, Lifetimes};
 use crate::limits::{self, LoginThrottle, StreamLimits};
 use crate::metrics::Metrics;
 use crate::routes::sse::SseSettings;
@@ -79,7 +79,17 @@ impl Application {
             Some(fanout) => format!("Redis channel {}", fanout.channel()),
             None => "off".into(),
         };
-        let jobs = Jobs::new(store.clone(), delivery, metrics.clone());
+        if config.job_deadline > config.retention {
+            log::warn!(
+                "HANDOFF_JOB_DEADLINE_SECS is longer than HANDOFF_RETENTION_SECS: jobs get the \
+                 retention as their deadline"
+            );
+        }
+        let lifetimes = Lifetimes {
+            default_deadline: config.job_deadline,
+            retention: config.retention,
+        };
+        let jobs = Jobs::new(store.clone(), delivery, metrics.clone(), lifetimes);
         let state = web::Data::from(Arc::new(AppState {
             jobs: jobs.clone(),
             metrics,
@@ -145,6 +155,8 @@ impl Application {
         let (jobs, retention, shutdown) =
             (self.jobs.clone(), self.retention, self.shutdown.clone());
         tokio::spawn(async move { jobs.purge_old_jobs(retention, shutdown).await });
+        let (jobs, shutdown) = (self.jobs.clone(), self.shutdown.clone());
+        tokio::spawn(async move { jobs.run_timers(shutdown).await });
         let (jobs, shutdown) = (self.jobs, self.shutdown);
         tokio::spawn(async move {
             shutdown.cancelled().await;

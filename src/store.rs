@@ -13,7 +13,7 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use crate::domain::{Job, JobId, JobStatus, MoveUrl, now_millis};
+use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Progress, now_millis};
 
 mod batch;
 mod db;
@@ -45,13 +45,25 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// What completing a job did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Completion {
-    /// This call completed the job: publish it.
-    Completed(Job),
-    /// The job was complete already; nothing changed.
-    AlreadyComplete(Job),
+/// How a request wants a job to end.
+#[derive(Debug, Clone)]
+pub struct EndRequest {
+    /// `Complete` or `Failed` (expiry is the store's own sweep).
+    pub status: JobStatus,
+    /// Overrides the target asked for at creation.
+    pub move_url: Option<MoveUrl>,
+    pub message: Option<Message>,
+}
+
+/// What asking a job to end did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ended {
+    /// This call ended the job: publish it.
+    Now(Job),
+    /// The job had ended the same way already; nothing changed.
+    Already(Job),
+    /// The job had ended another way; nothing changed.
+    Conflict(Job),
     NotFound,
 }
 
@@ -131,14 +143,21 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a new pending job with a fresh id.
-    pub async fn create_job(&self, move_url: Option<MoveUrl>) -> Result<Job, StoreError> {
+    /// Stores a new pending job with a fresh id, expiring at `deadline` (Unix milliseconds).
+    pub async fn create_job(
+        &self,
+        move_url: Option<MoveUrl>,
+        deadline: i64,
+    ) -> Result<Job, StoreError> {
         let job = Job {
             id: JobId::generate(),
             status: JobStatus::Pending,
             move_url,
             created_at: now_millis(),
             completed_at: None,
+            deadline,
+            progress: None,
+            message: None,
         };
         self.lanes.create(job.clone()).await?;
         Ok(job)
@@ -153,14 +172,34 @@ impl Store {
         self.lanes.get_many(ids.to_vec()).await
     }
 
-    /// Marks the job complete, durably, exactly once. `move_url` overrides the target asked for
-    /// at creation. Completing a complete job changes nothing and returns it as stored.
+    /// Ends a pending job as `request` says, durably, exactly once. Asking again changes nothing
+    /// and returns the job as stored.
+    pub async fn end_job(&self, id: &JobId, request: EndRequest) -> Result<Ended, StoreError> {
+        self.lanes.end(id, request).await
+    }
+
+    /// Marks the job complete: [`Store::end_job`] with status `Complete`.
     pub async fn complete_job(
         &self,
         id: &JobId,
         move_url: Option<MoveUrl>,
-    ) -> Result<Completion, StoreError> {
-        self.lanes.complete(id, move_url).await
+    ) -> Result<Ended, StoreError> {
+        let request = EndRequest {
+            status: JobStatus::Complete,
+            move_url,
+            message: None,
+        };
+        self.end_job(id, request).await
+    }
+
+    /// Stores the latest progress report of each job, for those still pending, in one commit.
+    pub async fn save_progress(&self, reports: Vec<(JobId, Progress)>) -> Result<(), StoreError> {
+        self.lanes.save_progress(reports).await
+    }
+
+    /// Expires every pending job past its deadline; returns those this call expired.
+    pub async fn expire_due(&self) -> Result<Vec<Job>, StoreError> {
+        self.lanes.expire_due(now_millis()).await
     }
 
     /// One page of jobs, newest first.

@@ -1,7 +1,9 @@
 // Handoff client for page A. Include it on any page that has an element
 //   <div data-handoff-job="JOB_ID"> … <p data-handoff-status></p> … </div>
-// It listens on /sse/connect/JOB_ID for `event: result` and moves the tab to data.moveUrl when the
-// job completes. Without EventSource it polls /api/jobs/JOB_ID every 2 s. No inline script needed.
+// and, optionally, a <progress data-handoff-progress> bar and a <p data-handoff-message>.
+// It listens on /sse/connect/JOB_ID: `event: progress` moves the bar; `event: result` with status
+// `result`, `failed` or `expired` moves the tab to data.moveUrl. Without EventSource it polls
+// /api/jobs/JOB_ID every 2 s. No inline script needed.
 (function () {
   'use strict';
 
@@ -11,6 +13,8 @@
   var streamUrl = root.getAttribute('data-handoff-stream') || '/sse/connect/' + id;
   var apiUrl = root.getAttribute('data-handoff-api') || '/api/jobs/' + id;
   var statusEl = root.querySelector('[data-handoff-status]');
+  var bar = root.querySelector('[data-handoff-progress]');
+  var messageEl = root.querySelector('[data-handoff-message]');
   var POLL_MS = 2000;
   var RETRY_MS = 3000;
   var finished = false;
@@ -20,21 +24,57 @@
     if (statusEl) statusEl.textContent = text;
   }
 
-  // Only same-origin paths are followed, whatever the server says.
-  function isLocalPath(url) {
-    return typeof url === 'string' && url.charAt(0) === '/' && url.charAt(1) !== '/' && url.indexOf('\\') < 0;
+  // Only addresses on this page's own origin are followed, whatever the server says: the URL is
+  // resolved as the browser would resolve it (which strips tabs and newlines, and reads a
+  // backslash as a slash), and its origin compared.
+  function sameOrigin(url) {
+    if (typeof url !== 'string' || url.charAt(0) !== '/') return null;
+    try {
+      var resolved = new URL(url, window.location.href);
+      return resolved.origin === window.location.origin ? resolved.href : null;
+    } catch (err) {
+      return null;
+    }
   }
 
-  function moveTo(url) {
+  // Shows a progress report: a percent fills the bar, none leaves it indeterminate.
+  function showProgress(percent, message) {
+    if (bar) {
+      if (typeof percent === 'number') {
+        bar.max = 100;
+        bar.value = percent;
+        bar.textContent = Math.round(percent) + ' %';
+        bar.setAttribute('aria-valuetext', Math.round(percent) + ' %' + (message ? ', ' + message : ''));
+      } else {
+        bar.removeAttribute('value');
+        bar.textContent = '';
+      }
+    }
+    if (messageEl) messageEl.textContent = message || '';
+    if (typeof percent === 'number') {
+      show('progress', 'Working on it: ' + Math.round(percent) + ' %');
+    }
+  }
+
+  var ENDINGS = {
+    result: ['done', 'Done. Taking you to the result…'],
+    complete: ['done', 'Done. Taking you to the result…'],
+    failed: ['failed', 'The job failed. Taking you to the details…'],
+    expired: ['expired', 'The job took too long. Taking you to the details…']
+  };
+
+  // Ends the wait: `status` is the event's (result, failed, expired) or the API's (complete, …).
+  function moveTo(status, url) {
     if (finished) return;
-    if (!isLocalPath(url)) {
-      show('failed', 'The job finished, but its result address is not valid.');
-      finished = true;
+    finished = true;
+    var target = sameOrigin(url);
+    if (!target) {
+      show('invalid', 'The job ended, but its result address is not valid.');
       return;
     }
-    finished = true;
-    show('done', 'Done. Taking you to the result…');
-    window.location.assign(url);
+    var ending = ENDINGS[status] || ENDINGS.result;
+    show(ending[0], ending[1]);
+    window.location.assign(target);
   }
 
   function unknownJob() {
@@ -52,7 +92,9 @@
       })
       .then(function (job) {
         if (!job) return;
-        if (job.status === 'complete') moveTo(job.moveUrl); else onPending();
+        if (ENDINGS[job.status]) { moveTo(job.status, job.moveUrl); return; }
+        if (job.progress) showProgress(job.progress.percent, job.progress.message);
+        onPending();
       })
       .catch(onTrouble);
   }
@@ -75,11 +117,18 @@
       var data;
       try { data = JSON.parse(e.data); } catch (err) { return; }
       if (data.status === 'connect') {
-        show('connected', 'Connected. Waiting for the job to finish…');
-      } else if (data.status === 'result') {
+        if (root.getAttribute('data-state') !== 'progress') {
+          show('connected', 'Connected. Waiting for the job to finish…');
+        }
+      } else if (ENDINGS[data.status]) {
         source.close();
-        moveTo(data.moveUrl);
+        moveTo(data.status, data.moveUrl);
       }
+    });
+    source.addEventListener('progress', function (e) {
+      var data;
+      try { data = JSON.parse(e.data); } catch (err) { return; }
+      showProgress(data.percent, data.message);
     });
     source.addEventListener('error', function () {
       if (finished) return;

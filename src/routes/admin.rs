@@ -11,7 +11,9 @@ use super::error::AppError;
 use super::pages::{PageError, html, see_other};
 use super::{AppState, job_id};
 use crate::auth::{AdminSession, logout_cookie};
-use crate::domain::{MoveUrl, rfc3339};
+use std::time::Duration;
+
+use crate::domain::{Message, MoveUrl, rfc3339};
 use crate::jobs::Listed;
 
 const PAGE_SIZE: i64 = 20;
@@ -26,11 +28,31 @@ struct Row {
     id: String,
     status: &'static str,
     pending: bool,
+    /// "40 % · Rendering page 3", the failure's message, or empty.
+    detail: String,
+    deadline: String,
     /// The custom target, if the job has one.
     move_url: Option<String>,
     created_at: String,
     completed_at: String,
     streams: usize,
+}
+
+/// What the admin sees of a job's progress or failure.
+fn detail(job: &crate::domain::Job) -> String {
+    if let Some(message) = &job.message {
+        return message.to_string();
+    }
+    let Some(progress) = &job.progress else {
+        return String::new();
+    };
+    let percent = progress.percent.map(|p| format!("{} %", p.get()));
+    let message = progress.message.as_ref().map(ToString::to_string);
+    [percent, message]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" · ")
 }
 
 #[derive(Template)]
@@ -72,7 +94,9 @@ pub async fn page(
         .map(|Listed { job, streams }| Row {
             id: job.id.to_string(),
             status: job.status.as_str(),
-            pending: !job.is_complete(),
+            pending: !job.status.is_end(),
+            detail: detail(&job),
+            deadline: rfc3339(job.deadline),
             move_url: job.move_url.as_ref().map(ToString::to_string),
             created_at: rfc3339(job.created_at),
             completed_at: job.completed_at.map(rfc3339).unwrap_or_else(|| "—".into()),
@@ -163,6 +187,15 @@ pub struct AdminForm {
     csrf: String,
     #[serde(default, rename = "moveUrl")]
     move_url: String,
+    #[serde(default, rename = "deadlineSecs")]
+    deadline_secs: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// A form field that may be left empty.
+fn filled(raw: &str) -> Option<&str> {
+    Some(raw.trim()).filter(|s| !s.is_empty())
 }
 
 /// The admin session, if the request has one and its form echoes the session's CSRF token.
@@ -201,11 +234,22 @@ pub async fn create(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
     checked_session(&req, &state, &form)?;
-    let move_url = match form.move_url.trim() {
-        "" => None,
-        raw => Some(MoveUrl::parse(raw).map_err(AppError::from)?),
-    };
-    state.jobs.create(move_url).await.map_err(AppError::from)?;
+    let move_url = filled(&form.move_url)
+        .map(MoveUrl::parse)
+        .transpose()
+        .map_err(AppError::from)?;
+    let deadline = filled(&form.deadline_secs)
+        .map(|raw| {
+            raw.parse().map(Duration::from_secs).map_err(|_| {
+                AppError::BadRequest("the deadline must be a whole number of seconds".into())
+            })
+        })
+        .transpose()?;
+    state
+        .jobs
+        .create(move_url, deadline)
+        .await
+        .map_err(AppError::from)?;
     Ok(see_other("/admin"))
 }
 
@@ -220,6 +264,26 @@ pub async fn complete(
     state
         .jobs
         .complete(&id, None)
+        .await
+        .map_err(AppError::from)?;
+    Ok(see_other("/admin"))
+}
+
+pub async fn fail(
+    req: HttpRequest,
+    path: web::Path<String>,
+    form: web::Form<AdminForm>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    checked_session(&req, &state, &form)?;
+    let id = job_id(&path)?;
+    let message = filled(&form.message)
+        .map(Message::parse)
+        .transpose()
+        .map_err(|err| AppError::BadRequest(err.to_string()))?;
+    state
+        .jobs
+        .fail(&id, message, None)
         .await
         .map_err(AppError::from)?;
     Ok(see_other("/admin"))

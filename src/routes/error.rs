@@ -37,6 +37,9 @@ pub enum AppError {
     /// 404: no job has this id.
     #[error("no job with this id")]
     JobNotFound,
+    /// 409: the job's end state does not allow the request; the text says which state.
+    #[error("{0}")]
+    Conflict(String),
     /// 503 when the server's stream cap is reached, 429 when the client address's is; both
     /// with `Retry-After`.
     #[error(transparent)]
@@ -64,6 +67,8 @@ impl From<JobsError> for AppError {
     fn from(err: JobsError) -> Self {
         match err {
             JobsError::NotFound => Self::JobNotFound,
+            JobsError::Ended(_) => Self::Conflict(err.to_string()),
+            JobsError::DeadlineOutOfRange { .. } => Self::BadRequest(err.to_string()),
             JobsError::Store(err) => err.into(),
         }
     }
@@ -79,6 +84,7 @@ impl ResponseError for AppError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::JobNotFound => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::StreamLimit(Refusal::Full(_)) | Self::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

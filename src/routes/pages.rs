@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::error::AppError;
 use super::{AppState, job_id};
-use crate::domain::{JobId, rfc3339};
+use crate::domain::{JobId, JobStatus, rfc3339};
 
 /// An [`AppError`] answered as an HTML page rather than JSON.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +68,26 @@ pub async fn index() -> IndexPage {
     IndexPage
 }
 
-pub async fn create_demo_job(state: web::Data<AppState>) -> Result<HttpResponse, PageError> {
-    let job = state.jobs.create(None).await.map_err(AppError::from)?;
+/// The landing page's form: `kind=manual` waits for a Complete or Fail on the admin page or the
+/// API; anything else is a job that runs by itself, reporting progress, as a real one would.
+#[derive(Deserialize)]
+pub struct DemoForm {
+    #[serde(default)]
+    kind: String,
+}
+
+pub async fn create_demo_job(
+    form: Option<web::Form<DemoForm>>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let job = state
+        .jobs
+        .create(None, None)
+        .await
+        .map_err(AppError::from)?;
+    if form.is_none_or(|form| form.kind != "manual") {
+        state.jobs.spawn_demo_runner(job.id.clone());
+    }
     Ok(see_other(&format!("/jobs/{}", job.id)))
 }
 
@@ -117,6 +135,16 @@ struct PendingPage {
     id: JobId,
 }
 
+/// Page B of a job that failed or expired: what happened, instead of a result.
+#[derive(Template)]
+#[template(path = "ended.html")]
+struct EndedPage {
+    id: JobId,
+    failed: bool,
+    message: Option<String>,
+    ended_at: String,
+}
+
 /// Page B, at the Spring server's address (`/test.do?id=…`), which its client was sent to.
 pub async fn result(
     query: web::Query<ResultQuery>,
@@ -128,17 +156,27 @@ pub async fn result(
         .ok_or_else(|| AppError::BadRequest("the link has no job id (?id=…)".into()))?;
     let id = job_id(raw)?;
     let job = state.jobs.get(&id).await.map_err(AppError::from)?;
-    Ok(match job.completed_at {
-        Some(completed_at) if job.is_complete() => html(
+    let ended_at = rfc3339(job.completed_at.unwrap_or_default());
+    Ok(match job.status {
+        JobStatus::Complete => html(
             StatusCode::OK,
             &ResultPage {
                 move_url: job.move_url.as_ref().map(ToString::to_string),
                 id: job.id,
                 created_at: rfc3339(job.created_at),
-                completed_at: rfc3339(completed_at),
+                completed_at: ended_at,
             },
         ),
-        _ => html(StatusCode::OK, &PendingPage { id: job.id }),
+        JobStatus::Failed | JobStatus::Expired => html(
+            StatusCode::OK,
+            &EndedPage {
+                failed: job.status == JobStatus::Failed,
+                message: job.message.as_ref().map(ToString::to_string),
+                id: job.id,
+                ended_at,
+            },
+        ),
+        JobStatus::Pending => html(StatusCode::OK, &PendingPage { id: job.id }),
     })
 }
 

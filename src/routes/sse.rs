@@ -1,11 +1,13 @@
 //! `GET /sse/connect/{id}`: the event stream page A listens to.
 //!
-//! The protocol is the one of the Spring server Handoff replaces (README, "Event protocol"), so
-//! its client keeps working: `retry:`, then `event: result` with `{"status":"connect",
-//! "moveUrl":""}`, then, when the job completes, `event: result` with `{"status":"result",
-//! "moveUrl":"…"}` and the end of the stream. `:` comments keep idle proxies from cutting the
-//! stream; after the stream timeout it ends cleanly and the browser reconnects after `retry`.
-//! The wire format (event names, JSON fields) lives here and nowhere else.
+//! The protocol extends the one of the Spring server Handoff replaces (README, "Event protocol"),
+//! so its client keeps working: `retry:`, then `event: result` with `{"status":"connect",
+//! "moveUrl":""}`; while the job is pending, `event: progress` with its latest report (the Spring
+//! client does not listen for it); when the job ends, `event: result` with `{"status":"result"
+//! (complete), "failed" or "expired", "moveUrl":"…"}` and the end of the stream. `:` comments
+//! keep idle proxies from cutting the stream; after the stream timeout it ends cleanly and the
+//! browser reconnects after `retry`. The wire format (event names, JSON fields) lives here and
+//! nowhere else.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,8 +26,8 @@ use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::error::AppError;
 use super::{AppState, job_id};
-use crate::domain::{Ending, JobId};
-use crate::hub::{News, Subscription};
+use crate::domain::{Ending, JobId, Percent};
+use crate::hub::{News, Subscription, Update};
 use crate::jobs::Watch;
 use crate::limits::StreamPermit;
 use crate::metrics::{Metrics, StreamGuard};
@@ -38,34 +40,80 @@ pub struct SseSettings {
     pub keep_alive: Duration,
 }
 
-/// The event name of every data event, as the Spring client listens for it.
+/// The event name of the connect event and of every ending, as the Spring client listens for it.
 const EVENT: &str = "result";
+/// The event name of progress reports, which the Spring client does not listen for.
+const PROGRESS_EVENT: &str = "progress";
 const KEEP_ALIVE: &str = "keep-alive";
 
-/// The payload the Spring client reads: `data.status` and `data.moveUrl`.
+/// The payload of `event: result`: `data.status` and `data.moveUrl`, which the Spring client
+/// reads, then `message` for a failure. `status` comes first, as the Spring server wrote it.
 #[derive(serde::Serialize)]
 struct EventData<'a> {
     status: &'a str,
     #[serde(rename = "moveUrl")]
     move_url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<Option<&'a str>>,
 }
 
-/// Encodes an event payload; `status` first, as the Spring server wrote it.
-fn event_data(status: &str, move_url: &str) -> ByteString {
-    let data = EventData { status, move_url };
-    // Serializing two strings cannot fail.
-    ByteString::from(serde_json::to_string(&data).unwrap_or_default())
+/// The payload of `event: progress`.
+#[derive(serde::Serialize)]
+struct ProgressData<'a> {
+    status: &'static str,
+    percent: Option<f64>,
+    message: Option<&'a str>,
 }
 
-/// `{"status":"result","moveUrl":"…"}`.
-fn ending_data(ending: &Ending) -> ByteString {
-    match ending {
-        Ending::Complete { target } => event_data("result", target.as_str()),
+fn to_json(data: &impl serde::Serialize) -> ByteString {
+    // Serializing strings and numbers cannot fail.
+    ByteString::from(serde_json::to_string(data).unwrap_or_default())
+}
+
+fn connect_data() -> ByteString {
+    to_json(&EventData {
+        status: "connect",
+        move_url: "",
+        message: None,
+    })
+}
+
+/// The `data:` of an update: `{"status":"result"|"failed"|"expired","moveUrl":"…"}` for an
+/// ending (with `message` for a failure), `{"status":"progress","percent":…,"message":…}`.
+fn update_data(update: &Update) -> ByteString {
+    match update {
+        Update::End(ending) => {
+            let (status, message) = match ending {
+                Ending::Complete { .. } => ("result", None),
+                Ending::Failed { message, .. } => {
+                    ("failed", Some(message.as_ref().map(|m| m.as_str())))
+                }
+                Ending::Expired { .. } => ("expired", None),
+            };
+            to_json(&EventData {
+                status,
+                move_url: ending.target().as_str(),
+                message,
+            })
+        }
+        Update::Progress(progress) => to_json(&ProgressData {
+            status: "progress",
+            percent: progress.percent.map(Percent::get),
+            message: progress.message.as_ref().map(|m| m.as_str()),
+        }),
     }
 }
 
-fn data_event(data: ByteString) -> sse::Event {
-    sse::Data::new(data).event(EVENT).into()
+fn data_event(event: &'static str, data: ByteString) -> sse::Event {
+    sse::Data::new(data).event(event).into()
+}
+
+fn news_event(news: &News) -> sse::Event {
+    let event = match news.update {
+        Update::End(_) => EVENT,
+        Update::Progress(_) => PROGRESS_EVENT,
+    };
+    data_event(event, news.encoded(update_data))
 }
 
 pub async fn connect(
@@ -161,15 +209,20 @@ impl Stream for Events {
             Step::Finished => return Poll::Ready(None),
             Step::Connect(ended) => {
                 *this.step = ended.map_or(Step::Wait, Step::Send);
-                data_event(event_data("connect", ""))
+                data_event(EVENT, connect_data())
             }
-            Step::Send(news) => data_event(news.encoded(ending_data)),
+            Step::Send(news) => news_event(&news),
             Step::Wait => {
                 let Some(subscription) = this.subscription.as_mut().as_pin_mut() else {
                     return Poll::Ready(None);
                 };
                 match subscription.poll_next(cx) {
-                    Poll::Ready(Some(news)) => data_event(news.encoded(ending_data)),
+                    Poll::Ready(Some(news)) => {
+                        if matches!(news.update, Update::Progress(_)) {
+                            *this.step = Step::Wait;
+                        }
+                        news_event(&news)
+                    }
                     // The hub closed for shutdown; the browser reconnects elsewhere.
                     Poll::Ready(None) => return Poll::Ready(None),
                     Poll::Pending => {

@@ -6,7 +6,7 @@ use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 
 use super::StoreError;
-use crate::domain::{Job, JobId, JobStatus, MoveUrl};
+use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress};
 
 /// Something of either database: a pool, a connection, an executor.
 #[derive(Debug, Clone)]
@@ -104,23 +104,43 @@ pub(super) struct JobRow {
     move_url: Option<String>,
     created_at: i64,
     completed_at: Option<i64>,
+    deadline: i64,
+    progress_percent: Option<f64>,
+    progress_message: Option<String>,
+    progress_at: Option<i64>,
+    message: Option<String>,
 }
 
 /// The columns of [`JobRow`], in its order.
-pub(super) const JOB_COLUMNS: &str = "id, status, move_url, created_at, completed_at";
+pub(super) const JOB_COLUMNS: &str = "id, status, move_url, created_at, completed_at, deadline, \
+     progress_percent, progress_message, progress_at, message";
 
 impl TryFrom<JobRow> for Job {
     type Error = StoreError;
 
     fn try_from(row: JobRow) -> Result<Self, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt(format!("{what} in job {:?}", row.id));
-        let status = match row.status.as_str() {
-            "pending" => JobStatus::Pending,
-            "complete" => JobStatus::Complete,
-            _ => return Err(corrupt("unknown status")),
-        };
+        let status = JobStatus::parse(&row.status).ok_or_else(|| corrupt("unknown status"))?;
         let move_url = match &row.move_url {
             Some(raw) => Some(MoveUrl::parse(raw).map_err(|_| corrupt("invalid move_url"))?),
+            None => None,
+        };
+        let message = |raw: &Option<String>| {
+            raw.as_deref()
+                .map(Message::parse)
+                .transpose()
+                .map_err(|_| corrupt("invalid message"))
+        };
+        let progress = match row.progress_at {
+            Some(at) => Some(Progress {
+                percent: row
+                    .progress_percent
+                    .map(Percent::parse)
+                    .transpose()
+                    .map_err(|_| corrupt("invalid percent"))?,
+                message: message(&row.progress_message)?,
+                at,
+            }),
             None => None,
         };
         Ok(Job {
@@ -129,6 +149,9 @@ impl TryFrom<JobRow> for Job {
             move_url,
             created_at: row.created_at,
             completed_at: row.completed_at,
+            deadline: row.deadline,
+            progress,
+            message: message(&row.message)?,
         })
     }
 }

@@ -1,5 +1,5 @@
-//! The hot requests, batched: status reads (every new stream makes one) on the read lane, job
-//! creation and completion on the write lane, which group-commits.
+//! The hot requests, batched: status reads (every new stream makes one) on the read lane; job
+//! creation, endings, progress and expiry on the write lane, which group-commits.
 //!
 //! Each lane is a [`Queue`] with a connection of its own. Under load hundreds of round trips
 //! become a few; with nothing queued a request is a batch of one. Every caller is answered only
@@ -14,9 +14,9 @@ use tokio::sync::oneshot;
 
 use super::batch::{Batch, Queue};
 use super::db::LaneConn;
-use super::sql::{self, MAX_BATCH, Rows};
-use super::{Completion, StoreError};
-use crate::domain::{Job, JobId, MoveUrl};
+use super::sql::{self, EndItem, MAX_BATCH, Rows};
+use super::{EndRequest, Ended, StoreError};
+use crate::domain::{Job, JobId, JobStatus, Progress};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -31,10 +31,18 @@ enum Write {
         job: Job,
         reply: Reply<()>,
     },
-    Complete {
+    End {
         id: JobId,
-        move_url: Option<MoveUrl>,
-        reply: Reply<Completion>,
+        request: EndRequest,
+        reply: Reply<Ended>,
+    },
+    Progress {
+        reports: Vec<(JobId, Progress)>,
+        reply: Reply<()>,
+    },
+    Expire {
+        now: i64,
+        reply: Reply<Vec<Job>>,
     },
 }
 
@@ -88,17 +96,28 @@ impl Lanes {
         answer(rx).await
     }
 
-    pub(super) async fn complete(
-        &self,
-        id: &JobId,
-        move_url: Option<MoveUrl>,
-    ) -> Result<Completion, StoreError> {
+    pub(super) async fn end(&self, id: &JobId, request: EndRequest) -> Result<Ended, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.writes.push(Write::Complete {
+        self.writes.push(Write::End {
             id: id.clone(),
-            move_url,
+            request,
             reply,
         });
+        answer(rx).await
+    }
+
+    pub(super) async fn save_progress(
+        &self,
+        reports: Vec<(JobId, Progress)>,
+    ) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writes.push(Write::Progress { reports, reply });
+        answer(rx).await
+    }
+
+    pub(super) async fn expire_due(&self, now: i64) -> Result<Vec<Job>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writes.push(Write::Expire { now, reply });
         answer(rx).await
     }
 }
@@ -133,18 +152,18 @@ impl Batch for Write {
 
     async fn serve(writer: &mut Writer, batch: Vec<Self>) {
         let mut creates = Vec::new();
-        let mut completions = Vec::new();
+        let mut endings = Vec::new();
+        let mut progress = Vec::new();
+        let mut expiries = Vec::new();
         for write in batch {
             match write {
                 Write::Create { job, reply } => creates.push((job, reply)),
-                Write::Complete {
-                    id,
-                    move_url,
-                    reply,
-                } => completions.push((id, move_url, reply)),
+                Write::End { id, request, reply } => endings.push((id, request, reply)),
+                Write::Progress { reports, reply } => progress.push((reports, reply)),
+                Write::Expire { now, reply } => expiries.push((now, reply)),
             }
         }
-        // Creations first: a completion queued behind its job's creation must find the job.
+        // Creations first: an ending queued behind its job's creation must find the job.
         // Each statement commits on its own, so each chunk is answered from its own statement.
         while !creates.is_empty() {
             let chunk = take_chunk(&mut creates);
@@ -160,16 +179,49 @@ impl Batch for Write {
                 Err(err) => fail_all("storing", chunk.into_iter().map(|(_, reply)| reply), err),
             }
         }
-        // A job named twice in one batch: the first request completes it, the later ones run
-        // in a round after it and find it complete, exactly as if they had come later.
-        while !completions.is_empty() {
-            let mut seen = HashSet::with_capacity(completions.len());
-            let (mut round, again): (Vec<_>, Vec<_>) = completions
+        // A job named twice in one batch: the first request ends it, the later ones run in a
+        // round after it and find it ended, exactly as if they had come later.
+        while !endings.is_empty() {
+            let mut seen = HashSet::with_capacity(endings.len());
+            let (round, again): (Vec<_>, Vec<_>) = endings
                 .into_iter()
                 .partition(|(id, _, _)| seen.insert(id.clone()));
-            completions = again;
-            while !round.is_empty() {
-                complete_round(writer, take_chunk(&mut round)).await;
+            endings = again;
+            let mut round = round;
+            while let Some(status) = round.first().map(|(_, request, _)| request.status) {
+                let (mut same, rest): (Vec<_>, Vec<_>) = round
+                    .into_iter()
+                    .partition(|(_, request, _)| request.status == status);
+                round = rest;
+                while !same.is_empty() {
+                    end_round(writer, status, take_chunk(&mut same)).await;
+                }
+            }
+        }
+        for (mut reports, reply) in progress {
+            let mut result = Ok(());
+            while !reports.is_empty() && result.is_ok() {
+                let chunk = take_chunk(&mut reports);
+                let items: Vec<(&JobId, &Progress)> = chunk.iter().map(|(id, p)| (id, p)).collect();
+                result = sql::progress_many(&mut writer.conn, &items).await;
+            }
+            writer.failing.store(result.is_err(), Ordering::Relaxed);
+            match result {
+                Ok(()) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Err(err) => fail_all("storing progress of", std::iter::once(reply), err),
+            }
+        }
+        for (now, reply) in expiries {
+            let expired = sql::expire_due(&mut writer.conn, now).await;
+            writer.failing.store(expired.is_err(), Ordering::Relaxed);
+            match expired {
+                Ok(rows) => {
+                    let jobs = rows.into_iter().map(Job::try_from).collect();
+                    let _ = reply.send(jobs);
+                }
+                Err(err) => fail_all("expiring", std::iter::once(reply), err),
             }
         }
     }
@@ -198,25 +250,25 @@ fn row_for(rows: &Rows, id: &JobId) -> Option<Result<Job, StoreError>> {
     rows.get(id.as_str()).cloned().map(Job::try_from)
 }
 
-type CompleteRequest = (JobId, Option<MoveUrl>, Reply<Completion>);
+type EndingRequest = (JobId, EndRequest, Reply<Ended>);
 
-/// Completes distinct jobs in one statement. The jobs it did not change were complete already
-/// or do not exist, which one more read on the same connection tells apart.
-async fn complete_round(writer: &mut Writer, round: Vec<CompleteRequest>) {
-    let items: Vec<(&JobId, Option<&MoveUrl>)> = round
+/// Ends distinct jobs the same way in one statement. The jobs it did not change had ended
+/// already or do not exist, which one more read on the same connection tells apart.
+async fn end_round(writer: &mut Writer, status: JobStatus, round: Vec<EndingRequest>) {
+    let items: Vec<EndItem<'_>> = round
         .iter()
-        .map(|(id, move_url, _)| (id, move_url.as_ref()))
+        .map(|(id, request, _)| EndItem {
+            id,
+            move_url: request.move_url.as_ref(),
+            message: request.message.as_ref(),
+        })
         .collect();
-    let written = sql::complete_many(&mut writer.conn, &items).await;
+    let written = sql::end_many(&mut writer.conn, status, &items).await;
     writer.failing.store(written.is_err(), Ordering::Relaxed);
     let done = match written {
         Ok(done) => done,
         Err(err) => {
-            fail_all(
-                "completing",
-                round.into_iter().map(|(_, _, reply)| reply),
-                err,
-            );
+            fail_all("ending", round.into_iter().map(|(_, _, reply)| reply), err);
             return;
         }
     };
@@ -234,12 +286,14 @@ async fn complete_round(writer: &mut Writer, round: Vec<CompleteRequest>) {
     };
     for (id, _, reply) in round {
         let answer = if let Some(job) = row_for(&done, &id) {
-            job.map(Completion::Completed)
+            job.map(Ended::Now)
         } else {
             match &stored {
                 Ok(rows) => match row_for(rows, &id) {
-                    Some(job) => job.map(Completion::AlreadyComplete),
-                    None => Ok(Completion::NotFound),
+                    Some(Ok(job)) if job.status == status => Ok(Ended::Already(job)),
+                    Some(Ok(job)) => Ok(Ended::Conflict(job)),
+                    Some(Err(err)) => Err(err),
+                    None => Ok(Ended::NotFound),
                 },
                 Err(err) => Err(StoreError::Shared(Arc::clone(err))),
             }

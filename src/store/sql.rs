@@ -1,10 +1,11 @@
 //! The lanes' statements, each answering many requests at once: `SELECT … WHERE id IN (…)`, a
-//! many-row `INSERT`, and one `UPDATE … RETURNING` that completes many jobs in one commit.
+//! many-row `INSERT`, one `UPDATE … RETURNING` that ends many jobs in one commit, one `UPDATE`
+//! for many progress reports, and the expiry sweep.
 
 use std::collections::HashMap;
 
 use super::db::{JOB_COLUMNS, JobRow, LaneConn, on_db, placeholders};
-use crate::domain::{Job, JobId, MoveUrl, now_millis};
+use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, now_millis};
 
 /// The most requests one statement answers; also bounds the SQL text and its parameters.
 pub(super) const MAX_BATCH: usize = 64;
@@ -63,13 +64,13 @@ pub(super) async fn insert_many(conn: &mut LaneConn, jobs: &[&Job]) -> Result<()
         .map(|i| {
             format!(
                 "({}, 'pending', {})",
-                placeholders(3 * i + 1, 1),
-                placeholders(3 * i + 2, 2)
+                placeholders(4 * i + 1, 1),
+                placeholders(4 * i + 2, 3)
             )
         })
         .collect();
     let sql = sqlx::AssertSqlSafe(format!(
-        "INSERT INTO jobs (id, status, move_url, created_at) VALUES {}",
+        "INSERT INTO jobs (id, status, move_url, created_at, deadline) VALUES {}",
         values.join(", ")
     ));
     on_lane!(conn, e => {
@@ -78,42 +79,110 @@ pub(super) async fn insert_many(conn: &mut LaneConn, jobs: &[&Job]) -> Result<()
             query = query
                 .bind(job.id.as_str())
                 .bind(job.move_url.as_ref().map(MoveUrl::as_str))
-                .bind(job.created_at);
+                .bind(job.created_at)
+                .bind(job.deadline);
         }
         query.execute(e).await.map(drop)
     })
 }
 
-/// One statement, so one commit, for at most [`MAX_BATCH`] completions of distinct jobs: the
-/// pending ones become complete (with the `moveUrl` their completion names, else the one they
+/// How one request wants a job to end.
+pub(super) struct EndItem<'a> {
+    pub(super) id: &'a JobId,
+    /// Overrides the target asked for at creation.
+    pub(super) move_url: Option<&'a MoveUrl>,
+    pub(super) message: Option<&'a Message>,
+}
+
+/// One statement, so one commit, for at most [`MAX_BATCH`] distinct jobs ending in `status`:
+/// the pending ones among them end (with the `moveUrl` their request names, else the one they
 /// had). Returns the rows it changed.
-pub(super) async fn complete_many(
+pub(super) async fn end_many(
     conn: &mut LaneConn,
-    items: &[(&JobId, Option<&MoveUrl>)],
+    status: JobStatus,
+    items: &[EndItem<'_>],
 ) -> Result<Rows, sqlx::Error> {
     debug_assert!(items.len() <= MAX_BATCH);
     let Some(last) = items.last() else {
         return Ok(Rows::new());
     };
     let n = padded_len(items.len());
-    let cases: String = (0..n)
-        .map(|i| format!(" WHEN ${} THEN ${}", 2 + 2 * i, 3 + 2 * i))
-        .collect();
-    let ids: Vec<String> = (0..n).map(|i| format!("${}", 2 + 2 * i)).collect();
+    // $1 status, $2 time; then per item: id, moveUrl, message.
+    let param = |i: usize, k: usize| format!("${}", 3 + 3 * i + k);
+    let cases = |k: usize| -> String {
+        (0..n)
+            .map(|i| format!(" WHEN {} THEN {}", param(i, 0), param(i, k)))
+            .collect()
+    };
+    let ids: Vec<String> = (0..n).map(|i| param(i, 0)).collect();
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = 'complete', completed_at = $1, \
-         move_url = COALESCE(CASE id{cases} END, move_url) \
+        "UPDATE jobs SET status = $1, completed_at = $2, \
+         move_url = COALESCE(CASE id{} END, move_url), message = CASE id{} END \
          WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
+        cases(1),
+        cases(2),
         ids.join(", ")
     ));
     let changed: Vec<JobRow> = on_lane!(conn, e => {
-        let mut query = sqlx::query_as(sql).bind(now_millis());
-        for (id, move_url) in items.iter().chain(std::iter::repeat(last)).take(n) {
-            query = query.bind(id.as_str()).bind(move_url.map(MoveUrl::as_str));
+        let mut query = sqlx::query_as(sql).bind(status.as_str()).bind(now_millis());
+        for item in items.iter().chain(std::iter::repeat(last)).take(n) {
+            query = query
+                .bind(item.id.as_str())
+                .bind(item.move_url.map(MoveUrl::as_str))
+                .bind(item.message.map(Message::as_str));
         }
         query.fetch_all(e).await
     })?;
     Ok(by_id(changed))
+}
+
+/// One statement, so one commit, storing the latest report of each of at most [`MAX_BATCH`]
+/// distinct jobs that are still pending.
+pub(super) async fn progress_many(
+    conn: &mut LaneConn,
+    reports: &[(&JobId, &Progress)],
+) -> Result<(), sqlx::Error> {
+    debug_assert!(reports.len() <= MAX_BATCH);
+    let Some(last) = reports.last() else {
+        return Ok(());
+    };
+    let n = padded_len(reports.len());
+    let param = |i: usize, k: usize| format!("${}", 1 + 4 * i + k);
+    let cases = |k: usize| -> String {
+        (0..n)
+            .map(|i| format!(" WHEN {} THEN {}", param(i, 0), param(i, k)))
+            .collect()
+    };
+    let ids: Vec<String> = (0..n).map(|i| param(i, 0)).collect();
+    let sql = sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET progress_percent = CASE id{} END, progress_message = CASE id{} END, \
+         progress_at = CASE id{} END WHERE status = 'pending' AND id IN ({})",
+        cases(1),
+        cases(2),
+        cases(3),
+        ids.join(", ")
+    ));
+    on_lane!(conn, e => {
+        let mut query = sqlx::query(sql);
+        for (id, progress) in reports.iter().chain(std::iter::repeat(last)).take(n) {
+            query = query
+                .bind(id.as_str())
+                .bind(progress.percent.map(Percent::get))
+                .bind(progress.message.as_ref().map(Message::as_str))
+                .bind(progress.at);
+        }
+        query.execute(e).await.map(drop)
+    })
+}
+
+/// Ends every pending job whose deadline has passed as `expired`; returns those it changed. A
+/// conditional update: of several instances sweeping at once, each job is changed by one.
+pub(super) async fn expire_due(conn: &mut LaneConn, now: i64) -> Result<Vec<JobRow>, sqlx::Error> {
+    let sql = sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET status = 'expired', completed_at = $1 \
+         WHERE status = 'pending' AND deadline <= $1 RETURNING {JOB_COLUMNS}"
+    ));
+    on_lane!(conn, e => sqlx::query_as(sql).bind(now).fetch_all(e).await)
 }
 
 #[cfg(test)]
