@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use futures_util::future::join_all;
 use handoff::domain::JobId;
-use handoff::store::{Completion, Store};
+use handoff::store::{Ended, Store};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -75,7 +75,7 @@ async fn measure(jobs: usize, callers: usize) -> Result<Report, Box<dyn std::err
         tokio::spawn(async move {
             let mut ids = Vec::new();
             for _ in (caller..jobs).step_by(callers) {
-                ids.push(store.create_job(None).await?.id);
+                ids.push(store.create_job(None, i64::MAX).await?.id);
             }
             Ok::<Vec<JobId>, handoff::store::StoreError>(ids)
         })
@@ -93,7 +93,7 @@ async fn measure(jobs: usize, callers: usize) -> Result<Report, Box<dyn std::err
             let (mut completed, mut first_error) = (0, None);
             for id in &ids {
                 match store.complete_job(id, None).await {
-                    Ok(Completion::Completed(_)) => completed += 1,
+                    Ok(Ended::Now(_)) => completed += 1,
                     other => {
                         first_error.get_or_insert_with(|| format!("job {id}: {other:?}"));
                     }
