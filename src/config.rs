@@ -187,19 +187,34 @@ fn without_password(raw: &str) -> String {
 /// The shortest API token accepted: the token is all that guards completions and the admin page,
 /// and a short one can be guessed from many addresses faster than any throttle slows it.
 pub const MIN_TOKEN_LEN: usize = 16;
+/// The fewest different characters an API token must have. Length alone lets through tokens
+/// such as `aaaaaaaaaaaaaaaa` or `1212121212121212`, which are among the first an attacker tries.
+pub const MIN_TOKEN_DISTINCT_CHARS: usize = 8;
 
 fn api_token(get: &impl Fn(&'static str) -> Option<String>) -> Result<Option<String>, ConfigError> {
-    match get("HANDOFF_API_TOKEN") {
-        Some(token) if token.chars().count() < MIN_TOKEN_LEN => Err(ConfigError {
-            var: "HANDOFF_API_TOKEN",
-            // Never echo a secret, not even a rejected one.
-            value: "(not shown)".into(),
-            reason: format!(
-                "must be at least {MIN_TOKEN_LEN} characters; unset it to get a random one"
-            ),
-        }),
-        token => Ok(token),
-    }
+    let Some(token) = get("HANDOFF_API_TOKEN") else {
+        return Ok(None);
+    };
+    let weakness = if token.chars().count() < MIN_TOKEN_LEN {
+        format!("must be at least {MIN_TOKEN_LEN} characters")
+    } else if distinct_chars(&token) < MIN_TOKEN_DISTINCT_CHARS {
+        format!(
+            "is too easy to guess: it must use at least {MIN_TOKEN_DISTINCT_CHARS} different \
+             characters, not a few repeated"
+        )
+    } else {
+        return Ok(Some(token));
+    };
+    Err(ConfigError {
+        var: "HANDOFF_API_TOKEN",
+        // Never echo a secret, not even a rejected one.
+        value: "(not shown)".into(),
+        reason: format!("{weakness}; unset it to get a random one"),
+    })
+}
+
+fn distinct_chars(s: &str) -> usize {
+    s.chars().collect::<std::collections::HashSet<_>>().len()
 }
 
 /// The largest number any setting takes (about 31 years in seconds).
@@ -308,6 +323,24 @@ mod tests {
             assert_eq!(err.var, var);
             assert!(err.to_string().contains(var), "{err}");
         }
+    }
+
+    #[test]
+    fn a_token_of_few_different_characters_is_refused_saying_why() {
+        for weak in [
+            "aaaaaaaaaaaaaaaaaaaaaaaa",
+            "1212121212121212",
+            "abcdefgabcdefgabcdefg",
+        ] {
+            let err = with(&[("HANDOFF_API_TOKEN", weak)]).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_API_TOKEN");
+            let shown = err.to_string();
+            assert!(shown.contains("8 different characters"), "{shown}");
+            assert!(!shown.contains(weak), "the token is never shown: {shown}");
+        }
+        let fine = "abcdefgh12345678";
+        let config = with(&[("HANDOFF_API_TOKEN", fine)]).unwrap();
+        assert_eq!(config.api_token.as_deref(), Some(fine));
     }
 
     #[test]

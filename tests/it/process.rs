@@ -18,6 +18,35 @@ fn an_invalid_setting_stops_start_up_naming_the_variable() {
     assert!(stderr.contains("HANDOFF_SSE_TIMEOUT_SECS"), "{stderr}");
 }
 
+#[test]
+fn a_weak_token_stops_start_up_saying_why_without_showing_it() {
+    let weak = "abababababababababab";
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .current_dir(dir.path())
+        .env("HANDOFF_ADDR", "127.0.0.1:0")
+        .env("HANDOFF_API_TOKEN", weak)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run handoff");
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(10) {
+            child.kill().unwrap();
+            panic!("handoff started with a weak token");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HANDOFF_API_TOKEN") && stderr.contains("different characters"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(weak), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
     let dir = tempfile::tempdir().unwrap();
