@@ -87,6 +87,7 @@ start_handoff() {
   server_dir=$dir
   HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="sqlite://$dir/handoff.db" HANDOFF_API_TOKEN=$TOKEN \
     HANDOFF_SSE_TIMEOUT_SECS=600 HANDOFF_WORKERS=$WORKERS RUST_LOG=warn \
+    HANDOFF_MAX_STREAMS_PER_CLIENT=off \
     taskset -c "$SERVER_CPU" "$release/handoff" >"$OUT/handoff.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
   wait_port "$port"

@@ -35,7 +35,8 @@ pub struct Config {
     /// `HANDOFF_MAX_STREAMS`: open streams beyond this get `503`; `None` means "from the
     /// open-file limit" (see [`crate::limits::default_max_streams`]).
     pub max_streams: Option<usize>,
-    /// `HANDOFF_MAX_STREAMS_PER_CLIENT`: open streams per client address; `None`: no such cap.
+    /// `HANDOFF_MAX_STREAMS_PER_CLIENT`: open streams per client address (an IPv6 client is its
+    /// /64), [`DEFAULT_STREAMS_PER_CLIENT`] unless set; `off` (`None`) lifts the cap.
     pub max_streams_per_client: Option<usize>,
     /// `HANDOFF_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
@@ -129,7 +130,7 @@ impl Config {
             resync_interval: Duration::from_secs(positive(&get, "HANDOFF_RESYNC_SECS", 30)?),
             workers: optional(&get, "HANDOFF_WORKERS")?,
             max_streams: optional(&get, "HANDOFF_MAX_STREAMS")?,
-            max_streams_per_client: optional(&get, "HANDOFF_MAX_STREAMS_PER_CLIENT")?,
+            max_streams_per_client: streams_per_client(&get)?,
             trusted_proxies: parse(&get, "HANDOFF_TRUSTED_PROXIES", "", TrustedProxies::parse)?,
             retention: Duration::from_secs(positive(
                 &get,
@@ -217,6 +218,26 @@ fn distinct_chars(s: &str) -> usize {
     s.chars().collect::<std::collections::HashSet<_>>().len()
 }
 
+/// The default cap on streams per client address: a browser needs at most 6 over HTTP/1.1 and one
+/// per tab over HTTP/2, so 64 leaves room for a household or a small office behind one address,
+/// while one address can no longer take every place on the server.
+pub const DEFAULT_STREAMS_PER_CLIENT: usize = 64;
+
+/// `HANDOFF_MAX_STREAMS_PER_CLIENT`: a positive count, or `off` for no per-client cap.
+fn streams_per_client(
+    get: &impl Fn(&'static str) -> Option<String>,
+) -> Result<Option<usize>, ConfigError> {
+    const VAR: &str = "HANDOFF_MAX_STREAMS_PER_CLIENT";
+    match get(VAR) {
+        None => Ok(Some(DEFAULT_STREAMS_PER_CLIENT)),
+        Some(v) if v.eq_ignore_ascii_case("off") => Ok(None),
+        Some(_) => optional(get, VAR).map_err(|mut err| {
+            err.reason = format!("{}, or off for no per-client cap", err.reason);
+            err
+        }),
+    }
+}
+
 /// The largest number any setting takes (about 31 years in seconds).
 const MAX_SETTING: u64 = 1_000_000_000;
 
@@ -277,7 +298,7 @@ mod tests {
         assert!(c.api_token.is_none() && c.redis_url.is_none());
         assert_eq!(c.redis_channel, "handoff:completions");
         assert_eq!(c.max_streams, None);
-        assert_eq!(c.max_streams_per_client, None);
+        assert_eq!(c.max_streams_per_client, Some(64));
         assert_eq!(c.trusted_proxies, TrustedProxies::default());
         assert_eq!(c.retention, Duration::from_secs(604_800));
         assert_eq!(c.job_deadline, Duration::from_secs(3600));
@@ -323,6 +344,17 @@ mod tests {
             assert_eq!(err.var, var);
             assert!(err.to_string().contains(var), "{err}");
         }
+    }
+
+    #[test]
+    fn the_per_client_stream_cap_is_64_unless_raised_or_turned_off() {
+        let cap = |v: &str| with(&[("HANDOFF_MAX_STREAMS_PER_CLIENT", v)]);
+        assert_eq!(cap("").unwrap().max_streams_per_client, Some(64));
+        assert_eq!(cap("500").unwrap().max_streams_per_client, Some(500));
+        assert_eq!(cap("off").unwrap().max_streams_per_client, None);
+        assert_eq!(cap("OFF").unwrap().max_streams_per_client, None);
+        let err = cap("0").unwrap_err().to_string();
+        assert!(err.contains("or off"), "{err}");
     }
 
     #[test]

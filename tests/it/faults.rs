@@ -256,7 +256,9 @@ async fn sigterm_with_two_thousand_streams_ends_them_within_a_second_and_browser
  {
     const STREAMS: usize = 2_000;
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
+    // Every stream comes from this one address: lift the per-client cap.
+    let uncapped = [("HANDOFF_MAX_STREAMS_PER_CLIENT", "off")];
+    let (mut child, base, _log) = support::start_binary(dir.path(), &uncapped);
     let client = support::client();
     let mut ids = Vec::new();
     for _ in 0..20 {
@@ -287,7 +289,7 @@ async fn sigterm_with_two_thousand_streams_ends_them_within_a_second_and_browser
     assert!(exited.success(), "{exited:?}");
 
     // The browsers reconnect to the restarted server, the jobs complete, every one gets its result.
-    let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
+    let (mut child, base, _log) = support::start_binary(dir.path(), &uncapped);
     let sockets = connected_raw_streams(&base, &ids, STREAMS).await;
     for id in &ids {
         assert_eq!(

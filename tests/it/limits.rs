@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support;
-use crate::support::{SseReader, TestApp, WAIT};
+use crate::support::{HttpConnection, SseReader, TestApp, WAIT};
 
 async fn open_from(app: &TestApp, id: &str, forwarded_for: &str) -> SseReader {
     let response = app
@@ -97,6 +97,30 @@ async fn the_per_client_cap_counts_the_forwarded_address_of_a_trusted_proxy() {
         "another client has its own allowance"
     );
     other.expect_connect().await;
+}
+
+#[tokio::test]
+async fn with_the_defaults_one_address_holds_at_most_64_streams() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let mut open = Vec::new();
+    for _ in 0..handoff::config::DEFAULT_STREAMS_PER_CLIENT {
+        open.push(support::raw_connected_stream(&app.base, &id, HttpConnection::KeepAlive).await);
+    }
+    let (status, retry_after, body) = refused(app.stream(&id).await).await;
+    assert_eq!(status, 429, "the 65th stream from one address: {body}");
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    assert!(
+        body["error"].as_str().unwrap().contains("64 event streams"),
+        "{body}"
+    );
+    drop(open.pop());
+    let mut again = app.stream(&id).await;
+    assert_eq!(
+        again.response_status, 200,
+        "a closed stream frees its place"
+    );
+    again.expect_connect().await;
 }
 
 #[tokio::test]

@@ -235,9 +235,18 @@ async fn shared_redis() -> &'static str {
 
 /// Two instances on one fresh PostgreSQL database and `redis_url`, both healthy.
 async fn two_instances(db: &FreshDb, redis_url: &str) -> (Instance, Instance) {
+    two_instances_with(db, redis_url, &[]).await
+}
+
+/// Like [`two_instances`], with more variables.
+async fn two_instances_with(
+    db: &FreshDb,
+    redis_url: &str,
+    more: &[(&str, &str)],
+) -> (Instance, Instance) {
     let channel = fresh_channel();
-    let one = Instance::start(db, Some(redis_url), &channel);
-    let two = Instance::start(db, Some(redis_url), &channel);
+    let one = Instance::start_with(db, Some(redis_url), &channel, more);
+    let two = Instance::start_with(db, Some(redis_url), &channel, more);
     one.wait_healthy().await;
     two.wait_healthy().await;
     (one, two)
@@ -390,7 +399,9 @@ async fn a_thousand_streams_over_two_instances_all_get_their_results() {
     );
     let redis_url = shared_redis().await;
     let db = FreshDb::postgres().await;
-    let (one, two) = two_instances(&db, redis_url).await;
+    // Every stream comes from this one address: lift the per-client cap.
+    let uncapped = [("HANDOFF_MAX_STREAMS_PER_CLIENT", "off")];
+    let (one, two) = two_instances_with(&db, redis_url, &uncapped).await;
 
     let ids: Vec<String> = stream::iter(0..STREAMS)
         .map(|_| one.job_id())
