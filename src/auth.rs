@@ -41,6 +41,11 @@ impl AdminSession {
     }
 }
 
+/// The token an `Authorization` header's value presents: `Bearer <token>`.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    authorization.strip_prefix("Bearer ").map(str::trim)
+}
+
 /// A fresh random token: 32 bytes, base64url.
 pub fn random_token() -> String {
     let mut bytes = [0u8; 32];
@@ -66,13 +71,6 @@ impl Secrets {
     /// Constant-time comparison (of digests, so the length leaks nothing either).
     pub fn token_matches(&self, presented: &str) -> bool {
         digest(presented).ct_eq(&self.token_digest).into()
-    }
-
-    /// Whether an `Authorization` header's value is `Bearer <the token>`.
-    pub fn bearer_ok(&self, authorization: Option<&str>) -> bool {
-        authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|token| self.token_matches(token.trim()))
     }
 
     /// A new session: the encrypted cookie to set and the session it stands for.
@@ -130,9 +128,9 @@ mod tests {
         assert!(s.token_matches("sesame"));
         assert!(!s.token_matches("sesam"));
         assert!(!s.token_matches(""));
-        assert!(s.bearer_ok(Some("Bearer sesame")));
-        assert!(!s.bearer_ok(Some("sesame")));
-        assert!(!s.bearer_ok(None));
+        assert_eq!(bearer_token("Bearer sesame"), Some("sesame"));
+        assert_eq!(bearer_token("sesame"), None);
+        assert_eq!(bearer_token("Basic c2VzYW1l"), None);
     }
 
     #[test]

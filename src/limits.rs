@@ -1,6 +1,6 @@
 //! Admission limits, one topic per child: the open-file limit the stream cap depends on
 //! (`open_files`), which address a request comes from (`client`), the stream caps (`streams`) and
-//! the admin login throttle (`throttle`).
+//! the throttle on guessing the API token (`throttle`).
 
 mod client;
 mod open_files;
@@ -10,7 +10,7 @@ mod throttle;
 pub use client::TrustedProxies;
 pub use open_files::{default_max_streams, raise_open_file_limit};
 pub use streams::{Refusal, StreamLimits, StreamPermit};
-pub use throttle::LoginThrottle;
+pub use throttle::GuessThrottle;
 
 #[cfg(test)]
 mod tests {
@@ -43,8 +43,8 @@ mod tests {
             Refusal::ClientFull(1)
         );
 
-        let throttle = LoginThrottle::default();
-        for n in 0..=throttle::FREE_LOGIN_FAILURES {
+        let throttle = GuessThrottle::default();
+        for n in 0..=throttle::FREE_GUESSES {
             throttle.failed(ip(&format!("2001:db8:1:2::{:x}", n + 1)));
         }
         assert!(

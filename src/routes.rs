@@ -10,6 +10,7 @@ pub mod pages;
 pub mod sse;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::dev::ServiceResponse;
 use actix_web::error::UrlencodedError;
@@ -17,10 +18,10 @@ use actix_web::http::{StatusCode, header};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use crate::auth::{AdminSession, SESSION_COOKIE, Secrets};
+use crate::auth::{self, AdminSession, SESSION_COOKIE, Secrets};
 use crate::domain::JobId;
 use crate::jobs::Jobs;
-use crate::limits::{LoginThrottle, StreamLimits, TrustedProxies};
+use crate::limits::{GuessThrottle, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
 use error::AppError;
 use sse::SseSettings;
@@ -36,38 +37,84 @@ pub struct AppState {
     pub limits: StreamLimits,
     /// Whose `X-Forwarded-For` names the client.
     pub proxies: TrustedProxies,
-    /// Wrong admin logins per client address.
-    pub logins: LoginThrottle,
+    /// Wrong API tokens per client address, on the admin login and as bearer tokens alike.
+    pub token_guesses: GuessThrottle,
+    /// Whether the warning about forwarding headers from an untrusted peer was logged: once per
+    /// app, or a flood of such requests would flood the log.
+    pub untrusted_forwarding_warned: AtomicBool,
 }
 
 impl AppState {
     /// The address `req` comes from, believing `X-Forwarded-For` from trusted proxies only.
     fn client_addr(&self, req: &HttpRequest) -> Option<IpAddr> {
+        let peer = req.peer_addr().map(|a| a.ip());
+        self.warn_of_untrusted_forwarding(req, peer);
         let forwarded_for = req
             .headers()
             .get_all("x-forwarded-for")
             .filter_map(|v| v.to_str().ok());
-        self.proxies
-            .client_addr(req.peer_addr().map(|a| a.ip()), forwarded_for)
+        self.proxies.client_addr(peer, forwarded_for)
+    }
+
+    /// Logs once when a peer that is not a trusted proxy sends forwarding headers: most likely
+    /// a proxy the operator forgot to name in `HANDOFF_TRUSTED_PROXIES`, behind which every
+    /// client counts as one address (one stream cap, one token-guess record for all of them).
+    fn warn_of_untrusted_forwarding(&self, req: &HttpRequest, peer: Option<IpAddr>) {
+        let forwarding = ["x-forwarded-for", "x-forwarded-proto"]
+            .iter()
+            .any(|name| req.headers().contains_key(*name));
+        if !forwarding
+            || self.proxies.trusts(peer)
+            || self
+                .untrusted_forwarding_warned
+                .swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let peer = peer.map_or_else(|| "an unknown peer".to_owned(), |ip| ip.to_string());
+        log::warn!(
+            "requests from {peer} carry X-Forwarded-For/-Proto, but {peer} is not in \
+             HANDOFF_TRUSTED_PROXIES, so those headers are ignored and every client behind it \
+             counts as one address (one stream cap and one token-guess throttle for all); if \
+             {peer} is your proxy, set HANDOFF_TRUSTED_PROXIES={peer} (logged once)"
+        );
     }
 
     /// Whether the browser reached us over TLS: a trusted proxy's `X-Forwarded-Proto` or
     /// `Forwarded` says so, or this listener itself is TLS. Anyone else's claim is ignored.
     fn is_tls(&self, req: &HttpRequest) -> bool {
-        if self.proxies.trusts(req.peer_addr().map(|a| a.ip())) {
+        let peer = req.peer_addr().map(|a| a.ip());
+        self.warn_of_untrusted_forwarding(req, peer);
+        if self.proxies.trusts(peer) {
             req.connection_info().scheme() == "https"
         } else {
             req.app_config().secure()
         }
     }
 
-    /// Whether `req` carries `Authorization: Bearer <the API token>`.
-    fn bearer_ok(&self, req: &HttpRequest) -> bool {
-        let authorization = req
+    /// Checks `req`'s `Authorization: Bearer <token>`. A wrong token counts as a guess from the
+    /// client's address; while the address must wait, no token is even checked (`429`). A
+    /// request with no bearer token at all guesses nothing and is simply refused.
+    fn authorize_bearer(&self, req: &HttpRequest) -> Result<(), AppError> {
+        let Some(token) = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        self.secrets.bearer_ok(authorization)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer_token)
+        else {
+            return Err(AppError::Unauthorized);
+        };
+        let client = self.client_addr(req);
+        self.token_guesses
+            .check(client)
+            .map_err(AppError::TooManyGuesses)?;
+        if self.secrets.token_matches(token) {
+            self.token_guesses.succeeded(client);
+            Ok(())
+        } else {
+            self.token_guesses.failed(client);
+            Err(AppError::Unauthorized)
+        }
     }
 
     /// The admin session `req`'s cookie proves, if any.

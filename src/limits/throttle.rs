@@ -1,4 +1,6 @@
-//! How fast one address may guess the admin token.
+//! How fast one address may guess the API token, wherever it presents it: on the admin login
+//! form or as an API bearer token. Both count against one record per address, since both guess
+//! the same secret.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -7,31 +9,30 @@ use std::time::{Duration, Instant};
 
 use super::client::client_key;
 
-/// Wrong admin logins an address may make before it has to wait.
-pub(super) const FREE_LOGIN_FAILURES: u32 = 5;
-/// The first wait; each further failure doubles it, up to [`MAX_LOGIN_WAIT`].
-const FIRST_LOGIN_WAIT: Duration = Duration::from_secs(1);
-const MAX_LOGIN_WAIT: Duration = Duration::from_secs(15 * 60);
+/// Wrong tokens an address may present before it has to wait.
+pub(super) const FREE_GUESSES: u32 = 5;
+/// The first wait; each further wrong token doubles it, up to [`MAX_WAIT`].
+const FIRST_WAIT: Duration = Duration::from_secs(1);
+const MAX_WAIT: Duration = Duration::from_secs(15 * 60);
 /// Addresses remembered at most; beyond it, those no longer waiting are forgotten first.
 const MAX_REMEMBERED_ADDRESSES: usize = 10_000;
 
-/// Slows down token guessing on `/admin/login`, per client address: after
-/// [`FREE_LOGIN_FAILURES`] wrong tokens, each attempt must wait a doubling time; a right token
-/// clears the address's record.
+/// Slows down token guessing per client address: after [`FREE_GUESSES`] wrong tokens, each
+/// attempt must wait a doubling time; a right token clears the address's record.
 #[derive(Debug, Default)]
-pub struct LoginThrottle {
+pub struct GuessThrottle {
     /// A std `Mutex`: never held across an `.await`; each critical section is one map update.
-    failures: Mutex<HashMap<IpAddr, LoginFailures>>,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct LoginFailures {
+struct Failures {
     count: u32,
     blocked_until: Option<Instant>,
 }
 
-impl LoginThrottle {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, LoginFailures>> {
+impl GuessThrottle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Failures>> {
         // Each update is a single insert or remove: a poisoned map is still consistent.
         self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -66,15 +67,15 @@ impl LoginThrottle {
                 failures.remove(&soonest);
             }
         }
-        let entry = failures.entry(ip).or_insert(LoginFailures {
+        let entry = failures.entry(ip).or_insert(Failures {
             count: 0,
             blocked_until: None,
         });
         entry.count = entry.count.saturating_add(1);
-        let over = entry.count.checked_sub(FREE_LOGIN_FAILURES)?;
-        let wait = FIRST_LOGIN_WAIT
+        let over = entry.count.checked_sub(FREE_GUESSES)?;
+        let wait = FIRST_WAIT
             .saturating_mul(2u32.saturating_pow(over.min(20)))
-            .min(MAX_LOGIN_WAIT);
+            .min(MAX_WAIT);
         entry.blocked_until = Some(now + wait);
         Some(wait)
     }
@@ -93,11 +94,11 @@ mod tests {
     use crate::limits::tests::ip;
 
     #[test]
-    fn the_login_record_never_grows_past_its_cap_even_when_everyone_waits() {
-        let throttle = LoginThrottle::default();
+    fn the_record_never_grows_past_its_cap_even_when_everyone_waits() {
+        let throttle = GuessThrottle::default();
         let blocked = |n: u32| Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)));
         for n in 0..=u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap() {
-            for _ in 0..=FREE_LOGIN_FAILURES {
+            for _ in 0..=FREE_GUESSES {
                 throttle.failed(blocked(n));
             }
         }
@@ -110,8 +111,8 @@ mod tests {
     }
 
     #[test]
-    fn login_failures_beyond_five_wait_a_doubling_time_and_a_success_clears_them() {
-        let throttle = LoginThrottle::default();
+    fn wrong_tokens_beyond_five_wait_a_doubling_time_and_a_success_clears_them() {
+        let throttle = GuessThrottle::default();
         let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
         for _ in 0..4 {
             assert_eq!(throttle.failed(a), None);
@@ -124,7 +125,7 @@ mod tests {
         for _ in 0..40 {
             throttle.failed(a);
         }
-        assert_eq!(throttle.failed(a), Some(MAX_LOGIN_WAIT));
+        assert_eq!(throttle.failed(a), Some(MAX_WAIT));
         throttle.succeeded(a);
         assert!(throttle.check(a).is_ok());
     }

@@ -7,7 +7,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
 
-use super::error::AppError;
+use super::error::{AppError, retry_after_secs};
 use super::pages::{PageError, html, see_other};
 use super::{AppState, job_id};
 use crate::auth::{AdminSession, logout_cookie};
@@ -134,12 +134,12 @@ pub async fn login(
 ) -> HttpResponse {
     let client = state.client_addr(&req);
     // While an address must wait, its attempts are not even checked: guessing gains nothing.
-    if let Err(wait) = state.logins.check(client) {
+    if let Err(wait) = state.token_guesses.check(client) {
         return too_many_logins(wait);
     }
     if !state.secrets.token_matches(&form.token) {
         log::info!("admin login refused from {client:?}");
-        let problem = match state.logins.failed(client) {
+        let problem = match state.token_guesses.failed(client) {
             Some(wait) => format!(
                 "That token is not right. Too many wrong tokens from your address: \
                  wait {} s before the next try.",
@@ -154,7 +154,7 @@ pub async fn login(
             },
         );
     }
-    state.logins.succeeded(client);
+    state.token_guesses.succeeded(client);
     let (cookie, _) = state.secrets.start_session(state.is_tls(&req));
     let mut response = see_other("/admin");
     // A cookie we built ourselves always encodes into a header.
@@ -164,7 +164,7 @@ pub async fn login(
 
 /// `429` with `Retry-After`: this address guessed wrong too often.
 fn too_many_logins(wait: std::time::Duration) -> HttpResponse {
-    let secs = wait.as_millis().div_ceil(1000).max(1);
+    let secs = retry_after_secs(wait);
     let mut response = html(
         StatusCode::TOO_MANY_REQUESTS,
         &LoginPage {
@@ -175,7 +175,7 @@ fn too_many_logins(wait: std::time::Duration) -> HttpResponse {
     );
     response.headers_mut().insert(
         actix_web::http::header::RETRY_AFTER,
-        actix_web::http::header::HeaderValue::from(secs as u64),
+        actix_web::http::header::HeaderValue::from(secs),
     );
     response
 }

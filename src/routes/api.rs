@@ -108,11 +108,7 @@ pub fn move_url_from(raw: &[u8]) -> Result<Option<MoveUrl>, AppError> {
 }
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), AppError> {
-    if state.bearer_ok(req) {
-        Ok(())
-    } else {
-        Err(AppError::Unauthorized)
-    }
+    state.authorize_bearer(req)
 }
 
 pub async fn create(

@@ -2,6 +2,8 @@
 //! variant's doc names its status code. Client errors say what was wrong; server errors say
 //! nothing internal, and the log gets the cause.
 
+use std::time::Duration;
+
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
@@ -13,6 +15,13 @@ use crate::store::StoreError;
 
 /// What a refused stream is told to wait: long enough for other streams to end or time out.
 const STREAM_RETRY_AFTER_SECS: u64 = 5;
+
+/// A wait as `Retry-After` says it: whole seconds, rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    u64::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -31,6 +40,13 @@ pub enum AppError {
     /// 401: no API token, or a wrong one.
     #[error("missing or wrong API token: send 'Authorization: Bearer <token>'")]
     Unauthorized,
+    /// 429 with `Retry-After`: this address presented too many wrong API tokens and must wait
+    /// this long before the next one is checked.
+    #[error(
+        "too many wrong API tokens from this address: try again in {} s",
+        retry_after_secs(*.0)
+    )]
+    TooManyGuesses(Duration),
     /// 403: an admin form without a valid CSRF token, or without a session.
     #[error("{0}")]
     Forbidden(&'static str),
@@ -88,7 +104,9 @@ impl ResponseError for AppError {
             Self::StreamLimit(Refusal::Full(_)) | Self::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::StreamLimit(Refusal::ClientFull(_)) => StatusCode::TOO_MANY_REQUESTS,
+            Self::StreamLimit(Refusal::ClientFull(_)) | Self::TooManyGuesses(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,6 +123,9 @@ impl ResponseError for AppError {
             }
             Self::StreamLimit(_) => {
                 response.insert_header(("Retry-After", STREAM_RETRY_AFTER_SECS.to_string()));
+            }
+            Self::TooManyGuesses(wait) => {
+                response.insert_header(("Retry-After", retry_after_secs(*wait).to_string()));
             }
             _ => {}
         }

@@ -65,6 +65,115 @@ async fn repeated_wrong_logins_from_one_address_are_slowed_down_and_others_are_n
     assert_eq!(login_from(&app, guesser, TOKEN).await.status(), 303);
 }
 
+async fn create_from(app: &TestApp, client: &str, token: Option<&str>) -> reqwest::Response {
+    let mut request = app
+        .client
+        .post(app.url("/api/jobs"))
+        .header("X-Forwarded-For", client);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn wrong_bearer_tokens_from_one_address_are_slowed_down_like_logins_and_others_are_not() {
+    let app = TestApp::spawn_with(behind_local_proxy).await;
+    let guesser = "203.0.113.7";
+    for _ in 0..10 {
+        let status = create_from(&app, guesser, None).await.status();
+        assert_eq!(status, 401, "no token at all guesses nothing");
+    }
+    for _ in 0..5 {
+        let status = create_from(&app, guesser, Some("wrong-token-guess"))
+            .await
+            .status();
+        assert_eq!(status, 401);
+    }
+    let blocked = create_from(&app, guesser, Some(TOKEN)).await;
+    assert_eq!(blocked.status(), 429, "even the right token waits its turn");
+    assert_eq!(blocked.headers()["retry-after"], "1");
+    let body: serde_json::Value = blocked.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("too many wrong API tokens"),
+        "{body}"
+    );
+    assert_eq!(
+        create_from(&app, "203.0.113.8", Some(TOKEN)).await.status(),
+        201,
+        "the operator at another address is not slowed down"
+    );
+    assert_eq!(
+        login_from(&app, guesser, TOKEN).await.status(),
+        429,
+        "one record per address, wherever the token is presented"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(create_from(&app, guesser, Some(TOKEN)).await.status(), 201);
+    assert_eq!(
+        create_from(&app, guesser, Some("one slip")).await.status(),
+        401,
+        "a right token cleared the record"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_from_an_untrusted_peer_log_one_warning_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base, log) = support::start_binary(dir.path(), &[]);
+    let client = support::client();
+    let warnings = |log: &support::CapturedLog| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains("HANDOFF_TRUSTED_PROXIES"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let create = |forwarded: bool| {
+        let mut request = client.post(format!("{base}/api/jobs")).bearer_auth(TOKEN);
+        if forwarded {
+            request = request.header("X-Forwarded-For", "203.0.113.7");
+        }
+        request.send()
+    };
+    assert_eq!(create(false).await.unwrap().status(), 201);
+    assert_eq!(
+        warnings(&log),
+        Vec::<String>::new(),
+        "no forwarding, no warning"
+    );
+    for _ in 0..5 {
+        assert_eq!(create(true).await.unwrap().status(), 201);
+    }
+    let id = support::job_id_at(&client, &base).await;
+    let stream = client
+        .get(format!("{base}/sse/connect/{id}"))
+        .header("X-Forwarded-For", "203.0.113.8")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let warned = warnings(&log);
+    assert_eq!(
+        warned.len(),
+        1,
+        "one warning, not one per request: {warned:?}"
+    );
+    assert!(
+        warned[0].contains("127.0.0.1") && warned[0].contains(" WARN "),
+        "{warned:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_session_cookie_is_secure_only_when_a_trusted_proxy_says_https() {
     for (trusted, secure) in [(true, true), (false, false)] {
