@@ -3,14 +3,23 @@
 //! [`Application::build`] binds before it returns and reports the real port, so tests run the real
 //! app on port 0. Stopping goes through one [`CancellationToken`]: it ends every open stream at
 //! once (browsers reconnect elsewhere) and then stops the server.
+//!
+//! The server is assembled from actix-server and actix-http rather than actix-web's
+//! `HttpServer`, whose sockets cannot be wrapped: each connection's socket is a
+//! [`deadlines::Conn`], which enforces the request deadlines actix-http lacks.
+
+mod deadlines;
 
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::dev::Server;
-use actix_web::middleware::DefaultHeaders;
-use actix_web::{App, HttpServer, web};
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{ServiceFactoryExt as _, fn_service, map_config};
+use actix_web::dev::{AppConfig, Extensions, Server};
+use actix_web::middleware::{DefaultHeaders, from_fn};
+use actix_web::{App, web};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Secrets, random_token};
@@ -105,27 +114,58 @@ impl Application {
             untrusted_forwarding_warned: Default::default(),
         }));
         let listener = TcpListener::bind(config.addr)?;
-        let port = listener.local_addr()?.port();
-        let server_state = state.clone();
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .app_data(server_state.clone())
-                .wrap(routes::explain_errors())
-                .wrap(security_headers())
-                .configure(routes::configure)
-        })
-        // A client that closes its side has gone (page A left, or nginx dropped the browser's
-        // request): end its connection at once, and with it the stream and its hub entry. This
-        // applies to every request: one whose client half-closes before the answer gets none
-        // (browsers, EventSource, nginx and HTTP client libraries never half-close).
-        .h1_allow_half_closed(false)
-        .backlog(4096)
-        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-        .disable_signals();
+        let local = listener.local_addr()?;
+        let port = local.port();
+        let mut builder = Server::build()
+            .backlog(4096)
+            .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+            .disable_signals();
         if let Some(workers) = config.workers {
-            server = server.workers(workers);
+            builder = builder.workers(workers);
         }
-        let server = server.listen(listener)?.run();
+        let draining = builder.graceful_shutdown_signal();
+        let server_state = state.clone();
+        let server = builder
+            .listen("handoff", listener, move || {
+                let app = App::new()
+                    .app_data(server_state.clone())
+                    .wrap(routes::explain_errors())
+                    .wrap(from_fn(deadlines::track))
+                    .wrap(security_headers());
+                let draining = draining.clone();
+                let http = HttpService::build()
+                    .keep_alive(KeepAlive::Timeout(deadlines::TIMING.keep_alive))
+                    // Heads are timed by `deadlines::Conn`, on every request, not only the first.
+                    .client_request_timeout(Duration::ZERO)
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    // A client that closes its side has gone (page A left, or nginx dropped the
+                    // browser's request): end its connection at once, and with it the stream and
+                    // its hub entry. This applies to every request: one whose client half-closes
+                    // before the answer gets none (browsers, EventSource, nginx and HTTP client
+                    // libraries never half-close).
+                    .h1_allow_half_closed(false)
+                    // On a graceful stop, idle keep-alive connections close at once instead of
+                    // holding the stop up (what actix-web's `HttpServer` does too).
+                    .graceful_shutdown_signal(move || {
+                        let draining = draining.clone();
+                        async move { draining.notified().await }
+                    })
+                    .local_addr(local)
+                    .on_connect_ext(|conn: &deadlines::Conn, data: &mut Extensions| {
+                        data.insert(conn.phase());
+                    })
+                    // No absolute URL is ever built, so the config's host and address (used
+                    // only for those) can stay at their defaults.
+                    .h1(map_config(app.configure(routes::configure), |_| {
+                        AppConfig::default()
+                    }));
+                fn_service(|io: TcpStream| {
+                    let peer = io.peer_addr().ok();
+                    std::future::ready(Ok((deadlines::Conn::new(io), peer)))
+                })
+                .and_then(http)
+            })?
+            .run();
         log::info!(
             "Handoff listening on http://{}:{port} (database: {}, fan-out: {fan_out}, \
              at most {max_streams} streams, open-file limit {open_files})",
@@ -169,14 +209,19 @@ impl Application {
 }
 
 /// Headers for every response: no inline script, no framing, no sniffing, no referrer leaks.
+const SECURITY_HEADERS: [(&str, &str); 4] = [
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("X-Frame-Options", "DENY"),
+];
+
 fn security_headers() -> DefaultHeaders {
-    DefaultHeaders::new()
-        .add((
-            "Content-Security-Policy",
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-             connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
-        ))
-        .add(("X-Content-Type-Options", "nosniff"))
-        .add(("Referrer-Policy", "same-origin"))
-        .add(("X-Frame-Options", "DENY"))
+    SECURITY_HEADERS
+        .into_iter()
+        .fold(DefaultHeaders::new(), |headers, header| headers.add(header))
 }

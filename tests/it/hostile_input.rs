@@ -402,3 +402,133 @@ async fn a_slow_loris_sending_headers_byte_by_byte_is_cut_off() {
     let health = app.get("/healthz").await;
     assert_eq!(health.status(), 200);
 }
+
+/// Reads `socket` until the server closes it; returns how long that took and what was read.
+/// Panics if it is still open after `limit`.
+async fn read_until_closed(socket: &mut TcpStream, limit: Duration) -> (Duration, String) {
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, socket.read(&mut buf)).await {
+            Err(_) => panic!(
+                "still open after {limit:?}; read: {}",
+                String::from_utf8_lossy(&seen)
+            ),
+            Ok(Ok(0) | Err(_)) => {
+                return (started.elapsed(), String::from_utf8_lossy(&seen).into());
+            }
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A keep-alive connection that has had one complete request answered.
+async fn used_connection(app: &TestApp) -> TcpStream {
+    let mut socket = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    socket
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: handoff.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("redis: ") {
+        let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed after one request");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    socket
+}
+
+#[tokio::test]
+async fn a_second_request_whose_head_stalls_gets_408_and_the_connection_closes() {
+    let app = TestApp::spawn().await;
+    let mut socket = used_connection(&app).await;
+    socket.write_all(b"G").await.unwrap();
+    let (took, answer) = read_until_closed(&mut socket, Duration::from_secs(15)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within 5 s"), "{answer}");
+    assert!(
+        answer.contains("X-Frame-Options: DENY"),
+        "the security headers: {answer}"
+    );
+    assert!(took >= Duration::from_secs(4), "cut after {took:?}");
+    eprintln!("a stalled second head was cut after {took:?}");
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_closes_after_the_keep_alive_timeout() {
+    let app = TestApp::spawn().await;
+    let mut socket = used_connection(&app).await;
+    let (took, answer) = read_until_closed(&mut socket, Duration::from_secs(15)).await;
+    assert_eq!(answer, "", "an idle connection is closed without a word");
+    assert!(took >= Duration::from_secs(4), "closed after {took:?}");
+    eprintln!("an idle keep-alive connection closed after {took:?}");
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408_and_the_connection_closes() {
+    let app = TestApp::spawn().await;
+    let mut socket = used_connection(&app).await;
+    let head = format!(
+        "POST /api/jobs HTTP/1.1\r\nHost: handoff.test\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 20\r\n\r\n{{\"moveUrl\""
+    );
+    let before = snapshot(&app).await;
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let (took, answer) = read_until_closed(&mut socket, Duration::from_secs(20)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("the request body did not arrive within 10 s"),
+        "{answer}"
+    );
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("x-frame-options: deny"),
+        "{answer}"
+    );
+    assert!(took >= Duration::from_secs(9), "cut after {took:?}");
+    assert_eq!(snapshot(&app).await, before, "no job was created");
+}
+
+#[tokio::test]
+async fn an_event_stream_on_a_reused_connection_is_not_cut_while_its_client_is_silent() {
+    // No keep-alive comment for a minute: the client receives nothing, and sends nothing.
+    let app = TestApp::spawn_with(|c| c.keep_alive = Duration::from_secs(60)).await;
+    let id = app.job_id().await;
+    let mut socket = used_connection(&app).await;
+    let request = format!(
+        "GET /sse/connect/{id} HTTP/1.1\r\nHost: handoff.test\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+        .await
+        .expect("the stream answers")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Longer than the head, body and keep-alive timeouts together.
+    let quiet = tokio::time::timeout(Duration::from_secs(16), socket.read(&mut buf)).await;
+    if let Ok(read) = quiet {
+        let read = read.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+        assert!(
+            matches!(&read, Ok(text) if !text.is_empty() && !text.contains("408")),
+            "the stream was cut: {read:?}"
+        );
+    }
+    assert_eq!(app.complete(&id).await.status(), 200);
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(r#""status":"result""#) {
+        let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+            .await
+            .expect("the result arrives")
+            .unwrap();
+        assert!(n > 0, "the stream ended before its result");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
