@@ -1,5 +1,12 @@
 //! Who may change jobs: API callers with the token, and admins with a session cookie and a CSRF
 //! token. Every secret comparison runs in constant time.
+//!
+//! A session cookie is encrypted and authenticated with a key derived from the token, and says
+//! which session it stands for, when it started and when it was last used: it proves nothing once
+//! it is older than [`SESSION_MILLIS`] or unused for the idle time. Whether the session is still
+//! live (not logged out) is the store's to say; see [`crate::sessions`].
+
+use std::time::Duration;
 
 use actix_web::cookie::{Cookie, CookieJar, Key, SameSite, time::Duration as CookieDuration};
 use base64::Engine as _;
@@ -8,12 +15,10 @@ use rand::RngCore as _;
 use sha2::{Digest as _, Sha256, Sha512};
 use subtle::ConstantTimeEq as _;
 
-use crate::domain::now_millis;
-
 /// Name of the admin session cookie.
 pub const SESSION_COOKIE: &str = "handoff_admin";
-/// How long an admin session lasts.
-const SESSION_MILLIS: i64 = 8 * 60 * 60 * 1000;
+/// How long an admin session lasts at most, however busy.
+pub const SESSION_MILLIS: i64 = 8 * 60 * 60 * 1000;
 
 /// The API token and what is derived from it. Instances that share the token share admin sessions.
 #[derive(Clone)]
@@ -28,10 +33,15 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
-/// A logged-in admin; holds the CSRF token every admin form must echo.
+/// A logged-in admin: which session, the CSRF token every admin form must echo, and its times
+/// (Unix milliseconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminSession {
+    /// Random, like the CSRF token; the store knows the live ones by it.
+    pub id: String,
     pub csrf: String,
+    pub started: i64,
+    pub last_used: i64,
 }
 
 impl AdminSession {
@@ -73,48 +83,88 @@ impl Secrets {
         digest(presented).ct_eq(&self.token_digest).into()
     }
 
-    /// A new session: the encrypted cookie to set and the session it stands for.
-    pub fn start_session(&self, secure: bool) -> (Cookie<'static>, AdminSession) {
-        let session = AdminSession {
-            csrf: random_token(),
-        };
-        let value = format!("{}.{}", session.csrf, now_millis() + SESSION_MILLIS);
+    /// The encrypted cookie that stands for `session`; the browser keeps it for `idle`.
+    pub fn session_cookie(
+        &self,
+        session: &AdminSession,
+        secure: bool,
+        idle: Duration,
+    ) -> Cookie<'static> {
+        let AdminSession {
+            id,
+            csrf,
+            started,
+            last_used,
+        } = session;
+        // Both tokens are base64url: no `.` in them.
+        let value = format!("{id}.{csrf}.{started}.{last_used}");
+        let max_age = CookieDuration::try_from(idle).unwrap_or(CookieDuration::MAX);
         let mut jar = CookieJar::new();
         jar.private_mut(&self.session_key)
-            .add(session_cookie(value, secure));
-        let cookie = jar
-            .get(SESSION_COOKIE)
+            .add(session_cookie(value, secure, max_age));
+        jar.get(SESSION_COOKIE)
             .cloned()
-            .unwrap_or_else(|| Cookie::new(SESSION_COOKIE, ""));
-        (cookie, session)
+            .unwrap_or_else(|| Cookie::new(SESSION_COOKIE, ""))
     }
 
-    /// The session a request's [`SESSION_COOKIE`] proves, if it is authentic and not expired.
-    pub fn session(&self, cookie: Option<Cookie<'static>>) -> Option<AdminSession> {
+    /// The session a request's [`SESSION_COOKIE`] proves at `now`: authentic, started less than
+    /// [`SESSION_MILLIS`] ago and last used less than `idle` ago. Whether it was logged out is
+    /// not the cookie's to say.
+    pub fn session(
+        &self,
+        cookie: Option<Cookie<'static>>,
+        now: i64,
+        idle: Duration,
+    ) -> Option<AdminSession> {
         let jar = CookieJar::new();
         let plain = jar.private(&self.session_key).decrypt(cookie?)?;
-        let (csrf, expires) = plain.value().split_once('.')?;
-        let expires: i64 = expires.parse().ok()?;
-        (expires > now_millis()).then(|| AdminSession {
+        let mut parts = plain.value().split('.');
+        let (Some(id), Some(csrf), Some(started), Some(last_used), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return None;
+        };
+        let session = AdminSession {
+            id: id.to_owned(),
             csrf: csrf.to_owned(),
-        })
+            started: started.parse().ok()?,
+            last_used: last_used.parse().ok()?,
+        };
+        let idle = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+        let live = now < session.started.saturating_add(SESSION_MILLIS)
+            && now < session.last_used.saturating_add(idle);
+        live.then_some(session)
     }
 }
 
-/// The cookie that ends a session.
+/// A fresh session started at `now`.
+pub fn new_session(now: i64) -> AdminSession {
+    AdminSession {
+        id: random_token(),
+        csrf: random_token(),
+        started: now,
+        last_used: now,
+    }
+}
+
+/// The cookie that ends a session in the browser.
 pub fn logout_cookie(secure: bool) -> Cookie<'static> {
-    let mut cookie = session_cookie(String::new(), secure);
+    let mut cookie = session_cookie(String::new(), secure, CookieDuration::ZERO);
     cookie.make_removal();
     cookie
 }
 
-fn session_cookie(value: String, secure: bool) -> Cookie<'static> {
+fn session_cookie(value: String, secure: bool, max_age: CookieDuration) -> Cookie<'static> {
     Cookie::build(SESSION_COOKIE, value)
         .path("/")
         .http_only(true)
         .same_site(SameSite::Strict)
         .secure(secure)
-        .max_age(CookieDuration::milliseconds(SESSION_MILLIS))
+        .max_age(max_age)
         .finish()
 }
 
@@ -133,19 +183,48 @@ mod tests {
         assert_eq!(bearer_token("Basic c2VzYW1l"), None);
     }
 
+    const IDLE: Duration = Duration::from_secs(30 * 60);
+    const MINUTE: i64 = 60_000;
+
     #[test]
     fn a_session_cookie_round_trips_and_a_forged_one_does_not() {
         let s = Secrets::new("sesame");
-        let (cookie, session) = s.start_session(false);
+        let session = new_session(1_000_000);
+        let cookie = s.session_cookie(&session, false, IDLE);
         assert!(cookie.http_only().unwrap_or(false));
         assert_eq!(cookie.same_site(), Some(SameSite::Strict));
-        assert_eq!(s.session(Some(cookie.clone())), Some(session.clone()));
+        assert_eq!(cookie.max_age(), Some(CookieDuration::minutes(30)));
+        assert_eq!(
+            s.session(Some(cookie.clone()), 1_000_001, IDLE),
+            Some(session.clone())
+        );
         assert!(session.csrf_matches(&session.csrf.clone()));
         assert!(!session.csrf_matches("nope"));
 
         let other = Secrets::new("other");
-        assert_eq!(other.session(Some(cookie)), None);
-        let forged = Cookie::new(SESSION_COOKIE, format!("{}.{}", session.csrf, i64::MAX));
-        assert_eq!(s.session(Some(forged)), None);
+        assert_eq!(other.session(Some(cookie), 1_000_001, IDLE), None);
+        let plain = format!("{}.{}.{}.{}", session.id, session.csrf, i64::MAX, i64::MAX);
+        let forged = Cookie::new(SESSION_COOKIE, plain);
+        assert_eq!(s.session(Some(forged), 1_000_001, IDLE), None);
+    }
+
+    #[test]
+    fn a_session_ends_after_the_idle_time_unless_used_and_after_eight_hours_regardless() {
+        let s = Secrets::new("sesame");
+        let start = 1_000_000;
+        let mut session = new_session(start);
+        let cookie = s.session_cookie(&session, false, IDLE);
+        assert!(
+            s.session(Some(cookie.clone()), start + 29 * MINUTE, IDLE)
+                .is_some()
+        );
+        assert_eq!(s.session(Some(cookie), start + 30 * MINUTE, IDLE), None);
+
+        // Used every 20 minutes, it lives on, until eight hours after it started.
+        session.last_used = start + 7 * 60 * MINUTE + 50 * MINUTE;
+        let renewed = s.session_cookie(&session, false, IDLE);
+        let almost = start + SESSION_MILLIS - 1;
+        assert!(s.session(Some(renewed.clone()), almost, IDLE).is_some());
+        assert_eq!(s.session(Some(renewed), almost + 1, IDLE), None);
     }
 }

@@ -45,6 +45,11 @@ pub struct Config {
     /// `HANDOFF_JOB_DEADLINE_SECS`: a job still pending this long after its creation expires,
     /// unless its creator names another deadline.
     pub job_deadline: Duration,
+    /// `HANDOFF_PUBLIC_URL`: where browsers reach this deployment, e.g. `https://example.com`.
+    /// When it is `https`, admin cookies are `Secure` whatever a proxy reports.
+    pub public_url: Option<url::Url>,
+    /// `HANDOFF_ADMIN_IDLE_SECS`: an admin session unused this long is over.
+    pub admin_idle: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -71,6 +76,11 @@ impl std::fmt::Debug for Config {
             .field("trusted_proxies", &self.trusted_proxies)
             .field("retention", &self.retention)
             .field("job_deadline", &self.job_deadline)
+            .field(
+                "public_url",
+                &self.public_url.as_ref().map(url::Url::as_str),
+            )
+            .field("admin_idle", &self.admin_idle)
             .finish()
     }
 }
@@ -138,6 +148,16 @@ impl Config {
                 7 * 24 * 60 * 60,
             )?),
             job_deadline: Duration::from_secs(positive(&get, "HANDOFF_JOB_DEADLINE_SECS", 3600)?),
+            public_url: get("HANDOFF_PUBLIC_URL")
+                .map(|raw| {
+                    public_url(&raw).map_err(|reason| ConfigError {
+                        var: "HANDOFF_PUBLIC_URL",
+                        value: without_password(&raw),
+                        reason,
+                    })
+                })
+                .transpose()?,
+            admin_idle: Duration::from_secs(positive(&get, "HANDOFF_ADMIN_IDLE_SECS", 30 * 60)?),
         })
     }
 }
@@ -150,6 +170,21 @@ fn parse<T>(
 ) -> Result<T, ConfigError> {
     let value = get(var).unwrap_or_else(|| default.to_owned());
     parse(&value).map_err(|reason| ConfigError { var, value, reason })
+}
+
+/// `HANDOFF_PUBLIC_URL`: the scheme and host browsers use, nothing more.
+fn public_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("expected https://host: {e}"))?;
+    if !matches!(url.scheme(), "https" | "http") || !url.has_host() {
+        return Err("expected https://host (or http://host)".into());
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err("expected the site's origin alone, e.g. https://example.com".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("expected no user name or password in it".into());
+    }
+    Ok(url)
 }
 
 /// A rejected URL as an error message may show it: with its password, in the user part or as a
@@ -302,6 +337,27 @@ mod tests {
         assert_eq!(c.trusted_proxies, TrustedProxies::default());
         assert_eq!(c.retention, Duration::from_secs(604_800));
         assert_eq!(c.job_deadline, Duration::from_secs(3600));
+        assert_eq!(c.public_url, None);
+        assert_eq!(c.admin_idle, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn the_public_url_is_an_origin_and_nothing_more() {
+        let url = |v: &str| with(&[("HANDOFF_PUBLIC_URL", v)]);
+        let ok = url("https://example.com").unwrap().public_url.unwrap();
+        assert_eq!((ok.scheme(), ok.host_str()), ("https", Some("example.com")));
+        assert!(url("https://example.com:8443/").is_ok());
+        assert!(url("http://127.0.0.1:8080").is_ok());
+        for bad in [
+            "example.com",
+            "ftp://example.com",
+            "https://example.com/app",
+            "https://user:pw@example.com",
+            "https://example.com/?x=1",
+        ] {
+            let err = url(bad).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_PUBLIC_URL", "{bad}");
+        }
     }
 
     #[test]
@@ -339,6 +395,8 @@ mod tests {
             ("HANDOFF_TRUSTED_PROXIES", "10.0.0.0/40"),
             ("HANDOFF_RETENTION_SECS", "forever"),
             ("HANDOFF_JOB_DEADLINE_SECS", "0"),
+            ("HANDOFF_PUBLIC_URL", "example.com"),
+            ("HANDOFF_ADMIN_IDLE_SECS", "0"),
         ] {
             let err = with(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

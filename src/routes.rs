@@ -18,11 +18,12 @@ use actix_web::http::{StatusCode, header};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use crate::auth::{self, AdminSession, SESSION_COOKIE, Secrets};
+use crate::auth::{self, SESSION_COOKIE, Secrets};
 use crate::domain::JobId;
 use crate::jobs::Jobs;
 use crate::limits::{GuessThrottle, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
+use crate::sessions::{AdminSessions, Checked};
 use error::AppError;
 use sse::SseSettings;
 
@@ -32,6 +33,9 @@ pub struct AppState {
     pub jobs: Jobs,
     pub metrics: Metrics,
     pub secrets: Secrets,
+    pub sessions: AdminSessions,
+    /// `HANDOFF_PUBLIC_URL` is `https`: browsers only ever reach us over TLS.
+    pub public_https: bool,
     pub sse: SseSettings,
     /// Stream caps and counts; [`sse`] takes a permit per stream.
     pub limits: StreamLimits,
@@ -117,9 +121,16 @@ impl AppState {
         }
     }
 
-    /// The admin session `req`'s cookie proves, if any.
-    fn admin_session(&self, req: &HttpRequest) -> Option<AdminSession> {
-        self.secrets.session(req.cookie(SESSION_COOKIE))
+    /// Whether cookies must be `Secure`: the public URL is `https`, or this request came over
+    /// TLS (as a trusted proxy reports it).
+    fn cookie_secure(&self, req: &HttpRequest) -> bool {
+        self.public_https || self.is_tls(req)
+    }
+
+    /// The live admin session `req`'s cookie proves, if any, with the cookie renewed.
+    async fn admin_session(&self, req: &HttpRequest) -> Result<Option<Checked>, AppError> {
+        let cookie = req.cookie(SESSION_COOKIE);
+        Ok(self.sessions.check(cookie, self.cookie_secure(req)).await?)
     }
 }
 

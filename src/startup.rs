@@ -32,6 +32,7 @@ use crate::limits::{self, GuessThrottle, StreamLimits};
 use crate::metrics::Metrics;
 use crate::routes::sse::SseSettings;
 use crate::routes::{self, AppState};
+use crate::sessions::AdminSessions;
 use crate::store::{Store, StoreError};
 
 /// How long the server waits for connections after the streams were told to end.
@@ -99,10 +100,17 @@ impl Application {
             retention: config.retention,
         };
         let jobs = Jobs::new(store.clone(), delivery, metrics.clone(), lifetimes);
+        let secrets = Secrets::new(&token);
+        let public_https = config
+            .public_url
+            .as_ref()
+            .is_some_and(|url| url.scheme() == "https");
         let state = web::Data::from(Arc::new(AppState {
             jobs: jobs.clone(),
             metrics,
-            secrets: Secrets::new(&token),
+            sessions: AdminSessions::new(secrets.clone(), store.clone(), config.admin_idle),
+            secrets,
+            public_https,
             sse: SseSettings {
                 timeout: config.sse_timeout,
                 retry: config.sse_retry,

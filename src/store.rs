@@ -1,5 +1,5 @@
 //! The `jobs` table in SQLite (the embedded default) or PostgreSQL (scale-out): the truth about
-//! every job. All SQL is in here.
+//! every job; and the live admin sessions (`admin_sessions`). All SQL is in here.
 //!
 //! [`Store`] is the only way in. The hot statements go through the lanes (`lanes`: batched,
 //! group-committed, on a generic batch runner, `batch`, with their SQL in `sql`); the rest runs on
@@ -218,6 +218,46 @@ impl Store {
             sqlx::query_as("SELECT COUNT(*) FROM jobs").fetch_one(p).await?
         });
         Ok(n)
+    }
+
+    /// Records a live admin session until `expires_at` (Unix milliseconds), and forgets those
+    /// that have expired, so the table holds at most the sessions of the last few hours.
+    pub async fn add_admin_session(&self, id: &str, expires_at: i64) -> Result<(), StoreError> {
+        on_db!(self.pool.executor(), p => {
+            sqlx::query("DELETE FROM admin_sessions WHERE expires_at <= $1")
+                .bind(now_millis())
+                .execute(p)
+                .await?;
+            sqlx::query("INSERT INTO admin_sessions (id, expires_at) VALUES ($1, $2)")
+                .bind(id)
+                .bind(expires_at)
+                .execute(p)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Whether admin session `id` is live at `now`: recorded, not ended, not expired.
+    pub async fn admin_session_live(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let (n,): (i64,) = on_db!(self.pool.executor(), p => {
+            sqlx::query_as("SELECT COUNT(*) FROM admin_sessions WHERE id = $1 AND expires_at > $2")
+                .bind(id)
+                .bind(now)
+                .fetch_one(p)
+                .await?
+        });
+        Ok(n > 0)
+    }
+
+    /// Ends admin session `id` (logout); ending an ended one changes nothing.
+    pub async fn remove_admin_session(&self, id: &str) -> Result<(), StoreError> {
+        on_db!(self.pool.executor(), p => {
+            sqlx::query("DELETE FROM admin_sessions WHERE id = $1")
+                .bind(id)
+                .execute(p)
+                .await?;
+        });
+        Ok(())
     }
 
     /// Deletes jobs created before `cutoff_millis`; returns how many went.

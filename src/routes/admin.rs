@@ -1,6 +1,7 @@
 //! The admin page: recent jobs with their open streams, a Complete button per pending job and a
 //! form to create one. Logging in takes the API token; every admin form carries the session's
-//! CSRF token.
+//! CSRF token. Every answer to a logged-in admin renews the session cookie (the idle timeout
+//! counts from the last admin request); logging out ends the session on every instance.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -10,7 +11,8 @@ use serde::Deserialize;
 use super::error::{AppError, retry_after_secs};
 use super::pages::{PageError, html, see_other};
 use super::{AppState, job_id};
-use crate::auth::{AdminSession, logout_cookie};
+use crate::auth::logout_cookie;
+use crate::sessions::Checked;
 use std::time::Duration;
 
 use crate::domain::{Message, MoveUrl, rfc3339};
@@ -78,7 +80,7 @@ pub async fn page(
     query: web::Query<PageQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
-    let Some(session) = state.admin_session(&req) else {
+    let Some(Checked { session, cookie }) = state.admin_session(&req).await? else {
         return Ok(html(StatusCode::OK, &LoginPage { problem: None }));
     };
     let total = state.jobs.count().await.map_err(AppError::from)?;
@@ -118,7 +120,14 @@ pub async fn page(
         actix_web::http::header::CACHE_CONTROL,
         actix_web::http::header::HeaderValue::from_static("no-store"),
     );
-    Ok(response)
+    Ok(with_cookie(response, &cookie))
+}
+
+/// `response` with `cookie` set.
+fn with_cookie(mut response: HttpResponse, cookie: &actix_web::cookie::Cookie<'_>) -> HttpResponse {
+    // A cookie we built ourselves always encodes into a header.
+    let _ = response.add_cookie(cookie);
+    response
 }
 
 #[derive(Deserialize)]
@@ -131,11 +140,11 @@ pub async fn login(
     req: HttpRequest,
     form: web::Form<LoginForm>,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, PageError> {
     let client = state.client_addr(&req);
     // While an address must wait, its attempts are not even checked: guessing gains nothing.
     if let Err(wait) = state.token_guesses.check(client) {
-        return too_many_logins(wait);
+        return Ok(too_many_logins(wait));
     }
     if !state.secrets.token_matches(&form.token) {
         log::info!("admin login refused from {client:?}");
@@ -147,19 +156,20 @@ pub async fn login(
             ),
             None => "That token is not right.".to_owned(),
         };
-        return html(
+        return Ok(html(
             StatusCode::UNAUTHORIZED,
             &LoginPage {
                 problem: Some(problem),
             },
-        );
+        ));
     }
     state.token_guesses.succeeded(client);
-    let (cookie, _) = state.secrets.start_session(state.is_tls(&req));
-    let mut response = see_other("/admin");
-    // A cookie we built ourselves always encodes into a header.
-    let _ = response.add_cookie(&cookie);
-    response
+    let cookie = state
+        .sessions
+        .start(state.cookie_secure(&req))
+        .await
+        .map_err(AppError::from)?;
+    Ok(with_cookie(see_other("/admin"), &cookie))
 }
 
 /// `429` with `Retry-After`: this address guessed wrong too often.
@@ -198,17 +208,19 @@ fn filled(raw: &str) -> Option<&str> {
     Some(raw.trim()).filter(|s| !s.is_empty())
 }
 
-/// The admin session, if the request has one and its form echoes the session's CSRF token.
-fn checked_session(
+/// The admin session, if the request has a live one and its form echoes the session's CSRF
+/// token.
+async fn checked_session(
     req: &HttpRequest,
     state: &AppState,
     form: &AdminForm,
-) -> Result<AdminSession, PageError> {
-    let session = state
+) -> Result<Checked, PageError> {
+    let checked = state
         .admin_session(req)
+        .await?
         .ok_or(AppError::Forbidden("not logged in: log in on /admin first"))?;
-    if session.csrf_matches(&form.csrf) {
-        Ok(session)
+    if checked.session.csrf_matches(&form.csrf) {
+        Ok(checked)
     } else {
         Err(AppError::Forbidden(
             "the form's CSRF token is missing or wrong: reload /admin and try again",
@@ -222,10 +234,10 @@ pub async fn logout(
     form: web::Form<AdminForm>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
-    checked_session(&req, &state, &form)?;
-    let mut response = see_other("/admin");
-    let _ = response.add_cookie(&logout_cookie(state.is_tls(&req)));
-    Ok(response)
+    let Checked { session, .. } = checked_session(&req, &state, &form).await?;
+    state.sessions.end(&session).await.map_err(AppError::from)?;
+    let removal = logout_cookie(state.cookie_secure(&req));
+    Ok(with_cookie(see_other("/admin"), &removal))
 }
 
 pub async fn create(
@@ -233,7 +245,7 @@ pub async fn create(
     form: web::Form<AdminForm>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
-    checked_session(&req, &state, &form)?;
+    let Checked { cookie, .. } = checked_session(&req, &state, &form).await?;
     let move_url = filled(&form.move_url)
         .map(MoveUrl::parse)
         .transpose()
@@ -250,7 +262,7 @@ pub async fn create(
         .create(move_url, deadline)
         .await
         .map_err(AppError::from)?;
-    Ok(see_other("/admin"))
+    Ok(with_cookie(see_other("/admin"), &cookie))
 }
 
 pub async fn complete(
@@ -259,14 +271,14 @@ pub async fn complete(
     form: web::Form<AdminForm>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
-    checked_session(&req, &state, &form)?;
+    let Checked { cookie, .. } = checked_session(&req, &state, &form).await?;
     let id = job_id(&path)?;
     state
         .jobs
         .complete(&id, None)
         .await
         .map_err(AppError::from)?;
-    Ok(see_other("/admin"))
+    Ok(with_cookie(see_other("/admin"), &cookie))
 }
 
 pub async fn fail(
@@ -275,7 +287,7 @@ pub async fn fail(
     form: web::Form<AdminForm>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
-    checked_session(&req, &state, &form)?;
+    let Checked { cookie, .. } = checked_session(&req, &state, &form).await?;
     let id = job_id(&path)?;
     let message = filled(&form.message)
         .map(Message::parse)
@@ -286,5 +298,5 @@ pub async fn fail(
         .fail(&id, message, None)
         .await
         .map_err(AppError::from)?;
-    Ok(see_other("/admin"))
+    Ok(with_cookie(see_other("/admin"), &cookie))
 }

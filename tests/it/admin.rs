@@ -1,6 +1,8 @@
-//! The admin surface: login, CSRF, and completing a job from the form.
+//! The admin surface: login, CSRF, completing a job from the form, and how a session ends.
 
-use crate::support::{TOKEN, TestApp, WAIT, cookie_client, csrf_of, page_text, post_form};
+use std::time::Duration;
+
+use crate::support::{TOKEN, TestApp, WAIT, client, cookie_client, csrf_of, page_text, post_form};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_admin_logs_in_and_completes_a_job_that_an_open_stream_receives() {
@@ -89,4 +91,115 @@ async fn the_admin_page_lists_open_streams_and_creates_jobs() {
     assert_eq!(evil.status(), 400);
     let page = page_text(&admin, app.url("/admin")).await;
     assert!(page.contains("2 jobs"), "the new job is counted");
+}
+
+/// The admin session cookie a response sets, as `name=value`: what a browser (or a thief who
+/// copied it) sends back.
+fn session_cookie_of(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("handoff_admin="))
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_owned()
+}
+
+/// `GET /admin` with `cookie`; the answer.
+async fn admin_with(app: &TestApp, cookie: &str) -> reqwest::Response {
+    client()
+        .get(app.url("/admin"))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Whether `cookie` gets the admin page (not the login form) from `app`.
+async fn logged_in(app: &TestApp, cookie: &str) -> bool {
+    let page = admin_with(app, cookie).await.text().await.unwrap();
+    let admin = page.contains("name=\"csrf\"");
+    assert_ne!(admin, page.contains("action=\"/admin/login\""), "{page}");
+    admin
+}
+
+async fn log_in(app: &TestApp) -> String {
+    let login = post_form(&client(), app.url("/admin/login"), &[("token", TOKEN)]).await;
+    assert_eq!(login.status(), 303);
+    session_cookie_of(&login)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logging_out_on_one_instance_ends_the_session_on_every_instance() {
+    let one = TestApp::spawn().await;
+    let two = TestApp::spawn_on(&one.database_url, |_| {}).await;
+    let cookie = log_in(&one).await;
+    assert!(logged_in(&one, &cookie).await);
+    assert!(logged_in(&two, &cookie).await, "instances share sessions");
+    let page = admin_with(&two, &cookie).await.text().await.unwrap();
+    let csrf = csrf_of(&page);
+
+    let logout = client()
+        .post(two.url("/admin/logout"))
+        .header("Cookie", &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 303);
+    let removal = logout.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(removal.starts_with("handoff_admin=;"), "{removal}");
+
+    for app in [&one, &two] {
+        assert!(
+            !logged_in(app, &cookie).await,
+            "a replayed cookie gets the login page on {}",
+            app.base
+        );
+        let form = client()
+            .post(app.url("/admin/jobs"))
+            .header("Cookie", &cookie)
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(form.status(), 403, "and its forms are refused");
+    }
+    let again = log_in(&one).await;
+    assert!(logged_in(&two, &again).await, "logging in again works");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_session_unused_for_the_idle_time_is_over_and_each_admin_request_renews_it() {
+    let app = TestApp::spawn_with(|c| c.admin_idle = Duration::from_secs(2)).await;
+    let first = log_in(&app).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let page = admin_with(&app, &first).await;
+    let renewed = session_cookie_of(&page);
+    assert!(page.text().await.unwrap().contains("name=\"csrf\""));
+    let max_age = admin_with(&app, &renewed).await.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        max_age.contains("Max-Age=2"),
+        "the browser keeps it as long: {max_age}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        logged_in(&app, &renewed).await,
+        "1.2 s after its renewal the session lives"
+    );
+    assert!(
+        !logged_in(&app, &first).await,
+        "2.4 s after login, the cookie of the login is over"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(
+        !logged_in(&app, &renewed).await,
+        "unused for 2 s, it is over"
+    );
 }

@@ -195,6 +195,21 @@ async fn the_session_cookie_is_secure_only_when_a_trusted_proxy_says_https() {
 }
 
 #[tokio::test]
+async fn with_an_https_public_url_the_session_cookie_is_secure_whatever_a_proxy_says() {
+    let app = TestApp::spawn_with(|c| {
+        behind_local_proxy(c);
+        c.public_url = Some("https://handoff.example".parse().unwrap());
+    })
+    .await;
+    for headers in [vec![], vec![("X-Forwarded-Proto", "http")]] {
+        let login = login_with(&app, TOKEN, &headers).await;
+        assert_eq!(login.status(), 303);
+        let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert!(cookie.contains("Secure"), "{headers:?}: {cookie}");
+    }
+}
+
+#[tokio::test]
 async fn every_answer_carries_the_security_headers() {
     let app = TestApp::spawn().await;
     let id = app.job_id().await;
