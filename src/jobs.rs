@@ -70,6 +70,17 @@ pub struct Listed {
     pub streams: usize,
 }
 
+/// How long a health check's result is reused: a flood of `/healthz` calls costs at most one
+/// database query (and one Redis `PING`) a second.
+const HEALTH_FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// What the database and Redis answered to a health check.
+#[derive(Debug, Clone, Copy)]
+struct Probed {
+    database: Result<(), &'static str>,
+    redis: Option<Result<(), &'static str>>,
+}
+
 /// The state of what the jobs depend on, for `/healthz`.
 #[derive(Debug)]
 pub struct Health {
@@ -95,6 +106,10 @@ pub struct Jobs {
     lifetimes: Lifetimes,
     /// The latest report of each job since the last store, waiting for the next one.
     unstored_progress: Arc<Mutex<HashMap<JobId, Progress>>>,
+    /// The last answers of the database and Redis to a health check, and when they came. A
+    /// tokio `Mutex`, held across the check on purpose: callers that arrive during a check wait
+    /// for its answers instead of each asking again.
+    last_probe: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Probed)>>>,
 }
 
 impl Jobs {
@@ -105,6 +120,7 @@ impl Jobs {
             metrics,
             lifetimes,
             unstored_progress: Arc::default(),
+            last_probe: Arc::default(),
         }
     }
 
@@ -296,10 +312,32 @@ impl Jobs {
     }
 
     /// Whether the database (and Redis, when used) answer, and the last write went through.
+    /// The answers of the database and Redis are asked at most once per [`HEALTH_FRESH_FOR`];
+    /// how the last write went is known here and always current.
     pub async fn health(&self) -> Health {
-        let database = match self.store.ping().await {
+        let probed = self.probe().await;
+        let database = match probed.database {
             // Reads can go on while writes cannot (another writer holds SQLite's lock).
             Ok(()) if self.store.writes_failing() => Err("writes failing"),
+            answer => answer,
+        };
+        Health {
+            database_kind: self.store.kind(),
+            database,
+            redis: probed.redis,
+        }
+    }
+
+    /// What the database and Redis answered, asked anew when the last answer is stale.
+    async fn probe(&self) -> Probed {
+        let mut last = self.last_probe.lock().await;
+        if let Some((at, probed)) = *last
+            && at.elapsed() < HEALTH_FRESH_FOR
+        {
+            return probed;
+        }
+        self.metrics.health_checks.inc();
+        let database = match self.store.ping().await {
             Ok(()) => Ok(()),
             Err(err) => {
                 log::warn!("health check: database: {err}");
@@ -310,11 +348,9 @@ impl Jobs {
             Some(fanout) => Some(fanout.check().await),
             None => None,
         };
-        Health {
-            database_kind: self.store.kind(),
-            database,
-            redis,
-        }
+        let probed = Probed { database, redis };
+        *last = Some((tokio::time::Instant::now(), probed));
+        probed
     }
 
     /// Ends every open stream (shutdown); browsers reconnect, to another instance.

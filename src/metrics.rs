@@ -23,6 +23,7 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     pub resync_deliveries: Counter,
     pub streams_refused: Counter,
+    pub health_checks: Counter,
 }
 
 impl Default for Metrics {
@@ -47,6 +48,7 @@ impl Metrics {
             redis_reconnects: Counter::default(),
             resync_deliveries: Counter::default(),
             streams_refused: Counter::default(),
+            health_checks: Counter::default(),
         };
         registry.register(
             "open_streams",
@@ -102,6 +104,11 @@ impl Metrics {
             "streams_refused",
             "Streams refused because a stream cap was reached",
             metrics.streams_refused.clone(),
+        );
+        registry.register(
+            "health_checks",
+            "Checks of the database (and Redis) made for /healthz, at most one a second",
+            metrics.health_checks.clone(),
         );
         Self {
             registry: Arc::new(registry),

@@ -209,6 +209,35 @@ async fn with_an_https_public_url_the_session_cookie_is_secure_whatever_a_proxy_
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_health_checks_asks_the_database_at_most_once_a_second() {
+    use futures_util::StreamExt as _;
+    let app = TestApp::spawn().await;
+    let checks = || app.metric("handoff_health_checks_total");
+    let before = checks().await;
+    let started = std::time::Instant::now();
+    let answers: Vec<u16> = futures_util::stream::iter(0..300)
+        .map(|_| async { app.get("/healthz").await.status().as_u16() })
+        .buffer_unordered(30)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    assert!(answers.iter().all(|status| *status == 200), "{answers:?}");
+    let made = checks().await - before;
+    let at_most = took.as_secs_f64().ceil() + 1.0;
+    assert!(
+        (1.0..=at_most).contains(&made),
+        "{made} checks for 300 calls in {took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(
+        checks().await,
+        before + made + 1.0,
+        "a stale answer is renewed"
+    );
+}
+
 #[tokio::test]
 async fn every_answer_carries_the_security_headers() {
     let app = TestApp::spawn().await;
