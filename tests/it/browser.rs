@@ -55,14 +55,14 @@ async fn nginx_passes_health_checks_on_but_not_metrics() {
             .unwrap()
             .contains("handoff_open_streams")
     );
-    let proxied = get(nginx.http_url("/metrics")).await;
+    let proxied = get(nginx.plain_url("/metrics")).await;
     assert_eq!(
         proxied.status(),
         404,
         "nginx keeps one instance's metrics to itself"
     );
     assert!(!proxied.text().await.unwrap().contains("handoff_"));
-    let health = get(nginx.http_url("/healthz")).await;
+    let health = get(nginx.plain_url("/healthz")).await;
     assert_eq!(health.status(), 200);
     assert!(health.text().await.unwrap().starts_with("ok\n"));
 }
@@ -73,7 +73,7 @@ async fn the_demo_flow_works_through_nginx_over_http1_and_over_http2_with_tls() 
     let nginx = Nginx::start(&[app.port]);
     let browser = Browser::start().await;
 
-    demo_flow(&browser, &app, &nginx.http_url("")).await;
+    demo_flow(&browser, &app, &nginx.plain_url("")).await;
     assert_eq!(browser.protocol().await, "http/1.1");
 
     demo_flow(&browser, &app, &nginx.https_url("")).await;
@@ -150,7 +150,7 @@ async fn eight_tabs_over_http1_hold_six_streams_and_the_other_two_wait_their_tur
     let app = TestApp::spawn().await;
     let nginx = Nginx::start(&[app.port]);
     let browser = Browser::start_without_waiting_for_loads().await;
-    let origin = nginx.http_url("");
+    let origin = nginx.plain_url("");
     let mut tabs = open_tabs(&browser, &app, &origin, 6).await;
     for (tab, _) in &tabs {
         browser.switch_to(tab).await;
@@ -272,7 +272,7 @@ async fn rotation_through_nginx_is_silent_over_http1_and_http2() {
     let nginx = Nginx::start(&[app.port]);
     let browser = Browser::start().await;
     let tabs = [
-        open_page_a(&browser, &app, &nginx.http_url(""), false).await,
+        open_page_a(&browser, &app, &nginx.plain_url(""), false).await,
         open_page_a(&browser, &app, &nginx.https_url(""), true).await,
     ];
     for ((tab, _), protocol) in tabs.iter().zip(["http/1.1", "h2"]) {

@@ -13,6 +13,7 @@ mod hostile_input;
 mod limits;
 mod process;
 mod properties;
+mod proxy;
 mod scale_out;
 mod support;
 mod surface;

@@ -590,17 +590,17 @@ async fn a_client_whose_instance_is_killed_reconnects_through_nginx_to_the_other
     }
     let nginx = Nginx::start(&[instances[0].port(), instances[1].port()]);
     let client = support::client();
-    let job = support::create_job_at(&client, &nginx.http_url(""), None).await;
+    let job = support::create_job_at(&client, &nginx.plain_url(""), None).await;
     let id = job["id"].as_str().expect("an id").to_owned();
 
-    let source = EventSource::new(&client, &nginx.http_url(&format!("/sse/connect/{id}")));
+    let source = EventSource::new(&client, &nginx.plain_url(&format!("/sse/connect/{id}")));
     let opened = source.opened();
     let waiting = tokio::spawn(source.result(Duration::from_secs(30)));
     let holder = instance_holding_the_stream(&instances).await;
     let survivor = 1 - holder;
 
     instances[holder].kill();
-    let completion = support::complete_at(&client, &nginx.http_url(""), &id, None).await;
+    let completion = support::complete_at(&client, &nginx.plain_url(""), &id, None).await;
     assert_eq!(
         completion.status(),
         200,
@@ -633,7 +633,7 @@ async fn a_client_whose_instance_is_killed_reconnects_through_nginx_to_the_other
     // Whether the reconnect and the completion tried the dead instance first is up to each nginx
     // worker's round robin: ask until nginx has met it, and every answer must still be a 200.
     let met_the_dead_one = eventually(WAIT, || async {
-        let health = client.get(nginx.http_url("/healthz")).send().await;
+        let health = client.get(nginx.plain_url("/healthz")).send().await;
         let status = health.expect("nginx answers").status();
         assert_eq!(status, 200, "nginx hides the dead instance");
         nginx.error_log().contains("Connection refused")
@@ -780,7 +780,7 @@ async fn nginx_retries_a_completion_but_not_a_job_creation_that_an_instance_took
     let nginx = Nginx::start(&[dying, live.port()]);
     let mut creations = Vec::new();
     for _ in 0..10 {
-        let created = support::post_job(&client, &nginx.http_url(""), None).await;
+        let created = support::post_job(&client, &nginx.plain_url(""), None).await;
         creations.push(created.status().as_u16());
     }
     assert!(
@@ -794,7 +794,7 @@ async fn nginx_retries_a_completion_but_not_a_job_creation_that_an_instance_took
     let nginx = Nginx::start(&[dying, live.port()]);
     for _ in 0..10 {
         let id = live.job_id().await;
-        let completed = support::complete_at(&client, &nginx.http_url(""), &id, None).await;
+        let completed = support::complete_at(&client, &nginx.plain_url(""), &id, None).await;
         assert_eq!(
             completed.status(),
             200,

@@ -4,6 +4,11 @@
 //! certificate paths are replaced by string substitution, and every other line runs as written.
 //! Several upstream instances get one copy each of that server line, only the port changed.
 //! If one of those literals changes in `nginx.conf`, `start` fails and says which.
+//!
+//! One addition: the TLS server also listens for plain HTTP on a port of its own
+//! ([`Nginx::plain_url`]). The shipped plain-HTTP server only redirects to HTTPS
+//! ([`Nginx::redirect_url`]), but Chromium's HTTP/1.1 tests and reqwest here (built without TLS)
+//! need plain HTTP through the very locations and proxy settings browsers reach over TLS.
 
 use std::io::ErrorKind;
 use std::net::TcpStream;
@@ -22,10 +27,12 @@ const UPSTREAM_ADDRESS: &str = "127.0.0.1:8080";
 const CERT: &str = "ssl_certificate /etc/nginx/handoff/cert.pem;";
 const KEY: &str = "ssl_certificate_key /etc/nginx/handoff/key.pem;";
 
-/// nginx with the repository's config, plain HTTP on `http_port`, TLS + HTTP/2 on `https_port`
-/// (a self-signed certificate for `127.0.0.1` and `localhost`, made at start). Stopped on drop.
+/// nginx with the repository's config: the redirecting plain-HTTP server on `redirect_port`, the
+/// site over TLS + HTTP/2 on `https_port` (a self-signed certificate for `127.0.0.1` and
+/// `localhost`, made at start) and over plain HTTP on `plain_port`. Stopped on drop.
 pub struct Nginx {
-    pub http_port: u16,
+    pub redirect_port: u16,
+    pub plain_port: u16,
     pub https_port: u16,
     child: Child,
     binary: PathBuf,
@@ -54,14 +61,15 @@ impl Nginx {
 
     fn try_start(binary: &Path, upstream_ports: &[u16]) -> Result<Nginx, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let (http_port, https_port) = (free_port(), free_port());
+        let ports = Ports {
+            redirect: free_port(),
+            plain: free_port(),
+            https: free_port(),
+        };
         write_certificate(dir.path());
         let conf = dir.path().join("nginx.conf");
-        std::fs::write(
-            &conf,
-            config(dir.path(), http_port, https_port, upstream_ports),
-        )
-        .map_err(|e| e.to_string())?;
+        std::fs::write(&conf, config(dir.path(), &ports, upstream_ports))
+            .map_err(|e| e.to_string())?;
         let check = nginx_command(binary, dir.path())
             .args(["-t", "-q"])
             .output()
@@ -80,8 +88,9 @@ impl Nginx {
             .spawn()
             .map_err(|e| format!("starting nginx: {e}"))?;
         let mut nginx = Nginx {
-            http_port,
-            https_port,
+            redirect_port: ports.redirect,
+            plain_port: ports.plain,
+            https_port: ports.https,
             child,
             binary: binary.to_owned(),
             dir,
@@ -94,7 +103,10 @@ impl Nginx {
                     nginx.error_log()
                 ));
             }
-            if listening(http_port) && listening(https_port) {
+            if [ports.redirect, ports.plain, ports.https]
+                .into_iter()
+                .all(listening)
+            {
                 return Ok(nginx);
             }
             if Instant::now() > deadline {
@@ -107,8 +119,14 @@ impl Nginx {
         }
     }
 
-    pub fn http_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http_port)
+    /// The site over plain HTTP/1.1 (the test-only port of the TLS server; see the module doc).
+    pub fn plain_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.plain_port)
+    }
+
+    /// The shipped plain-HTTP server, which redirects to HTTPS.
+    pub fn redirect_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.redirect_port)
     }
 
     pub fn https_url(&self, path: &str) -> String {
@@ -150,8 +168,14 @@ fn nginx_command(binary: &Path, dir: &Path) -> Command {
     cmd
 }
 
+struct Ports {
+    redirect: u16,
+    plain: u16,
+    https: u16,
+}
+
 /// `nginx.conf` with this run's ports, upstream servers and certificate.
-fn config(dir: &Path, http_port: u16, https_port: u16, upstream_ports: &[u16]) -> String {
+fn config(dir: &Path, ports: &Ports, upstream_ports: &[u16]) -> String {
     let servers = upstream_ports
         .iter()
         .map(|port| UPSTREAM_SERVER.replace(UPSTREAM_ADDRESS, &format!("127.0.0.1:{port}")))
@@ -162,10 +186,13 @@ fn config(dir: &Path, http_port: u16, https_port: u16, upstream_ports: &[u16]) -
     let text = std::fs::read_to_string(CONF).unwrap_or_else(|e| panic!("reading {CONF}: {e}"));
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
     for (from, to) in [
-        (LISTEN_HTTP, format!("listen 127.0.0.1:{http_port};")),
+        (LISTEN_HTTP, format!("listen 127.0.0.1:{};", ports.redirect)),
         (
             LISTEN_HTTPS,
-            format!("listen 127.0.0.1:{https_port} ssl http2;"),
+            format!(
+                "listen 127.0.0.1:{} ssl http2; listen 127.0.0.1:{};",
+                ports.https, ports.plain
+            ),
         ),
         (UPSTREAM_SERVER, servers),
         (CERT, cert),
