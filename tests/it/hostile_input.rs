@@ -8,7 +8,7 @@ use handoff::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{SseReader, TOKEN, TestApp, WAIT};
+use crate::support::{SseReader, TOKEN, TestApp, WAIT, read_until};
 
 /// A response as read off the wire.
 #[derive(Debug)]
@@ -431,16 +431,8 @@ async fn used_connection(app: &TestApp) -> TcpStream {
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: handoff.test\r\n\r\n")
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("redis: ") {
-        let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n > 0, "closed after one request");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    // The last line of the health answer.
+    read_until(&mut socket, "redis: ").await;
     socket
 }
 
@@ -522,13 +514,5 @@ async fn an_event_stream_on_a_reused_connection_is_not_cut_while_its_client_is_s
         );
     }
     assert_eq!(app.complete(&id).await.status(), 200);
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains(r#""status":"result""#) {
-        let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
-            .await
-            .expect("the result arrives")
-            .unwrap();
-        assert!(n > 0, "the stream ended before its result");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut socket, r#""status":"result""#).await;
 }

@@ -11,11 +11,11 @@ use std::process::Command;
 
 use futures_util::StreamExt as _;
 use handoff::limits::TrustedProxies;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::support::nginx::Nginx;
-use crate::support::{TOKEN, TestApp, WAIT, client};
+use crate::support::{TOKEN, TestApp, WAIT, client, read_until};
 
 const SECURITY_HEADERS: [&str; 4] = [
     "content-security-policy",
@@ -180,17 +180,8 @@ async fn stream_from(from: &str, nginx: &Nginx, id: &str) -> (TcpStream, String)
         "GET /sse/connect/{id} HTTP/1.1\r\nHost: handoff.test\r\nAccept: text/event-stream\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 2048];
-    while !String::from_utf8_lossy(&head).contains("\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
-        head.extend_from_slice(&buf[..n]);
-    }
-    (stream, String::from_utf8_lossy(&head).into_owned())
+    let head = read_until(&mut stream, "\r\n\r\n").await;
+    (stream, head)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -656,26 +656,29 @@ pub async fn raw_stream(base: &str, id: &str, connection: HttpConnection) -> Tcp
 /// [`raw_stream`], read until its connect event arrived after a `200`.
 pub async fn raw_connected_stream(base: &str, id: &str, connection: HttpConnection) -> TcpStream {
     let mut socket = raw_stream(base, id, connection).await;
+    let seen = read_until(&mut socket, r#""status":"connect""#).await;
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    socket
+}
+
+/// Reads `socket` until what arrived contains `marker`; returns all of it. Panics when the
+/// socket closes first, or nothing arrives for [`WAIT`].
+pub async fn read_until(socket: &mut TcpStream, marker: &str) -> String {
     let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !String::from_utf8_lossy(&seen).contains(r#""status":"connect""#) {
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(marker) {
         let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
             .await
-            .unwrap_or_else(|_| panic!("no connect event within {WAIT:?}"))
+            .unwrap_or_else(|_| panic!("no {marker:?} within {WAIT:?}"))
             .expect("read");
         assert!(
             n > 0,
-            "stream closed before the connect event: {}",
+            "closed before {marker:?}: {}",
             String::from_utf8_lossy(&seen)
         );
         seen.extend_from_slice(&buf[..n]);
     }
-    assert!(
-        seen.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&seen)
-    );
-    socket
+    String::from_utf8_lossy(&seen).into_owned()
 }
 
 /// A port nobody listens on right now (bind port 0, let go): for processes that need a port number
