@@ -10,6 +10,7 @@ mod clients;
 mod core;
 mod faults;
 mod hostile_input;
+mod job_life;
 mod limits;
 mod process;
 mod properties;
