@@ -798,3 +798,53 @@ async fn nginx_retries_a_completion_but_not_a_job_creation_that_an_instance_took
     );
     assert_eq!(live.metric("handoff_jobs_completed_total").await, 10.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell_their_tabs() {
+    let redis = RedisServer::start().await;
+    let db = FreshDb::postgres().await;
+    let (one, two) = two_instances(&db, &redis.url()).await;
+    // This Redis serves this test alone: every channel on it is the instances' channel.
+    let mut listener = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    listener.psubscribe("*").await.unwrap();
+    let mut published = listener.into_on_message();
+
+    let created = one
+        .client
+        .post(one.url("/api/jobs"))
+        .bearer_auth(support::TOKEN)
+        .json(&serde_json::json!({ "deadlineSecs": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let id = created.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut on_one = one.connected_stream(&id).await;
+    let mut on_two = two.connected_stream(&id).await;
+    for stream in [&mut on_one, &mut on_two] {
+        let result = stream.next_result(Duration::from_secs(6)).await.unwrap();
+        assert_eq!(result["status"], "expired", "{result}");
+    }
+
+    // Both instances sweep; the conditional update gives the job to one, which publishes once.
+    let mut expiries = 0;
+    let quiet_for = Duration::from_secs(2);
+    while let Ok(Some(message)) = tokio::time::timeout(quiet_for, published.next()).await {
+        let payload = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
+        if payload.contains(&id) && payload.contains("expired") {
+            expiries += 1;
+        }
+    }
+    assert_eq!(expiries, 1, "one expiry published");
+    let stored: f64 = one.metric("handoff_jobs_expired_total").await
+        + two.metric("handoff_jobs_expired_total").await;
+    assert_eq!(stored, 1.0, "one instance expired it");
+}
