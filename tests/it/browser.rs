@@ -14,11 +14,14 @@ use crate::support::browser::{Browser, PATIENCE};
 use crate::support::nginx::Nginx;
 use crate::support::{TOKEN, TestApp, eventually};
 
-/// From the landing page at `origin`: start a demo job, wait on page A, complete it through the
-/// API, arrive on page B. Returns the job id.
+/// The landing page's button for a job that waits to be completed by hand.
+const MANUAL_JOB_BUTTON: &str = "form[action='/jobs']:has(input[value='manual']) button";
+
+/// From the landing page at `origin`: start a job that waits, wait on page A, complete it through
+/// the API, arrive on page B. Returns the job id.
 async fn demo_flow(browser: &Browser, app: &TestApp, origin: &str) -> String {
     browser.goto(&format!("{origin}/")).await;
-    browser.click("form[action='/jobs'] button").await;
+    browser.click(MANUAL_JOB_BUTTON).await;
     let id = browser.job_id().await;
     browser.wait_for_state("connected").await;
     assert_eq!(app.complete(&id).await.status(), 200);
@@ -452,7 +455,7 @@ async fn screenshots_show_finished_pages_on_a_desktop_and_on_a_phone() {
         browser.goto(&app.url("/")).await;
         snapshot(&browser, &format!("landing{suffix}")).await;
 
-        browser.click("form[action='/jobs'] button").await;
+        browser.click(MANUAL_JOB_BUTTON).await;
         let id = browser.job_id().await;
         browser.wait_for_state("connected").await;
         let spinner = "return getComputedStyle(document.querySelector('.spinner')).animationName;";
@@ -479,4 +482,126 @@ async fn screenshots_show_finished_pages_on_a_desktop_and_on_a_phone() {
         }
         snapshot(&browser, &format!("admin{suffix}")).await;
     }
+}
+
+/// Page A's bar: its value (`None` while indeterminate) and the message under it.
+async fn progress_bar(browser: &Browser) -> (Option<f64>, String) {
+    let bar = browser
+        .js(
+            "const p = document.querySelector('progress[data-handoff-progress]'); \
+             return p.hasAttribute('value') ? p.value : null;",
+        )
+        .await;
+    let message = browser
+        .js_string("return document.querySelector('[data-handoff-message]').textContent;")
+        .await
+        .unwrap_or_default();
+    (bar.as_f64(), message)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn page_a_shows_a_progress_bar_at_40_percent_with_its_message_then_moves_on_completion() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    for (phone, suffix) in [(false, ""), (true, "-phone")] {
+        browser.phone(phone).await;
+        let id = app.job_id().await;
+        browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+        browser.wait_for_state("connected").await;
+        assert_eq!(
+            progress_bar(&browser).await,
+            (None, String::new()),
+            "indeterminate at first"
+        );
+        let report = json!({ "percent": 40, "message": "Rendering page 3 of 7" });
+        let answer = app
+            .api_post(&format!("/api/jobs/{id}/progress"), Some(report))
+            .await;
+        assert_eq!(answer.status(), 200);
+        browser.wait_for_state("progress").await;
+        assert_eq!(
+            progress_bar(&browser).await,
+            (Some(40.0), "Rendering page 3 of 7".to_owned())
+        );
+        let spoken = browser
+            .js_string("return document.querySelector('progress').getAttribute('aria-valuetext');")
+            .await
+            .unwrap_or_default();
+        assert_eq!(
+            spoken, "40 %, Rendering page 3 of 7",
+            "screen readers hear it"
+        );
+        let status = browser.status_text().await.unwrap_or_default();
+        assert!(status.contains("40 %"), "{status}");
+        snapshot(&browser, &format!("page-a-progress{suffix}")).await;
+
+        assert_eq!(app.complete(&id).await.status(), 200);
+        browser.wait_for_url(&format!("/test.do?id={id}")).await;
+        assert!(browser.text().await.contains("Job complete"));
+    }
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_job_from_the_landing_page_shows_its_progress_and_reaches_page_b_by_itself() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    browser.click("form[action='/jobs'] button").await;
+    browser.wait_for_state("progress").await;
+    let (percent, message) = progress_bar(&browser).await;
+    assert!(percent.is_some_and(|p| p > 0.0 && p < 100.0), "{percent:?}");
+    assert!(message.starts_with("Step "), "{message}");
+    let id = browser.job_id().await;
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    assert!(browser.text().await.contains("Job complete"));
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_job_moves_the_tab_to_page_b_which_shows_the_message_as_text() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    let id = app.job_id().await;
+    browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+    browser.wait_for_state("connected").await;
+    let why = "Payment declined <b>by the bank</b> & retried";
+    let answer = app
+        .api_post(
+            &format!("/api/jobs/{id}/fail"),
+            Some(json!({ "message": why })),
+        )
+        .await;
+    assert_eq!(answer.status(), 200);
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    let text = browser.text().await;
+    assert!(text.contains("The job failed"), "{text}");
+    assert!(
+        text.contains(why),
+        "the message, markup shown as text: {text}"
+    );
+    let bold = browser
+        .js("return document.querySelectorAll('main b').length;")
+        .await;
+    assert_eq!(bold, json!(0), "no markup from the message");
+    snapshot(&browser, "page-b-failed").await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_expires_moves_the_tab_to_page_b_which_says_so() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    let created = app
+        .api_post("/api/jobs", Some(json!({ "deadlineSecs": 2 })))
+        .await;
+    let id = created.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    let text = browser.text().await;
+    assert!(text.contains("The job expired"), "{text}");
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }
