@@ -848,3 +848,37 @@ async fn a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell
         + two.metric("handoff_jobs_expired_total").await;
     assert_eq!(stored, 1.0, "one instance expired it");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other() {
+    let redis = RedisServer::start().await;
+    let db = FreshDb::postgres().await;
+    let (one, two) = two_instances(&db, &redis.url()).await;
+    let id = one.job_id().await;
+    let mut stream = two.connected_stream(&id).await;
+    let api = |path: String, body: serde_json::Value| {
+        let request = one.client.post(one.url(&path)).bearer_auth(support::TOKEN);
+        async move { request.json(&body).send().await.unwrap().status() }
+    };
+    let report = serde_json::json!({ "percent": 40, "message": "Rendering" });
+    assert_eq!(api(format!("/api/jobs/{id}/progress"), report).await, 200);
+    let (event, data) = stream.next_event(WAIT).await.unwrap();
+    assert_eq!(
+        (event.as_str(), &data["percent"]),
+        ("progress", &serde_json::json!(40.0))
+    );
+    let why = serde_json::json!({ "message": "Out of paper" });
+    assert_eq!(api(format!("/api/jobs/{id}/fail"), why).await, 200);
+    let (event, data) = stream.next_event(WAIT).await.unwrap();
+    assert_eq!(event, "result");
+    assert_eq!(
+        (data["status"].as_str(), data["message"].as_str()),
+        (Some("failed"), Some("Out of paper"))
+    );
+    assert_eq!(
+        two.metric("handoff_resync_deliveries_total").await,
+        0.0,
+        "it came over Redis"
+    );
+}
