@@ -62,6 +62,20 @@ pub enum Watch {
     Waiting(Subscription),
 }
 
+/// What a stream registered as `subscription` waits for, given the job as read after registering.
+fn settle(subscription: Subscription, job: Job) -> Watch {
+    match job.ending() {
+        Some(ending) => Watch::Ended(News::ended(ending)),
+        None => {
+            subscription.record_pending_read();
+            if let Some(progress) = job.progress {
+                subscription.offer_stored_progress(&News::progress(progress));
+            }
+            Watch::Waiting(subscription)
+        }
+    }
+}
+
 /// A job as the admin page lists it.
 #[derive(Debug)]
 pub struct Listed {
@@ -258,17 +272,35 @@ impl Jobs {
         if subscription.pending_read_is_fresh() {
             return Ok(Watch::Waiting(subscription));
         }
-        let job = self.get(id).await?;
-        match job.ending() {
-            Some(ending) => Ok(Watch::Ended(News::ended(ending))),
-            None => {
-                subscription.record_pending_read();
-                if let Some(progress) = job.progress {
-                    subscription.offer_stored_progress(&News::progress(progress));
-                }
-                Ok(Watch::Waiting(subscription))
-            }
-        }
+        Ok(settle(subscription, self.get(id).await?))
+    }
+
+    /// [`Jobs::watch`] for several jobs at once, for one stream: registers for every job first,
+    /// then reads all of them that have not ended here with one batched read. Each job's answer,
+    /// in the order of `ids`; a job that does not exist (or was purged) is `None`.
+    pub async fn watch_many(&self, ids: &[JobId]) -> Result<Vec<Option<Watch>>, JobsError> {
+        let hub = self.delivery.hub();
+        let subscriptions: Vec<Subscription> = ids.iter().map(|id| hub.subscribe(id)).collect();
+        let unread: Vec<JobId> = subscriptions
+            .iter()
+            .zip(ids)
+            .filter(|(subscription, _)| subscription.delivered().is_none())
+            .map(|(_, id)| id.clone())
+            .collect();
+        let mut stored: HashMap<JobId, Job> = if unread.is_empty() {
+            HashMap::new()
+        } else {
+            let jobs = self.store.jobs_among(&unread).await?;
+            jobs.into_iter().map(|job| (job.id.clone(), job)).collect()
+        };
+        Ok(subscriptions
+            .into_iter()
+            .zip(ids)
+            .map(|(subscription, id)| match subscription.delivered() {
+                Some(news) => Some(Watch::Ended(news)),
+                None => stored.remove(id).map(|job| settle(subscription, job)),
+            })
+            .collect())
     }
 
     /// One page of jobs, newest first, with their open streams here.

@@ -101,6 +101,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/test.do").get(pages::result))
         .service(web::resource("/static/{file}").get(pages::static_file))
         .service(web::resource("/sse/connect/{id}").get(sse::connect))
+        .service(web::resource("/sse/watch").get(sse::watch))
         .service(web::resource("/api/jobs").post(api::create))
         .service(web::resource("/api/jobs/{id}").get(api::show))
         .service(web::resource("/api/jobs/{id}/complete").post(api::complete))

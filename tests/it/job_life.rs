@@ -40,7 +40,7 @@ async fn progress_reports_reach_a_stream_in_order_and_a_late_tab_sees_the_latest
         assert_eq!(event, "progress");
         assert_eq!(
             data,
-            json!({ "status": "progress", "percent": percent as f64, "message": message })
+            json!({ "status": "progress", "percent": percent as f64, "message": message, "id": id })
         );
     }
 
@@ -66,7 +66,7 @@ async fn progress_reports_reach_a_stream_in_order_and_a_late_tab_sees_the_latest
     let (_, data) = early.next_event(WAIT).await.unwrap();
     assert_eq!(
         data,
-        json!({ "status": "progress", "percent": null, "message": "Phase 2" })
+        json!({ "status": "progress", "percent": null, "message": "Phase 2", "id": id })
     );
 
     app.complete(&id).await;
@@ -125,7 +125,9 @@ async fn a_failed_job_tells_its_stream_and_page_b_shows_the_message_escaped() {
     assert_eq!(event, "result");
     assert_eq!(
         data,
-        json!({ "status": "failed", "moveUrl": format!("/test.do?id={id}"), "message": why })
+        json!({
+            "status": "failed", "moveUrl": format!("/test.do?id={id}"), "message": why, "id": id
+        })
     );
     assert_eq!(stream.next_block(WAIT).await, None);
 
@@ -166,7 +168,7 @@ async fn a_job_pending_at_its_deadline_expires_within_a_second_and_its_stream_is
     assert_eq!(event, "result");
     assert_eq!(
         data,
-        json!({ "status": "expired", "moveUrl": format!("/test.do?id={id}") })
+        json!({ "status": "expired", "moveUrl": format!("/test.do?id={id}"), "id": id })
     );
     assert!(
         took < Duration::from_secs(3) + Duration::from_millis(500),
