@@ -15,5 +15,6 @@ mod limits;
 mod process;
 mod properties;
 mod scale_out;
+mod shared_stream;
 mod support;
 mod surface;
