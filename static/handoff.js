@@ -110,25 +110,37 @@
     });
   }
 
-  function listen() {
-    if (finished) return;
-    var source = new EventSource(streamUrl);
-    source.addEventListener('result', function (e) {
-      var data;
-      try { data = JSON.parse(e.data); } catch (err) { return; }
-      if (data.status === 'connect') {
-        if (root.getAttribute('data-state') !== 'progress') {
-          show('connected', 'Connected. Waiting for the job to finish…');
-        }
-      } else if (ENDINGS[data.status]) {
-        source.close();
-        moveTo(data.status, data.moveUrl);
-      }
-    });
-    source.addEventListener('progress', function (e) {
-      var data;
-      try { data = JSON.parse(e.data); } catch (err) { return; }
+  // Handles one event about this tab's job, however it arrived (its own stream, or the shared
+  // stream through the leader tab). Returns true when the job has ended here.
+  function handle(name, data) {
+    if (finished) return true;
+    if (name === 'progress') {
       showProgress(data.percent, data.message);
+    } else if (data.status === 'connect') {
+      if (root.getAttribute('data-state') !== 'progress') {
+        show('connected', 'Connected. Waiting for the job to finish…');
+      }
+    } else if (data.status === 'unknown') {
+      unknownJob();
+    } else if (ENDINGS[data.status]) {
+      moveTo(data.status, data.moveUrl);
+    }
+    return finished;
+  }
+
+  function parse(text) {
+    try { return JSON.parse(text); } catch (err) { return null; }
+  }
+
+  // Opens an EventSource on `url` and hands every event to onEvent(name, data). When the server
+  // refuses the stream, onRefused runs and nothing reconnects by itself.
+  function openStream(url, onEvent, onRefused) {
+    var source = new EventSource(url);
+    ['result', 'progress'].forEach(function (name) {
+      source.addEventListener(name, function (e) {
+        var data = parse(e.data);
+        if (data) onEvent(name, data, e.data);
+      });
     });
     source.addEventListener('error', function () {
       if (finished) return;
@@ -137,13 +149,170 @@
         show('reconnecting', 'Reconnecting…');
         return;
       }
+      onRefused();
+    });
+    return source;
+  }
+
+  // This tab's own stream on /sse/connect/ID.
+  function listen() {
+    if (finished) return;
+    var source = openStream(streamUrl, function (name, data) {
+      if (handle(name, data)) source.close();
+    }, function () {
       // The server refused the stream: find out whether the job exists, then try again later.
-      source.close();
       show('reconnecting', 'The server is unavailable. Retrying…');
       check(function () { setTimeout(listen, RETRY_MS); }, function () { setTimeout(listen, RETRY_MS); });
     });
   }
 
+  // One stream per browser: the tabs of this origin elect a leader, which alone holds an
+  // EventSource, on /sse/watch?ids= with every open tab's job, and passes each event on over a
+  // BroadcastChannel. Leader election uses Web Locks where the page is a secure context; elsewhere
+  // (plain HTTP on a real host, where sharing matters most) heartbeats on the same channel.
+  function share() {
+    var jobId = root.getAttribute('data-handoff-job');
+    var me = Math.random().toString(36).slice(2) + Date.now().toString(36);
+    var channel = new BroadcastChannel('handoff');
+    var leading = false;
+    var source = null;
+    var tabs = {};           // tab → job id, as the other tabs announced them (the leader's view)
+    var reopenTimer = null;
+    var releaseLock = null;
+    var heartbeats = null;
+    var REOPEN_MS = 150;
+
+    function post(message) { channel.postMessage(message); }
+
+    function isMine(data) {
+      if (data.status === 'connect') return !!data.ids && data.ids.indexOf(jobId) >= 0;
+      return data.id === jobId;
+    }
+
+    // This tab's own job has ended (or does not exist): it needs no more events, and if it
+    // leads, another tab takes over.
+    function retire() {
+      post({ type: 'bye', tab: me });
+      if (!leading) return;
+      stepDown();
+      if (releaseLock) releaseLock();
+      else post({ type: 'resign', tab: me });
+    }
+
+    function take(name, data) {
+      if (isMine(data) && handle(name, data)) retire();
+    }
+
+    function watchedIds() {
+      var ids = {};
+      if (!finished) ids[jobId] = true;
+      Object.keys(tabs).forEach(function (tab) { ids[tabs[tab]] = true; });
+      return Object.keys(ids).sort();
+    }
+
+    // (Re)opens the shared stream with the current set of jobs; every open reads the stored
+    // status of each, so nothing is lost between the old stream and the new one.
+    function reopen() {
+      reopenTimer = null;
+      if (!leading) return;
+      if (source) { source.close(); source = null; }
+      var ids = watchedIds();
+      if (!ids.length) return;
+      source = openStream('/sse/watch?ids=' + ids.map(encodeURIComponent).join(','), function (name, data, raw) {
+        post({ type: 'event', name: name, data: raw });
+        take(name, data);
+      }, function () {
+        source = null;
+        if (!finished) show('reconnecting', 'The server is unavailable. Retrying…');
+        setTimeout(reopen, RETRY_MS);
+      });
+    }
+
+    function reopenSoon() {
+      if (!leading) return;
+      if (reopenTimer) clearTimeout(reopenTimer);
+      reopenTimer = setTimeout(reopen, REOPEN_MS);
+    }
+
+    function lead() {
+      if (leading || finished) return;
+      leading = true;
+      root.setAttribute('data-handoff-leader', 'yes');
+      tabs = {};
+      // Every tab says which job it waits for; the stream opens once they have answered.
+      post({ type: 'who' });
+      reopenSoon();
+    }
+
+    function stepDown() {
+      leading = false;
+      root.setAttribute('data-handoff-leader', 'no');
+      if (reopenTimer) { clearTimeout(reopenTimer); reopenTimer = null; }
+      if (source) { source.close(); source = null; }
+    }
+
+    channel.onmessage = function (e) {
+      var m = e.data || {};
+      if (m.type === 'event') {
+        var data = parse(m.data);
+        if (data) take(m.name, data);
+      } else if (m.type === 'who') {
+        if (!finished) post({ type: 'hello', tab: me, id: jobId });
+      } else if (m.type === 'hello') {
+        if (leading && tabs[m.tab] !== m.id) { tabs[m.tab] = m.id; reopenSoon(); }
+      } else if (m.type === 'bye') {
+        if (leading && tabs[m.tab]) { delete tabs[m.tab]; reopenSoon(); }
+      } else if (heartbeats) {
+        heartbeats(m);
+      }
+    };
+
+    window.addEventListener('pagehide', retire);
+
+    if (navigator.locks && typeof navigator.locks.request === 'function') {
+      // Held for the life of the page, or until this tab's job ends: then the browser grants it
+      // to the next tab at once, even when the leader's tab crashed.
+      navigator.locks.request('handoff:leader', function () {
+        if (finished) return null;
+        lead();
+        return new Promise(function (resolve) { releaseLock = resolve; });
+      });
+    } else {
+      // Without Web Locks: the leader says so every HEARTBEAT_MS; a tab that hears no leader
+      // for LEADER_LOST_MS takes over, and of two leaders the one with the smaller id stays.
+      var HEARTBEAT_MS = 500;
+      var LEADER_LOST_MS = 1500;
+      var FIRST_LOOK_MS = 250;
+      // A leader answers `leads?` at once; with none, this tab leads after FIRST_LOOK_MS.
+      var heardAt = Date.now() - LEADER_LOST_MS + FIRST_LOOK_MS;
+      var tick = function () {
+        if (finished) return;
+        if (!leading && Date.now() - heardAt > LEADER_LOST_MS) lead();
+        if (leading) post({ type: 'leader', tab: me });
+      };
+      heartbeats = function (m) {
+        if (m.type === 'leader') {
+          heardAt = Date.now();
+          if (leading && m.tab < me) stepDown();
+        } else if (m.type === 'leads?') {
+          if (leading) post({ type: 'leader', tab: me });
+        } else if (m.type === 'resign') {
+          heardAt = 0;
+          setTimeout(tick, Math.random() * 100);
+        }
+      };
+      post({ type: 'leads?' });
+      setTimeout(tick, FIRST_LOOK_MS + 10);
+      setInterval(tick, HEARTBEAT_MS);
+    }
+    post({ type: 'hello', tab: me, id: jobId });
+  }
+
+  var sharing = root.getAttribute('data-handoff-shared') !== 'off' &&
+    typeof window.BroadcastChannel === 'function';
+
   show('connecting', 'Connecting…');
-  if (typeof window.EventSource === 'function') listen(); else poll();
+  if (typeof window.EventSource !== 'function') poll();
+  else if (sharing) share();
+  else listen();
 })();

@@ -125,83 +125,249 @@ async fn complete_and_expect_page_b(browser: &Browser, app: &TestApp, tabs: &[Ta
     }
 }
 
+/// Waits until every tab's page A is connected.
+async fn all_connected(browser: &Browser, tabs: &[Tab]) {
+    for (tab, _) in tabs {
+        browser.switch_to(tab).await;
+        browser.wait_for_state("connected").await;
+    }
+}
+
+/// For `secs` seconds the app never has more than `max` streams open.
+async fn streams_stay_at_most(app: &TestApp, max: f64, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        let open = app.metric("handoff_open_streams").await;
+        assert!(open <= max, "{open} streams open, expected at most {max}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The tab whose page A leads, holding the shared stream.
+async fn leader(browser: &Browser, tabs: &[Tab]) -> usize {
+    let script =
+        "return document.querySelector('[data-handoff-job]').getAttribute('data-handoff-leader');";
+    let mut leaders = Vec::new();
+    for (i, (tab, _)) in tabs.iter().enumerate() {
+        browser.switch_to(tab).await;
+        if browser.js_string(script).await.as_deref() == Some("yes") {
+            leaders.push(i);
+        }
+    }
+    assert_eq!(leaders.len(), 1, "one leader among the tabs: {leaders:?}");
+    leaders[0]
+}
+
+/// Completes the tabs' jobs in a shuffled order; each tab must reach its page B.
+async fn complete_in_random_order(browser: &Browser, app: &TestApp, tabs: &[Tab]) {
+    let mut order: Vec<usize> = (0..tabs.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rand::random_range(0..=i));
+    }
+    for i in order {
+        let (tab, id) = &tabs[i];
+        assert_eq!(app.complete(id).await.status(), 200);
+        browser.switch_to(tab).await;
+        browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    }
+}
+
+/// Twelve tabs on twelve jobs at `origin`: all load, share one stream (two during a handover),
+/// and each reaches page B as its job completes, in any order.
+async fn twelve_tabs_share_one_stream(app: &TestApp, browser: &Browser, origin: &str) -> Vec<Tab> {
+    let tabs = open_tabs(browser, app, origin, 12).await;
+    all_connected(browser, &tabs).await;
+    assert!(
+        app.metric_reaches("handoff_watched_jobs", 12.0, PATIENCE)
+            .await,
+        "the shared stream watches every tab's job"
+    );
+    streams_stay_at_most(app, 2.0, 2).await;
+    assert!(
+        app.metric_reaches("handoff_open_streams", 1.0, PATIENCE)
+            .await
+    );
+    complete_in_random_order(browser, app, &tabs).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+    tabs
+}
+
+/// Over HTTP/1.1 a browser opens at most six connections per host; with one stream per browser
+/// the seventh tab and beyond load as the first did.
 #[tokio::test(flavor = "multi_thread")]
-async fn eight_tabs_over_http2_all_hold_a_stream_and_all_reach_page_b() {
+async fn twelve_tabs_over_http1_all_load_share_one_stream_and_reach_page_b_in_any_order() {
     let app = TestApp::spawn().await;
     let nginx = Nginx::start(&[app.port]);
     let browser = Browser::start_without_waiting_for_loads().await;
-    let tabs = open_tabs(&browser, &app, &nginx.https_url(""), 8).await;
+    twelve_tabs_share_one_stream(&app, &browser, &nginx.http_url("")).await;
+}
 
-    let all_open = app
-        .metric_reaches("handoff_open_streams", 8.0, PATIENCE)
+#[tokio::test(flavor = "multi_thread")]
+async fn twelve_tabs_over_http2_share_one_stream_and_reach_page_b_in_any_order() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(&[app.port]);
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let tabs = open_tabs(&browser, &app, &nginx.https_url(""), 1).await;
+    assert_eq!(browser.protocol().await, "h2");
+    drop(tabs);
+    twelve_tabs_share_one_stream(&app, &browser, &nginx.https_url("")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_completed_while_its_leader_tab_closes_still_reaches_its_tab() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let tabs = open_tabs(&browser, &app, &app.base, 3).await;
+    all_connected(&browser, &tabs).await;
+    let lead = leader(&browser, &tabs).await;
+    let others: Vec<Tab> = tabs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != lead)
+        .map(|(_, tab)| tab.clone())
+        .collect();
+    browser.switch_to(&tabs[lead].0).await;
+    browser
+        .client
+        .close_window()
+        .await
+        .expect("closing the leader's tab");
+    // Between the close and the takeover: no stream is there to carry this completion.
+    assert_eq!(app.complete(&others[0].1).await.status(), 200);
+    browser.switch_to(&others[0].0).await;
+    browser
+        .wait_for_url(&format!("/test.do?id={}", others[0].1))
         .await;
-    assert!(all_open, "one HTTP/2 connection carries all eight streams");
-    for (tab, _) in &tabs {
-        browser.switch_to(tab).await;
-        browser.wait_for_state("connected").await;
-        assert_eq!(browser.protocol().await, "h2");
-    }
-    complete_and_expect_page_b(&browser, &app, &tabs).await;
+    complete_in_random_order(&browser, &app, &others[1..]).await;
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }
 
-/// Chromium opens at most six HTTP/1.1 connections per host. Six tabs hold them with their event
-/// streams; the seventh and eighth tab's page loads wait, with no error, until earlier tabs leave.
-/// If a browser release changes this, this test says so.
 #[tokio::test(flavor = "multi_thread")]
-async fn eight_tabs_over_http1_hold_six_streams_and_the_other_two_wait_their_turn() {
+async fn a_tab_opened_while_others_wait_joins_the_shared_stream_and_reaches_page_b() {
     let app = TestApp::spawn().await;
-    let nginx = Nginx::start(&[app.port]);
     let browser = Browser::start_without_waiting_for_loads().await;
-    let origin = nginx.http_url("");
-    let mut tabs = open_tabs(&browser, &app, &origin, 6).await;
-    for (tab, _) in &tabs {
+    let mut tabs = open_tabs(&browser, &app, &app.base, 2).await;
+    all_connected(&browser, &tabs).await;
+    tabs.push(open_page_a(&browser, &app, &app.base, true).await);
+    browser.wait_for_state("connected").await;
+    assert!(
+        app.metric_reaches("handoff_watched_jobs", 3.0, PATIENCE)
+            .await
+    );
+    assert!(
+        app.metric_reaches("handoff_open_streams", 1.0, PATIENCE)
+            .await
+    );
+    complete_in_random_order(&browser, &app, &tabs).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_whose_job_vanished_says_so_while_the_others_keep_waiting() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let mut tabs = open_tabs(&browser, &app, &app.base, 2).await;
+    all_connected(&browser, &tabs).await;
+    // The job is gone from the store (as after its retention); a new tab makes the leader
+    // reopen its stream, which reads every job again.
+    let gone = tabs[0].1.clone();
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&app.database_url)
+        .await
+        .expect("the test's SQLite file");
+    sqlx::query("DELETE FROM jobs WHERE id = $1")
+        .bind(&gone)
+        .execute(&mut db)
+        .await
+        .expect("deleting the job");
+    tabs.push(open_page_a(&browser, &app, &app.base, true).await);
+    browser.switch_to(&tabs[0].0).await;
+    browser.wait_for_state("unknown").await;
+    for (tab, _) in &tabs[1..] {
         browser.switch_to(tab).await;
         browser.wait_for_state("connected").await;
     }
-    for _ in 0..2 {
-        tabs.push(open_page_a(&browser, &app, &origin, true).await);
-    }
+    complete_in_random_order(&browser, &app, &tabs[1..]).await;
+}
 
-    // For three seconds the app sees six streams, never more: tabs 7 and 8 are queued in the browser.
-    let six = app
-        .metric_reaches("handoff_open_streams", 6.0, PATIENCE)
-        .await;
-    assert!(six, "six tabs hold six streams");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while tokio::time::Instant::now() < deadline {
-        let open = app.metric("handoff_open_streams").await;
-        assert!(
-            open <= 6.0,
-            "{open} streams over HTTP/1.1: the 6-connection limit is gone"
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_sharing_apis_each_tab_has_its_own_stream_and_all_arrive() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let mut tabs = Vec::new();
+    for i in 0..3 {
+        let id = app.job_id().await;
+        let tab = if i == 0 {
+            browser.client.window().await.expect("the current tab")
+        } else {
+            browser.new_tab().await
+        };
+        browser.remove_sharing_from_new_pages().await;
+        browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+        assert_eq!(
+            browser.js("return typeof window.BroadcastChannel;").await,
+            json!("undefined")
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tabs.push((tab, id));
     }
+    all_connected(&browser, &tabs).await;
+    assert!(
+        app.metric_reaches("handoff_open_streams", 3.0, PATIENCE)
+            .await,
+        "one stream per tab"
+    );
+    complete_in_random_order(&browser, &app, &tabs).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+/// Web Locks exist only in secure contexts; on a plain-HTTP origin that is not localhost the tabs
+/// elect their leader with heartbeats over the BroadcastChannel instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_plain_http_origin_without_web_locks_tabs_still_share_one_stream() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let origin = format!("http://handoff.test:{}", app.port);
+    let tabs = open_tabs(&browser, &app, &origin, 4).await;
+    all_connected(&browser, &tabs).await;
     assert_eq!(
-        app.metric("handoff_watched_jobs").await,
-        6.0,
-        "jobs 7 and 8 are not watched yet"
+        browser.js("return window.isSecureContext;").await,
+        json!(false)
+    );
+    assert_eq!(
+        browser.js("return typeof navigator.locks;").await,
+        json!("undefined")
+    );
+    assert!(
+        app.metric_reaches("handoff_watched_jobs", 4.0, PATIENCE)
+            .await
+    );
+    streams_stay_at_most(&app, 2.0, 2).await;
+    assert!(
+        app.metric_reaches("handoff_open_streams", 1.0, PATIENCE)
+            .await
     );
 
-    // Two tabs leave for page B; the two waiting tabs get their connections and their streams.
-    complete_and_expect_page_b(&browser, &app, &tabs[..2]).await;
-    for (tab, _) in &tabs[6..] {
-        browser.switch_to(tab).await;
-        browser.wait_for_state("connected").await;
-    }
-    complete_and_expect_page_b(&browser, &app, &tabs[2..]).await;
-    assert_eq!(
-        browser.console_errors().await,
-        Vec::<String>::new(),
-        "waiting for a connection is silent"
-    );
+    // The leader's tab goes; another takes over and a job completed meanwhile still arrives.
+    let lead = leader(&browser, &tabs).await;
+    browser.switch_to(&tabs[lead].0).await;
+    browser
+        .client
+        .close_window()
+        .await
+        .expect("closing the leader's tab");
+    let rest: Vec<Tab> = tabs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != lead)
+        .map(|(_, tab)| tab.clone())
+        .collect();
+    complete_in_random_order(&browser, &app, &rest).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }
 
 /// The protocol of each event stream the current page has finished, as the browser's Resource
 /// Timing records them (Chromium adds an EventSource's entry when its stream ends).
 async fn stream_protocols(browser: &Browser) -> Vec<String> {
     let script = "return performance.getEntriesByType('resource')\
-                  .filter(e => e.name.includes('/sse/connect/')).map(e => e.nextHopProtocol);";
+                  .filter(e => e.name.includes('/sse/')).map(e => e.nextHopProtocol);";
     serde_json::from_value(browser.js(script).await).expect("a list of protocols")
 }
 
