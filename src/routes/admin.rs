@@ -13,7 +13,7 @@ use super::{AppState, job_id};
 use crate::auth::{AdminSession, logout_cookie};
 use std::time::Duration;
 
-use crate::domain::{Message, MoveUrl, rfc3339};
+use crate::domain::{MoveUrl, rfc3339};
 use crate::jobs::Listed;
 
 const PAGE_SIZE: i64 = 20;
@@ -277,10 +277,7 @@ pub async fn fail(
 ) -> Result<HttpResponse, PageError> {
     checked_session(&req, &state, &form)?;
     let id = job_id(&path)?;
-    let message = filled(&form.message)
-        .map(Message::parse)
-        .transpose()
-        .map_err(|err| AppError::BadRequest(err.to_string()))?;
+    let message = super::api::message(filled(&form.message))?;
     state
         .jobs
         .fail(&id, message, None)
