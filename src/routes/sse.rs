@@ -49,6 +49,10 @@ const EVENT: &str = "result";
 /// The event name of progress reports, which the Spring client does not listen for.
 const PROGRESS_EVENT: &str = "progress";
 const KEEP_ALIVE: &str = "keep-alive";
+/// At most one progress event per job per stream this often: a job reporting hundreds of times a
+/// second would otherwise fill the socket's buffer with reports the browser reads one by one,
+/// and the ending would queue behind them. The latest report is sent when the time has passed.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// The payload of `event: result`: `data.status` and `data.moveUrl`, which the Spring client
 /// reads, `message` for a failure, and the job's `id`. `status` comes first, as the Spring server
@@ -203,6 +207,15 @@ impl Ticker {
         }
     }
 
+    /// Makes the timer fire by `at` (to send a report held back by [`PROGRESS_EVERY`]); what it
+    /// fires for then is a keep-alive, which is harmless.
+    fn wake_by(self: Pin<&mut Self>, at: Instant) {
+        let mut timer = self.project().timer;
+        if at < timer.deadline() {
+            timer.as_mut().reset(at);
+        }
+    }
+
     fn poll_tick(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Tick> {
         let mut this = self.project();
         if this.timer.as_mut().poll(cx).is_pending() {
@@ -244,6 +257,7 @@ pub async fn connect(
         id,
         step,
         held: Held::new(permit, &state.metrics),
+        quiet_until: None,
         ticker: Ticker::new(state.sse),
         subscription,
     };
@@ -267,6 +281,8 @@ pin_project! {
         id: JobId,
         step: Step,
         held: Held,
+        // No progress event before this (see PROGRESS_EVERY).
+        quiet_until: Option<Instant>,
         #[pin]
         ticker: Ticker,
         #[pin]
@@ -292,7 +308,7 @@ impl Stream for Events {
     type Item = sse::Event;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<sse::Event>> {
-        let this = self.project();
+        let mut this = self.project();
         let event = match std::mem::replace(this.step, Step::Finished) {
             Step::Finished => return Poll::Ready(None),
             Step::Connect(ended) => {
@@ -304,10 +320,14 @@ impl Stream for Events {
                 let Some(subscription) = this.subscription.as_pin_mut() else {
                     return Poll::Ready(None);
                 };
-                match subscription.poll_next(cx) {
+                let now = Instant::now();
+                let progress = this.quiet_until.is_none_or(|until| now >= until);
+                match subscription.poll_update(cx, progress) {
                     Poll::Ready(Some(news)) => {
                         if matches!(news.update, Update::Progress(_)) {
                             *this.step = Step::Wait;
+                            *this.quiet_until = Some(now + PROGRESS_EVERY);
+                            this.ticker.as_mut().wake_by(now + PROGRESS_EVERY);
                         }
                         news_event(this.id, &news)
                     }
@@ -315,7 +335,11 @@ impl Stream for Events {
                     Poll::Ready(None) => return Poll::Ready(None),
                     Poll::Pending => {
                         *this.step = Step::Wait;
-                        return match this.ticker.poll_tick(cx) {
+                        if let Some(until) = this.quiet_until.filter(|_| !progress) {
+                            // A report held back goes out when the quiet time is over.
+                            this.ticker.as_mut().wake_by(until);
+                        }
+                        return match this.ticker.as_mut().poll_tick(cx) {
                             Poll::Ready(tick) => {
                                 if matches!(tick, Tick::Deadline) {
                                     *this.step = Step::Finished;
@@ -398,7 +422,11 @@ pub async fn watch(
                 }),
             )),
             Some(Watch::Ended(news)) => first.push_back(news_event(&id, &news)),
-            Some(Watch::Waiting(subscription)) => waiting.push((id, Box::pin(subscription))),
+            Some(Watch::Waiting(subscription)) => waiting.push(Waiting {
+                id,
+                subscription: Box::pin(subscription),
+                quiet_until: None,
+            }),
         }
     }
     let events = SharedEvents {
@@ -411,12 +439,20 @@ pub async fn watch(
     Ok(respond(events, state.sse))
 }
 
+/// A job a shared stream still waits on.
+struct Waiting {
+    id: JobId,
+    subscription: Pin<Box<Subscription>>,
+    /// No progress event of this job before this (see [`PROGRESS_EVERY`]).
+    quiet_until: Option<Instant>,
+}
+
 pin_project! {
     /// One shared stream: the events due at once (connect, unknown jobs, jobs ended already),
     /// then the news of every job still waiting, each dropped from the stream at its ending.
     struct SharedEvents {
         first: VecDeque<sse::Event>,
-        waiting: Vec<(JobId, Pin<Box<Subscription>>)>,
+        waiting: Vec<Waiting>,
         // Where the next poll starts, so that a busy job does not starve the others.
         next: usize,
         held: Held,
@@ -429,20 +465,25 @@ impl Stream for SharedEvents {
     type Item = sse::Event;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<sse::Event>> {
-        let this = self.project();
+        let mut this = self.project();
         if let Some(event) = this.first.pop_front() {
             this.held.events_sent.inc();
             return Poll::Ready(Some(event));
         }
         let count = this.waiting.len();
+        let now = Instant::now();
         for turn in 0..count {
             let i = (*this.next + turn) % count;
-            let (id, subscription) = &mut this.waiting[i];
-            match subscription.as_mut().poll_next(cx) {
+            let job = &mut this.waiting[i];
+            let progress = job.quiet_until.is_none_or(|until| now >= until);
+            match job.subscription.as_mut().poll_update(cx, progress) {
                 Poll::Ready(Some(news)) => {
-                    let event = news_event(id, &news);
+                    let event = news_event(&job.id, &news);
                     if matches!(news.update, Update::End(_)) {
                         this.waiting.swap_remove(i);
+                    } else {
+                        job.quiet_until = Some(now + PROGRESS_EVERY);
+                        this.ticker.as_mut().wake_by(now + PROGRESS_EVERY);
                     }
                     *this.next = i + 1;
                     this.held.events_sent.inc();
@@ -455,6 +496,16 @@ impl Stream for SharedEvents {
         }
         if this.waiting.is_empty() {
             return Poll::Ready(None);
+        }
+        // Reports held back go out when their quiet time is over.
+        if let Some(until) = this
+            .waiting
+            .iter()
+            .filter_map(|job| job.quiet_until)
+            .filter(|until| *until > now)
+            .min()
+        {
+            this.ticker.as_mut().wake_by(until);
         }
         this.ticker.poll_tick(cx).map(on_tick)
     }
