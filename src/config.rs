@@ -44,7 +44,14 @@ pub struct Config {
     /// `HANDOFF_JOB_DEADLINE_SECS`: a job still pending this long after its creation expires,
     /// unless its creator names another deadline.
     pub job_deadline: Duration,
+    /// `HANDOFF_WRITE_QUEUE`: how many job creations, and apart from them how many completions
+    /// and failures, may wait for the database at once; beyond it they get `503`.
+    pub write_queue: usize,
 }
+
+/// `HANDOFF_WRITE_QUEUE`'s default: far more than callers usually have waiting at once, and
+/// about a tenth of a second of SQLite's group-committed writes.
+pub const DEFAULT_WRITE_QUEUE: usize = 1024;
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,6 +77,7 @@ impl std::fmt::Debug for Config {
             .field("trusted_proxies", &self.trusted_proxies)
             .field("retention", &self.retention)
             .field("job_deadline", &self.job_deadline)
+            .field("write_queue", &self.write_queue)
             .finish()
     }
 }
@@ -137,6 +145,12 @@ impl Config {
                 7 * 24 * 60 * 60,
             )?),
             job_deadline: Duration::from_secs(positive(&get, "HANDOFF_JOB_DEADLINE_SECS", 3600)?),
+            write_queue: usize::try_from(positive(
+                &get,
+                "HANDOFF_WRITE_QUEUE",
+                DEFAULT_WRITE_QUEUE as u64,
+            )?)
+            .unwrap_or(usize::MAX),
         })
     }
 }
@@ -338,5 +352,16 @@ mod tests {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(!err.contains("hunter2secret"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_write_queue_has_a_default_and_names_its_variable() {
+        assert_eq!(with(&[]).unwrap().write_queue, DEFAULT_WRITE_QUEUE);
+        assert_eq!(
+            with(&[("HANDOFF_WRITE_QUEUE", "8")]).unwrap().write_queue,
+            8
+        );
+        let err = with(&[("HANDOFF_WRITE_QUEUE", "0")]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_WRITE_QUEUE");
     }
 }

@@ -50,7 +50,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let store = Store::connect(&config.database_url).await?;
+        let store = Store::connect(&config.database_url, config.write_queue).await?;
         let fanout = match &config.redis_url {
             Some(url) => Some(Fanout::new(url, &config.redis_channel)?),
             None => None,

@@ -13,6 +13,9 @@ use crate::store::StoreError;
 
 /// What a refused stream is told to wait: long enough for other streams to end or time out.
 const STREAM_RETRY_AFTER_SECS: u64 = 5;
+/// What a write refused for a full write lane is told to wait: the lane clears its room in a
+/// fraction of that.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -44,6 +47,10 @@ pub enum AppError {
     /// with `Retry-After`.
     #[error(transparent)]
     StreamLimit(#[from] Refusal),
+    /// 503 with `Retry-After`: the write lane has its room for this kind of write full; nothing
+    /// was stored.
+    #[error("{0}; try again shortly")]
+    Busy(#[source] StoreError),
     /// 503: the database did not answer; the cause is logged.
     #[error("the database is unavailable; try again shortly")]
     Unavailable(#[source] StoreError),
@@ -58,6 +65,7 @@ impl From<StoreError> for AppError {
             StoreError::Database(_) | StoreError::Shared(_) | StoreError::ShuttingDown => {
                 Self::Unavailable(err)
             }
+            StoreError::Busy { .. } => Self::Busy(err),
             _ => Self::Internal(err),
         }
     }
@@ -85,7 +93,7 @@ impl ResponseError for AppError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::JobNotFound => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::StreamLimit(Refusal::Full(_)) | Self::Unavailable(_) => {
+            Self::StreamLimit(Refusal::Full(_)) | Self::Busy(_) | Self::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::StreamLimit(Refusal::ClientFull(_)) => StatusCode::TOO_MANY_REQUESTS,
@@ -99,20 +107,24 @@ impl ResponseError for AppError {
         if matches!(self, Self::Unauthorized) {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        match self {
-            Self::Unavailable(_) => {
-                response.insert_header(("Retry-After", "2"));
-            }
-            Self::StreamLimit(_) => {
-                response.insert_header(("Retry-After", STREAM_RETRY_AFTER_SECS.to_string()));
-            }
-            _ => {}
+        if let Some(secs) = self.retry_after() {
+            response.insert_header(("Retry-After", secs.to_string()));
         }
         response.json(serde_json::json!({ "error": self.to_string() }))
     }
 }
 
 impl AppError {
+    /// The seconds a client should wait before trying again, when waiting helps.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Unavailable(_) => Some(2),
+            Self::StreamLimit(_) => Some(STREAM_RETRY_AFTER_SECS),
+            Self::Busy(_) => Some(BUSY_RETRY_AFTER_SECS),
+            _ => None,
+        }
+    }
+
     /// Server-side failures go to the log with their cause; client mistakes do not.
     pub fn log(&self) {
         match self {
@@ -120,6 +132,7 @@ impl AppError {
             Self::Internal(cause) => log::error!("answering 500: {cause}"),
             // Debug, not warn: a flood of refusals must not become a flood of log lines.
             Self::StreamLimit(refusal) => log::debug!("stream refused: {refusal}"),
+            Self::Busy(cause) => log::debug!("write refused: {cause}"),
             _ => {}
         }
     }

@@ -39,11 +39,21 @@ impl ResponseError for PageError {
                 "Temporarily unavailable",
                 "Handoff cannot reach its database right now. Please try again in a moment.".to_owned(),
             ),
+            AppError::Busy(_) => (
+                "Too busy",
+                "Handoff has too many jobs to store right now. Please try again in a moment.".to_owned(),
+            ),
             AppError::Internal(_) => ("Something went wrong", "Please try again.".to_owned()),
             other if status == StatusCode::FORBIDDEN => ("Not allowed", other.to_string()),
             other => ("Bad request", other.to_string()),
         };
-        html(status, &ErrorPage { title, message })
+        let mut response = html(status, &ErrorPage { title, message });
+        if let Some(secs) = self.0.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        response
     }
 }
 
