@@ -44,6 +44,8 @@ pub struct Config {
     /// `HANDOFF_JOB_DEADLINE_SECS`: a job still pending this long after its creation expires,
     /// unless its creator names another deadline.
     pub job_deadline: Duration,
+    /// `HANDOFF_DEMO` (`on` or `off`): whether the landing page's demo form creates jobs.
+    pub demo: bool,
     /// `HANDOFF_WRITE_QUEUE`: how many job creations, and apart from them how many completions
     /// and failures, may wait for the database at once; beyond it they get `503`.
     pub write_queue: usize,
@@ -77,6 +79,7 @@ impl std::fmt::Debug for Config {
             .field("trusted_proxies", &self.trusted_proxies)
             .field("retention", &self.retention)
             .field("job_deadline", &self.job_deadline)
+            .field("demo", &self.demo)
             .field("write_queue", &self.write_queue)
             .finish()
     }
@@ -145,6 +148,11 @@ impl Config {
                 7 * 24 * 60 * 60,
             )?),
             job_deadline: Duration::from_secs(positive(&get, "HANDOFF_JOB_DEADLINE_SECS", 3600)?),
+            demo: parse(&get, "HANDOFF_DEMO", "on", |v| match v {
+                "on" => Ok(true),
+                "off" => Ok(false),
+                _ => Err("expected on or off".into()),
+            })?,
             write_queue: usize::try_from(positive(
                 &get,
                 "HANDOFF_WRITE_QUEUE",
@@ -363,5 +371,14 @@ mod tests {
         );
         let err = with(&[("HANDOFF_WRITE_QUEUE", "0")]).unwrap_err();
         assert_eq!(err.var, "HANDOFF_WRITE_QUEUE");
+    }
+
+    #[test]
+    fn the_demo_is_on_unless_switched_off() {
+        assert!(with(&[]).unwrap().demo);
+        assert!(!with(&[("HANDOFF_DEMO", "off")]).unwrap().demo);
+        let err = with(&[("HANDOFF_DEMO", "no")]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_DEMO");
+        assert!(err.reason.contains("on or off"), "{err}");
     }
 }

@@ -19,7 +19,7 @@ use crate::delivery::Delivery;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::jobs::{Jobs, Lifetimes};
-use crate::limits::{self, LoginThrottle, StreamLimits};
+use crate::limits::{self, DemoJobLimit, LoginThrottle, StreamLimits};
 use crate::metrics::Metrics;
 use crate::routes::sse::SseSettings;
 use crate::routes::{self, AppState};
@@ -102,6 +102,7 @@ impl Application {
             limits: StreamLimits::new(max_streams, config.max_streams_per_client),
             proxies: config.trusted_proxies.clone(),
             logins: LoginThrottle::default(),
+            demo: config.demo.then(DemoJobLimit::default),
         }));
         let listener = TcpListener::bind(config.addr)?;
         let port = listener.local_addr()?.port();

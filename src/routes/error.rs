@@ -2,13 +2,15 @@
 //! variant's doc names its status code. Client errors say what was wrong; server errors say
 //! nothing internal, and the log gets the cause.
 
+use std::time::Duration;
+
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
 use super::BODY_LIMIT;
 use crate::domain::{JobIdError, MoveUrlError};
 use crate::jobs::JobsError;
-use crate::limits::Refusal;
+use crate::limits::{DEMO_BURST, Refusal};
 use crate::store::StoreError;
 
 /// What a refused stream is told to wait: long enough for other streams to end or time out.
@@ -40,6 +42,17 @@ pub enum AppError {
     /// 404: no job has this id.
     #[error("no job with this id")]
     JobNotFound,
+    /// 404: the landing page's demo form is switched off (`HANDOFF_DEMO=off`).
+    #[error("the demo is off on this server")]
+    DemoOff,
+    /// 429 with `Retry-After`: this address started its share of demo jobs; the wait is when
+    /// it may start the next.
+    #[error(
+        "this address (for IPv6, its /64) has started {DEMO_BURST} demo jobs in a short time, \
+         its limit; try again in {} s",
+        whole_secs(*.0)
+    )]
+    TooManyDemoJobs(Duration),
     /// 409: the job's end state does not allow the request; the text says which state.
     #[error("{0}")]
     Conflict(String),
@@ -91,12 +104,14 @@ impl ResponseError for AppError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::JobNotFound => StatusCode::NOT_FOUND,
+            Self::JobNotFound | Self::DemoOff => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::StreamLimit(Refusal::Full(_)) | Self::Busy(_) | Self::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::StreamLimit(Refusal::ClientFull(_)) => StatusCode::TOO_MANY_REQUESTS,
+            Self::StreamLimit(Refusal::ClientFull(_)) | Self::TooManyDemoJobs(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -114,6 +129,13 @@ impl ResponseError for AppError {
     }
 }
 
+/// A wait in whole seconds, rounded up, at least one: what `Retry-After` can say.
+fn whole_secs(wait: Duration) -> u64 {
+    u64::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 impl AppError {
     /// The seconds a client should wait before trying again, when waiting helps.
     pub fn retry_after(&self) -> Option<u64> {
@@ -121,6 +143,7 @@ impl AppError {
             Self::Unavailable(_) => Some(2),
             Self::StreamLimit(_) => Some(STREAM_RETRY_AFTER_SECS),
             Self::Busy(_) => Some(BUSY_RETRY_AFTER_SECS),
+            Self::TooManyDemoJobs(wait) => Some(whole_secs(*wait)),
             _ => None,
         }
     }
