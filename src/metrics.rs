@@ -26,6 +26,7 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     pub resync_deliveries: Counter,
     pub streams_refused: Counter,
+    pub fanout_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -51,6 +52,7 @@ impl Metrics {
             redis_reconnects: Counter::default(),
             resync_deliveries: Counter::default(),
             streams_refused: Counter::default(),
+            fanout_rejected: Counter::default(),
         };
         registry.register(
             "open_streams",
@@ -111,6 +113,11 @@ impl Metrics {
             "streams_refused",
             "Streams refused because a stream cap was reached",
             metrics.streams_refused.clone(),
+        );
+        registry.register(
+            "fanout_rejected",
+            "Messages on the Redis channel dropped for not being signed with this deployment's key",
+            metrics.fanout_rejected.clone(),
         );
         Self {
             registry: Arc::new(registry),
