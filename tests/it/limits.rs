@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::Connection as _;
 
 use crate::support;
 use crate::support::{SseReader, TestApp, WAIT};
@@ -136,13 +135,7 @@ async fn a_flood_of_creations_gets_503_while_a_completion_keeps_its_room_and_goe
     let mut stream = app.connected_stream(&id).await;
 
     // Held for well under the lane's 5 s busy timeout: the lane waits instead of failing.
-    let mut locker = sqlx::SqliteConnection::connect(&app.database_url)
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = app.lock_sqlite_writes().await;
     let flood: Vec<_> = (0..FLOOD)
         .map(|_| {
             let (client, base) = (app.client.clone(), app.base.clone());
