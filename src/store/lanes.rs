@@ -135,7 +135,8 @@ impl Lanes {
         bounds[WriteClass::End as usize] = write_room;
         bounds[WriteClass::Upkeep as usize] = UPKEEP_ROOM;
         Self {
-            // Reads are not bounded here: each comes from a stream, whose number is capped.
+            // Reads stay unbounded: each waiting read is a request holding a connection, which
+            // the stream caps and the open-file limit bound, and a read competes with no ending.
             reads: Queue::new(reader, &[]),
             writes: Queue::new(
                 Writer {
