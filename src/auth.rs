@@ -1,9 +1,11 @@
 //! Who may change jobs: API callers with the token, and admins with a session cookie and a CSRF
-//! token. Every secret comparison runs in constant time.
+//! token. Every secret comparison runs in constant time. Also the key that signs the messages
+//! between instances when no key of its own is set, derived from the token they share.
 
 use actix_web::cookie::{Cookie, CookieJar, Key, SameSite, time::Duration as CookieDuration};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac as _};
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256, Sha512};
 use subtle::ConstantTimeEq as _;
@@ -46,6 +48,17 @@ pub fn random_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The secret that signs the messages between instances when `HANDOFF_FANOUT_KEY` is not set:
+/// derived from the API token, which every instance of a deployment shares. Knowing it tells
+/// nothing about the token or the session key.
+pub fn fanout_secret(api_token: &str) -> [u8; 32] {
+    // HMAC takes a key of any length, so this cannot fail.
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(api_token.as_bytes()).expect("HMAC accepts any key length");
+    mac.update(b"handoff fan-out key v1");
+    mac.finalize().into_bytes().into()
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -149,5 +162,12 @@ mod tests {
         assert_eq!(other.session(Some(cookie)), None);
         let forged = Cookie::new(SESSION_COOKIE, format!("{}.{}", session.csrf, i64::MAX));
         assert_eq!(s.session(Some(forged)), None);
+    }
+
+    #[test]
+    fn every_instance_with_the_token_derives_the_same_fanout_secret_and_it_is_not_the_token_s() {
+        assert_eq!(fanout_secret("sesame"), fanout_secret("sesame"));
+        assert_ne!(fanout_secret("sesame"), fanout_secret("sesamf"));
+        assert_ne!(fanout_secret("sesame"), digest("sesame"));
     }
 }

@@ -200,6 +200,10 @@ impl Listener for Delivery {
         }
     }
 
+    fn rejected(&self) {
+        self.inner.metrics.fanout_rejected.inc();
+    }
+
     /// Delivers every job watched here that ended while no message could reach us. Costs
     /// nothing while no job is watched, and one query per few hundred watched jobs otherwise.
     async fn catch_up(&self) -> Result<(), String> {

@@ -327,6 +327,12 @@ impl Jobs {
         self.delivery.hub().watched_jobs()
     }
 
+    /// How many writes of each kind wait for the store's write lane (beyond its room for them
+    /// they are refused).
+    pub fn writes_waiting(&self) -> [(&'static str, usize); 3] {
+        self.store.writes_waiting()
+    }
+
     /// Whether the database (and Redis, when used) answer, and the last write went through.
     pub async fn health(&self) -> Health {
         let database = match self.store.ping().await {

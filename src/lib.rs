@@ -10,7 +10,7 @@
 //! - [`store`]: all SQL; the job table is the truth (SQLite or PostgreSQL).
 //! - [`domain`]: job ids, redirect targets, statuses, endings; parsed, never re-checked.
 //! - Beside them: [`auth`] (API token, admin session, CSRF), [`limits`] (stream caps, client
-//!   address, login throttle, open-file limit), [`metrics`] (`/metrics`).
+//!   address, login throttle, demo jobs per address, open-file limit), [`metrics`] (`/metrics`).
 
 pub mod auth;
 pub mod config;

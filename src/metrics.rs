@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -14,6 +15,8 @@ pub struct Metrics {
     registry: Arc<Registry>,
     pub open_streams: Gauge,
     pub watched_jobs: Gauge,
+    /// By `kind`: `create`, `end`, `upkeep`.
+    pub writes_waiting: Family<[(&'static str, &'static str); 1], Gauge>,
     pub jobs_created: Counter,
     pub jobs_completed: Counter,
     pub jobs_failed: Counter,
@@ -23,6 +26,7 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     pub resync_deliveries: Counter,
     pub streams_refused: Counter,
+    pub fanout_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -38,6 +42,7 @@ impl Metrics {
             registry: Arc::new(Registry::default()),
             open_streams: Gauge::default(),
             watched_jobs: Gauge::default(),
+            writes_waiting: Family::default(),
             jobs_created: Counter::default(),
             jobs_completed: Counter::default(),
             jobs_failed: Counter::default(),
@@ -47,6 +52,7 @@ impl Metrics {
             redis_reconnects: Counter::default(),
             resync_deliveries: Counter::default(),
             streams_refused: Counter::default(),
+            fanout_rejected: Counter::default(),
         };
         registry.register(
             "open_streams",
@@ -57,6 +63,11 @@ impl Metrics {
             "watched_jobs",
             "Jobs with at least one open stream on this instance",
             metrics.watched_jobs.clone(),
+        );
+        registry.register(
+            "writes_waiting",
+            "Writes waiting for the write lane's next batch, by kind (create, end, upkeep)",
+            metrics.writes_waiting.clone(),
         );
         registry.register(
             "jobs_created",
@@ -102,6 +113,11 @@ impl Metrics {
             "streams_refused",
             "Streams refused because a stream cap was reached",
             metrics.streams_refused.clone(),
+        );
+        registry.register(
+            "fanout_rejected",
+            "Messages on the Redis channel dropped for not being signed with this deployment's key",
+            metrics.fanout_rejected.clone(),
         );
         Self {
             registry: Arc::new(registry),

@@ -20,7 +20,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use crate::auth::{AdminSession, SESSION_COOKIE, Secrets};
 use crate::domain::JobId;
 use crate::jobs::Jobs;
-use crate::limits::{LoginThrottle, StreamLimits, TrustedProxies};
+use crate::limits::{DemoJobLimit, LoginThrottle, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
 use error::AppError;
 use sse::SseSettings;
@@ -38,6 +38,8 @@ pub struct AppState {
     pub proxies: TrustedProxies,
     /// Wrong admin logins per client address.
     pub logins: LoginThrottle,
+    /// The demo jobs each client address may start; `None` when the demo is off.
+    pub demo: Option<DemoJobLimit>,
 }
 
 impl AppState {
@@ -73,6 +75,40 @@ impl AppState {
     /// The admin session `req`'s cookie proves, if any.
     fn admin_session(&self, req: &HttpRequest) -> Option<AdminSession> {
         self.secrets.session(req.cookie(SESSION_COOKIE))
+    }
+}
+
+/// Whether a browser sent `req` from another site's page, as a forged form post is.
+///
+/// `Sec-Fetch-Site` (sent by every current browser) must say `same-origin`, or `none` (typed,
+/// bookmarked). Without it, from an older browser, an `Origin` must name the host the request
+/// was sent to; `Origin: null` (a sandboxed or privacy-hidden page) does not. The ports are not
+/// compared, because a proxy may pass on `Host` without its port (the shipped nginx.conf does).
+/// A request with neither header is not a browser's cross-site request (browsers send `Origin`
+/// on every cross-site POST): it is a script's own, from its own address, which per-address
+/// limits count.
+fn cross_site(req: &HttpRequest) -> bool {
+    let headers = req.headers();
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.parse::<actix_web::http::Uri>().ok())
+        .and_then(|uri| uri.host().map(str::to_owned));
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<actix_web::http::uri::Authority>().ok())
+        .map(|authority| authority.host().to_owned())
+        .or_else(|| req.uri().host().map(str::to_owned));
+    match (origin_host, host) {
+        (Some(origin), Some(host)) => !origin.eq_ignore_ascii_case(&host),
+        _ => true,
     }
 }
 

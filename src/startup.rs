@@ -13,13 +13,13 @@ use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpServer, web};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Secrets, random_token};
+use crate::auth::{Secrets, fanout_secret, random_token};
 use crate::config::Config;
 use crate::delivery::Delivery;
-use crate::fanout::Fanout;
+use crate::fanout::{Fanout, FanoutKey};
 use crate::hub::Hub;
 use crate::jobs::{Jobs, Lifetimes};
-use crate::limits::{self, LoginThrottle, StreamLimits};
+use crate::limits::{self, DemoJobLimit, LoginThrottle, StreamLimits};
 use crate::metrics::Metrics;
 use crate::routes::sse::SseSettings;
 use crate::routes::{self, AppState};
@@ -50,11 +50,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let store = Store::connect(&config.database_url).await?;
-        let fanout = match &config.redis_url {
-            Some(url) => Some(Fanout::new(url, &config.redis_channel)?),
-            None => None,
-        };
+        let store = Store::connect(&config.database_url, config.write_queue).await?;
         let token = match &config.api_token {
             Some(token) => token.clone(),
             None => {
@@ -65,6 +61,16 @@ impl Application {
                 );
                 token
             }
+        };
+        let fanout = match &config.redis_url {
+            Some(url) => {
+                let key = match &config.fanout_key {
+                    Some(key) => FanoutKey::new(key.as_bytes()),
+                    None => FanoutKey::new(&fanout_secret(&token)),
+                };
+                Some(Fanout::new(url, &config.redis_channel, key)?)
+            }
+            None => None,
         };
         let open_files = limits::raise_open_file_limit();
         let max_streams = config
@@ -102,6 +108,7 @@ impl Application {
             limits: StreamLimits::new(max_streams, config.max_streams_per_client),
             proxies: config.trusted_proxies.clone(),
             logins: LoginThrottle::default(),
+            demo: config.demo.then(DemoJobLimit::default),
         }));
         let listener = TcpListener::bind(config.addr)?;
         let port = listener.local_addr()?.port();

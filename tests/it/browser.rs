@@ -1,6 +1,7 @@
 //! End to end in headless Chromium: page A → SSE → page B, directly and through the repository's
 //! nginx.conf over HTTP/1.1 and HTTP/2 (TLS), stream rotation, restarts, the polling fallback,
-//! unknown jobs, the admin page, and screenshots under `target/screenshots/`.
+//! unknown jobs, the admin page, a result address that would leave the site, and screenshots
+//! under `target/screenshots/`.
 //!
 //! Needs `chromium`, `chromium-driver` and `nginx` (scripts/test.sh installs them); a test fails
 //! saying what to install when one is missing.
@@ -9,6 +10,8 @@ use std::time::Duration;
 
 use fantoccini::wd::WindowHandle;
 use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::browser::{Browser, PATIENCE};
 use crate::support::nginx::Nginx;
@@ -574,6 +577,111 @@ async fn completing_a_job_on_the_admin_page_moves_the_waiting_tab_to_page_b() {
     browser.switch_to(&waiting).await;
     browser.wait_for_url(&format!("/test.do?id={id}")).await;
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+/// A site of the test's own on 127.0.0.1 serving page A with a copy of the real handoff.js, whose
+/// stream `/stream/{n}` sends one result with `move_urls[n]`: addresses Handoff itself refuses to
+/// store, as a compromised or mistaken server could still send them. `/landed` is a page of its
+/// own. Stops with the test's runtime.
+async fn site_sending(move_urls: &[&str]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let origin = format!("http://{}", listener.local_addr().expect("its address"));
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/static/handoff.js"))
+        .expect("static/handoff.js");
+    let events: Vec<String> = move_urls
+        .iter()
+        .map(|url| json!({ "status": "result", "moveUrl": url }).to_string())
+        .collect();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(answer_site_request(socket, script.clone(), events.clone()));
+        }
+    });
+    origin
+}
+
+async fn answer_site_request(mut socket: TcpStream, script: String, events: Vec<String>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let (content_type, body) = if let Some(n) = path.strip_prefix("/page/") {
+        let page = format!(
+            "<!doctype html><html><head><title>page A</title>\
+             <script src=\"/handoff.js\" defer></script></head><body>\
+             <main data-handoff-job=\"job\" data-handoff-stream=\"/stream/{n}\">\
+             <p data-handoff-status></p></main></body></html>"
+        );
+        ("text/html", page)
+    } else if path == "/handoff.js" {
+        ("text/javascript", script)
+    } else if let Some(event) = path
+        .strip_prefix("/stream/")
+        .and_then(|n| events.get(n.parse::<usize>().ok()?))
+    {
+        let stream = format!("retry: 60000\n\nevent: result\ndata: {event}\n\n");
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                    Cache-Control: no-cache\r\n\r\n";
+        let _ = socket.write_all(format!("{head}{stream}").as_bytes()).await;
+        // Held open, as a stream waiting for more would be: only the event ends the wait.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        return;
+    } else if path.starts_with("/landed") {
+        (
+            "text/html",
+            "<!doctype html><title>landed</title>landed".to_owned(),
+        )
+    } else {
+        let _ = socket
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await;
+        return;
+    };
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = socket.write_all(answer.as_bytes()).await;
+}
+
+/// The browser reads a tab or a newline out of a URL and a backslash as a slash, so a check on
+/// the raw text ("one leading slash, no backslash") let `/<tab>/evil.example` through to
+/// `//evil.example`. handoff.js resolves the address as the browser will and compares origins.
+#[tokio::test(flavor = "multi_thread")]
+async fn page_a_refuses_a_result_address_that_would_leave_the_site() {
+    let leaving = [
+        "/\t/evil.example",
+        "/\n/evil.example",
+        "/\\evil.example",
+        "/\t\\evil.example",
+        "//evil.example",
+        "https://evil.example/",
+    ];
+    let mut move_urls = leaving.to_vec();
+    move_urls.push("/landed?after=all");
+    let origin = site_sending(&move_urls).await;
+    let browser = Browser::start().await;
+    for (n, move_url) in leaving.iter().enumerate() {
+        let page_a = format!("{origin}/page/{n}");
+        browser.goto(&page_a).await;
+        browser.wait_for_state("invalid").await;
+        assert_eq!(browser.url().await, page_a, "{move_url:?} moved the tab");
+        let status = browser.status_text().await.unwrap_or_default();
+        assert!(status.contains("not valid"), "{move_url:?}: {status}");
+    }
+    // The same page and stream follow an address on the site.
+    browser
+        .goto(&format!("{origin}/page/{}", leaving.len()))
+        .await;
+    let url = browser.wait_for_url("/landed").await;
+    assert_eq!(url, format!("{origin}/landed?after=all"));
 }
 
 async fn log_in(browser: &Browser, app: &TestApp) {

@@ -8,6 +8,7 @@ mod admin;
 mod browser;
 mod clients;
 mod core;
+mod demo;
 mod faults;
 mod hostile_input;
 mod job_life;

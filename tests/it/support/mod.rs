@@ -256,6 +256,20 @@ impl TestApp {
         admin
     }
 
+    /// Takes the app's SQLite write lock from a connection of its own, as another process
+    /// would, and keeps it until `ROLLBACK` on what this returns: the app's writes wait (up to
+    /// their 5 s busy timeout) and then fail, while its reads go on.
+    pub async fn lock_sqlite_writes(&self) -> sqlx::SqliteConnection {
+        let mut locker = sqlx::SqliteConnection::connect(&self.database_url)
+            .await
+            .expect("a second connection to the SQLite file");
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut locker)
+            .await
+            .expect("the write lock");
+        locker
+    }
+
     /// Whether metric `name` reaches `value` within `within` (polled every 20 ms).
     pub async fn metric_reaches(&self, name: &str, value: f64, within: Duration) -> bool {
         eventually(within, || async { self.metric(name).await == value }).await
