@@ -308,7 +308,10 @@
     post({ type: 'hello', tab: me, id: jobId });
   }
 
+  // A page that names its own stream (data-handoff-stream) listens there alone: the shared
+  // stream is Handoff's /sse/watch.
   var sharing = root.getAttribute('data-handoff-shared') !== 'off' &&
+    !root.hasAttribute('data-handoff-stream') &&
     typeof window.BroadcastChannel === 'function';
 
   show('connecting', 'Connecting…');
