@@ -19,14 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Delivery;
 use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, now_millis};
-use crate::hub::{News, Subscription};
+pub use crate::hub::{News, Subscription, Update};
 use crate::metrics::Metrics;
 use crate::store::{EndRequest, Ended, Store, StoreError};
 
 /// How often the latest progress reports are stored, and pending jobs past their deadline
 /// expired: a job expires within this long of its deadline.
 pub const PROGRESS_STORE_EVERY: Duration = Duration::from_millis(250);
-const EXPIRY_SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// The demo job's length, in one-second steps.
 const DEMO_STEPS: u32 = 8;
 
@@ -364,7 +363,7 @@ impl Jobs {
     /// several instances sweeping, the conditional update gives each job to one), and stores the
     /// latest progress reports.
     pub async fn run_timers(&self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(EXPIRY_SWEEP_EVERY.min(PROGRESS_STORE_EVERY));
+        let mut ticks = tokio::time::interval(PROGRESS_STORE_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -374,13 +373,16 @@ impl Jobs {
             self.store_progress().await;
             match self.store.expire_due().await {
                 Ok(expired) => {
-                    for job in expired {
-                        if let Some(ending) = job.ending() {
-                            self.metrics.jobs_expired.inc();
+                    // Together, so that a slow Redis delays the round once, not once per job.
+                    let published = expired.into_iter().filter_map(|job| {
+                        let ending = job.ending()?;
+                        self.metrics.jobs_expired.inc();
+                        Some(async move {
                             let reached = self.delivery.publish(&job.id, ending).await;
                             log::info!("job {} expired; {reached} stream(s) here notified", job.id);
-                        }
-                    }
+                        })
+                    });
+                    futures_util::future::join_all(published).await;
                 }
                 Err(err) => log::warn!("expiring jobs failed, will retry: {err}"),
             }

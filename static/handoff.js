@@ -1,9 +1,10 @@
 // Handoff client for page A. Include it on any page that has an element
 //   <div data-handoff-job="JOB_ID"> … <p data-handoff-status></p> … </div>
 // and, optionally, a <progress data-handoff-progress> bar and a <p data-handoff-message>.
-// It listens on /sse/connect/JOB_ID: `event: progress` moves the bar; `event: result` with status
-// `result`, `failed` or `expired` moves the tab to data.moveUrl. Without EventSource it polls
-// /api/jobs/JOB_ID every 2 s. No inline script needed.
+// The tabs of a browser share one stream, /sse/watch?ids=…, held by a leader tab (see share());
+// alone, a tab listens on /sse/connect/JOB_ID. `event: progress` moves the bar; `event: result`
+// with status `result`, `failed` or `expired` moves the tab to data.moveUrl. Without EventSource
+// it polls /api/jobs/JOB_ID every 2 s. No inline script needed.
 (function () {
   'use strict';
 
@@ -16,6 +17,7 @@
   var bar = root.querySelector('[data-handoff-progress]');
   var messageEl = root.querySelector('[data-handoff-message]');
   var POLL_MS = 2000;
+  var JOB_ID = /^[A-Za-z0-9_-]{22}$/;
   var RETRY_MS = 3000;
   var finished = false;
 
@@ -166,21 +168,26 @@
     });
   }
 
-  // One stream per browser: the tabs of this origin elect a leader, which alone holds an
-  // EventSource, on /sse/watch?ids= with every open tab's job, and passes each event on over a
-  // BroadcastChannel. Leader election uses Web Locks where the page is a secure context; elsewhere
-  // (plain HTTP on a real host, where sharing matters most) heartbeats on the same channel.
+  // One stream per browser: the tabs of this origin elect a leader, which alone holds the
+  // EventSource on /sse/watch?ids= with every open tab's job (one per 32 jobs), and passes each
+  // event on over a BroadcastChannel. Leader election uses Web Locks where the page is a secure
+  // context; elsewhere (plain HTTP on a real host, where sharing matters most) heartbeats on the
+  // same channel. Anything that keeps the tab from sharing falls back to its own stream.
   function share() {
     var jobId = root.getAttribute('data-handoff-job');
+    if (!JOB_ID.test(jobId)) { listen(); return; }
+    var channel;
+    try { channel = new BroadcastChannel('handoff'); } catch (err) { listen(); return; }
     var me = Math.random().toString(36).slice(2) + Date.now().toString(36);
-    var channel = new BroadcastChannel('handoff');
     var leading = false;
-    var source = null;
+    var sources = [];
     var tabs = {};           // tab → job id, as the other tabs announced them (the leader's view)
     var reopenTimer = null;
+    var refusals = 0;
     var releaseLock = null;
     var heartbeats = null;
     var REOPEN_MS = 150;
+    var PER_STREAM = 32;     // the server's limit of jobs per shared stream
 
     function post(message) { channel.postMessage(message); }
 
@@ -189,14 +196,13 @@
       return data.id === jobId;
     }
 
-    // This tab's own job has ended (or does not exist): it needs no more events, and if it
-    // leads, another tab takes over.
+    // This tab's own job has ended (or does not exist), or the tab is going: it needs no more
+    // events, and if it leads, another tab takes over.
     function retire() {
       post({ type: 'bye', tab: me });
       if (!leading) return;
       stepDown();
-      if (releaseLock) releaseLock();
-      else post({ type: 'resign', tab: me });
+      if (releaseLock) { releaseLock(); releaseLock = null; } else post({ type: 'resign', tab: me });
     }
 
     function take(name, data) {
@@ -210,22 +216,37 @@
       return Object.keys(ids).sort();
     }
 
-    // (Re)opens the shared stream with the current set of jobs; every open reads the stored
-    // status of each, so nothing is lost between the old stream and the new one.
+    function closeAll() {
+      sources.forEach(function (source) { source.close(); });
+      sources = [];
+    }
+
+    // (Re)opens the shared streams with the current set of jobs; every open reads the stored
+    // status of each, so nothing is lost between the old streams and the new ones.
     function reopen() {
       reopenTimer = null;
       if (!leading) return;
-      if (source) { source.close(); source = null; }
+      closeAll();
       var ids = watchedIds();
-      if (!ids.length) return;
-      source = openStream('/sse/watch?ids=' + ids.map(encodeURIComponent).join(','), function (name, data, raw) {
-        post({ type: 'event', name: name, data: raw });
-        take(name, data);
-      }, function () {
-        source = null;
-        if (!finished) show('reconnecting', 'The server is unavailable. Retrying…');
-        setTimeout(reopen, RETRY_MS);
-      });
+      for (var i = 0; i < ids.length; i += PER_STREAM) {
+        var url = '/sse/watch?ids=' + ids.slice(i, i + PER_STREAM).map(encodeURIComponent).join(',');
+        sources.push(openStream(url, function (name, data, raw) {
+          refusals = 0;
+          post({ type: 'event', name: name, data: raw });
+          take(name, data);
+        }, refused));
+      }
+    }
+
+    // The server refused a stream (busy, or a cap): try again later, later each time.
+    function refused() {
+      if (!leading) return;
+      closeAll();
+      refusals += 1;
+      if (!finished) show('reconnecting', 'The server is unavailable. Retrying…');
+      var wait = Math.min(RETRY_MS * Math.pow(2, refusals - 1), 30000);
+      if (reopenTimer) clearTimeout(reopenTimer);
+      reopenTimer = setTimeout(reopen, wait * (0.75 + Math.random() / 2));
     }
 
     function reopenSoon() {
@@ -239,7 +260,7 @@
       leading = true;
       root.setAttribute('data-handoff-leader', 'yes');
       tabs = {};
-      // Every tab says which job it waits for; the stream opens once they have answered.
+      // Every tab says which job it waits for; the streams open once they have answered.
       post({ type: 'who' });
       reopenSoon();
     }
@@ -248,7 +269,7 @@
       leading = false;
       root.setAttribute('data-handoff-leader', 'no');
       if (reopenTimer) { clearTimeout(reopenTimer); reopenTimer = null; }
-      if (source) { source.close(); source = null; }
+      closeAll();
     }
 
     channel.onmessage = function (e) {
@@ -259,7 +280,7 @@
       } else if (m.type === 'who') {
         if (!finished) post({ type: 'hello', tab: me, id: jobId });
       } else if (m.type === 'hello') {
-        if (leading && tabs[m.tab] !== m.id) { tabs[m.tab] = m.id; reopenSoon(); }
+        if (leading && JOB_ID.test(m.id) && tabs[m.tab] !== m.id) { tabs[m.tab] = m.id; reopenSoon(); }
       } else if (m.type === 'bye') {
         if (leading && tabs[m.tab]) { delete tabs[m.tab]; reopenSoon(); }
       } else if (heartbeats) {
@@ -267,28 +288,56 @@
       }
     };
 
-    window.addEventListener('pagehide', retire);
-
-    if (navigator.locks && typeof navigator.locks.request === 'function') {
-      // Held for the life of the page, or until this tab's job ends: then the browser grants it
-      // to the next tab at once, even when the leader's tab crashed.
+    var electByLock = !!(navigator.locks && typeof navigator.locks.request === 'function');
+    // Held for the life of the page, or until this tab's job ends: then the browser grants it to
+    // the next tab at once, even when the leader's tab crashed.
+    function askForLock() {
       navigator.locks.request('handoff:leader', function () {
         if (finished) return null;
         lead();
         return new Promise(function (resolve) { releaseLock = resolve; });
+      }).catch(function () {
+        // Locks refused here (a sandboxed frame, storage blocked): this tab listens alone.
+        retire();
+        channel.close();
+        listen();
       });
+    }
+
+    window.addEventListener('pagehide', retire);
+    // Back from the back/forward cache: join again.
+    window.addEventListener('pageshow', function (e) {
+      if (!e.persisted || finished) return;
+      post({ type: 'hello', tab: me, id: jobId });
+      if (electByLock) askForLock();
+    });
+
+    if (electByLock) {
+      askForLock();
     } else {
-      // Without Web Locks: the leader says so every HEARTBEAT_MS; a tab that hears no leader
-      // for LEADER_LOST_MS takes over, and of two leaders the one with the smaller id stays.
+      // Without Web Locks: the leader says so every HEARTBEAT_MS. A tab that has heard no leader
+      // for LEADER_LOST_MS asks (`leads?`: messages reach a background tab at once, while its
+      // timers may be slowed to one a second or less) and takes over only when no leader answers
+      // within ANSWER_MS. Of two leaders, the one with the smaller id stays.
       var HEARTBEAT_MS = 500;
-      var LEADER_LOST_MS = 1500;
-      var FIRST_LOOK_MS = 250;
-      // A leader answers `leads?` at once; with none, this tab leads after FIRST_LOOK_MS.
-      var heardAt = Date.now() - LEADER_LOST_MS + FIRST_LOOK_MS;
+      var LEADER_LOST_MS = 3000;
+      var ANSWER_MS = 250;
+      var heardAt = 0;
+      var asking = null;
+      var claim = function () {
+        asking = null;
+        if (!finished && !leading && Date.now() - heardAt > ANSWER_MS) lead();
+        if (leading) post({ type: 'leader', tab: me });
+      };
+      var ask = function () {
+        if (asking || finished || leading) return;
+        post({ type: 'leads?' });
+        asking = setTimeout(claim, ANSWER_MS);
+      };
       var tick = function () {
         if (finished) return;
-        if (!leading && Date.now() - heardAt > LEADER_LOST_MS) lead();
         if (leading) post({ type: 'leader', tab: me });
+        else if (Date.now() - heardAt > LEADER_LOST_MS) ask();
       };
       heartbeats = function (m) {
         if (m.type === 'leader') {
@@ -298,11 +347,10 @@
           if (leading) post({ type: 'leader', tab: me });
         } else if (m.type === 'resign') {
           heardAt = 0;
-          setTimeout(tick, Math.random() * 100);
+          setTimeout(ask, Math.random() * 100);
         }
       };
-      post({ type: 'leads?' });
-      setTimeout(tick, FIRST_LOOK_MS + 10);
+      ask();
       setInterval(tick, HEARTBEAT_MS);
     }
     post({ type: 'hello', tab: me, id: jobId });

@@ -1,5 +1,5 @@
-//! The admin page: recent jobs with their open streams, a Complete button per pending job and a
-//! form to create one. Logging in takes the API token; every admin form carries the session's
+//! The admin page: recent jobs with their state, progress, deadline and open streams, Complete and
+//! Fail buttons per pending job, and a form to create one. Logging in takes the API token; every admin form carries the session's
 //! CSRF token.
 
 use actix_web::http::StatusCode;

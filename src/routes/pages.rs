@@ -49,6 +49,7 @@ impl ResponseError for PageError {
             ),
             AppError::TooManyDemoJobs(_) => ("Too many demo jobs", format!("{}.", self.0)),
             AppError::Internal(_) => ("Something went wrong", "Please try again.".to_owned()),
+            AppError::Conflict(why) => ("The job has ended", format!("{why}: nothing changed.")),
             other if status == StatusCode::FORBIDDEN => ("Not allowed", other.to_string()),
             other => ("Bad request", other.to_string()),
         };

@@ -31,8 +31,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use super::error::AppError;
 use super::{AppState, job_id};
 use crate::domain::{Ending, JobId, Percent};
-use crate::hub::{News, Subscription, Update};
-use crate::jobs::Watch;
+use crate::jobs::{News, Subscription, Update, Watch};
 use crate::limits::StreamPermit;
 use crate::metrics::{Metrics, StreamGuard};
 

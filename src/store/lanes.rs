@@ -298,8 +298,19 @@ impl Batch for Write {
             writer.failing.store(expired.is_err(), Ordering::Relaxed);
             match expired {
                 Ok(rows) => {
-                    let jobs = rows.into_iter().map(Job::try_from).collect();
-                    let _ = reply.send(jobs);
+                    // A corrupt row is logged and left out: the others are expired already and
+                    // must still be published.
+                    let jobs = rows
+                        .into_iter()
+                        .filter_map(|row| {
+                            Job::try_from(row)
+                                .inspect_err(|err| {
+                                    log::error!("expired a job but cannot read it: {err}")
+                                })
+                                .ok()
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(jobs));
                 }
                 Err(err) => fail_all("expiring", std::iter::once(reply), err),
             }

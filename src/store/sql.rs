@@ -10,6 +10,9 @@ use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, 
 /// The most requests one statement answers; also bounds the SQL text and its parameters.
 pub(super) const MAX_BATCH: usize = 64;
 
+/// The most jobs one expiry round ends.
+const EXPIRE_BATCH: usize = 512;
+
 /// Rows by id, as the database returned them.
 pub(super) type Rows = HashMap<String, JobRow>;
 
@@ -204,9 +207,12 @@ pub(super) async fn progress_many(
 /// Ends every pending job whose deadline has passed as `expired`; returns those it changed. A
 /// conditional update: of several instances sweeping at once, each job is changed by one.
 pub(super) async fn expire_due(conn: &mut LaneConn, now: i64) -> Result<Vec<JobRow>, sqlx::Error> {
+    // At most EXPIRE_BATCH a round, the earliest first, so one round after a long outage stays
+    // short; the outer `status = 'pending'` keeps each job to one instance on PostgreSQL too.
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = 'expired', completed_at = $1 \
-         WHERE status = 'pending' AND deadline <= $1 RETURNING {JOB_COLUMNS}"
+        "UPDATE jobs SET status = 'expired', completed_at = $1 WHERE status = 'pending' AND id IN \
+         (SELECT id FROM jobs WHERE status = 'pending' AND deadline <= $1 ORDER BY deadline \
+         LIMIT {EXPIRE_BATCH}) RETURNING {JOB_COLUMNS}"
     ));
     on_lane!(conn, e => sqlx::query_as(sql).bind(now).fetch_all(e).await)
 }
