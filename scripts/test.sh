@@ -43,8 +43,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 say "tests"
 cargo test --workspace --all-targets --locked -- --include-ignored
 
-say "core and admin suites again, against PostgreSQL (a fresh database per app)"
-HANDOFF_TEST_DB=postgres cargo test --locked --test it -- core:: admin::
+say "core, admin, job-life and shared-stream suites again, against PostgreSQL (a fresh database per app)"
+HANDOFF_TEST_DB=postgres cargo test --locked --test it -- core:: admin:: job_life:: shared_stream::
 say "fuzz: job ids, moveUrls, API bodies (${FUZZ_SECS:-20} s each)"
 # cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets it pass its -Z flags; no sanitizer
 # (the parsers are safe Rust), a dev build to keep the instrumented build to about 3 minutes.

@@ -1,5 +1,6 @@
 //! Who may change jobs: API callers with the token, and admins with a session cookie and a CSRF
-//! token. Every secret comparison runs in constant time.
+//! token. Every secret comparison runs in constant time. Also the key that signs the messages
+//! between instances when no key of its own is set, derived from the token they share.
 //!
 //! A session cookie is encrypted and authenticated with a key derived from the token, and says
 //! which session it stands for, when it started and when it was last used: it proves nothing once
@@ -11,6 +12,7 @@ use std::time::Duration;
 use actix_web::cookie::{Cookie, CookieJar, Key, SameSite, time::Duration as CookieDuration};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac as _};
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256, Sha512};
 use subtle::ConstantTimeEq as _;
@@ -61,6 +63,17 @@ pub fn random_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The secret that signs the messages between instances when `HANDOFF_FANOUT_KEY` is not set:
+/// derived from the API token, which every instance of a deployment shares. Knowing it tells
+/// nothing about the token or the session key.
+pub fn fanout_secret(api_token: &str) -> [u8; 32] {
+    // HMAC takes a key of any length, so this cannot fail.
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(api_token.as_bytes()).expect("HMAC accepts any key length");
+    mac.update(b"handoff fan-out key v1");
+    mac.finalize().into_bytes().into()
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -226,5 +239,12 @@ mod tests {
         let almost = start + SESSION_MILLIS - 1;
         assert!(s.session(Some(renewed.clone()), almost, IDLE).is_some());
         assert_eq!(s.session(Some(renewed), almost + 1, IDLE), None);
+    }
+
+    #[test]
+    fn every_instance_with_the_token_derives_the_same_fanout_secret_and_it_is_not_the_token_s() {
+        assert_eq!(fanout_secret("sesame"), fanout_secret("sesame"));
+        assert_ne!(fanout_secret("sesame"), fanout_secret("sesamf"));
+        assert_ne!(fanout_secret("sesame"), digest("sesame"));
     }
 }

@@ -50,7 +50,19 @@ pub struct Config {
     pub public_url: Option<url::Url>,
     /// `HANDOFF_ADMIN_IDLE_SECS`: an admin session unused this long is over.
     pub admin_idle: Duration,
+    /// `HANDOFF_DEMO` (`on` or `off`): whether the landing page's demo form creates jobs.
+    pub demo: bool,
+    /// `HANDOFF_WRITE_QUEUE`: how many job creations, and apart from them how many completions
+    /// and failures, may wait for the database at once; beyond it they get `503`.
+    pub write_queue: usize,
+    /// `HANDOFF_FANOUT_KEY`: signs the messages between instances; `None`: a key derived from the
+    /// API token.
+    pub fanout_key: Option<String>,
 }
+
+/// `HANDOFF_WRITE_QUEUE`'s default: far more than callers usually have waiting at once, and
+/// about a tenth of a second of SQLite's group-committed writes.
+pub const DEFAULT_WRITE_QUEUE: usize = 1024;
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,6 +93,12 @@ impl std::fmt::Debug for Config {
                 &self.public_url.as_ref().map(url::Url::as_str),
             )
             .field("admin_idle", &self.admin_idle)
+            .field("demo", &self.demo)
+            .field("write_queue", &self.write_queue)
+            .field(
+                "fanout_key",
+                &self.fanout_key.as_ref().map(|_| "(set, not shown)"),
+            )
             .finish()
     }
 }
@@ -127,13 +145,25 @@ impl Config {
                 reason: "expected a redis://… URL".into(),
             });
         }
+        let api_token = api_token(&get)?;
+        let fanout_key = fanout_key(&get)?;
+        if redis_url.is_some() && api_token.is_none() && fanout_key.is_none() {
+            return Err(ConfigError {
+                var: "HANDOFF_FANOUT_KEY",
+                value: String::new(),
+                reason: "REDIS_URL is set, so instances sign the messages between them: set \
+                         HANDOFF_FANOUT_KEY, or HANDOFF_API_TOKEN, to the same secret on every \
+                         instance (a token generated at start is this instance's alone)"
+                    .into(),
+            });
+        }
         Ok(Self {
             addr,
             database_url,
             redis_url,
             redis_channel: get("HANDOFF_REDIS_CHANNEL")
                 .unwrap_or_else(|| "handoff:completions".into()),
-            api_token: api_token(&get)?,
+            api_token,
             sse_timeout: Duration::from_secs(positive(&get, "HANDOFF_SSE_TIMEOUT_SECS", 60)?),
             sse_retry: Duration::from_millis(positive(&get, "HANDOFF_SSE_RETRY_MS", 1000)?),
             keep_alive: Duration::from_secs(positive(&get, "HANDOFF_KEEPALIVE_SECS", 15)?),
@@ -158,6 +188,18 @@ impl Config {
                 })
                 .transpose()?,
             admin_idle: Duration::from_secs(positive(&get, "HANDOFF_ADMIN_IDLE_SECS", 30 * 60)?),
+            demo: parse(&get, "HANDOFF_DEMO", "on", |v| match v {
+                "on" => Ok(true),
+                "off" => Ok(false),
+                _ => Err("expected on or off".into()),
+            })?,
+            write_queue: usize::try_from(positive(
+                &get,
+                "HANDOFF_WRITE_QUEUE",
+                DEFAULT_WRITE_QUEUE as u64,
+            )?)
+            .unwrap_or(usize::MAX),
+            fanout_key,
         })
     }
 }
@@ -270,6 +312,25 @@ fn streams_per_client(
             err.reason = format!("{}, or off for no per-client cap", err.reason);
             err
         }),
+    }
+}
+
+/// The shortest fan-out key accepted: like the token, it must not be guessable.
+const MIN_FANOUT_KEY_LEN: usize = 32;
+
+fn fanout_key(
+    get: &impl Fn(&'static str) -> Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match get("HANDOFF_FANOUT_KEY") {
+        Some(key) if key.chars().count() < MIN_FANOUT_KEY_LEN => Err(ConfigError {
+            var: "HANDOFF_FANOUT_KEY",
+            value: "(not shown)".into(),
+            reason: format!(
+                "must be at least {MIN_FANOUT_KEY_LEN} characters (e.g. `openssl rand -base64 32`); \
+                 unset it to derive one from HANDOFF_API_TOKEN"
+            ),
+        }),
+        key => Ok(key),
     }
 }
 
@@ -461,5 +522,50 @@ mod tests {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(!err.contains("hunter2secret"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_write_queue_has_a_default_and_names_its_variable() {
+        assert_eq!(with(&[]).unwrap().write_queue, DEFAULT_WRITE_QUEUE);
+        assert_eq!(
+            with(&[("HANDOFF_WRITE_QUEUE", "8")]).unwrap().write_queue,
+            8
+        );
+        let err = with(&[("HANDOFF_WRITE_QUEUE", "0")]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_WRITE_QUEUE");
+    }
+
+    #[test]
+    fn the_demo_is_on_unless_switched_off() {
+        assert!(with(&[]).unwrap().demo);
+        assert!(!with(&[("HANDOFF_DEMO", "off")]).unwrap().demo);
+        let err = with(&[("HANDOFF_DEMO", "no")]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_DEMO");
+        assert!(err.reason.contains("on or off"), "{err}");
+    }
+
+    #[test]
+    fn a_fanout_key_must_be_long_and_is_never_shown() {
+        assert_eq!(with(&[]).unwrap().fanout_key, None);
+        let err = with(&[("HANDOFF_FANOUT_KEY", "too-short-a-key")]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_FANOUT_KEY");
+        assert!(!err.to_string().contains("too-short-a-key"), "{err}");
+        let key = "a-fanout-key-of-at-least-32-characters";
+        let c = with(&[("HANDOFF_FANOUT_KEY", key)]).unwrap();
+        assert!(!format!("{c:?}").contains(key), "{c:?}");
+    }
+
+    #[test]
+    fn redis_without_a_shared_secret_to_sign_its_messages_is_refused() {
+        let redis = ("REDIS_URL", "redis://127.0.0.1:6379");
+        let err = with(&[redis]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_FANOUT_KEY");
+        assert!(err.reason.contains("HANDOFF_API_TOKEN"), "{err}");
+        assert!(with(&[redis, ("HANDOFF_API_TOKEN", "a-shared-token-0123")]).is_ok());
+        let key = (
+            "HANDOFF_FANOUT_KEY",
+            "a-fanout-key-of-at-least-32-characters",
+        );
+        assert!(with(&[redis, key]).is_ok());
     }
 }

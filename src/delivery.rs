@@ -2,9 +2,10 @@
 //! other instances through the Redis link ([`Fanout`]), and the catch-up from the store that makes
 //! a lost message harmless.
 //!
-//! Only stored endings are published. The instance that publishes delivers locally first, for the
-//! lowest latency here, and recognises its own message when Redis echoes it back, by the instance
-//! id the message carries.
+//! An ending is published only once stored; a progress report is published at once (the latest
+//! is stored a moment later, and the next report replaces a lost one). The instance that publishes
+//! delivers locally first, for the lowest latency here, and recognises its own message when Redis
+//! echoes it back, by the instance id the message carries.
 
 use std::sync::Arc;
 
@@ -19,10 +20,8 @@ use crate::store::Store;
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Message {
     id: String,
-    /// `complete` (also when absent: messages of versions that knew no other), `failed`,
-    /// `expired` or `progress`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    kind: Option<String>,
+    /// `complete`, `failed`, `expired` or `progress`.
+    kind: String,
     #[serde(rename = "moveUrl", default, skip_serializing_if = "Option::is_none")]
     move_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,8 +30,7 @@ struct Message {
     percent: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     at: Option<i64>,
-    /// The publishing instance; absent from messages of older versions, which count as foreign.
-    #[serde(default)]
+    /// The publishing instance.
     from: String,
 }
 
@@ -45,7 +43,7 @@ impl Message {
         };
         match update {
             Update::End(ending) => {
-                message.kind = Some(ending.status().as_str().to_owned());
+                message.kind = ending.status().as_str().to_owned();
                 message.move_url = Some(ending.target().as_str().to_owned());
                 if let Ending::Failed {
                     message: Some(why), ..
@@ -55,7 +53,7 @@ impl Message {
                 }
             }
             Update::Progress(progress) => {
-                message.kind = Some("progress".to_owned());
+                message.kind = "progress".to_owned();
                 message.percent = progress.percent.map(Percent::get);
                 message.message = progress.message.as_ref().map(|m| m.as_str().to_owned());
                 message.at = Some(progress.at);
@@ -80,7 +78,7 @@ impl Message {
             MoveUrl::parse(message.move_url.as_deref().unwrap_or_default())
                 .map_err(|e| e.to_string())
         };
-        let update = match message.kind.as_deref().unwrap_or("complete") {
+        let update = match message.kind.as_str() {
             "complete" => Update::End(Ending::Complete { target: target()? }),
             "failed" => Update::End(Ending::Failed {
                 target: target()?,
@@ -94,7 +92,7 @@ impl Message {
                     .transpose()
                     .map_err(|e| e.to_string())?,
                 message: text,
-                at: message.at.unwrap_or_default(),
+                at: message.at.ok_or("a progress message without its time")?,
             }),
             other => return Err(format!("unknown kind {other:?}")),
         };
@@ -176,7 +174,8 @@ impl Delivery {
         reached
     }
 
-    /// Starts receiving other instances' endings, when there is a Redis link; until `shutdown`.
+    /// Starts receiving other instances' updates (progress and endings), when there is a Redis
+    /// link; until `shutdown`.
     pub fn spawn_fan_in(
         &self,
         resync_interval: std::time::Duration,
@@ -198,6 +197,10 @@ impl Listener for Delivery {
             }
             Err(err) => log::warn!("ignoring a message on the Redis channel: {err}"),
         }
+    }
+
+    fn rejected(&self) {
+        self.inner.metrics.fanout_rejected.inc();
     }
 
     /// Delivers every job watched here that ended while no message could reach us. Costs
@@ -267,23 +270,18 @@ mod tests {
     }
 
     #[test]
-    fn a_message_of_an_older_version_is_a_completion_from_another_instance() {
-        let id = JobId::generate();
-        let payload = format!(r#"{{"id":"{id}","moveUrl":"/next"}}"#);
-        let (from, parsed, update) = Message::parse(payload.as_bytes()).unwrap();
-        assert_eq!((from.as_str(), parsed), ("", id));
-        assert!(matches!(update, Update::End(Ending::Complete { .. })));
-    }
-
-    #[test]
     fn a_malformed_or_hostile_message_is_refused() {
         let id = JobId::generate();
         for payload in [
             "not json".to_owned(),
             r#"{"id":"short","moveUrl":"/x"}"#.to_owned(),
-            format!(r#"{{"id":"{id}","moveUrl":"https://evil.example"}}"#),
-            format!(r#"{{"id":"{id}","kind":"progress","percent":101}}"#),
-            format!(r#"{{"id":"{id}","kind":"unheard-of","moveUrl":"/x"}}"#),
+            format!(
+                r#"{{"id":"{id}","kind":"complete","moveUrl":"https://evil.example","from":"x"}}"#
+            ),
+            format!(r#"{{"id":"{id}","kind":"progress","percent":101,"at":1,"from":"x"}}"#),
+            format!(r#"{{"id":"{id}","kind":"progress","percent":10,"from":"x"}}"#),
+            format!(r#"{{"id":"{id}","kind":"unheard-of","moveUrl":"/x","from":"x"}}"#),
+            format!(r#"{{"id":"{id}","moveUrl":"/x","from":"x"}}"#),
         ] {
             assert!(Message::parse(payload.as_bytes()).is_err(), "{payload}");
         }

@@ -253,10 +253,6 @@ impl Job {
             .unwrap_or_else(|| MoveUrl::default_for(&self.id))
     }
 
-    pub fn is_complete(&self) -> bool {
-        self.status == JobStatus::Complete
-    }
-
     /// How the job ended, once it has.
     pub fn ending(&self) -> Option<Ending> {
         let target = self.target();

@@ -1,7 +1,10 @@
 //! The Redis Pub/Sub link between instances: one publisher connection and one subscriber
 //! connection per instance (not one per job), which reconnects with backoff.
 //!
-//! It carries opaque payloads; what they mean is [`crate::delivery`]'s business. Pub/Sub reaches
+//! It carries opaque payloads; what they mean is [`crate::delivery`]'s business. Each message is
+//! signed with the deployment's [`FanoutKey`] (HMAC-SHA256), and the subscriber hands on only
+//! messages whose signature holds: anyone else able to publish on the channel (another
+//! deployment sharing the Redis, a stranger who reached it) moves no browser. Pub/Sub reaches
 //! only the subscribers connected at the moment of the publish, so a message is a fast hint,
 //! never the truth: after every (re)subscribe, and every `HANDOFF_RESYNC_SECS` while the link is
 //! up, the [`Listener`] catches up from the store. The periodic catch-up is for a publish that
@@ -12,8 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::StreamExt;
+use hmac::{Hmac, Mac};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 /// Bounds every single Redis round trip, so a completion never waits long on a Redis outage.
@@ -21,11 +28,73 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The first wait before re-subscribing; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// At most one warning about unsigned or forged messages per this long: a flood of them must
+/// not become a flood of log lines (each one is counted).
+const REJECTED_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// How a signed message begins: the format's version, then the tag, then the payload, each
+/// after a dot.
+const SIGNED_PREFIX: &[u8] = b"v1.";
+/// An HMAC-SHA256 tag (32 bytes) in unpadded base64url.
+const TAG_LEN: usize = 43;
+
+/// The deployment's secret that signs every message: `v1.<tag>.<payload>`, where the tag is
+/// HMAC-SHA256 over the channel name, a zero byte and the payload. Every instance of a
+/// deployment has the same key; a message under any other key, or none, is not authentic.
+#[derive(Clone)]
+pub struct FanoutKey(Hmac<Sha256>);
+
+impl std::fmt::Debug for FanoutKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FanoutKey(..)")
+    }
+}
+
+impl FanoutKey {
+    pub fn new(secret: &[u8]) -> Self {
+        // HMAC takes a key of any length, so this cannot fail.
+        Self(Hmac::new_from_slice(secret).expect("HMAC accepts any key length"))
+    }
+
+    fn mac(&self, channel: &str, payload: &[u8]) -> Hmac<Sha256> {
+        let mut mac = self.0.clone();
+        mac.update(channel.as_bytes());
+        mac.update(&[0]);
+        mac.update(payload);
+        mac
+    }
+
+    /// `payload` as a signed message for `channel`.
+    fn sign(&self, channel: &str, payload: &[u8]) -> Vec<u8> {
+        let tag = URL_SAFE_NO_PAD.encode(self.mac(channel, payload).finalize().into_bytes());
+        let mut message = Vec::with_capacity(SIGNED_PREFIX.len() + TAG_LEN + 1 + payload.len());
+        message.extend_from_slice(SIGNED_PREFIX);
+        message.extend_from_slice(tag.as_bytes());
+        message.push(b'.');
+        message.extend_from_slice(payload);
+        message
+    }
+
+    /// The payload of `message` when it was signed with this key for `channel`; `None` for
+    /// anything else. The tags are compared in constant time.
+    fn open<'a>(&self, channel: &str, message: &'a [u8]) -> Option<&'a [u8]> {
+        let rest = message.strip_prefix(SIGNED_PREFIX)?;
+        let (tag, rest) = rest.split_at_checked(TAG_LEN)?;
+        let payload = rest.strip_prefix(b".")?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        self.mac(channel, payload).verify_slice(&tag).ok()?;
+        Some(payload)
+    }
+}
 
 /// What the subscriber hands on: every message, and the moments a gap may have lost some.
 pub trait Listener: Send + Sync + 'static {
-    /// A message from the channel, as published (possibly by this instance itself).
+    /// An authentic message from the channel, as published (possibly by this instance itself).
     fn receive(&self, payload: &[u8]);
+
+    /// A message on the channel was not signed with this deployment's key, and was dropped
+    /// (counted for `/metrics`).
+    fn rejected(&self);
 
     /// Finds what messages may have missed, from the store: after every (re)subscribe and
     /// every resync interval. Until it succeeds once after a subscribe, the link counts as down.
@@ -42,6 +111,8 @@ pub struct Fanout {
     /// Reconnects by itself, but the first command after a drop fails: hence one retry.
     publisher: ConnectionManager,
     channel: Arc<str>,
+    /// Signs what is published, and tells authentic messages from the rest.
+    key: FanoutKey,
     /// True while the subscriber is subscribed; `/healthz` reports it.
     subscribed: Arc<AtomicBool>,
 }
@@ -58,7 +129,7 @@ impl std::fmt::Debug for Fanout {
 impl Fanout {
     /// Checks the URL and prepares the connections without opening them: an instance starts
     /// while Redis is down and catches up once it is back.
-    pub fn new(url: &str, channel: &str) -> redis::RedisResult<Self> {
+    pub fn new(url: &str, channel: &str, key: FanoutKey) -> redis::RedisResult<Self> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(ATTEMPT_TIMEOUT))
@@ -69,6 +140,7 @@ impl Fanout {
             client,
             publisher,
             channel: channel.into(),
+            key,
             subscribed: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -77,11 +149,13 @@ impl Fanout {
         &self.channel
     }
 
-    /// Sends `payload` to every instance subscribed now; tries twice (the first command after a
-    /// dropped link fails), then says why it gave up.
+    /// Sends `payload`, signed, to every instance subscribed now; tries twice (the first command
+    /// after a dropped link fails), then says why it gave up.
     pub async fn broadcast(&self, payload: &[u8]) -> Result<(), String> {
         let mut command = redis::cmd("PUBLISH");
-        command.arg(&*self.channel).arg(payload);
+        command
+            .arg(&*self.channel)
+            .arg(self.key.sign(&self.channel, payload));
         let mut last_error = String::new();
         for _attempt in 0..2 {
             let mut connection = self.publisher.clone();
@@ -195,9 +269,10 @@ impl<L: Listener> Subscriber<L> {
         }
     }
 
-    /// Hands on every message that arrives, and catches up every `resync_interval`; returns
-    /// when the link drops (the stream ends).
+    /// Hands on every authentic message that arrives, and catches up every `resync_interval`;
+    /// returns when the link drops (the stream ends).
     async fn receive_until_dropped(&self, pubsub: redis::aio::PubSub) {
+        let mut last_warning: Option<tokio::time::Instant> = None;
         let mut messages = pubsub.into_on_message();
         // The catch-up right after subscribing has just run: the first periodic one is due a
         // full interval later.
@@ -211,7 +286,23 @@ impl<L: Listener> Subscriber<L> {
             tokio::select! {
                 message = messages.next() => {
                     let Some(message) = message else { return };
-                    self.listener.receive(message.get_payload_bytes());
+                    let Fanout { key, channel, .. } = &self.fanout;
+                    match key.open(channel, message.get_payload_bytes()) {
+                        Some(payload) => self.listener.receive(payload),
+                        None => {
+                            self.listener.rejected();
+                            if last_warning.is_none_or(|at| at.elapsed() >= REJECTED_WARNING_EVERY) {
+                                last_warning = Some(tokio::time::Instant::now());
+                                log::warn!(
+                                    "dropped a message on the Redis channel {channel} that is not \
+                                     signed with this deployment's key (HANDOFF_FANOUT_KEY, or \
+                                     one derived from HANDOFF_API_TOKEN): someone else publishes \
+                                     there, or an instance has another key; counted in \
+                                     handoff_fanout_rejected_total, warned at most once a minute"
+                                );
+                            }
+                        }
+                    }
                 }
                 _ = resync.tick() => {
                     // Messages wait in the connection's buffer meanwhile; none is lost. A failed
@@ -229,4 +320,45 @@ impl<L: Listener> Subscriber<L> {
 fn jittered(backoff: Duration) -> Duration {
     let max_extra = backoff.as_millis() as u64 / 4;
     backoff + Duration::from_millis(rand::random_range(0..=max_extra))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHANNEL: &str = "handoff:completions";
+
+    #[test]
+    fn a_signed_message_opens_to_its_payload_under_the_same_key_and_channel_only() {
+        let key = FanoutKey::new(b"the deployment's secret");
+        let payload = br#"{"id":"x","moveUrl":"/next"}"#;
+        let signed = key.sign(CHANNEL, payload);
+        assert_eq!(key.open(CHANNEL, &signed), Some(&payload[..]));
+        assert_eq!(
+            FanoutKey::new(b"another secret").open(CHANNEL, &signed),
+            None
+        );
+        assert_eq!(key.open("another:channel", &signed), None);
+    }
+
+    #[test]
+    fn unsigned_tampered_and_truncated_messages_do_not_open() {
+        let key = FanoutKey::new(b"the deployment's secret");
+        let signed = key.sign(CHANNEL, br#"{"id":"x","moveUrl":"/next"}"#);
+        let mut tampered = signed.clone();
+        *tampered.last_mut().unwrap() = b' ';
+        let mut bad_tag = signed.clone();
+        bad_tag[SIGNED_PREFIX.len()] ^= 1;
+        for message in [
+            br#"{"id":"x","moveUrl":"/next"}"#.to_vec(),
+            tampered,
+            bad_tag,
+            signed[..SIGNED_PREFIX.len() + TAG_LEN].to_vec(),
+            signed[1..].to_vec(),
+            b"v1.".to_vec(),
+            Vec::new(),
+        ] {
+            assert_eq!(key.open(CHANNEL, &message), None, "{message:?}");
+        }
+    }
 }

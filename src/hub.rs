@@ -216,6 +216,18 @@ impl Stream for Subscription {
     type Item = Arc<News>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Arc<News>>> {
+        self.poll_update(cx, true)
+    }
+}
+
+impl Subscription {
+    /// [`Stream::poll_next`], leaving progress aside when `progress` is false: the ending still
+    /// comes at once, and the latest report is there when progress is asked for again.
+    pub fn poll_update(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        progress: bool,
+    ) -> Poll<Option<Arc<News>>> {
         let mut this = self.project();
         if *this.done {
             return Poll::Ready(None);
@@ -236,7 +248,7 @@ impl Stream for Subscription {
                 *this.done = true;
                 return Poll::Ready(None);
             }
-            if this.slot.progress_count.load(Ordering::Acquire) != *this.seen_progress {
+            if progress && this.slot.progress_count.load(Ordering::Acquire) != *this.seen_progress {
                 let (count, latest) = this.slot.lock_progress().clone();
                 *this.seen_progress = count;
                 if let Some(news) = latest {

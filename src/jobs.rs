@@ -19,14 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Delivery;
 use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, now_millis};
-use crate::hub::{News, Subscription};
+pub use crate::hub::{News, Subscription, Update};
 use crate::metrics::Metrics;
 use crate::store::{EndRequest, Ended, Store, StoreError};
 
 /// How often the latest progress reports are stored, and pending jobs past their deadline
 /// expired: a job expires within this long of its deadline.
 pub const PROGRESS_STORE_EVERY: Duration = Duration::from_millis(250);
-const EXPIRY_SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// The demo job's length, in one-second steps.
 const DEMO_STEPS: u32 = 8;
 
@@ -60,6 +59,20 @@ pub enum Watch {
     Ended(Arc<News>),
     /// Registered for the job's news.
     Waiting(Subscription),
+}
+
+/// What a stream registered as `subscription` waits for, given the job as read after registering.
+fn settle(subscription: Subscription, job: Job) -> Watch {
+    match job.ending() {
+        Some(ending) => Watch::Ended(News::ended(ending)),
+        None => {
+            subscription.record_pending_read();
+            if let Some(progress) = job.progress {
+                subscription.offer_stored_progress(&News::progress(progress));
+            }
+            Watch::Waiting(subscription)
+        }
+    }
 }
 
 /// A job as the admin page lists it.
@@ -274,17 +287,35 @@ impl Jobs {
         if subscription.pending_read_is_fresh() {
             return Ok(Watch::Waiting(subscription));
         }
-        let job = self.get(id).await?;
-        match job.ending() {
-            Some(ending) => Ok(Watch::Ended(News::ended(ending))),
-            None => {
-                subscription.record_pending_read();
-                if let Some(progress) = job.progress {
-                    subscription.offer_stored_progress(&News::progress(progress));
-                }
-                Ok(Watch::Waiting(subscription))
-            }
-        }
+        Ok(settle(subscription, self.get(id).await?))
+    }
+
+    /// [`Jobs::watch`] for several jobs at once, for one stream: registers for every job first,
+    /// then reads all of them that have not ended here with one batched read. Each job's answer,
+    /// in the order of `ids`; a job that does not exist (or was purged) is `None`.
+    pub async fn watch_many(&self, ids: &[JobId]) -> Result<Vec<Option<Watch>>, JobsError> {
+        let hub = self.delivery.hub();
+        let subscriptions: Vec<Subscription> = ids.iter().map(|id| hub.subscribe(id)).collect();
+        let unread: Vec<JobId> = subscriptions
+            .iter()
+            .zip(ids)
+            .filter(|(subscription, _)| subscription.delivered().is_none())
+            .map(|(_, id)| id.clone())
+            .collect();
+        let mut stored: HashMap<JobId, Job> = if unread.is_empty() {
+            HashMap::new()
+        } else {
+            let jobs = self.store.jobs_among(&unread).await?;
+            jobs.into_iter().map(|job| (job.id.clone(), job)).collect()
+        };
+        Ok(subscriptions
+            .into_iter()
+            .zip(ids)
+            .map(|(subscription, id)| match subscription.delivered() {
+                Some(news) => Some(Watch::Ended(news)),
+                None => stored.remove(id).map(|job| settle(subscription, job)),
+            })
+            .collect())
     }
 
     /// One page of jobs, newest first, with their open streams here.
@@ -309,6 +340,12 @@ impl Jobs {
     /// How many jobs have at least one open stream here.
     pub fn watched_jobs(&self) -> usize {
         self.delivery.hub().watched_jobs()
+    }
+
+    /// How many writes of each kind wait for the store's write lane (beyond its room for them
+    /// they are refused).
+    pub fn writes_waiting(&self) -> [(&'static str, usize); 3] {
+        self.store.writes_waiting()
     }
 
     /// Whether the database (and Redis, when used) answer, and the last write went through.
@@ -362,7 +399,7 @@ impl Jobs {
     /// several instances sweeping, the conditional update gives each job to one), and stores the
     /// latest progress reports.
     pub async fn run_timers(&self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(EXPIRY_SWEEP_EVERY.min(PROGRESS_STORE_EVERY));
+        let mut ticks = tokio::time::interval(PROGRESS_STORE_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -372,13 +409,16 @@ impl Jobs {
             self.store_progress().await;
             match self.store.expire_due().await {
                 Ok(expired) => {
-                    for job in expired {
-                        if let Some(ending) = job.ending() {
-                            self.metrics.jobs_expired.inc();
+                    // Together, so that a slow Redis delays the round once, not once per job.
+                    let published = expired.into_iter().filter_map(|job| {
+                        let ending = job.ending()?;
+                        self.metrics.jobs_expired.inc();
+                        Some(async move {
                             let reached = self.delivery.publish(&job.id, ending).await;
                             log::info!("job {} expired; {reached} stream(s) here notified", job.id);
-                        }
-                    }
+                        })
+                    });
+                    futures_util::future::join_all(published).await;
                 }
                 Err(err) => log::warn!("expiring jobs failed, will retry: {err}"),
             }

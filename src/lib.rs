@@ -4,14 +4,16 @@
 //! - [`startup`]: wiring, listening and shutting down; [`config`]: settings from the environment.
 //! - [`routes`]: the HTTP interface (pages, event streams, API, admin, health); translates between
 //!   HTTP and the use cases, and maps their errors to answers.
-//! - [`jobs`]: the use cases: create, complete, read, watch, list, purge; [`sessions`]: admin
-//!   sessions, live in the store so a logout reaches every instance.
+//! - [`jobs`]: the use cases: create, report progress, complete, fail, read, watch one job or
+//!   several, list; and the timers (expiry at the deadline, storing progress, purging).
+//!   [`sessions`]: admin sessions, live in the store so a logout reaches every instance.
 //! - [`delivery`]: how a stored ending reaches every waiting stream, here ([`hub`]) and on other
 //!   instances ([`fanout`], the Redis link), with the catch-up that makes a lost message harmless.
 //! - [`store`]: all SQL; the job table is the truth (SQLite or PostgreSQL).
 //! - [`domain`]: job ids, redirect targets, statuses, endings; parsed, never re-checked.
 //! - Beside them: [`auth`] (API token, admin session, CSRF), [`limits`] (stream caps, client
-//!   address, token-guess throttle, open-file limit), [`metrics`] (`/metrics`).
+//!   address, token-guess throttle, demo jobs per address, open-file limit), [`metrics`]
+//!   (`/metrics`).
 
 pub mod auth;
 pub mod config;

@@ -1,13 +1,16 @@
 //! Admission limits, one topic per child: the open-file limit the stream cap depends on
-//! (`open_files`), which address a request comes from (`client`), the stream caps (`streams`) and
-//! the throttle on guessing the API token (`throttle`).
+//! (`open_files`), which address a request comes from (`client`), the stream caps (`streams`),
+//! the throttle on guessing the API token (`throttle`) and the demo jobs one address may start
+//! (`demo_jobs`).
 
 mod client;
+mod demo_jobs;
 mod open_files;
 mod streams;
 mod throttle;
 
 pub use client::TrustedProxies;
+pub use demo_jobs::{DEMO_BURST, DEMO_REFILL, DemoJobLimit};
 pub use open_files::{default_max_streams, raise_open_file_limit};
 pub use streams::{Refusal, StreamLimits, StreamPermit};
 pub use throttle::GuessThrottle;

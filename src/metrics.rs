@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -14,6 +15,8 @@ pub struct Metrics {
     registry: Arc<Registry>,
     pub open_streams: Gauge,
     pub watched_jobs: Gauge,
+    /// By `kind`: `create`, `end`, `upkeep`.
+    pub writes_waiting: Family<[(&'static str, &'static str); 1], Gauge>,
     pub jobs_created: Counter,
     pub jobs_completed: Counter,
     pub jobs_failed: Counter,
@@ -24,6 +27,7 @@ pub struct Metrics {
     pub resync_deliveries: Counter,
     pub streams_refused: Counter,
     pub health_checks: Counter,
+    pub fanout_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -39,6 +43,7 @@ impl Metrics {
             registry: Arc::new(Registry::default()),
             open_streams: Gauge::default(),
             watched_jobs: Gauge::default(),
+            writes_waiting: Family::default(),
             jobs_created: Counter::default(),
             jobs_completed: Counter::default(),
             jobs_failed: Counter::default(),
@@ -49,6 +54,7 @@ impl Metrics {
             resync_deliveries: Counter::default(),
             streams_refused: Counter::default(),
             health_checks: Counter::default(),
+            fanout_rejected: Counter::default(),
         };
         registry.register(
             "open_streams",
@@ -59,6 +65,11 @@ impl Metrics {
             "watched_jobs",
             "Jobs with at least one open stream on this instance",
             metrics.watched_jobs.clone(),
+        );
+        registry.register(
+            "writes_waiting",
+            "Writes waiting for the write lane's next batch, by kind (create, end, upkeep)",
+            metrics.writes_waiting.clone(),
         );
         registry.register(
             "jobs_created",
@@ -109,6 +120,11 @@ impl Metrics {
             "health_checks",
             "Checks of the database (and Redis) made for /healthz, at most one a second",
             metrics.health_checks.clone(),
+        );
+        registry.register(
+            "fanout_rejected",
+            "Messages on the Redis channel dropped for not being signed with this deployment's key",
+            metrics.fanout_rejected.clone(),
         );
         Self {
             registry: Arc::new(registry),

@@ -21,7 +21,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use crate::auth::{self, SESSION_COOKIE, Secrets};
 use crate::domain::JobId;
 use crate::jobs::Jobs;
-use crate::limits::{GuessThrottle, StreamLimits, TrustedProxies};
+use crate::limits::{DemoJobLimit, GuessThrottle, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::sessions::{AdminSessions, Checked};
 use error::AppError;
@@ -46,6 +46,8 @@ pub struct AppState {
     /// Whether the warning about forwarding headers from an untrusted peer was logged: once per
     /// app, or a flood of such requests would flood the log.
     pub untrusted_forwarding_warned: AtomicBool,
+    /// The demo jobs each client address may start; `None` when the demo is off.
+    pub demo: Option<DemoJobLimit>,
 }
 
 impl AppState {
@@ -134,6 +136,40 @@ impl AppState {
     }
 }
 
+/// Whether a browser sent `req` from another site's page, as a forged form post is.
+///
+/// `Sec-Fetch-Site` (sent by every current browser) must say `same-origin`, or `none` (typed,
+/// bookmarked). Without it, from an older browser, an `Origin` must name the host the request
+/// was sent to; `Origin: null` (a sandboxed or privacy-hidden page) does not. The ports are not
+/// compared, because a proxy may pass on `Host` without its port (the shipped nginx.conf does).
+/// A request with neither header is not a browser's cross-site request (browsers send `Origin`
+/// on every cross-site POST): it is a script's own, from its own address, which per-address
+/// limits count.
+fn cross_site(req: &HttpRequest) -> bool {
+    let headers = req.headers();
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.parse::<actix_web::http::Uri>().ok())
+        .and_then(|uri| uri.host().map(str::to_owned));
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<actix_web::http::uri::Authority>().ok())
+        .map(|authority| authority.host().to_owned())
+        .or_else(|| req.uri().host().map(str::to_owned));
+    match (origin_host, host) {
+        (Some(origin), Some(host)) => !origin.eq_ignore_ascii_case(&host),
+        _ => true,
+    }
+}
+
 /// Largest request body we read: a job request is a few hundred bytes.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
@@ -159,6 +195,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/test.do").get(pages::result))
         .service(web::resource("/static/{file}").get(pages::static_file))
         .service(web::resource("/sse/connect/{id}").get(sse::connect))
+        .service(web::resource("/sse/watch").get(sse::watch))
         .service(web::resource("/api/jobs").post(api::create))
         .service(web::resource("/api/jobs/{id}").get(api::show))
         .service(web::resource("/api/jobs/{id}/complete").post(api::complete))

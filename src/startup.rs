@@ -22,13 +22,13 @@ use actix_web::{App, web};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Secrets, random_token};
+use crate::auth::{Secrets, fanout_secret, random_token};
 use crate::config::Config;
 use crate::delivery::Delivery;
-use crate::fanout::Fanout;
+use crate::fanout::{Fanout, FanoutKey};
 use crate::hub::Hub;
 use crate::jobs::{Jobs, Lifetimes};
-use crate::limits::{self, GuessThrottle, StreamLimits};
+use crate::limits::{self, DemoJobLimit, GuessThrottle, StreamLimits};
 use crate::metrics::Metrics;
 use crate::routes::sse::SseSettings;
 use crate::routes::{self, AppState};
@@ -60,11 +60,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let store = Store::connect(&config.database_url).await?;
-        let fanout = match &config.redis_url {
-            Some(url) => Some(Fanout::new(url, &config.redis_channel)?),
-            None => None,
-        };
+        let store = Store::connect(&config.database_url, config.write_queue).await?;
         let token = match &config.api_token {
             Some(token) => token.clone(),
             None => {
@@ -75,6 +71,16 @@ impl Application {
                 );
                 token
             }
+        };
+        let fanout = match &config.redis_url {
+            Some(url) => {
+                let key = match &config.fanout_key {
+                    Some(key) => FanoutKey::new(key.as_bytes()),
+                    None => FanoutKey::new(&fanout_secret(&token)),
+                };
+                Some(Fanout::new(url, &config.redis_channel, key)?)
+            }
+            None => None,
         };
         let open_files = limits::raise_open_file_limit();
         let max_streams = config
@@ -120,6 +126,7 @@ impl Application {
             proxies: config.trusted_proxies.clone(),
             token_guesses: GuessThrottle::default(),
             untrusted_forwarding_warned: Default::default(),
+            demo: config.demo.then(DemoJobLimit::default),
         }));
         let listener = TcpListener::bind(config.addr)?;
         let local = listener.local_addr()?;

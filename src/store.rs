@@ -34,6 +34,10 @@ pub enum StoreError {
     /// The request was cut off by the server shutting down; it may or may not have been stored.
     #[error("cut off by the server shutting down")]
     ShuttingDown,
+    /// The write lane already has `waiting` requests of this kind queued, its room for them:
+    /// nothing was stored, and a retry shortly may go through.
+    #[error("{waiting} {what} are waiting for the database, the limit")]
+    Busy { what: &'static str, waiting: usize },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot create the folder for the SQLite file {path}: {source}")]
@@ -81,7 +85,9 @@ pub struct Store {
 impl Store {
     /// Connects, creating the SQLite file and its folder when needed, and runs the migrations.
     /// On PostgreSQL the migrator holds an advisory lock, so instances may start together.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// `write_room`: how many creations, and apart from them how many endings, may wait for the
+    /// write lane; beyond it they are refused with [`StoreError::Busy`].
+    pub async fn connect(url: &str, write_room: usize) -> Result<Self, StoreError> {
         let (pool, lane_conns) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -118,7 +124,7 @@ impl Store {
         let (reader, writer) = lane_conns;
         Ok(Self {
             pool,
-            lanes: Lanes::new(reader, writer, Arc::clone(&writes_failing)),
+            lanes: Lanes::new(reader, writer, Arc::clone(&writes_failing), write_room),
             writes_failing,
         })
     }
@@ -126,6 +132,12 @@ impl Store {
     /// True when the last write (create or complete) failed and none has succeeded since.
     pub fn writes_failing(&self) -> bool {
         self.writes_failing.load(Ordering::Relaxed)
+    }
+
+    /// Write requests waiting for the write lane's next batch, by kind: `create`, `end`
+    /// (completions and failures) and `upkeep` (the timers' progress and expiry writes).
+    pub fn writes_waiting(&self) -> [(&'static str, usize); 3] {
+        self.lanes.writes_waiting()
     }
 
     /// Which database this is, for logs and health output.

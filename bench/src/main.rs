@@ -75,6 +75,13 @@ struct Args {
     /// or not it ends them itself; a duplicate sent later on the same stream goes unseen.
     #[arg(long)]
     leave_on_result: bool,
+    /// Handoff only: before completing, send this many progress reports a second to the first
+    /// job, for `--progress-secs`, over the publisher connections: what a job runner reporting
+    /// often does to the job's streams. Reports are not counted as results.
+    #[arg(long, default_value_t = 0)]
+    progress_rate: usize,
+    #[arg(long, default_value_t = 5)]
+    progress_secs: u64,
     /// The server's pid (for Nchan: the worker's), to read its resident memory.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -233,6 +240,18 @@ async fn run(args: &Args, target: &Target) -> Report {
             Some(after.saturating_sub(before) as f64 * 1024.0 / report.opened as f64);
     }
 
+    if args.progress_rate > 0 {
+        match &target.progress {
+            Some(progress) => {
+                flood_progress(args, target, progress, &ids[0], &mut report).await;
+                report.rss_after_progress_kb = rss(&mut report);
+            }
+            None => report
+                .errors
+                .push("--progress-rate needs a Handoff target".into()),
+        }
+    }
+
     // Complete every job and wait for the events.
     let outcomes = complete_all(target, args.publishers, &ids, Instant::now() + phase).await;
     let mut first_sent: Option<Instant> = None;
@@ -293,10 +312,59 @@ async fn run(args: &Args, target: &Target) -> Report {
         );
     }
     report.ok = report.delivered == report.expected
+        && report.progress_ok == report.progress_sent
         && report.duplicates == 0
         && report.connect_failures == 0
         && report.completion_failures == 0;
     report
+}
+
+/// Sends `--progress-rate` reports a second to job `id` for `--progress-secs`: each second's
+/// reports as fast as the publisher connections take them, then a pause until the next second
+/// (none when the server took longer than a second: the rate reached is the sent count over the
+/// time taken).
+async fn flood_progress(
+    args: &Args,
+    target: &Target,
+    progress: &target::UrlTemplate,
+    id: &str,
+    report: &mut Report,
+) {
+    let Some(token) = target.handoff_token.clone() else {
+        return;
+    };
+    let (host, path) = (progress.host.clone(), progress.path(id));
+    let make = Arc::new(move |i: usize| {
+        let body = format!(r#"{{"percent":{},"message":"report {i}"}}"#, i % 101);
+        http::request_with_body("POST", &host, &path, Some(&token), Bytes::from(body))
+    });
+    let start = Instant::now();
+    for second in 0..args.progress_secs {
+        let outcomes = http::drive(
+            progress.addr,
+            args.publishers,
+            args.progress_rate,
+            start + Duration::from_secs(second + 1 + args.timeout),
+            make.clone(),
+        )
+        .await;
+        report.progress_sent += outcomes.len();
+        report.progress_ok += outcomes
+            .iter()
+            .filter(|o| matches!(o, Some(o) if matches!(&o.result, Ok((status, _)) if status.is_success())))
+            .count();
+        tokio::time::sleep_until(start + Duration::from_secs(second + 1)).await;
+    }
+    report.progress_secs = start.elapsed().as_secs_f64();
+    if report.progress_ok < report.progress_sent {
+        note(
+            &mut report.errors,
+            format!(
+                "{} progress reports were not answered 200",
+                report.progress_sent - report.progress_ok
+            ),
+        );
+    }
 }
 
 /// Keeps the first few distinct failure messages.

@@ -63,6 +63,12 @@ pub struct Report {
     pub rss_before_kb: Option<u64>,
     pub rss_after_kb: Option<u64>,
     pub bytes_per_stream: Option<f64>,
+    /// With `--progress-rate`: reports sent to the first job before the completions, how many
+    /// were answered `200`, over how long, and the server's memory after them.
+    pub progress_sent: usize,
+    pub progress_ok: usize,
+    pub progress_secs: f64,
+    pub rss_after_progress_kb: Option<u64>,
     /// The first few failure messages, to say what went wrong.
     pub errors: Vec<String>,
     pub ok: bool,
@@ -104,6 +110,16 @@ impl Report {
                 ),
             ),
             ("connect time", pct(&self.connect_ms)),
+            (
+                "progress",
+                format!(
+                    "{} of {} reports answered 200 in {:.3} s; memory after: {}",
+                    self.progress_ok,
+                    self.progress_sent,
+                    self.progress_secs,
+                    opt(self.rss_after_progress_kb)
+                ),
+            ),
             (
                 "completions",
                 format!(

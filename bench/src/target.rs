@@ -75,6 +75,8 @@ pub struct Target {
     pub create: Option<UrlTemplate>,
     pub subscribe: UrlTemplate,
     pub publish: UrlTemplate,
+    /// Handoff's progress endpoint.
+    pub progress: Option<UrlTemplate>,
 }
 
 impl Target {
@@ -85,6 +87,9 @@ impl Target {
             create: Some(UrlTemplate::parse(&format!("{base}/api/jobs"))?),
             subscribe: UrlTemplate::parse_with_id(&format!("{base}/sse/connect/{{id}}"))?,
             publish: UrlTemplate::parse_with_id(&format!("{base}/api/jobs/{{id}}/complete"))?,
+            progress: Some(UrlTemplate::parse_with_id(&format!(
+                "{base}/api/jobs/{{id}}/progress"
+            ))?),
         })
     }
 
@@ -94,6 +99,7 @@ impl Target {
             create: None,
             subscribe: UrlTemplate::parse_with_id(sub_url)?,
             publish: UrlTemplate::parse_with_id(pub_url)?,
+            progress: None,
         })
     }
 }

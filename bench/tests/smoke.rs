@@ -70,6 +70,17 @@ impl Drop for TestApp {
 /// Runs `handoff-bench` against `app` and returns its JSON report, after checking it exited 0.
 /// `leave_on_result`: the clients close each stream at its result, as `scripts/bench.sh` runs it.
 async fn bench(app: &TestApp, mode: &str, streams: usize, leave_on_result: bool) -> Value {
+    bench_with(app, mode, streams, leave_on_result, &[]).await
+}
+
+/// [`bench`] with more arguments.
+async fn bench_with(
+    app: &TestApp,
+    mode: &str,
+    streams: usize,
+    leave_on_result: bool,
+    more: &[&str],
+) -> Value {
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("report.json");
     let mut command = Command::new(env!("CARGO_BIN_EXE_handoff-bench"));
@@ -89,6 +100,7 @@ async fn bench(app: &TestApp, mode: &str, streams: usize, leave_on_result: bool)
     if leave_on_result {
         command.arg("--leave-on-result");
     }
+    command.args(more);
     // The tool runs its own runtime and blocks; keep this test's runtime (and the app) free.
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
@@ -145,4 +157,15 @@ async fn bench_refuses_a_target_that_is_not_loopback() {
         .expect("handoff-bench runs");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("loopback"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_flood_on_one_job_is_answered_and_every_stream_still_gets_its_result_once() {
+    let app = TestApp::spawn().await;
+    let more = ["--progress-rate", "200", "--progress-secs", "2"];
+    let report = bench_with(&app, "single", 100, true, &more).await;
+    assert_every_event_arrived_once(&report, 100);
+    assert_eq!(report["progress_sent"], 400, "{report}");
+    assert_eq!(report["progress_ok"], 400, "{report}");
+    assert_eq!(app.metric("handoff_progress_reports_total").await, 400.0);
 }

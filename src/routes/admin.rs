@@ -1,21 +1,22 @@
-//! The admin page: recent jobs with their open streams, a Complete button per pending job and a
-//! form to create one. Logging in takes the API token; every admin form carries the session's
-//! CSRF token. Every answer to a logged-in admin renews the session cookie (the idle timeout
-//! counts from the last admin request); logging out ends the session on every instance.
+//! The admin page: recent jobs with their state, progress, deadline and open streams, Complete and
+//! Fail buttons per pending job, and a form to create one. Logging in takes the API token; every
+//! admin form carries the session's CSRF token. Every answer to a logged-in admin renews the
+//! session cookie (the idle timeout counts from the last admin request); logging out ends the
+//! session on every instance.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
 
-use super::error::{AppError, retry_after_secs};
+use super::error::{AppError, whole_secs};
 use super::pages::{PageError, html, see_other};
 use super::{AppState, job_id};
 use crate::auth::logout_cookie;
 use crate::sessions::Checked;
 use std::time::Duration;
 
-use crate::domain::{Message, MoveUrl, rfc3339};
+use crate::domain::{MoveUrl, rfc3339};
 use crate::jobs::Listed;
 
 const PAGE_SIZE: i64 = 20;
@@ -174,7 +175,7 @@ pub async fn login(
 
 /// `429` with `Retry-After`: this address guessed wrong too often.
 fn too_many_logins(wait: std::time::Duration) -> HttpResponse {
-    let secs = retry_after_secs(wait);
+    let secs = whole_secs(wait);
     let mut response = html(
         StatusCode::TOO_MANY_REQUESTS,
         &LoginPage {
@@ -289,10 +290,7 @@ pub async fn fail(
 ) -> Result<HttpResponse, PageError> {
     let Checked { cookie, .. } = checked_session(&req, &state, &form).await?;
     let id = job_id(&path)?;
-    let message = filled(&form.message)
-        .map(Message::parse)
-        .transpose()
-        .map_err(|err| AppError::BadRequest(err.to_string()))?;
+    let message = super::api::message(filled(&form.message))?;
     state
         .jobs
         .fail(&id, message, None)

@@ -94,7 +94,8 @@ fn move_url(raw: Option<&str>) -> Result<Option<MoveUrl>, AppError> {
     Ok(raw.map(MoveUrl::parse).transpose()?)
 }
 
-fn message(raw: Option<&str>) -> Result<Option<Message>, AppError> {
+/// Parses an optional message for the person watching page A.
+pub(super) fn message(raw: Option<&str>) -> Result<Option<Message>, AppError> {
     raw.map(Message::parse)
         .transpose()
         .map_err(|err| AppError::BadRequest(err.to_string()))

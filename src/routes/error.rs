@@ -10,18 +10,14 @@ use actix_web::{HttpResponse, ResponseError};
 use super::BODY_LIMIT;
 use crate::domain::{JobIdError, MoveUrlError};
 use crate::jobs::JobsError;
-use crate::limits::Refusal;
+use crate::limits::{DEMO_BURST, Refusal};
 use crate::store::StoreError;
 
 /// What a refused stream is told to wait: long enough for other streams to end or time out.
 const STREAM_RETRY_AFTER_SECS: u64 = 5;
-
-/// A wait as `Retry-After` says it: whole seconds, rounded up, at least 1.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    u64::try_from(wait.as_millis().div_ceil(1000))
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
+/// What a write refused for a full write lane is told to wait: the lane clears its room in a
+/// fraction of that.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -47,7 +43,7 @@ pub enum AppError {
     /// this long before the next one is checked.
     #[error(
         "too many wrong API tokens from this address: try again in {} s",
-        retry_after_secs(*.0)
+        whole_secs(*.0)
     )]
     TooManyGuesses(Duration),
     /// 403: an admin form without a valid CSRF token, or without a session.
@@ -56,6 +52,17 @@ pub enum AppError {
     /// 404: no job has this id.
     #[error("no job with this id")]
     JobNotFound,
+    /// 404: the landing page's demo form is switched off (`HANDOFF_DEMO=off`).
+    #[error("the demo is off on this server")]
+    DemoOff,
+    /// 429 with `Retry-After`: this address started its share of demo jobs; the wait is when
+    /// it may start the next.
+    #[error(
+        "this address (for IPv6, its /64) has started {DEMO_BURST} demo jobs in a short time, \
+         its limit; try again in {} s",
+        whole_secs(*.0)
+    )]
+    TooManyDemoJobs(Duration),
     /// 409: the job's end state does not allow the request; the text says which state.
     #[error("{0}")]
     Conflict(String),
@@ -63,6 +70,10 @@ pub enum AppError {
     /// with `Retry-After`.
     #[error(transparent)]
     StreamLimit(#[from] Refusal),
+    /// 503 with `Retry-After`: the write lane has its room for this kind of write full; nothing
+    /// was stored.
+    #[error("{0}; try again shortly")]
+    Busy(#[source] StoreError),
     /// 503: the database did not answer; the cause is logged.
     #[error("the database is unavailable; try again shortly")]
     Unavailable(#[source] StoreError),
@@ -77,6 +88,7 @@ impl From<StoreError> for AppError {
             StoreError::Database(_) | StoreError::Shared(_) | StoreError::ShuttingDown => {
                 Self::Unavailable(err)
             }
+            StoreError::Busy { .. } => Self::Busy(err),
             _ => Self::Internal(err),
         }
     }
@@ -103,14 +115,14 @@ impl ResponseError for AppError {
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::JobNotFound => StatusCode::NOT_FOUND,
+            Self::JobNotFound | Self::DemoOff => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::StreamLimit(Refusal::Full(_)) | Self::Unavailable(_) => {
+            Self::StreamLimit(Refusal::Full(_)) | Self::Busy(_) | Self::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::StreamLimit(Refusal::ClientFull(_)) | Self::TooManyGuesses(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::StreamLimit(Refusal::ClientFull(_))
+            | Self::TooManyDemoJobs(_)
+            | Self::TooManyGuesses(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -121,23 +133,32 @@ impl ResponseError for AppError {
         if matches!(self, Self::Unauthorized) {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        match self {
-            Self::Unavailable(_) => {
-                response.insert_header(("Retry-After", "2"));
-            }
-            Self::StreamLimit(_) => {
-                response.insert_header(("Retry-After", STREAM_RETRY_AFTER_SECS.to_string()));
-            }
-            Self::TooManyGuesses(wait) => {
-                response.insert_header(("Retry-After", retry_after_secs(*wait).to_string()));
-            }
-            _ => {}
+        if let Some(secs) = self.retry_after() {
+            response.insert_header(("Retry-After", secs.to_string()));
         }
         response.json(serde_json::json!({ "error": self.to_string() }))
     }
 }
 
+/// A wait in whole seconds, rounded up, at least one: what `Retry-After` can say.
+pub fn whole_secs(wait: Duration) -> u64 {
+    u64::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 impl AppError {
+    /// The seconds a client should wait before trying again, when waiting helps.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Unavailable(_) => Some(2),
+            Self::StreamLimit(_) => Some(STREAM_RETRY_AFTER_SECS),
+            Self::Busy(_) => Some(BUSY_RETRY_AFTER_SECS),
+            Self::TooManyDemoJobs(wait) | Self::TooManyGuesses(wait) => Some(whole_secs(*wait)),
+            _ => None,
+        }
+    }
+
     /// Server-side failures go to the log with their cause; client mistakes do not.
     pub fn log(&self) {
         match self {
@@ -145,6 +166,7 @@ impl AppError {
             Self::Internal(cause) => log::error!("answering 500: {cause}"),
             // Debug, not warn: a flood of refusals must not become a flood of log lines.
             Self::StreamLimit(refusal) => log::debug!("stream refused: {refusal}"),
+            Self::Busy(cause) => log::debug!("write refused: {cause}"),
             _ => {}
         }
     }

@@ -42,6 +42,13 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .metrics
         .watched_jobs
         .set(state.jobs.watched_jobs() as i64);
+    for (kind, waiting) in state.jobs.writes_waiting() {
+        state
+            .metrics
+            .writes_waiting
+            .get_or_create(&[("kind", kind)])
+            .set(waiting as i64);
+    }
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
         .body(state.metrics.render())

@@ -1,13 +1,13 @@
 //! The HTML pages: the landing page, page A (waiting), page B (result), and the static files.
 
 use actix_web::http::{StatusCode, header};
-use actix_web::{HttpResponse, ResponseError, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use askama::Template;
 use askama_web::WebTemplate;
 use serde::Deserialize;
 
 use super::error::AppError;
-use super::{AppState, job_id};
+use super::{AppState, cross_site, job_id};
 use crate::domain::{JobId, JobStatus, rfc3339};
 
 /// An [`AppError`] answered as an HTML page rather than JSON.
@@ -39,11 +39,27 @@ impl ResponseError for PageError {
                 "Temporarily unavailable",
                 "Handoff cannot reach its database right now. Please try again in a moment.".to_owned(),
             ),
+            AppError::Busy(_) => (
+                "Too busy",
+                "Handoff has too many jobs to store right now. Please try again in a moment.".to_owned(),
+            ),
+            AppError::DemoOff => (
+                "The demo is off",
+                "This server does not start demo jobs. Jobs are created through its API.".to_owned(),
+            ),
+            AppError::TooManyDemoJobs(_) => ("Too many demo jobs", format!("{}.", self.0)),
             AppError::Internal(_) => ("Something went wrong", "Please try again.".to_owned()),
+            AppError::Conflict(why) => ("The job has ended", format!("{why}: nothing changed.")),
             other if status == StatusCode::FORBIDDEN => ("Not allowed", other.to_string()),
             other => ("Bad request", other.to_string()),
         };
-        html(status, &ErrorPage { title, message })
+        let mut response = html(status, &ErrorPage { title, message });
+        if let Some(secs) = self.0.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -62,10 +78,15 @@ pub fn html(status: StatusCode, page: &impl Template) -> HttpResponse {
 
 #[derive(Template, WebTemplate)]
 #[template(path = "index.html")]
-pub struct IndexPage;
+pub struct IndexPage {
+    /// Whether the demo form is on (`HANDOFF_DEMO`).
+    demo: bool,
+}
 
-pub async fn index() -> IndexPage {
-    IndexPage
+pub async fn index(state: web::Data<AppState>) -> IndexPage {
+    IndexPage {
+        demo: state.demo.is_some(),
+    }
 }
 
 /// The landing page's form: `kind=manual` waits for a Complete or Fail on the admin page or the
@@ -76,10 +97,24 @@ pub struct DemoForm {
     kind: String,
 }
 
+/// The demo form's `POST /jobs`: `404` when the demo is off, `403` from another site's page,
+/// `429` past the address's allowance; otherwise a new job and `303` to its page A.
 pub async fn create_demo_job(
+    req: HttpRequest,
     form: Option<web::Form<DemoForm>>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
+    let limit = state.demo.as_ref().ok_or(AppError::DemoOff)?;
+    // Before the allowance: a forged post must not use up the visitor's.
+    if cross_site(&req) {
+        return Err(AppError::Forbidden(
+            "a demo job can only be started from this site's own page, not from another site",
+        )
+        .into());
+    }
+    limit
+        .take(state.client_addr(&req))
+        .map_err(AppError::TooManyDemoJobs)?;
     let job = state
         .jobs
         .create(None, None)

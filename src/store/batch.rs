@@ -1,6 +1,11 @@
 //! A queue of requests answered in batches by one worker at a time, with no task waiting on an
 //! idle queue. It knows nothing of SQL: a [`Batch`] says how a batch is answered.
 //!
+//! The queue is bounded: each class of request (a [`Batch`] says which class a request is) may
+//! have only so many requests waiting, and a request beyond its class's bound is refused at once
+//! ([`Full`]), so the caller can say "try again" instead of waiting behind an ever longer line.
+//! Classes never take each other's room: a flood of one kind cannot starve another.
+//!
 //! The request that finds the queue idle starts a runner on its own runtime (on an actix worker,
 //! its own thread), which takes batches until the queue is empty, then gives the worker back:
 //! that saves two thread hops per batch over a runner living on another runtime. A runner whose
@@ -15,6 +20,12 @@ pub(super) trait Batch: Sized + Send + 'static {
     /// queue never run at once.
     type Worker: Send + 'static;
 
+    /// Which of the queue's bounds this request counts against: an index into the bounds the
+    /// queue was made with.
+    fn class(&self) -> usize {
+        0
+    }
+
     /// Answers every request of `batch`.
     fn serve(worker: &mut Self::Worker, batch: Vec<Self>) -> impl Future<Output = ()> + Send;
 
@@ -25,26 +36,58 @@ pub(super) trait Batch: Sized + Send + 'static {
 /// Requests waiting, and the worker that answers them; cheap to share.
 pub(super) struct Queue<R: Batch> {
     state: Mutex<State<R>>,
+    /// How many requests of each class may wait at once.
+    bounds: Box<[usize]>,
     /// The runtime the queue was made on, which outlives the HTTP workers.
     runtime: tokio::runtime::Handle,
 }
 
 struct State<R: Batch> {
     waiting: Vec<R>,
+    /// How many of `waiting` are of each class.
+    counts: Vec<usize>,
     /// `None` while a runner has it.
     worker: Option<R::Worker>,
 }
 
+impl<R: Batch> State<R> {
+    fn take_waiting(&mut self) -> Vec<R> {
+        self.counts.fill(0);
+        std::mem::take(&mut self.waiting)
+    }
+}
+
+/// A request refused because its class already has `bound` requests waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Full {
+    pub(super) bound: usize,
+}
+
 impl<R: Batch> Queue<R> {
-    /// Must be called inside a tokio runtime, which then rescues runners of stopped runtimes.
-    pub(super) fn new(worker: R::Worker) -> Arc<Self> {
+    /// A queue whose requests of class `c` may have `bounds[c]` waiting at once (a class past
+    /// the end counts as the last one). Must be called inside a tokio runtime, which then rescues
+    /// runners of stopped runtimes.
+    pub(super) fn new(worker: R::Worker, bounds: &[usize]) -> Arc<Self> {
+        let bounds: Box<[usize]> = if bounds.is_empty() {
+            Box::new([usize::MAX])
+        } else {
+            bounds.into()
+        };
         Arc::new(Self {
             state: Mutex::new(State {
                 waiting: Vec::new(),
+                counts: vec![0; bounds.len()],
                 worker: Some(worker),
             }),
+            bounds,
             runtime: tokio::runtime::Handle::current(),
         })
+    }
+
+    /// How many requests of each class wait for the next batch (those of the batch being
+    /// answered not counted).
+    pub(super) fn waiting(&self) -> Vec<usize> {
+        self.lock().counts.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State<R>> {
@@ -53,10 +96,17 @@ impl<R: Batch> Queue<R> {
     }
 
     /// Queues `request`; it is answered in the next batch. A request dropped unanswered (the
-    /// runtimes shut down) drops its reply channel, which its caller sees.
-    pub(super) fn push(self: &Arc<Self>, request: R) {
+    /// runtimes shut down) drops its reply channel, which its caller sees. Refused, and dropped,
+    /// when its class has as many requests waiting as its bound allows.
+    pub(super) fn push(self: &Arc<Self>, request: R) -> Result<(), Full> {
+        let class = request.class().min(self.bounds.len() - 1);
+        let bound = self.bounds[class];
         let idle_worker = {
             let mut state = self.lock();
+            if state.counts[class] >= bound {
+                return Err(Full { bound });
+            }
+            state.counts[class] += 1;
             state.waiting.push(request);
             state.worker.take()
         };
@@ -70,6 +120,7 @@ impl<R: Batch> Queue<R> {
                 .run(),
             );
         }
+        Ok(())
     }
 }
 
@@ -92,7 +143,7 @@ impl<R: Batch> Runner<R> {
                     state.worker = self.worker.take();
                     return;
                 }
-                std::mem::take(&mut state.waiting)
+                state.take_waiting()
             };
             let Some(worker) = self.worker.as_mut() else {
                 return;
@@ -111,7 +162,7 @@ impl<R: Batch> Drop for Runner<R> {
         let mut state = self.queue.lock();
         if self.rescued || state.waiting.is_empty() {
             state.worker = Some(worker);
-            let waiting = std::mem::take(&mut state.waiting);
+            let waiting = state.take_waiting();
             drop(state);
             drop(waiting);
         } else {
@@ -152,13 +203,13 @@ mod tests {
 
     fn ask(queue: &Arc<Queue<Double>>, n: u32) -> oneshot::Receiver<u32> {
         let (reply, answer) = oneshot::channel();
-        queue.push(Double { n, reply });
+        queue.push(Double { n, reply }).expect("an unbounded queue");
         answer
     }
 
     #[tokio::test]
     async fn requests_queued_together_are_answered_in_one_batch() {
-        let queue = Queue::<Double>::new(0);
+        let queue = Queue::<Double>::new(0, &[]);
         let answers: Vec<_> = (0..10).map(|n| ask(&queue, n)).collect();
         for (n, answer) in answers.into_iter().enumerate() {
             assert_eq!(answer.await.unwrap(), 2 * n as u32);
@@ -170,7 +221,7 @@ mod tests {
     /// workers' requests wait behind: the queue's own runtime must take them over.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_runner_dropped_with_its_runtime_hands_its_queue_to_the_queue_runtime() {
-        let queue = Queue::<Double>::new(0);
+        let queue = Queue::<Double>::new(0, &[]);
         // A worker runtime that spawns the runner and then stops before ever running it.
         let doomed = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -188,5 +239,64 @@ mod tests {
         assert_eq!(answer, 42);
         // Idle again with its worker back: the next request is served too.
         assert_eq!(ask(&queue, 1).await.unwrap(), 2);
+    }
+
+    /// Answers a batch only once the test lets it through, one permit per batch.
+    struct Gated {
+        class: usize,
+        reply: oneshot::Sender<()>,
+    }
+
+    impl Batch for Gated {
+        type Worker = Arc<tokio::sync::Semaphore>;
+
+        fn class(&self) -> usize {
+            self.class
+        }
+
+        async fn serve(gate: &mut Arc<tokio::sync::Semaphore>, batch: Vec<Self>) {
+            gate.acquire().await.expect("the gate stays open").forget();
+            for request in batch {
+                let _ = request.reply.send(());
+            }
+        }
+
+        fn interrupted(_: &mut Arc<tokio::sync::Semaphore>) {}
+    }
+
+    fn knock(queue: &Arc<Queue<Gated>>, class: usize) -> Result<oneshot::Receiver<()>, Full> {
+        let (reply, answer) = oneshot::channel();
+        queue.push(Gated { class, reply }).map(|()| answer)
+    }
+
+    #[tokio::test]
+    async fn a_full_class_refuses_its_next_request_and_leaves_the_other_classes_their_room() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let queue = Queue::<Gated>::new(Arc::clone(&gate), &[2, 1]);
+        // The first request starts the runner, which takes it and waits at the gate.
+        let first = knock(&queue, 0).unwrap();
+        while queue.waiting() != [0, 0] {
+            tokio::task::yield_now().await;
+        }
+
+        let mut admitted = vec![knock(&queue, 0).unwrap(), knock(&queue, 0).unwrap()];
+        assert_eq!(knock(&queue, 0).unwrap_err(), Full { bound: 2 });
+        admitted.push(knock(&queue, 1).unwrap());
+        assert_eq!(knock(&queue, 1).unwrap_err(), Full { bound: 1 });
+        let past_the_end = knock(&queue, 7).unwrap_err();
+        assert_eq!(past_the_end, Full { bound: 1 }, "counted as the last class");
+        assert_eq!(queue.waiting(), [2, 1]);
+
+        gate.add_permits(2);
+        first.await.expect("answered");
+        for answer in admitted {
+            answer.await.expect("every admitted request is answered");
+        }
+        assert_eq!(queue.waiting(), [0, 0]);
+        gate.add_permits(1);
+        knock(&queue, 0)
+            .expect("room again once the batch was taken")
+            .await
+            .unwrap();
     }
 }

@@ -5,6 +5,11 @@
 //! become a few; with nothing queued a request is a batch of one. Every caller is answered only
 //! after its statement has returned, so a completion is durable before it is acknowledged or
 //! published, and one writer means SQLite never sees two of ours fight over its lock.
+//!
+//! The write lane's queue is bounded per kind of write ([`WriteClass`]): creations, endings, and
+//! the timers' progress and expiry writes each have their own room, so a flood of creations is
+//! refused ([`StoreError::Busy`]) while completions still find room; and each batch runs at most
+//! one room's worth of creations before the endings waiting with them.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::oneshot;
 
-use super::batch::{Batch, Queue};
+use super::batch::{Batch, Full, Queue};
 use super::db::LaneConn;
 use super::sql::{self, EndItem, MAX_BATCH, Rows};
 use super::{EndRequest, Ended, StoreError};
@@ -46,6 +51,50 @@ enum Write {
     },
 }
 
+/// The kinds of write that never take each other's room in the write lane's queue.
+#[derive(Debug, Clone, Copy)]
+enum WriteClass {
+    Create = 0,
+    End = 1,
+    /// The timers' writes: one progress store and one expiry sweep at a time.
+    Upkeep = 2,
+}
+
+/// Room for the timers' writes; each timer has at most one waiting.
+const UPKEEP_ROOM: usize = 16;
+
+impl WriteClass {
+    const ALL: [Self; 3] = [Self::Create, Self::End, Self::Upkeep];
+
+    /// Its name for `/metrics`.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::End => "end",
+            Self::Upkeep => "upkeep",
+        }
+    }
+
+    /// What is waiting, as a refusal names it.
+    fn what(self) -> &'static str {
+        match self {
+            Self::Create => "job creations",
+            Self::End => "job completions and failures",
+            Self::Upkeep => "progress and expiry writes",
+        }
+    }
+}
+
+impl Write {
+    fn write_class(&self) -> WriteClass {
+        match self {
+            Write::Create { .. } => WriteClass::Create,
+            Write::End { .. } => WriteClass::End,
+            Write::Progress { .. } | Write::Expire { .. } => WriteClass::Upkeep,
+        }
+    }
+}
+
 /// The write lane's connection, and the flag `/healthz` reads.
 struct Writer {
     conn: LaneConn,
@@ -73,52 +122,79 @@ async fn answer<T>(answer: oneshot::Receiver<Result<T, StoreError>>) -> Result<T
 }
 
 impl Lanes {
-    pub(super) fn new(reader: LaneConn, writer: LaneConn, writes_failing: Arc<AtomicBool>) -> Self {
+    /// `write_room`: how many creations, and apart from them how many endings, may wait for the
+    /// write lane at once.
+    pub(super) fn new(
+        reader: LaneConn,
+        writer: LaneConn,
+        writes_failing: Arc<AtomicBool>,
+        write_room: usize,
+    ) -> Self {
+        let mut bounds = [0; 3];
+        bounds[WriteClass::Create as usize] = write_room;
+        bounds[WriteClass::End as usize] = write_room;
+        bounds[WriteClass::Upkeep as usize] = UPKEEP_ROOM;
         Self {
-            reads: Queue::new(reader),
-            writes: Queue::new(Writer {
-                conn: writer,
-                failing: writes_failing,
-            }),
+            // Reads stay unbounded: each waiting read is a request holding a connection, which
+            // the stream caps and the open-file limit bound, and a read competes with no ending.
+            reads: Queue::new(reader, &[]),
+            writes: Queue::new(
+                Writer {
+                    conn: writer,
+                    failing: writes_failing,
+                },
+                &bounds,
+            ),
         }
+    }
+
+    /// Write requests waiting for the write lane's next batch, by kind (`create`, `end`,
+    /// `upkeep`).
+    pub(super) fn writes_waiting(&self) -> [(&'static str, usize); 3] {
+        let waiting = self.writes.waiting();
+        WriteClass::ALL.map(|class| (class.name(), waiting[class as usize]))
     }
 
     /// The stored jobs among `ids`, in no particular order; unknown ids are left out.
     pub(super) async fn get_many(&self, ids: Vec<JobId>) -> Result<Vec<Job>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.reads.push(Read { ids, reply });
+        // An unbounded queue takes every request.
+        let _ = self.reads.push(Read { ids, reply });
+        answer(rx).await
+    }
+
+    /// Queues `write` on the write lane and waits for its answer, or says its room is full.
+    async fn write<T>(&self, write: impl FnOnce(Reply<T>) -> Write) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let write = write(reply);
+        let class = write.write_class();
+        self.writes
+            .push(write)
+            .map_err(|Full { bound }| StoreError::Busy {
+                what: class.what(),
+                waiting: bound,
+            })?;
         answer(rx).await
     }
 
     pub(super) async fn create(&self, job: Job) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.writes.push(Write::Create { job, reply });
-        answer(rx).await
+        self.write(|reply| Write::Create { job, reply }).await
     }
 
     pub(super) async fn end(&self, id: &JobId, request: EndRequest) -> Result<Ended, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.writes.push(Write::End {
-            id: id.clone(),
-            request,
-            reply,
-        });
-        answer(rx).await
+        let id = id.clone();
+        self.write(|reply| Write::End { id, request, reply }).await
     }
 
     pub(super) async fn save_progress(
         &self,
         reports: Vec<(JobId, Progress)>,
     ) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.writes.push(Write::Progress { reports, reply });
-        answer(rx).await
+        self.write(|reply| Write::Progress { reports, reply }).await
     }
 
     pub(super) async fn expire_due(&self, now: i64) -> Result<Vec<Job>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.writes.push(Write::Expire { now, reply });
-        answer(rx).await
+        self.write(|reply| Write::Expire { now, reply }).await
     }
 }
 
@@ -149,6 +225,10 @@ impl Batch for Read {
 
 impl Batch for Write {
     type Worker = Writer;
+
+    fn class(&self) -> usize {
+        self.write_class() as usize
+    }
 
     async fn serve(writer: &mut Writer, batch: Vec<Self>) {
         let mut creates = Vec::new();
@@ -218,8 +298,19 @@ impl Batch for Write {
             writer.failing.store(expired.is_err(), Ordering::Relaxed);
             match expired {
                 Ok(rows) => {
-                    let jobs = rows.into_iter().map(Job::try_from).collect();
-                    let _ = reply.send(jobs);
+                    // A corrupt row is logged and left out: the others are expired already and
+                    // must still be published.
+                    let jobs = rows
+                        .into_iter()
+                        .filter_map(|row| {
+                            Job::try_from(row)
+                                .inspect_err(|err| {
+                                    log::error!("expired a job but cannot read it: {err}")
+                                })
+                                .ok()
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(jobs));
                 }
                 Err(err) => fail_all("expiring", std::iter::once(reply), err),
             }

@@ -10,6 +10,9 @@ use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, 
 /// The most requests one statement answers; also bounds the SQL text and its parameters.
 pub(super) const MAX_BATCH: usize = 64;
 
+/// The most jobs one expiry round ends.
+const EXPIRE_BATCH: usize = 512;
+
 /// Rows by id, as the database returned them.
 pub(super) type Rows = HashMap<String, JobRow>;
 
@@ -29,6 +32,36 @@ macro_rules! on_lane {
         };
         $conn.checked(result)
     }};
+}
+
+/// The numbered parameters of a statement that sets values on `rows` rows: `width` parameters
+/// per row from `$first` on, the row's id first, so that `CASE id WHEN $id THEN $value … END`
+/// picks each row's value and `id IN (…)` picks the rows.
+struct PerRow {
+    first: usize,
+    width: usize,
+    rows: usize,
+}
+
+impl PerRow {
+    fn param(&self, row: usize, k: usize) -> String {
+        format!("${}", self.first + self.width * row + k)
+    }
+
+    /// `CASE id WHEN $id THEN $value … END`, the value being each row's `k`-th parameter.
+    fn case(&self, k: usize) -> String {
+        let whens: String = (0..self.rows)
+            .map(|row| format!(" WHEN {} THEN {}", self.param(row, 0), self.param(row, k)))
+            .collect();
+        format!("CASE id{whens} END")
+    }
+
+    fn ids(&self) -> String {
+        (0..self.rows)
+            .map(|row| self.param(row, 0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 fn by_id(rows: Vec<JobRow>) -> Rows {
@@ -108,20 +141,17 @@ pub(super) async fn end_many(
     };
     let n = padded_len(items.len());
     // $1 status, $2 time; then per item: id, moveUrl, message.
-    let param = |i: usize, k: usize| format!("${}", 3 + 3 * i + k);
-    let cases = |k: usize| -> String {
-        (0..n)
-            .map(|i| format!(" WHEN {} THEN {}", param(i, 0), param(i, k)))
-            .collect()
+    let rows = PerRow {
+        first: 3,
+        width: 3,
+        rows: n,
     };
-    let ids: Vec<String> = (0..n).map(|i| param(i, 0)).collect();
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = $1, completed_at = $2, \
-         move_url = COALESCE(CASE id{} END, move_url), message = CASE id{} END \
-         WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
-        cases(1),
-        cases(2),
-        ids.join(", ")
+        "UPDATE jobs SET status = $1, completed_at = $2, move_url = COALESCE({}, move_url), \
+         message = {} WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
+        rows.case(1),
+        rows.case(2),
+        rows.ids()
     ));
     let changed: Vec<JobRow> = on_lane!(conn, e => {
         let mut query = sqlx::query_as(sql).bind(status.as_str()).bind(now_millis());
@@ -147,20 +177,19 @@ pub(super) async fn progress_many(
         return Ok(());
     };
     let n = padded_len(reports.len());
-    let param = |i: usize, k: usize| format!("${}", 1 + 4 * i + k);
-    let cases = |k: usize| -> String {
-        (0..n)
-            .map(|i| format!(" WHEN {} THEN {}", param(i, 0), param(i, k)))
-            .collect()
+    // Per report: id, percent, message, time.
+    let rows = PerRow {
+        first: 1,
+        width: 4,
+        rows: n,
     };
-    let ids: Vec<String> = (0..n).map(|i| param(i, 0)).collect();
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET progress_percent = CASE id{} END, progress_message = CASE id{} END, \
-         progress_at = CASE id{} END WHERE status = 'pending' AND id IN ({})",
-        cases(1),
-        cases(2),
-        cases(3),
-        ids.join(", ")
+        "UPDATE jobs SET progress_percent = {}, progress_message = {}, progress_at = {} \
+         WHERE status = 'pending' AND id IN ({})",
+        rows.case(1),
+        rows.case(2),
+        rows.case(3),
+        rows.ids()
     ));
     on_lane!(conn, e => {
         let mut query = sqlx::query(sql);
@@ -178,9 +207,12 @@ pub(super) async fn progress_many(
 /// Ends every pending job whose deadline has passed as `expired`; returns those it changed. A
 /// conditional update: of several instances sweeping at once, each job is changed by one.
 pub(super) async fn expire_due(conn: &mut LaneConn, now: i64) -> Result<Vec<JobRow>, sqlx::Error> {
+    // At most EXPIRE_BATCH a round, the earliest first, so one round after a long outage stays
+    // short; the outer `status = 'pending'` keeps each job to one instance on PostgreSQL too.
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = 'expired', completed_at = $1 \
-         WHERE status = 'pending' AND deadline <= $1 RETURNING {JOB_COLUMNS}"
+        "UPDATE jobs SET status = 'expired', completed_at = $1 WHERE status = 'pending' AND id IN \
+         (SELECT id FROM jobs WHERE status = 'pending' AND deadline <= $1 ORDER BY deadline \
+         LIMIT {EXPIRE_BATCH}) RETURNING {JOB_COLUMNS}"
     ));
     on_lane!(conn, e => sqlx::query_as(sql).bind(now).fetch_all(e).await)
 }

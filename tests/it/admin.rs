@@ -203,3 +203,62 @@ async fn an_admin_session_unused_for_the_idle_time_is_over_and_each_admin_reques
         "unused for 2 s, it is over"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_page_shows_state_progress_and_deadline_and_fails_a_job_with_a_message() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin_session().await;
+    let id = app.job_id().await;
+    let mut stream = app.connected_stream(&id).await;
+    let report = serde_json::json!({ "percent": 40, "message": "Rendering" });
+    let answer = app
+        .api_post(&format!("/api/jobs/{id}/progress"), Some(report))
+        .await;
+    assert_eq!(answer.status(), 200);
+    // The page reads the stored report, stored within a quarter of a second.
+    let shown = crate::support::eventually(WAIT, || async {
+        page_text(&admin, app.url("/admin"))
+            .await
+            .contains("40 % · Rendering")
+    });
+    assert!(shown.await, "the progress is listed");
+    let page = page_text(&admin, app.url("/admin")).await;
+    let row = page.split(&format!("data-job=\"{id}\"")).nth(1).unwrap();
+    let row = row.split("</tr>").next().unwrap();
+    let deadline = app.job(&id).await["deadline"].as_str().unwrap().to_owned();
+    assert!(row.contains("pending") && row.contains(&deadline), "{row}");
+    assert!(
+        row.contains(&format!("/admin/jobs/{id}/fail")),
+        "a Fail button: {row}"
+    );
+
+    let failed = post_form(
+        &admin,
+        app.url(&format!("/admin/jobs/{id}/fail")),
+        &[
+            ("csrf", csrf_of(&page).as_str()),
+            ("message", "Stopped by the operator"),
+        ],
+    )
+    .await;
+    assert_eq!(failed.status(), 303);
+    let (_, data) = loop {
+        let (event, data) = stream.next_event(WAIT).await.expect("the ending");
+        if event == "result" {
+            break (event, data);
+        }
+    };
+    assert_eq!(data["status"], "failed");
+    assert_eq!(data["message"], "Stopped by the operator");
+    let page = page_text(&admin, app.url("/admin")).await;
+    let row = page.split(&format!("data-job=\"{id}\"")).nth(1).unwrap();
+    let row = row.split("</tr>").next().unwrap();
+    assert!(
+        row.contains("failed") && row.contains("Stopped by the operator"),
+        "{row}"
+    );
+    assert!(
+        !row.contains("/fail\""),
+        "no Fail button on an ended job: {row}"
+    );
+}

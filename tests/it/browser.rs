@@ -1,6 +1,7 @@
 //! End to end in headless Chromium: page A → SSE → page B, directly and through the repository's
 //! nginx.conf over HTTP/1.1 and HTTP/2 (TLS), stream rotation, restarts, the polling fallback,
-//! unknown jobs, the admin page, and screenshots under `target/screenshots/`.
+//! unknown jobs, the admin page, a result address that would leave the site, and screenshots
+//! under `target/screenshots/`.
 //!
 //! Needs `chromium`, `chromium-driver` and `nginx` (scripts/test.sh installs them); a test fails
 //! saying what to install when one is missing.
@@ -9,16 +10,21 @@ use std::time::Duration;
 
 use fantoccini::wd::WindowHandle;
 use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::browser::{Browser, PATIENCE};
 use crate::support::nginx::Nginx;
 use crate::support::{TOKEN, TestApp, eventually};
 
-/// From the landing page at `origin`: start a demo job, wait on page A, complete it through the
-/// API, arrive on page B. Returns the job id.
+/// The landing page's button for a job that waits to be completed by hand.
+const MANUAL_JOB_BUTTON: &str = "form[action='/jobs']:has(input[value='manual']) button";
+
+/// From the landing page at `origin`: start a job that waits, wait on page A, complete it through
+/// the API, arrive on page B. Returns the job id.
 async fn demo_flow(browser: &Browser, app: &TestApp, origin: &str) -> String {
     browser.goto(&format!("{origin}/")).await;
-    browser.click("form[action='/jobs'] button").await;
+    browser.click(MANUAL_JOB_BUTTON).await;
     let id = browser.job_id().await;
     browser.wait_for_state("connected").await;
     assert_eq!(app.complete(&id).await.status(), 200);
@@ -122,83 +128,249 @@ async fn complete_and_expect_page_b(browser: &Browser, app: &TestApp, tabs: &[Ta
     }
 }
 
+/// Waits until every tab's page A is connected.
+async fn all_connected(browser: &Browser, tabs: &[Tab]) {
+    for (tab, _) in tabs {
+        browser.switch_to(tab).await;
+        browser.wait_for_state("connected").await;
+    }
+}
+
+/// For `secs` seconds the app never has more than `max` streams open.
+async fn streams_stay_at_most(app: &TestApp, max: f64, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        let open = app.metric("handoff_open_streams").await;
+        assert!(open <= max, "{open} streams open, expected at most {max}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The tab whose page A leads, holding the shared stream.
+async fn leader(browser: &Browser, tabs: &[Tab]) -> usize {
+    let script =
+        "return document.querySelector('[data-handoff-job]').getAttribute('data-handoff-leader');";
+    let mut leaders = Vec::new();
+    for (i, (tab, _)) in tabs.iter().enumerate() {
+        browser.switch_to(tab).await;
+        if browser.js_string(script).await.as_deref() == Some("yes") {
+            leaders.push(i);
+        }
+    }
+    assert_eq!(leaders.len(), 1, "one leader among the tabs: {leaders:?}");
+    leaders[0]
+}
+
+/// Completes the tabs' jobs in a shuffled order; each tab must reach its page B.
+async fn complete_in_random_order(browser: &Browser, app: &TestApp, tabs: &[Tab]) {
+    let mut order: Vec<usize> = (0..tabs.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rand::random_range(0..=i));
+    }
+    for i in order {
+        let (tab, id) = &tabs[i];
+        assert_eq!(app.complete(id).await.status(), 200);
+        browser.switch_to(tab).await;
+        browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    }
+}
+
+/// Twelve tabs on twelve jobs at `origin`: all load, share one stream (two during a handover),
+/// and each reaches page B as its job completes, in any order.
+async fn twelve_tabs_share_one_stream(app: &TestApp, browser: &Browser, origin: &str) -> Vec<Tab> {
+    let tabs = open_tabs(browser, app, origin, 12).await;
+    all_connected(browser, &tabs).await;
+    assert!(
+        app.metric_reaches("handoff_watched_jobs", 12.0, PATIENCE)
+            .await,
+        "the shared stream watches every tab's job"
+    );
+    streams_stay_at_most(app, 2.0, 2).await;
+    assert!(
+        app.metric_reaches("handoff_open_streams", 1.0, PATIENCE)
+            .await
+    );
+    complete_in_random_order(browser, app, &tabs).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+    tabs
+}
+
+/// Over HTTP/1.1 a browser opens at most six connections per host; with one stream per browser
+/// the seventh tab and beyond load as the first did.
 #[tokio::test(flavor = "multi_thread")]
-async fn eight_tabs_over_http2_all_hold_a_stream_and_all_reach_page_b() {
+async fn twelve_tabs_over_http1_all_load_share_one_stream_and_reach_page_b_in_any_order() {
     let app = TestApp::spawn().await;
     let nginx = Nginx::start(&[app.port]);
     let browser = Browser::start_without_waiting_for_loads().await;
-    let tabs = open_tabs(&browser, &app, &nginx.https_url(""), 8).await;
+    twelve_tabs_share_one_stream(&app, &browser, &nginx.plain_url("")).await;
+}
 
-    let all_open = app
-        .metric_reaches("handoff_open_streams", 8.0, PATIENCE)
+#[tokio::test(flavor = "multi_thread")]
+async fn twelve_tabs_over_http2_share_one_stream_and_reach_page_b_in_any_order() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(&[app.port]);
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let tabs = open_tabs(&browser, &app, &nginx.https_url(""), 1).await;
+    assert_eq!(browser.protocol().await, "h2");
+    drop(tabs);
+    twelve_tabs_share_one_stream(&app, &browser, &nginx.https_url("")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_completed_while_its_leader_tab_closes_still_reaches_its_tab() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let tabs = open_tabs(&browser, &app, &app.base, 3).await;
+    all_connected(&browser, &tabs).await;
+    let lead = leader(&browser, &tabs).await;
+    let others: Vec<Tab> = tabs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != lead)
+        .map(|(_, tab)| tab.clone())
+        .collect();
+    browser.switch_to(&tabs[lead].0).await;
+    browser
+        .client
+        .close_window()
+        .await
+        .expect("closing the leader's tab");
+    // Between the close and the takeover: no stream is there to carry this completion.
+    assert_eq!(app.complete(&others[0].1).await.status(), 200);
+    browser.switch_to(&others[0].0).await;
+    browser
+        .wait_for_url(&format!("/test.do?id={}", others[0].1))
         .await;
-    assert!(all_open, "one HTTP/2 connection carries all eight streams");
-    for (tab, _) in &tabs {
-        browser.switch_to(tab).await;
-        browser.wait_for_state("connected").await;
-        assert_eq!(browser.protocol().await, "h2");
-    }
-    complete_and_expect_page_b(&browser, &app, &tabs).await;
+    complete_in_random_order(&browser, &app, &others[1..]).await;
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }
 
-/// Chromium opens at most six HTTP/1.1 connections per host. Six tabs hold them with their event
-/// streams; the seventh and eighth tab's page loads wait, with no error, until earlier tabs leave.
-/// If a browser release changes this, this test says so.
 #[tokio::test(flavor = "multi_thread")]
-async fn eight_tabs_over_http1_hold_six_streams_and_the_other_two_wait_their_turn() {
+async fn a_tab_opened_while_others_wait_joins_the_shared_stream_and_reaches_page_b() {
     let app = TestApp::spawn().await;
-    let nginx = Nginx::start(&[app.port]);
     let browser = Browser::start_without_waiting_for_loads().await;
-    let origin = nginx.plain_url("");
-    let mut tabs = open_tabs(&browser, &app, &origin, 6).await;
-    for (tab, _) in &tabs {
+    let mut tabs = open_tabs(&browser, &app, &app.base, 2).await;
+    all_connected(&browser, &tabs).await;
+    tabs.push(open_page_a(&browser, &app, &app.base, true).await);
+    browser.wait_for_state("connected").await;
+    assert!(
+        app.metric_reaches("handoff_watched_jobs", 3.0, PATIENCE)
+            .await
+    );
+    assert!(
+        app.metric_reaches("handoff_open_streams", 1.0, PATIENCE)
+            .await
+    );
+    complete_in_random_order(&browser, &app, &tabs).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_whose_job_vanished_says_so_while_the_others_keep_waiting() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let mut tabs = open_tabs(&browser, &app, &app.base, 2).await;
+    all_connected(&browser, &tabs).await;
+    // The job is gone from the store (as after its retention); a new tab makes the leader
+    // reopen its stream, which reads every job again.
+    let gone = tabs[0].1.clone();
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&app.database_url)
+        .await
+        .expect("the test's SQLite file");
+    sqlx::query("DELETE FROM jobs WHERE id = $1")
+        .bind(&gone)
+        .execute(&mut db)
+        .await
+        .expect("deleting the job");
+    tabs.push(open_page_a(&browser, &app, &app.base, true).await);
+    browser.switch_to(&tabs[0].0).await;
+    browser.wait_for_state("unknown").await;
+    for (tab, _) in &tabs[1..] {
         browser.switch_to(tab).await;
         browser.wait_for_state("connected").await;
     }
-    for _ in 0..2 {
-        tabs.push(open_page_a(&browser, &app, &origin, true).await);
-    }
+    complete_in_random_order(&browser, &app, &tabs[1..]).await;
+}
 
-    // For three seconds the app sees six streams, never more: tabs 7 and 8 are queued in the browser.
-    let six = app
-        .metric_reaches("handoff_open_streams", 6.0, PATIENCE)
-        .await;
-    assert!(six, "six tabs hold six streams");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while tokio::time::Instant::now() < deadline {
-        let open = app.metric("handoff_open_streams").await;
-        assert!(
-            open <= 6.0,
-            "{open} streams over HTTP/1.1: the 6-connection limit is gone"
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_sharing_apis_each_tab_has_its_own_stream_and_all_arrive() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let mut tabs = Vec::new();
+    for i in 0..3 {
+        let id = app.job_id().await;
+        let tab = if i == 0 {
+            browser.client.window().await.expect("the current tab")
+        } else {
+            browser.new_tab().await
+        };
+        browser.remove_sharing_from_new_pages().await;
+        browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+        assert_eq!(
+            browser.js("return typeof window.BroadcastChannel;").await,
+            json!("undefined")
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tabs.push((tab, id));
     }
+    all_connected(&browser, &tabs).await;
+    assert!(
+        app.metric_reaches("handoff_open_streams", 3.0, PATIENCE)
+            .await,
+        "one stream per tab"
+    );
+    complete_in_random_order(&browser, &app, &tabs).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+/// Web Locks exist only in secure contexts; on a plain-HTTP origin that is not localhost the tabs
+/// elect their leader with heartbeats over the BroadcastChannel instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_plain_http_origin_without_web_locks_tabs_still_share_one_stream() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let origin = format!("http://handoff.test:{}", app.port);
+    let tabs = open_tabs(&browser, &app, &origin, 4).await;
+    all_connected(&browser, &tabs).await;
     assert_eq!(
-        app.metric("handoff_watched_jobs").await,
-        6.0,
-        "jobs 7 and 8 are not watched yet"
+        browser.js("return window.isSecureContext;").await,
+        json!(false)
+    );
+    assert_eq!(
+        browser.js("return typeof navigator.locks;").await,
+        json!("undefined")
+    );
+    assert!(
+        app.metric_reaches("handoff_watched_jobs", 4.0, PATIENCE)
+            .await
+    );
+    streams_stay_at_most(&app, 2.0, 2).await;
+    assert!(
+        app.metric_reaches("handoff_open_streams", 1.0, PATIENCE)
+            .await
     );
 
-    // Two tabs leave for page B; the two waiting tabs get their connections and their streams.
-    complete_and_expect_page_b(&browser, &app, &tabs[..2]).await;
-    for (tab, _) in &tabs[6..] {
-        browser.switch_to(tab).await;
-        browser.wait_for_state("connected").await;
-    }
-    complete_and_expect_page_b(&browser, &app, &tabs[2..]).await;
-    assert_eq!(
-        browser.console_errors().await,
-        Vec::<String>::new(),
-        "waiting for a connection is silent"
-    );
+    // The leader's tab goes; another takes over and a job completed meanwhile still arrives.
+    let lead = leader(&browser, &tabs).await;
+    browser.switch_to(&tabs[lead].0).await;
+    browser
+        .client
+        .close_window()
+        .await
+        .expect("closing the leader's tab");
+    let rest: Vec<Tab> = tabs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != lead)
+        .map(|(_, tab)| tab.clone())
+        .collect();
+    complete_in_random_order(&browser, &app, &rest).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }
 
 /// The protocol of each event stream the current page has finished, as the browser's Resource
 /// Timing records them (Chromium adds an EventSource's entry when its stream ends).
 async fn stream_protocols(browser: &Browser) -> Vec<String> {
     let script = "return performance.getEntriesByType('resource')\
-                  .filter(e => e.name.includes('/sse/connect/')).map(e => e.nextHopProtocol);";
+                  .filter(e => e.name.includes('/sse/')).map(e => e.nextHopProtocol);";
     serde_json::from_value(browser.js(script).await).expect("a list of protocols")
 }
 
@@ -407,6 +579,111 @@ async fn completing_a_job_on_the_admin_page_moves_the_waiting_tab_to_page_b() {
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }
 
+/// A site of the test's own on 127.0.0.1 serving page A with a copy of the real handoff.js, whose
+/// stream `/stream/{n}` sends one result with `move_urls[n]`: addresses Handoff itself refuses to
+/// store, as a compromised or mistaken server could still send them. `/landed` is a page of its
+/// own. Stops with the test's runtime.
+async fn site_sending(move_urls: &[&str]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let origin = format!("http://{}", listener.local_addr().expect("its address"));
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/static/handoff.js"))
+        .expect("static/handoff.js");
+    let events: Vec<String> = move_urls
+        .iter()
+        .map(|url| json!({ "status": "result", "moveUrl": url }).to_string())
+        .collect();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(answer_site_request(socket, script.clone(), events.clone()));
+        }
+    });
+    origin
+}
+
+async fn answer_site_request(mut socket: TcpStream, script: String, events: Vec<String>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let (content_type, body) = if let Some(n) = path.strip_prefix("/page/") {
+        let page = format!(
+            "<!doctype html><html><head><title>page A</title>\
+             <script src=\"/handoff.js\" defer></script></head><body>\
+             <main data-handoff-job=\"job\" data-handoff-stream=\"/stream/{n}\">\
+             <p data-handoff-status></p></main></body></html>"
+        );
+        ("text/html", page)
+    } else if path == "/handoff.js" {
+        ("text/javascript", script)
+    } else if let Some(event) = path
+        .strip_prefix("/stream/")
+        .and_then(|n| events.get(n.parse::<usize>().ok()?))
+    {
+        let stream = format!("retry: 60000\n\nevent: result\ndata: {event}\n\n");
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                    Cache-Control: no-cache\r\n\r\n";
+        let _ = socket.write_all(format!("{head}{stream}").as_bytes()).await;
+        // Held open, as a stream waiting for more would be: only the event ends the wait.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        return;
+    } else if path.starts_with("/landed") {
+        (
+            "text/html",
+            "<!doctype html><title>landed</title>landed".to_owned(),
+        )
+    } else {
+        let _ = socket
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await;
+        return;
+    };
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = socket.write_all(answer.as_bytes()).await;
+}
+
+/// The browser reads a tab or a newline out of a URL and a backslash as a slash, so a check on
+/// the raw text ("one leading slash, no backslash") let `/<tab>/evil.example` through to
+/// `//evil.example`. handoff.js resolves the address as the browser will and compares origins.
+#[tokio::test(flavor = "multi_thread")]
+async fn page_a_refuses_a_result_address_that_would_leave_the_site() {
+    let leaving = [
+        "/\t/evil.example",
+        "/\n/evil.example",
+        "/\\evil.example",
+        "/\t\\evil.example",
+        "//evil.example",
+        "https://evil.example/",
+    ];
+    let mut move_urls = leaving.to_vec();
+    move_urls.push("/landed?after=all");
+    let origin = site_sending(&move_urls).await;
+    let browser = Browser::start().await;
+    for (n, move_url) in leaving.iter().enumerate() {
+        let page_a = format!("{origin}/page/{n}");
+        browser.goto(&page_a).await;
+        browser.wait_for_state("invalid").await;
+        assert_eq!(browser.url().await, page_a, "{move_url:?} moved the tab");
+        let status = browser.status_text().await.unwrap_or_default();
+        assert!(status.contains("not valid"), "{move_url:?}: {status}");
+    }
+    // The same page and stream follow an address on the site.
+    browser
+        .goto(&format!("{origin}/page/{}", leaving.len()))
+        .await;
+    let url = browser.wait_for_url("/landed").await;
+    assert_eq!(url, format!("{origin}/landed?after=all"));
+}
+
 async fn log_in(browser: &Browser, app: &TestApp) {
     browser.goto(&app.url("/admin")).await;
     browser
@@ -452,7 +729,7 @@ async fn screenshots_show_finished_pages_on_a_desktop_and_on_a_phone() {
         browser.goto(&app.url("/")).await;
         snapshot(&browser, &format!("landing{suffix}")).await;
 
-        browser.click("form[action='/jobs'] button").await;
+        browser.click(MANUAL_JOB_BUTTON).await;
         let id = browser.job_id().await;
         browser.wait_for_state("connected").await;
         let spinner = "return getComputedStyle(document.querySelector('.spinner')).animationName;";
@@ -479,4 +756,126 @@ async fn screenshots_show_finished_pages_on_a_desktop_and_on_a_phone() {
         }
         snapshot(&browser, &format!("admin{suffix}")).await;
     }
+}
+
+/// Page A's bar: its value (`None` while indeterminate) and the message under it.
+async fn progress_bar(browser: &Browser) -> (Option<f64>, String) {
+    let bar = browser
+        .js(
+            "const p = document.querySelector('progress[data-handoff-progress]'); \
+             return p.hasAttribute('value') ? p.value : null;",
+        )
+        .await;
+    let message = browser
+        .js_string("return document.querySelector('[data-handoff-message]').textContent;")
+        .await
+        .unwrap_or_default();
+    (bar.as_f64(), message)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn page_a_shows_a_progress_bar_at_40_percent_with_its_message_then_moves_on_completion() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    for (phone, suffix) in [(false, ""), (true, "-phone")] {
+        browser.phone(phone).await;
+        let id = app.job_id().await;
+        browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+        browser.wait_for_state("connected").await;
+        assert_eq!(
+            progress_bar(&browser).await,
+            (None, String::new()),
+            "indeterminate at first"
+        );
+        let report = json!({ "percent": 40, "message": "Rendering page 3 of 7" });
+        let answer = app
+            .api_post(&format!("/api/jobs/{id}/progress"), Some(report))
+            .await;
+        assert_eq!(answer.status(), 200);
+        browser.wait_for_state("progress").await;
+        assert_eq!(
+            progress_bar(&browser).await,
+            (Some(40.0), "Rendering page 3 of 7".to_owned())
+        );
+        let spoken = browser
+            .js_string("return document.querySelector('progress').getAttribute('aria-valuetext');")
+            .await
+            .unwrap_or_default();
+        assert_eq!(
+            spoken, "40 %, Rendering page 3 of 7",
+            "screen readers hear it"
+        );
+        let status = browser.status_text().await.unwrap_or_default();
+        assert!(status.contains("40 %"), "{status}");
+        snapshot(&browser, &format!("page-a-progress{suffix}")).await;
+
+        assert_eq!(app.complete(&id).await.status(), 200);
+        browser.wait_for_url(&format!("/test.do?id={id}")).await;
+        assert!(browser.text().await.contains("Job complete"));
+    }
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_job_from_the_landing_page_shows_its_progress_and_reaches_page_b_by_itself() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    browser.click("form[action='/jobs'] button").await;
+    browser.wait_for_state("progress").await;
+    let (percent, message) = progress_bar(&browser).await;
+    assert!(percent.is_some_and(|p| p > 0.0 && p < 100.0), "{percent:?}");
+    assert!(message.starts_with("Step "), "{message}");
+    let id = browser.job_id().await;
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    assert!(browser.text().await.contains("Job complete"));
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_job_moves_the_tab_to_page_b_which_shows_the_message_as_text() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    let id = app.job_id().await;
+    browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+    browser.wait_for_state("connected").await;
+    let why = "Payment declined <b>by the bank</b> & retried";
+    let answer = app
+        .api_post(
+            &format!("/api/jobs/{id}/fail"),
+            Some(json!({ "message": why })),
+        )
+        .await;
+    assert_eq!(answer.status(), 200);
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    let text = browser.text().await;
+    assert!(text.contains("The job failed"), "{text}");
+    assert!(
+        text.contains(why),
+        "the message, markup shown as text: {text}"
+    );
+    let bold = browser
+        .js("return document.querySelectorAll('main b').length;")
+        .await;
+    assert_eq!(bold, json!(0), "no markup from the message");
+    snapshot(&browser, "page-b-failed").await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_expires_moves_the_tab_to_page_b_which_says_so() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start().await;
+    let created = app
+        .api_post("/api/jobs", Some(json!({ "deadlineSecs": 2 })))
+        .await;
+    let id = created.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+    browser.wait_for_url(&format!("/test.do?id={id}")).await;
+    let text = browser.text().await;
+    assert!(text.contains("The job expired"), "{text}");
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }

@@ -14,12 +14,14 @@ async fn connect_then_complete_delivers_the_result_and_ends_the_stream() {
     let connect = stream.next_result(WAIT).await.unwrap();
     assert_eq!(
         connect,
-        serde_json::json!({"status": "connect", "moveUrl": ""})
+        serde_json::json!({"status": "connect", "moveUrl": "", "id": id})
     );
     assert_eq!(app.complete(&id).await.status(), 200);
     let result = stream.next_result(WAIT).await.unwrap();
-    assert_eq!(result["status"], "result");
-    assert_eq!(result["moveUrl"], format!("/test.do?id={id}"));
+    assert_eq!(
+        result,
+        serde_json::json!({"status": "result", "moveUrl": format!("/test.do?id={id}"), "id": id})
+    );
     assert_eq!(stream.next_block(WAIT).await, None);
 }
 

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use sqlx::Connection as _;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -161,13 +160,7 @@ async fn a_locked_sqlite_file_answers_503_and_recovers_when_the_lock_goes() {
     let mut stream = app.connected_stream(&id).await;
 
     // Another process takes the write lock and keeps it.
-    let mut locker = sqlx::SqliteConnection::connect(&app.database_url)
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = app.lock_sqlite_writes().await;
     let answer = app.complete(&id).await;
     assert_eq!(answer.status(), 503);
     assert!(answer.headers().contains_key("retry-after"));

@@ -81,7 +81,7 @@ async fn raw(
 
 /// Every job as stored, to prove hostile requests changed nothing.
 async fn snapshot(app: &TestApp) -> Vec<handoff::domain::Job> {
-    let store = Store::connect(&app.database_url)
+    let store = Store::connect(&app.database_url, handoff::config::DEFAULT_WRITE_QUEUE)
         .await
         .expect("open the test database");
     store.recent_jobs(1000, 0).await.expect("list jobs")

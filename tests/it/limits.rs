@@ -1,4 +1,5 @@
-//! Limits: the server-wide stream cap, the per-client cap and whose address counts; retention.
+//! Limits: the server-wide stream cap, the per-client cap and whose address counts; the write
+//! lane's room for creations and for completions; retention.
 
 use std::time::Duration;
 
@@ -137,6 +138,76 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     assert_eq!(
         third.response_status, 429,
         "all three come from 127.0.0.1, whatever they claim"
+    );
+}
+
+/// The write lane's waiting requests of one kind, from `/metrics`.
+async fn writes_waiting(app: &TestApp, kind: &str) -> f64 {
+    app.metric(&format!("handoff_writes_waiting{{kind=\"{kind}\"}}"))
+        .await
+}
+
+/// With SQLite's write lock held by another process, the write lane cannot write and what comes
+/// meanwhile queues: creations fill their room and the rest are refused at once, while a
+/// completion finds room of its own, waits, and goes through once the lock goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_creations_gets_503_while_a_completion_keeps_its_room_and_goes_through() {
+    const ROOM: usize = 8;
+    const FLOOD: usize = 40;
+    let app = TestApp::spawn_with(|c| c.write_queue = ROOM).await;
+    let id = app.job_id().await;
+    let mut stream = app.connected_stream(&id).await;
+
+    // Held for well under the lane's 5 s busy timeout: the lane waits instead of failing.
+    let mut locker = app.lock_sqlite_writes().await;
+    let flood: Vec<_> = (0..FLOOD)
+        .map(|_| {
+            let (client, base) = (app.client.clone(), app.base.clone());
+            tokio::spawn(async move { support::post_job(&client, &base, None).await })
+        })
+        .collect();
+    let full = support::eventually(WAIT, || async {
+        writes_waiting(&app, "create").await == ROOM as f64
+    });
+    assert!(full.await, "the creations fill their room");
+
+    let completion = tokio::spawn({
+        let (client, base, id) = (app.client.clone(), app.base.clone(), id.clone());
+        async move { support::complete_at(&client, &base, &id, None).await }
+    });
+    let queued = support::eventually(WAIT, || async { writes_waiting(&app, "end").await == 1.0 });
+    assert!(queued.await, "the completion waits in a room of its own");
+    let late = support::post_job(&app.client, &app.base, None).await;
+    assert_eq!(late.status(), 503, "the creations' room is still full");
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+
+    assert_eq!(completion.await.unwrap().status(), 200);
+    let result = stream.next_result(WAIT).await.expect("the result");
+    assert_eq!(result["status"], "result");
+    let (mut created, mut refused) = (0, 0);
+    for answer in flood {
+        let answer = answer.await.unwrap();
+        match answer.status().as_u16() {
+            201 => created += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(answer.headers()["retry-after"], "1");
+                let body: Value = answer.json().await.unwrap();
+                let error = body["error"].as_str().unwrap();
+                assert!(
+                    error.contains(&format!("{ROOM} job creations are waiting")),
+                    "{error}"
+                );
+            }
+            other => panic!("a creation answered {other}"),
+        }
+    }
+    // At most a room's worth waited and a room's worth was taken into the blocked batch.
+    assert!(created <= 2 * ROOM, "{created} created");
+    assert_eq!(created + refused, FLOOD);
+    assert!(
+        app.metric_reaches("handoff_writes_waiting{kind=\"create\"}", 0.0, WAIT)
+            .await
     );
 }
 

@@ -3,7 +3,8 @@
 //! instances starting together on one fresh database migrate it safely. Through the repository's
 //! nginx.conf, a client whose instance dies reconnects to the other; in Chromium, page A on one
 //! instance reaches page B when the job completes through the other; a completion, unlike a job
-//! creation, is passed on when an instance dies after reading it.
+//! creation, is passed on when an instance dies after reading it. Messages on the channel that
+//! no instance signed (published with `redis-cli`) move no browser.
 //!
 //! The outage tests run their own `redis-server` on a free port, so killing or restarting it
 //! disturbs nobody else; the others use the shared Redis at 127.0.0.1:6379 on a channel of
@@ -132,6 +133,11 @@ impl Instance {
 
     async fn metric(&self, name: &str) -> f64 {
         support::metric(&self.client, &self.base, name).await
+    }
+
+    /// Whether metric `name` reaches `value` within [`WAIT`].
+    async fn metric_reaches(&self, name: &str, value: f64) -> bool {
+        eventually(WAIT, || async { self.metric(name).await == value }).await
     }
 }
 
@@ -553,6 +559,91 @@ async fn a_completion_whose_publish_failed_reaches_a_subscribed_instance_at_its_
     );
 }
 
+/// Publishes `message` on `channel` of the shared Redis with the `redis-cli` binary, as anyone
+/// who reached that Redis could; returns how many subscribers received it.
+fn publish_with_redis_cli(channel: &str, message: &str) -> u64 {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379", "PUBLISH", channel, message])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): run scripts/test.sh"));
+    assert!(output.status.success(), "redis-cli: {output:?}");
+    let answer = String::from_utf8_lossy(&output.stdout);
+    answer
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("redis-cli answered {answer:?}"))
+}
+
+/// `payload` signed as Handoff signs its messages (`v1.<tag>.<payload>`), but with `key`.
+fn signed_with(key: &[u8], channel: &str, payload: &str) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(channel.as_bytes());
+    mac.update(&[0]);
+    mac.update(payload.as_bytes());
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("v1.{tag}.{payload}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn forged_messages_on_the_channel_move_no_browser_and_are_counted() {
+    let redis_url = shared_redis().await;
+    let db = FreshDb::postgres().await;
+    let channel = fresh_channel();
+    let one = Instance::start(&db, Some(redis_url), &channel);
+    let two = Instance::start(&db, Some(redis_url), &channel);
+    one.wait_healthy().await;
+    two.wait_healthy().await;
+    let id = one.job_id().await;
+    let mut waiting = one.connected_stream(&id).await;
+
+    let elsewhere = format!(r#"{{"id":"{id}","moveUrl":"/jobs/elsewhere"}}"#);
+    let forged =
+        format!(r#"{{"id":"{id}","kind":"complete","moveUrl":"/jobs/elsewhere","from":"forger"}}"#);
+    for message in [
+        elsewhere,
+        signed_with(b"a key of another deployment", &channel, &forged),
+    ] {
+        assert_eq!(
+            publish_with_redis_cli(&channel, &message),
+            2,
+            "both instances are subscribed and got {message}"
+        );
+    }
+    // Each subscriber handles messages in order: once both are counted, both are behind it.
+    // (Asserted at the end, so that a build that acts on them fails on what a browser sees.)
+    for instance in [&one, &two] {
+        instance
+            .metric_reaches("handoff_fanout_rejected_total", 2.0)
+            .await;
+        let job = support::job_at(&instance.client, &instance.base, &id).await;
+        assert_eq!(job["status"], "pending", "{job}");
+    }
+    // A stream opened now is not answered from the hub: nothing there holds the forged ending.
+    let mut joining = one.connected_stream(&id).await;
+
+    assert_eq!(two.complete(&id).await, 200);
+    for stream in [&mut waiting, &mut joining] {
+        let result = stream.next_result(WAIT).await.expect("a result");
+        assert_eq!(
+            result["moveUrl"],
+            format!("/test.do?id={id}"),
+            "the first result is the real one: {result}"
+        );
+    }
+    for instance in [&one, &two] {
+        let rejected = instance.metric("handoff_fanout_rejected_total").await;
+        assert_eq!(rejected, 2.0, "{} counts both forgeries", instance.base);
+    }
+    assert_eq!(
+        one.metric("handoff_resync_deliveries_total").await,
+        0.0,
+        "the real completion came over Redis, signed"
+    );
+}
+
 /// Polls both instances' `/metrics` until exactly one holds the one open stream; returns its index.
 async fn instance_holding_the_stream(instances: &[Instance; 2]) -> usize {
     let deadline = Instant::now() + WAIT;
@@ -808,4 +899,88 @@ async fn nginx_retries_a_completion_but_not_a_job_creation_that_an_instance_took
         nginx.error_log()
     );
     assert_eq!(live.metric("handoff_jobs_completed_total").await, 10.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell_their_tabs() {
+    let redis = RedisServer::start().await;
+    let db = FreshDb::postgres().await;
+    let (one, two) = two_instances(&db, &redis.url()).await;
+    // This Redis serves this test alone: every channel on it is the instances' channel.
+    let mut listener = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    listener.psubscribe("*").await.unwrap();
+    let mut published = listener.into_on_message();
+
+    let created = one
+        .client
+        .post(one.url("/api/jobs"))
+        .bearer_auth(support::TOKEN)
+        .json(&serde_json::json!({ "deadlineSecs": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let id = created.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut on_one = one.connected_stream(&id).await;
+    let mut on_two = two.connected_stream(&id).await;
+    for stream in [&mut on_one, &mut on_two] {
+        let result = stream.next_result(Duration::from_secs(6)).await.unwrap();
+        assert_eq!(result["status"], "expired", "{result}");
+    }
+
+    // Both instances sweep; the conditional update gives the job to one, which publishes once.
+    let mut expiries = 0;
+    let quiet_for = Duration::from_secs(2);
+    while let Ok(Some(message)) = tokio::time::timeout(quiet_for, published.next()).await {
+        let payload = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
+        if payload.contains(&id) && payload.contains("expired") {
+            expiries += 1;
+        }
+    }
+    assert_eq!(expiries, 1, "one expiry published");
+    let stored: f64 = one.metric("handoff_jobs_expired_total").await
+        + two.metric("handoff_jobs_expired_total").await;
+    assert_eq!(stored, 1.0, "one instance expired it");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other() {
+    let redis = RedisServer::start().await;
+    let db = FreshDb::postgres().await;
+    let (one, two) = two_instances(&db, &redis.url()).await;
+    let id = one.job_id().await;
+    let mut stream = two.connected_stream(&id).await;
+    let api = |path: String, body: serde_json::Value| {
+        let request = one.client.post(one.url(&path)).bearer_auth(support::TOKEN);
+        async move { request.json(&body).send().await.unwrap().status() }
+    };
+    let report = serde_json::json!({ "percent": 40, "message": "Rendering" });
+    assert_eq!(api(format!("/api/jobs/{id}/progress"), report).await, 200);
+    let (event, data) = stream.next_event(WAIT).await.unwrap();
+    assert_eq!(
+        (event.as_str(), &data["percent"]),
+        ("progress", &serde_json::json!(40.0))
+    );
+    let why = serde_json::json!({ "message": "Out of paper" });
+    assert_eq!(api(format!("/api/jobs/{id}/fail"), why).await, 200);
+    let (event, data) = stream.next_event(WAIT).await.unwrap();
+    assert_eq!(event, "result");
+    assert_eq!(
+        (data["status"].as_str(), data["message"].as_str()),
+        (Some("failed"), Some("Out of paper"))
+    );
+    assert_eq!(
+        two.metric("handoff_resync_deliveries_total").await,
+        0.0,
+        "it came over Redis"
+    );
 }

@@ -277,6 +277,17 @@ impl Browser {
         .await;
     }
 
+    /// From the next page load on, the current tab's pages start without `BroadcastChannel`, so
+    /// `handoff.js` cannot share one stream between tabs.
+    pub async fn remove_sharing_from_new_pages(&self) {
+        let source = "delete window.BroadcastChannel;";
+        self.cdp(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({ "source": source }),
+        )
+        .await;
+    }
+
     /// Emulates a phone (390 × 844 CSS pixels, mobile viewport), or back to the desktop window.
     pub async fn phone(&self, on: bool) {
         if on {
@@ -347,6 +358,8 @@ fn capabilities(
         // The TLS tests use a certificate made at test time.
         "--ignore-certificate-errors",
         "--window-size=1280,900",
+        // A name that is not localhost: a plain-HTTP origin that is not a secure context.
+        "--host-resolver-rules=MAP handoff.test 127.0.0.1",
     ]
     .iter()
     .map(|arg| arg.to_string())

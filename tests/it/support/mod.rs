@@ -199,6 +199,17 @@ impl TestApp {
         job_id_at(&self.client, &self.base).await
     }
 
+    /// `POST path` on the API with the token and, when given, `body` as JSON; the answer as it
+    /// comes.
+    pub async fn api_post(&self, path: &str, body: Option<Value>) -> reqwest::Response {
+        let request = self.client.post(self.url(path)).bearer_auth(TOKEN);
+        let request = match body {
+            Some(body) => request.json(&body),
+            None => request,
+        };
+        request.send().await.expect("API request")
+    }
+
     /// Completes job `id` through the API, with no body.
     pub async fn complete(&self, id: &str) -> reqwest::Response {
         complete_at(&self.client, &self.base, id, None).await
@@ -243,6 +254,20 @@ impl TestApp {
         let login = post_form(&admin, self.url("/admin/login"), &[("token", TOKEN)]).await;
         assert_eq!(login.status(), 303, "logging in on the admin page");
         admin
+    }
+
+    /// Takes the app's SQLite write lock from a connection of its own, as another process
+    /// would, and keeps it until `ROLLBACK` on what this returns: the app's writes wait (up to
+    /// their 5 s busy timeout) and then fail, while its reads go on.
+    pub async fn lock_sqlite_writes(&self) -> sqlx::SqliteConnection {
+        let mut locker = sqlx::SqliteConnection::connect(&self.database_url)
+            .await
+            .expect("a second connection to the SQLite file");
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut locker)
+            .await
+            .expect("the write lock");
+        locker
     }
 
     /// Whether metric `name` reaches `value` within `within` (polled every 20 ms).
@@ -512,6 +537,20 @@ impl SseReader {
                             .result()
                             .unwrap_or_else(|| panic!("not a result event: {block:?}")),
                     );
+                }
+            }
+        }
+    }
+
+    /// The next event of any name with its parsed data, skipping comments; `None` at the end.
+    pub async fn next_event(&mut self, within: Duration) -> Option<(String, Value)> {
+        loop {
+            match self.next_block(within).await? {
+                SseBlock::Comment(_) | SseBlock::Retry(_) => continue,
+                SseBlock::Event { event, data } => {
+                    let data = serde_json::from_str(&data)
+                        .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}"));
+                    return Some((event, data));
                 }
             }
         }
