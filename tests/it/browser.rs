@@ -866,13 +866,7 @@ async fn a_failed_job_moves_the_tab_to_page_b_which_shows_the_message_as_text() 
 async fn a_job_that_expires_moves_the_tab_to_page_b_which_says_so() {
     let app = TestApp::spawn().await;
     let browser = Browser::start().await;
-    let created = app
-        .api_post("/api/jobs", Some(json!({ "deadlineSecs": 2 })))
-        .await;
-    let id = created.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = app.job_with_deadline(2).await;
     browser.goto(&app.url(&format!("/jobs/{id}"))).await;
     browser.wait_for_url(&format!("/test.do?id={id}")).await;
     let text = browser.text().await;

@@ -131,12 +131,7 @@ async fn a_failed_job_tells_its_stream_and_page_b_shows_the_message_escaped() {
     );
     assert_eq!(stream.next_block(WAIT).await, None);
 
-    let page = app
-        .get(&format!("/test.do?id={id}"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = app.page_b(&id).await;
     assert!(page.contains("The job failed"), "{page}");
     assert!(
         page.contains("Disk &#60;full&#62; &#38; &#34;stuck&#34;"),
@@ -153,14 +148,7 @@ async fn a_failed_job_tells_its_stream_and_page_b_shows_the_message_escaped() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_pending_at_its_deadline_expires_within_a_second_and_its_stream_is_told() {
     let app = TestApp::spawn().await;
-    let created = app
-        .api_post("/api/jobs", Some(json!({ "deadlineSecs": 2 })))
-        .await;
-    assert_eq!(created.status(), 201);
-    let id = created.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = app.job_with_deadline(2).await;
     let started = Instant::now();
     let mut stream = app.connected_stream(&id).await;
     let (event, data) = stream.next_event(Duration::from_secs(6)).await.unwrap();
@@ -175,12 +163,7 @@ async fn a_job_pending_at_its_deadline_expires_within_a_second_and_its_stream_is
         "expired {took:?} after creation, for a 2 s deadline"
     );
     assert_eq!(app.job(&id).await["status"], "expired");
-    let page = app
-        .get(&format!("/test.do?id={id}"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = app.page_b(&id).await;
     assert!(page.contains("The job expired"), "{page}");
     assert_eq!(app.metric("handoff_jobs_expired_total").await, 1.0);
 }
@@ -222,13 +205,7 @@ async fn every_state_conflict_answers_409_saying_which_state() {
 #[tokio::test(flavor = "multi_thread")]
 async fn completing_an_expired_job_answers_409() {
     let app = TestApp::spawn().await;
-    let created = app
-        .api_post("/api/jobs", Some(json!({ "deadlineSecs": 1 })))
-        .await;
-    let id = created.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = app.job_with_deadline(1).await;
     assert!(
         crate::support::eventually(Duration::from_secs(5), || async {
             app.job(&id).await["status"] == "expired"

@@ -210,6 +210,26 @@ impl TestApp {
         request.send().await.expect("API request")
     }
 
+    /// Creates a job through the API that expires `secs` after its creation; returns its id.
+    pub async fn job_with_deadline(&self, secs: u64) -> String {
+        let created = self
+            .api_post(
+                "/api/jobs",
+                Some(serde_json::json!({ "deadlineSecs": secs })),
+            )
+            .await;
+        assert_eq!(created.status(), 201, "creating a job with a deadline");
+        let job: Value = created.json().await.expect("job JSON");
+        job["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// Page B of job `id`, as HTML.
+    pub async fn page_b(&self, id: &str) -> String {
+        let page = self.get(&format!("/test.do?id={id}")).await;
+        assert_eq!(page.status(), 200, "page B of {id}");
+        page.text().await.expect("page B's HTML")
+    }
+
     /// Completes job `id` through the API, with no body.
     pub async fn complete(&self, id: &str) -> reqwest::Response {
         complete_at(&self.client, &self.base, id, None).await
