@@ -157,6 +157,8 @@ pub struct ResultQuery {
 #[derive(Template)]
 #[template(path = "result.html")]
 struct ResultPage {
+    /// Whether the demo form is on, to offer another demo job.
+    demo: bool,
     id: JobId,
     created_at: String,
     completed_at: String,
@@ -174,6 +176,7 @@ struct PendingPage {
 #[derive(Template)]
 #[template(path = "ended.html")]
 struct EndedPage {
+    demo: bool,
     id: JobId,
     failed: bool,
     message: Option<String>,
@@ -196,6 +199,7 @@ pub async fn result(
         JobStatus::Complete => html(
             StatusCode::OK,
             &ResultPage {
+                demo: state.demo.is_some(),
                 move_url: job.move_url.as_ref().map(ToString::to_string),
                 id: job.id,
                 created_at: rfc3339(job.created_at),
@@ -205,6 +209,7 @@ pub async fn result(
         JobStatus::Failed | JobStatus::Expired => html(
             StatusCode::OK,
             &EndedPage {
+                demo: state.demo.is_some(),
                 failed: job.status == JobStatus::Failed,
                 message: job.message.as_ref().map(ToString::to_string),
                 id: job.id,

@@ -105,5 +105,14 @@ async fn with_the_demo_off_the_form_answers_404_and_the_landing_page_says_so() {
         !landing.contains("action=\"/jobs\""),
         "no demo form: {landing}"
     );
-    app.job_id().await;
+    // Page B, of a complete and of a failed job, offers no demo job either.
+    let done = app.job_id().await;
+    app.complete(&done).await;
+    let failed = app.job_id().await;
+    app.api_post(&format!("/api/jobs/{failed}/fail"), None)
+        .await;
+    for id in [done, failed] {
+        let page = app.page_b(&id).await;
+        assert!(!page.contains("action=\"/jobs\""), "no demo form: {page}");
+    }
 }
