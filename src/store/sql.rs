@@ -22,6 +22,12 @@ fn padded_len(n: usize) -> usize {
     n.next_power_of_two().min(MAX_BATCH.max(n))
 }
 
+/// What a statement of [`padded_len`] rows binds: `items`, then the last of them repeated.
+fn padded<T>(items: &[T]) -> impl Iterator<Item = &T> {
+    let repeated = items.last().into_iter().flat_map(std::iter::repeat);
+    items.iter().chain(repeated).take(padded_len(items.len()))
+}
+
 /// Runs `$body` with `$e` bound to the lane's executor, and lets the lane forget a connection
 /// the statement may have broken.
 macro_rules! on_lane {
@@ -72,7 +78,6 @@ fn by_id(rows: Vec<JobRow>) -> Rows {
 pub(super) async fn select_many(conn: &mut LaneConn, ids: &[JobId]) -> Result<Rows, sqlx::Error> {
     let mut rows = Rows::with_capacity(ids.len());
     for chunk in ids.chunks(MAX_BATCH) {
-        let Some(last) = chunk.last() else { continue };
         let n = padded_len(chunk.len());
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ({})",
@@ -80,7 +85,7 @@ pub(super) async fn select_many(conn: &mut LaneConn, ids: &[JobId]) -> Result<Ro
         ));
         let found: Vec<JobRow> = on_lane!(conn, e => {
             let mut query = sqlx::query_as(sql);
-            for id in chunk.iter().chain(std::iter::repeat(last)).take(n) {
+            for id in padded(chunk) {
                 query = query.bind(id.as_str());
             }
             query.fetch_all(e).await
@@ -136,9 +141,9 @@ pub(super) async fn end_many(
     items: &[EndItem<'_>],
 ) -> Result<Rows, sqlx::Error> {
     debug_assert!(items.len() <= MAX_BATCH);
-    let Some(last) = items.last() else {
+    if items.is_empty() {
         return Ok(Rows::new());
-    };
+    }
     let n = padded_len(items.len());
     // $1 status, $2 time; then per item: id, moveUrl, message.
     let rows = PerRow {
@@ -155,7 +160,7 @@ pub(super) async fn end_many(
     ));
     let changed: Vec<JobRow> = on_lane!(conn, e => {
         let mut query = sqlx::query_as(sql).bind(status.as_str()).bind(now_millis());
-        for item in items.iter().chain(std::iter::repeat(last)).take(n) {
+        for item in padded(items) {
             query = query
                 .bind(item.id.as_str())
                 .bind(item.move_url.map(MoveUrl::as_str))
@@ -173,9 +178,9 @@ pub(super) async fn progress_many(
     reports: &[(&JobId, &Progress)],
 ) -> Result<(), sqlx::Error> {
     debug_assert!(reports.len() <= MAX_BATCH);
-    let Some(last) = reports.last() else {
+    if reports.is_empty() {
         return Ok(());
-    };
+    }
     let n = padded_len(reports.len());
     // Per report: id, percent, message, time.
     let rows = PerRow {
@@ -193,7 +198,7 @@ pub(super) async fn progress_many(
     ));
     on_lane!(conn, e => {
         let mut query = sqlx::query(sql);
-        for (id, progress) in reports.iter().chain(std::iter::repeat(last)).take(n) {
+        for (id, progress) in padded(reports) {
             query = query
                 .bind(id.as_str())
                 .bind(progress.percent.map(Percent::get))
@@ -226,5 +231,10 @@ mod tests {
         let sizes: std::collections::HashSet<usize> = (1..=MAX_BATCH).map(padded_len).collect();
         assert_eq!(sizes.len(), 7);
         assert!((1..=MAX_BATCH).all(|n| padded_len(n) >= n));
+        assert_eq!(
+            padded(&[1, 2, 3]).copied().collect::<Vec<_>>(),
+            [1, 2, 3, 3]
+        );
+        assert_eq!(padded::<u8>(&[]).count(), 0);
     }
 }
