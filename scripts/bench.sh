@@ -9,6 +9,10 @@
 # Settings (environment): RUNS (3), SIZES ("1000 10000 19000"), PEER_N (1000), PEERS (1 = also
 # the Python and Node peers), FLOOR_N (10000: N for the floors, bare actix-web and bare hyper,
 # bench/examples/bare_*.rs, and the write floor, bench/examples/store_alone.rs; empty = skip them),
+# MANY_N (10000: N for the runs with MANY_PUBLISHERS=32 publisher connections; empty = skip),
+# SCALE_N (10000: N for two Handoff instances on PostgreSQL + Redis against two Nchan on Redis;
+# empty = skip), CAPACITY_N (100000: streams over CAPACITY_INSTANCES=6 Handoff instances, run
+# once; empty = skip), REDIS_URL (redis://127.0.0.1:6379), PG_URL (postgres://postgres@127.0.0.1:5432),
 # PEERS_DIR (where start-nchan.sh lives; default ../shared/peers, then /work/shared/peers),
 # SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core), BASE_PORT (18080; each run
 # takes the next port), OUT (target/bench).
@@ -24,6 +28,14 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 WORKERS=${HANDOFF_WORKERS:-1}
 BASE_PORT=${BASE_PORT:-18080}
+MANY_N=${MANY_N-10000}
+MANY_PUBLISHERS=${MANY_PUBLISHERS:-32}
+SCALE_N=${SCALE_N-10000}
+CAPACITY_N=${CAPACITY_N-100000}
+CAPACITY_INSTANCES=${CAPACITY_INSTANCES:-6}
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
+PUBLISHERS=4
 OUT=$(mkdir -p "${OUT:-target/bench}" && cd "${OUT:-target/bench}" && pwd)
 TOKEN=bench-token-$RANDOM$RANDOM$RANDOM$RANDOM
 if [ -z "${PEERS_DIR:-}" ]; then
@@ -104,14 +116,15 @@ start_bare_hyper() {
   server_pid=$!; measure_pid=$server_pid
   wait_port "$PORT"
 }
-start_nchan() {
+start_nchan() { # [port] [redis URL]: one Nchan; with a Redis URL it stores its messages there
   local line
-  line=$(taskset -c "$SERVER_CPU" "$PEERS_DIR/start-nchan.sh" $PORT)
+  line=$(taskset -c "$SERVER_CPU" "$PEERS_DIR/start-nchan.sh" "${1:-$PORT}" ${2:+"$2"})
   server_pid=$(sed -E 's/.*pid=([0-9]+).*/\1/' <<<"$line")
   measure_pid=$(sed -E 's/.*worker=([0-9]+).*/\1/' <<<"$line")
   server_dir=$(sed -E 's/.*dir=([^ ]+).*/\1/' <<<"$line")
-  wait_port $PORT
+  wait_port "${1:-$PORT}"
 }
+start_nchan_redis() { start_nchan "$PORT" "$REDIS_URL"; }
 start_python() {
   (cd "$PEERS_DIR" && exec taskset -c "$SERVER_CPU" "$OUT/venv/bin/uvicorn" sse_starlette_app:app \
     --host 127.0.0.1 --port $PORT --loop uvloop --http httptools --log-level warning \
@@ -131,7 +144,7 @@ start_better_sse() {
   wait_port $PORT
 }
 stop_server() { # name: stop it and remove the folder this run gave it (database, nginx files)
-  if [ "$1" = nchan ]; then stop_pid "$server_pid" QUIT; else stop_pid "$server_pid"; fi
+  case $1 in nchan*) stop_pid "$server_pid" QUIT ;; *) stop_pid "$server_pid" ;; esac
   case $server_dir in /tmp/handoff-bench.* | /tmp/nchan.*) rm -rf "$server_dir" ;; esac
   server_dir=
 }
@@ -140,7 +153,7 @@ target_args() { # name: the bench tool's target arguments
   case $1 in
     handoff) echo "--handoff http://127.0.0.1:$PORT --token $TOKEN" ;;
     bare-actix | bare-hyper) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
-    nchan) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub?id={id}" ;;
+    nchan | nchan-redis) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub?id={id}" ;;
     python) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
     node-plain) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
     better-sse) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
@@ -155,22 +168,153 @@ store_run() { # callers n rep: Handoff's store alone on the server's core (the w
     echo "bench.sh: store alone, $callers caller(s), run $rep FAILED" >&2
 }
 
-one_run() { # name n mode rep
-  local name=$1 n=$2 mode=$3 rep=$4 json
-  json="$OUT/json/$name-$mode-$n-$rep.json"
+# Redis and PostgreSQL are the machine's own services: a run that leans on them pins them to the
+# server's core (the fair fight: the peer's store shares the core it serves from), and puts their
+# affinity back afterwards.
+pinned=()
+pin() { # process name...
+  local name pid
+  for name in "$@"; do
+    for pid in $(pgrep -x "$name"); do
+      pinned+=("$pid $(taskset -p "$pid" | awk '{print $NF}')")
+      taskset -a -p -c "$SERVER_CPU" "$pid" >/dev/null 2>&1 || true
+    done
+  done
+}
+unpin() {
+  local entry
+  for entry in ${pinned[@]+"${pinned[@]}"}; do
+    taskset -a -p "${entry#* }" "${entry%% *}" >/dev/null 2>&1 || true
+  done
+  pinned=()
+}
+trap unpin EXIT
+
+one_run() { # name n mode rep: the label gets -pK when PUBLISHERS is not 4
+  local name=$1 n=$2 mode=$3 rep=$4 json label=$1
+  [ "$PUBLISHERS" = 4 ] || label=$name-p$PUBLISHERS
+  json="$OUT/json/$label-$mode-$n-$rep.json"
   server_pid=
   PORT=$((PORT + 1))
-  say "$name $mode N=$n run $rep (port $PORT)"
+  say "$label $mode N=$n run $rep (port $PORT)"
+  [ "$name" != nchan-redis ] || pin redis-server
   if ! "start_${name//-/_}"; then
     echo "bench.sh: $name did not start (see $OUT/*.log); skipping this run" >&2
     [ -z "$server_pid" ] || stop_server "$name"
+    unpin
     return 0
   fi
   # shellcheck disable=SC2046 # target_args is a list of words without spaces inside
   taskset -c "$CLIENT_CPU" "$bench_bin" $(target_args "$name") -n "$n" --mode "$mode" \
-    --timeout 120 --leave-on-result --server-pid "$measure_pid" --label "$name" --json "$json" ||
-    echo "bench.sh: $name $mode N=$n run $rep FAILED (see the table above)" >&2
+    --publishers "$PUBLISHERS" --timeout 120 --leave-on-result --server-pid "$measure_pid" \
+    --label "$label" --json "$json" ||
+    echo "bench.sh: $label $mode N=$n run $rep FAILED (see the table above)" >&2
   stop_server "$name"
+  unpin
+}
+
+# A fleet member: Handoff on PostgreSQL + Redis. Prints its pid.
+start_member() { # port database channel log [extra env...]
+  local port=$1 db=$2 channel=$3 log=$4
+  shift 4
+  env HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="$PG_URL/$db" REDIS_URL="$REDIS_URL" \
+    HANDOFF_REDIS_CHANNEL="$channel" HANDOFF_API_TOKEN=$TOKEN HANDOFF_SSE_TIMEOUT_SECS=600 \
+    HANDOFF_WORKERS=$WORKERS RUST_LOG=warn HANDOFF_MAX_STREAMS_PER_CLIENT=off "$@" \
+    "$release/handoff" >>"$log" 2>&1 &
+  echo $!
+}
+
+export REDIS_URL PG_URL
+
+scale_run() { # name n rep: two instances sharing one Redis (Handoff: and one PostgreSQL database)
+  local name=$1 n=$2 rep=$3 json db= pids=() ports=() args bystander= i
+  json="$OUT/json/scale-$name-distinct-$n-$rep.json"
+  ports=($((PORT + 1)) $((PORT + 2)) $((PORT + 3)))
+  PORT=$((PORT + 3))
+  say "scale-out: two $name instances on Redis, N=$n, run $rep (ports ${ports[*]})"
+  pin redis-server postgres
+  if [ "$name" = handoff ]; then
+    db=handoff_bench_$RANDOM$RANDOM
+    psql "$PG_URL/postgres" -qc "create database $db" >/dev/null
+    for i in 0 1 2; do
+      # The third holds no stream: it measures what every instance pays for each completion
+      # on the one channel they all share.
+      pids+=("$(start_member "${ports[$i]}" "$db" "bench-$db" "$OUT/scale-handoff.log" \
+        taskset -c "$SERVER_CPU")")
+    done
+    for i in 0 1 2; do wait_port "${ports[$i]}"; done
+    bystander=${pids[2]}
+    args="--handoff http://127.0.0.1:${ports[0]},http://127.0.0.1:${ports[1]} --token $TOKEN"
+  else
+    local dirs=() line
+    for i in 0 1; do
+      line=$(taskset -c "$SERVER_CPU" "$PEERS_DIR/start-nchan.sh" "${ports[$i]}" "$REDIS_URL")
+      pids+=("$(sed -E 's/.*worker=([0-9]+).*/\1/' <<<"$line")")
+      dirs+=("$(sed -E 's/.*dir=([^ ]+).*/\1/' <<<"$line")")
+      wait_port "${ports[$i]}"
+    done
+    args="--sub-url http://127.0.0.1:${ports[0]}/sub/{id},http://127.0.0.1:${ports[1]}/sub/{id}"
+    args+=" --pub-url http://127.0.0.1:${ports[0]}/pub?id={id},http://127.0.0.1:${ports[1]}/pub?id={id}"
+  fi
+  # shellcheck disable=SC2086 # args is a list of words without spaces inside
+  taskset -c "$CLIENT_CPU" "$bench_bin" $args -n "$n" --mode distinct --timeout 120 \
+    --leave-on-result --server-pid "${pids[0]},${pids[1]}" --label "scale-$name" --json "$json" \
+    --on-opened "bash scripts/bench_counters.sh $OUT/counters.before $db $bystander" ||
+    echo "bench.sh: scale-out $name N=$n run $rep FAILED (see the table above)" >&2
+  bash scripts/bench_counters.sh "$OUT/counters.after" "$db" "$bystander"
+  python3 - "$json" "$OUT/counters.before" "$OUT/counters.after" <<'PY' || true
+import json, sys
+path, before, after = sys.argv[1:]
+b, a = ([int(x) for x in open(f).read().split()] for f in (before, after))
+report = json.load(open(path))
+done = max(report.get("completions") or 0, 1)
+report["redis_commands_per_completion"] = (a[0] - b[0] - 1) / done  # less the INFO itself
+report["pg_transactions_per_completion"] = (a[1] - b[1]) / done if a[1] else None
+report["bystander_us_per_completion"] = (a[2] - b[2]) / 1e3 / done if a[2] else None
+json.dump(report, open(path, "w"), indent=2)
+PY
+  if [ "$name" = handoff ]; then
+    for i in 0 1 2; do stop_pid "${pids[$i]}"; done
+    psql "$PG_URL/postgres" -qc "drop database $db" >/dev/null || true
+  else
+    for i in 0 1; do
+      stop_pid "$(cat "${dirs[$i]}/nginx.pid")" QUIT
+      rm -rf "${dirs[$i]}"
+    done
+  fi
+  unpin
+}
+
+capacity_run() { # n instances: the whole fleet on this machine, client split into processes
+  local n=$1 k=$2 db pids=() urls= i port parts json
+  json="$OUT/json/capacity-handoff-distinct-$n-1.json"
+  # Each client process stays well under the 20,000 open files a process may hold.
+  parts=$(((n + 15999) / 16000))
+  db=handoff_bench_$RANDOM$RANDOM
+  psql "$PG_URL/postgres" -qc "create database $db" >/dev/null
+  say "capacity: $n streams over $k Handoff instances on PostgreSQL + Redis, $parts client processes"
+  for i in $(seq "$k"); do
+    PORT=$((PORT + 1))
+    # 8 connections each: 6 instances take at most 48 of PostgreSQL's 100.
+    pids+=("$(start_member "$PORT" "$db" "bench-$db" "$OUT/capacity.log" HANDOFF_DB_POOL=8)")
+    urls+="${urls:+,}http://127.0.0.1:$PORT"
+    wait_port "$PORT"
+  done
+  "$bench_bin" --handoff "$urls" --token "$TOKEN" -n "$n" --mode distinct --processes "$parts" \
+    --timeout 300 --leave-on-result --label capacity \
+    --server-pid "$(IFS=,; echo "${pids[*]}")" --json "$json" \
+    --on-opened "psql '$PG_URL/$db' -Atc \"select count(*) from pg_stat_activity where datname = '$db'\" >$OUT/capacity.pg" ||
+    echo "bench.sh: capacity run FAILED (see the table above)" >&2
+  python3 - "$json" "$OUT/capacity.pg" "$k" "$parts" <<'PY' || true
+import json, sys
+path, pg, k, parts = sys.argv[1:]
+report = json.load(open(path))
+report["pg_connections_at_peak"] = int(open(pg).read().strip() or 0)
+report["instances"], report["processes"] = int(k), int(parts)
+json.dump(report, open(path, "w"), indent=2)
+PY
+  for pid in "${pids[@]}"; do stop_pid "$pid"; done
+  psql "$PG_URL/postgres" -qc "drop database $db" >/dev/null || true
 }
 
 if [ "$PEERS" = 1 ]; then
@@ -190,6 +334,7 @@ for rep in $(seq "$RUNS"); do
     for mode in distinct single; do
       one_run handoff "$n" "$mode" "$rep"
       one_run nchan "$n" "$mode" "$rep"
+      one_run nchan-redis "$n" "$mode" "$rep"
       if [ "$n" = "$FLOOR_N" ]; then
         one_run bare-actix "$n" "$mode" "$rep"
         one_run bare-hyper "$n" "$mode" "$rep"
@@ -200,12 +345,22 @@ for rep in $(seq "$RUNS"); do
       fi
     done
   done
+  if [ -n "$MANY_N" ]; then
+    PUBLISHERS=$MANY_PUBLISHERS
+    for name in handoff nchan nchan-redis; do one_run "$name" "$MANY_N" distinct "$rep"; done
+    PUBLISHERS=4
+  fi
+  if [ -n "$SCALE_N" ]; then
+    scale_run handoff "$SCALE_N" "$rep"
+    scale_run nchan "$SCALE_N" "$rep"
+  fi
   if [ "$PEERS" = 1 ]; then
     for name in python node-plain better-sse; do
       for mode in distinct single; do one_run "$name" "$PEER_N" "$mode" "$rep"; done
     done
   fi
 done
+[ -z "$CAPACITY_N" ] || capacity_run "$CAPACITY_N" "$CAPACITY_INSTANCES"
 
 say "writing BENCHMARKS.md"
 machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GB RAM, Linux $(uname -r)"

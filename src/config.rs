@@ -55,10 +55,17 @@ pub struct Config {
     /// `HANDOFF_WRITE_QUEUE`: how many job creations, and apart from them how many completions
     /// and failures, may wait for the database at once; beyond it they get `503`.
     pub write_queue: usize,
+    /// `HANDOFF_DB_POOL`: at most this many PostgreSQL connections per instance (SQLite ignores
+    /// it), so that a fleet fits the server's `max_connections`.
+    pub db_pool: u32,
     /// `HANDOFF_FANOUT_KEY`: signs the messages between instances; `None`: a key derived from the
     /// API token.
     pub fanout_key: Option<String>,
 }
+
+/// `HANDOFF_DB_POOL`'s default: the read and write lanes hold one connection each, and the rest
+/// serve page loads, sessions and resyncs.
+pub const DEFAULT_DB_POOL: u32 = 16;
 
 /// `HANDOFF_WRITE_QUEUE`'s default: far more than callers usually have waiting at once, and
 /// about a tenth of a second of SQLite's group-committed writes.
@@ -95,6 +102,7 @@ impl std::fmt::Debug for Config {
             .field("admin_idle", &self.admin_idle)
             .field("demo", &self.demo)
             .field("write_queue", &self.write_queue)
+            .field("db_pool", &self.db_pool)
             .field(
                 "fanout_key",
                 &self.fanout_key.as_ref().map(|_| "(set, not shown)"),
@@ -199,6 +207,12 @@ impl Config {
                 DEFAULT_WRITE_QUEUE as u64,
             )?)
             .unwrap_or(usize::MAX),
+            db_pool: parse(&get, "HANDOFF_DB_POOL", &DEFAULT_DB_POOL.to_string(), |v| {
+                match v.parse::<u32>() {
+                    Ok(n) if (2..=1000).contains(&n) => Ok(n),
+                    _ => Err("expected a whole number from 2 to 1000".into()),
+                }
+            })?,
             fanout_key,
         })
     }
@@ -521,6 +535,16 @@ mod tests {
         ] {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(!err.contains("hunter2secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_database_pool_has_a_default_and_a_floor() {
+        assert_eq!(with(&[]).unwrap().db_pool, DEFAULT_DB_POOL);
+        assert_eq!(with(&[("HANDOFF_DB_POOL", "6")]).unwrap().db_pool, 6);
+        for bad in ["1", "0", "lots", "1001"] {
+            let err = with(&[("HANDOFF_DB_POOL", bad)]).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_DB_POOL", "{bad}");
         }
     }
 

@@ -88,6 +88,15 @@ impl Store {
     /// `write_room`: how many creations, and apart from them how many endings, may wait for the
     /// write lane; beyond it they are refused with [`StoreError::Busy`].
     pub async fn connect(url: &str, write_room: usize) -> Result<Self, StoreError> {
+        Self::connect_with_pool(url, write_room, crate::config::DEFAULT_DB_POOL).await
+    }
+
+    /// [`Store::connect`], with at most `pg_pool` PostgreSQL connections.
+    pub async fn connect_with_pool(
+        url: &str,
+        write_room: usize,
+        pg_pool: u32,
+    ) -> Result<Self, StoreError> {
         let (pool, lane_conns) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -112,7 +121,7 @@ impl Store {
             (Db::Sqlite(pool), lanes)
         } else {
             let pool = PgPoolOptions::new()
-                .max_connections(16)
+                .max_connections(pg_pool)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect(url)
                 .await?;

@@ -10,6 +10,7 @@
 
 mod http;
 mod report;
+mod split;
 mod streams;
 mod target;
 
@@ -41,18 +42,22 @@ enum Mode {
 #[derive(Debug, Parser)]
 #[command(about = "SSE fan-out benchmark: Handoff or any SSE pub/sub server, loopback only")]
 struct Args {
-    /// Handoff's base URL, e.g. http://127.0.0.1:8080: jobs are created and completed via its API.
-    #[arg(long, conflicts_with_all = ["sub_url", "pub_url"], required_unless_present = "sub_url")]
-    handoff: Option<String>,
+    /// Handoff's base URL, e.g. http://127.0.0.1:8080, or a fleet's, comma-separated: jobs are
+    /// created through the first and completed through the API, spread over them all.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["sub_url", "pub_url"],
+          required_unless_present = "sub_url")]
+    handoff: Vec<String>,
     /// Handoff's API token (default: $HANDOFF_API_TOKEN).
     #[arg(long)]
     token: Option<String>,
-    /// A generic target's stream URL with {id}, e.g. 'http://127.0.0.1:8081/sub/{id}'.
-    #[arg(long, requires = "pub_url")]
-    sub_url: Option<String>,
-    /// A generic target's publish URL with {id}; the bench POSTs the event data to it.
-    #[arg(long, requires = "sub_url")]
-    pub_url: Option<String>,
+    /// A generic target's stream URL with {id}, e.g. 'http://127.0.0.1:8081/sub/{id}';
+    /// comma-separated for a fleet.
+    #[arg(long, value_delimiter = ',', requires = "pub_url")]
+    sub_url: Vec<String>,
+    /// A generic target's publish URL with {id}, one per --sub-url; the bench POSTs the event
+    /// data to it.
+    #[arg(long, value_delimiter = ',', requires = "sub_url")]
+    pub_url: Vec<String>,
     /// How many streams to open.
     #[arg(short = 'n', long, default_value_t = 1000)]
     streams: usize,
@@ -61,9 +66,18 @@ struct Args {
     /// Streams being opened at once.
     #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
-    /// Keep-alive connections that create and complete jobs.
+    /// Keep-alive connections that create and complete jobs, per instance.
     #[arg(long, default_value_t = 4)]
     publishers: usize,
+    /// Split the client into this many processes (distinct mode only), each opening its share
+    /// of the streams and completing its share of the jobs: one process holds at most as many
+    /// streams as its open-file limit allows.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// Set by a split run on its parts: this process is part I of K (`I/K`), and waits on
+    /// stdin between opening its streams and completing its jobs.
+    #[arg(long, hide = true, value_parser = split::parse_part)]
+    part: Option<split::Part>,
     /// Upper bound in seconds on each phase (open, create, complete, deliver).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -82,12 +96,17 @@ struct Args {
     progress_rate: usize,
     #[arg(long, default_value_t = 5)]
     progress_secs: u64,
-    /// The server's pid (for Nchan: the worker's), to read its resident memory.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// The servers' pids, comma-separated (for Nchan: the workers'), to read their resident
+    /// memory; a fleet's is the sum.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Where to write the figures as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// A shell command run, and waited for, once every stream is open and before the first
+    /// completion: e.g. to read the servers' counters, so that they cover the completions alone.
+    #[arg(long)]
+    on_opened: Option<String>,
     /// A name for this run in the table and JSON.
     #[arg(long, default_value = "run")]
     label: String,
@@ -102,47 +121,52 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.streams as u64 + SPARE_FDS > fd_limit {
+    let in_one_process = match args.part {
+        Some(part) => part.share(args.streams).0,
+        None => args.streams.div_ceil(args.processes.max(1)),
+    };
+    if in_one_process as u64 + SPARE_FDS > fd_limit {
         eprintln!(
-            "handoff-bench: {} streams need more than the open-file limit of {fd_limit} allows \
-             (at most {})",
-            args.streams,
+            "handoff-bench: {in_one_process} streams in one process need more than the open-file \
+             limit of {fd_limit} allows (at most {}); split the client with --processes",
             fd_limit.saturating_sub(SPARE_FDS)
         );
         return ExitCode::from(2);
     }
-    let target = match (&args.handoff, &args.sub_url, &args.pub_url) {
-        (Some(base), _, _) => match args
-            .token
-            .clone()
-            .or_else(|| std::env::var("HANDOFF_API_TOKEN").ok())
-        {
-            Some(token) => Target::handoff(base, token),
-            None => Err("--handoff needs --token or HANDOFF_API_TOKEN".into()),
-        },
-        (None, Some(sub), Some(publish)) => Target::generic(sub, publish),
-        _ => Err("give --handoff, or --sub-url and --pub-url".into()),
-    };
-    let target = match target {
-        Ok(target) => target,
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::env::var("HANDOFF_API_TOKEN").ok());
+    let targets = match Target::fleet(&args.handoff, token, &args.sub_url, &args.pub_url) {
+        Ok(targets) => targets,
         Err(why) => {
             eprintln!("handoff-bench: {why}");
             return ExitCode::from(2);
         }
     };
-    // One thread: every send and receive time comes from one clock, and the client stays on
-    // the core it is pinned to.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("handoff-bench: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+    let report = if args.processes > 1 {
+        if args.mode == Mode::Single {
+            eprintln!("handoff-bench: --processes splits distinct runs only");
+            return ExitCode::from(2);
+        }
+        split::run(&args)
+    } else {
+        // One thread: every send and receive time comes from one clock, and the client stays on
+        // the core it is pinned to.
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(run(&args, &targets)),
+            Err(e) => {
+                eprintln!("handoff-bench: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     };
-    let report = runtime.block_on(run(&args, &target));
+    if args.part.is_some() {
+        return split::answer(&report);
+    }
     print!("{}", report.table());
     if let Some(path) = &args.json {
         let written = serde_json::to_vec_pretty(&report)
@@ -160,25 +184,54 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: &Args, target: &Target) -> Report {
+/// Runs `--on-opened`; a failure is an error of the run.
+fn run_hook(command: &str, errors: &mut Vec<String>) {
+    match std::process::Command::new("sh").arg("-c").arg(command).status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => errors.push(format!("--on-opened: {status}")),
+        Err(e) => errors.push(format!("--on-opened: {e}")),
+    }
+}
+
+/// The resident memory of every server, summed; `None` when no pid was given.
+fn fleet_rss_kb(pids: &[u32], errors: &mut Vec<String>) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    match pids.iter().map(|&pid| rss_kb(pid)).sum::<Result<u64, String>>() {
+        Ok(kb) => Some(kb),
+        Err(why) => {
+            errors.push(why);
+            None
+        }
+    }
+}
+
+async fn run(args: &Args, targets: &[Target]) -> Report {
     let phase = Duration::from_secs(args.timeout);
+    let target = &targets[0];
+    let (streams, index_base) = args
+        .part
+        .map_or((args.streams, 0), |part| part.share(args.streams));
     let mut report = Report {
         label: args.label.clone(),
+        instances: targets.len(),
+        processes: 1,
         target: if target.handoff_token.is_some() {
             "handoff".into()
         } else {
             "generic".into()
         },
         mode: format!("{:?}", args.mode).to_lowercase(),
-        streams: args.streams,
+        streams,
         connect_concurrency: args.connect_concurrency,
         publishers: args.publishers,
         leave_on_result: args.leave_on_result,
-        expected: args.streams,
+        expected: streams,
         ..Report::default()
     };
     let channels = match args.mode {
-        Mode::Distinct => args.streams,
+        Mode::Distinct => streams,
         Mode::Single => 1,
     };
     let ids = match channel_ids(target, args.publishers, channels, Instant::now() + phase).await {
@@ -188,37 +241,33 @@ async fn run(args: &Args, target: &Target) -> Report {
             return report;
         }
     };
-    let rss = |report: &mut Report| match args.server_pid.map(rss_kb).transpose() {
-        Ok(kb) => kb,
-        Err(why) => {
-            report.errors.push(why);
-            None
-        }
-    };
+    let rss = |report: &mut Report| fleet_rss_kb(&args.server_pid, &mut report.errors);
     report.rss_before_kb = rss(&mut report);
 
     // Open every stream.
-    let board = Board::new(args.streams);
+    let board = Board::new(streams);
     let stop = CancellationToken::new();
     let start = Instant::now();
     let channel_of = {
         let ids = ids.clone();
         move |i: usize| ids[i % ids.len()].clone()
     };
+    let subscribe: Vec<_> = targets.iter().map(|t| t.subscribe.clone()).collect();
     let mut opened = streams::open_all(
-        &target.subscribe,
+        &subscribe,
         channel_of,
         &streams::Opening {
-            streams: args.streams,
+            streams,
             concurrency: args.connect_concurrency,
             leave_on_result: args.leave_on_result,
             deadline: start + phase,
+            index_base,
         },
         &board,
         &stop,
     );
-    let mut connect_times = Vec::with_capacity(args.streams);
-    for _ in 0..args.streams {
+    let mut connect_times = Vec::with_capacity(streams);
+    for _ in 0..streams {
         match opened.recv().await.map(|o| o.result) {
             Some(Ok(time)) => connect_times.push(time),
             Some(Err(why)) => {
@@ -231,6 +280,9 @@ async fn run(args: &Args, target: &Target) -> Report {
     report.connect_secs = start.elapsed().as_secs_f64();
     report.opened = connect_times.len();
     report.connects_per_sec = report.opened as f64 / report.connect_secs;
+    if args.part.is_some() {
+        report.connect_samples_ms = millis(&connect_times);
+    }
     report.connect_ms = Percentiles::of(connect_times);
     report.rss_after_kb = rss(&mut report);
     if let (Some(before), Some(after)) = (report.rss_before_kb, report.rss_after_kb)
@@ -238,6 +290,16 @@ async fn run(args: &Args, target: &Target) -> Report {
     {
         report.bytes_per_stream =
             Some(after.saturating_sub(before) as f64 * 1024.0 / report.opened as f64);
+    }
+
+    if args.part.is_some()
+        && let Err(why) = split::opened_and_wait_for_go(report.opened).await
+    {
+        report.errors.push(why);
+        return report;
+    }
+    if let Some(command) = &args.on_opened {
+        run_hook(command, &mut report.errors);
     }
 
     if args.progress_rate > 0 {
@@ -253,7 +315,7 @@ async fn run(args: &Args, target: &Target) -> Report {
     }
 
     // Complete every job and wait for the events.
-    let outcomes = complete_all(target, args.publishers, &ids, Instant::now() + phase).await;
+    let outcomes = complete_all(targets, args.publishers, &ids, Instant::now() + phase).await;
     let mut first_sent: Option<Instant> = None;
     let mut last_done: Option<Instant> = None;
     let mut sent_at = Vec::with_capacity(channels);
@@ -292,7 +354,7 @@ async fn run(args: &Args, target: &Target) -> Report {
 
     report.delivered = board.delivered();
     report.duplicates = board.duplicates();
-    let latencies = (0..args.streams)
+    let latencies: Vec<Duration> = (0..streams)
         .filter_map(|i| {
             Some(
                 board
@@ -301,6 +363,9 @@ async fn run(args: &Args, target: &Target) -> Report {
             )
         })
         .collect();
+    if args.part.is_some() {
+        report.latency_samples_ms = millis(&latencies);
+    }
     report.latency_ms = Percentiles::of(latencies);
     if report.delivered < report.expected {
         note(
@@ -386,7 +451,8 @@ async fn channel_ids(
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
-        return Ok((0..count).map(|i| format!("b{run:x}-{i}")).collect());
+        let pid = std::process::id();
+        return Ok((0..count).map(|i| format!("b{run:x}-{pid}-{i}")).collect());
     };
     let path = create.path("");
     let make = Arc::new(move |_| http::request("POST", &create.host, &path, Some(&token)));
@@ -418,34 +484,60 @@ async fn channel_ids(
         .collect()
 }
 
-/// Completes (publishes) every id once, over `publishers` keep-alive connections.
+/// Completes (publishes) every id once, over `publishers` keep-alive connections to each
+/// instance. Job i goes to instance (i / k) mod k: each instance gets an equal share, and since
+/// stream i is on instance i mod k, k − 1 in k completions must cross to another instance.
 async fn complete_all(
-    target: &Target,
+    targets: &[Target],
     publishers: usize,
     ids: &Arc<Vec<String>>,
     deadline: Instant,
 ) -> Vec<Option<http::Outcome>> {
-    let count = ids.len();
-    let (ids, publish, token) = (
-        ids.clone(),
-        target.publish.clone(),
-        target.handoff_token.clone(),
-    );
-    let make = Arc::new(move |i: usize| {
-        let path = publish.path(&ids[i]);
-        match &token {
-            Some(token) => http::request("POST", &publish.host, &path, Some(token)),
-            None => http::request_with_body(
-                "POST",
-                &publish.host,
-                &path,
-                None,
-                Bytes::from(format!(
-                    r#"{{"status":"result","moveUrl":"/done?id={}"}}"#,
-                    ids[i]
-                )),
-            ),
+    let k = targets.len();
+    let mut shares = vec![Vec::new(); k];
+    for i in 0..ids.len() {
+        shares[(i / k) % k].push(i);
+    }
+    let mut drives = tokio::task::JoinSet::new();
+    for (target, share) in targets.iter().zip(shares) {
+        let share = Arc::new(share);
+        let (ids, publish, token) = (
+            ids.clone(),
+            target.publish.clone(),
+            target.handoff_token.clone(),
+        );
+        let jobs = share.clone();
+        let make = Arc::new(move |n: usize| {
+            let id = &ids[jobs[n]];
+            let path = publish.path(id);
+            match &token {
+                Some(token) => http::request("POST", &publish.host, &path, Some(token)),
+                None => http::request_with_body(
+                    "POST",
+                    &publish.host,
+                    &path,
+                    None,
+                    Bytes::from(format!(r#"{{"status":"result","moveUrl":"/done?id={id}"}}"#)),
+                ),
+            }
+        });
+        let addr = target.publish.addr;
+        drives.spawn(async move {
+            let outcomes = http::drive(addr, publishers, share.len(), deadline, make).await;
+            (share, outcomes)
+        });
+    }
+    let mut all = vec![None; ids.len()];
+    while let Some(done) = drives.join_next().await {
+        if let Ok((share, outcomes)) = done {
+            for (&i, outcome) in share.iter().zip(outcomes) {
+                all[i] = outcome;
+            }
         }
-    });
-    http::drive(target.publish.addr, publishers, count, deadline, make).await
+    }
+    all
+}
+
+fn millis(samples: &[Duration]) -> Vec<f64> {
+    samples.iter().map(|d| d.as_secs_f64() * 1e3).collect()
 }

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Latency percentiles in milliseconds (nearest rank).
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Percentiles {
     pub p50: f64,
     pub p90: f64,
@@ -14,6 +14,16 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
+    /// From samples in milliseconds.
+    pub fn of_ms(samples: &[f64]) -> Option<Self> {
+        Self::of(
+            samples
+                .iter()
+                .map(|&ms| Duration::from_secs_f64(ms.max(0.0) / 1e3))
+                .collect(),
+        )
+    }
+
     pub fn of(mut samples: Vec<Duration>) -> Option<Self> {
         if samples.is_empty() {
             return None;
@@ -38,10 +48,14 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// Everything one run measured; the JSON the bench script reads.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub label: String,
     pub target: String,
+    /// Servers the streams and completions were spread over.
+    pub instances: usize,
+    /// Processes the client was split into.
+    pub processes: usize,
     pub mode: String,
     pub streams: usize,
     pub connect_concurrency: usize,
@@ -69,6 +83,12 @@ pub struct Report {
     pub progress_ok: usize,
     pub progress_secs: f64,
     pub rss_after_progress_kb: Option<u64>,
+    /// A split run's parts hand their raw times (ms) to the whole, so that its percentiles are
+    /// taken over every sample rather than merged from the parts'.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect_samples_ms: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_samples_ms: Vec<f64>,
     /// The first few failure messages, to say what went wrong.
     pub errors: Vec<String>,
     pub ok: bool,
@@ -88,7 +108,10 @@ impl Report {
         let rows = [
             (
                 "run",
-                format!("{} ({}, {})", self.label, self.target, self.mode),
+                format!(
+                    "{} ({}, {}; {} instance(s), {} client process(es))",
+                    self.label, self.target, self.mode, self.instances, self.processes
+                ),
             ),
             (
                 "streams",

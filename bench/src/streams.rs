@@ -91,13 +91,16 @@ pub struct Opening {
     pub leave_on_result: bool,
     /// No stream is still being opened after this.
     pub deadline: Instant,
+    /// Added to each stream's index to pick its source address and port, so that the processes
+    /// of one split run never pick the same ones.
+    pub index_base: usize,
 }
 
-/// Spawns one task per stream; each reports how its opening went on the returned channel, then
+/// Spawns one task per stream, spread over `templates` (the instances); each reports how its opening went on the returned channel, then
 /// reads its stream until the stream ends, `stop` is cancelled, or (with `leave_on_result`) its
 /// result arrives.
 pub fn open_all(
-    template: &UrlTemplate,
+    templates: &[UrlTemplate],
     channel_of: impl Fn(usize) -> String,
     opening: &Opening,
     board: &Arc<Board>,
@@ -108,6 +111,7 @@ pub fn open_all(
         concurrency,
         leave_on_result,
         deadline,
+        index_base,
     } = opening;
     let (tx, rx) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
@@ -121,6 +125,8 @@ pub fn open_all(
                 .wrapping_mul(2_003)
         });
     for index in 0..streams {
+        // Stream i goes to instance i mod k: every instance holds an equal share.
+        let template = &templates[index % templates.len()];
         let path = template.path(&channel_of(index));
         let (addr, host) = (template.addr, template.host.clone());
         let (gate, board, stop, tx) = (gate.clone(), board.clone(), stop.clone(), tx.clone());
@@ -128,7 +134,7 @@ pub fn open_all(
             let opening = async {
                 let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
                 let start = Instant::now();
-                let mut sender = connect(addr, source_for(addr, index, run)).await?;
+                let mut sender = connect(addr, source_for(addr, index_base + index, run)).await?;
                 let mut req = request("GET", &host, &path, None);
                 req.headers_mut().insert(
                     "accept",

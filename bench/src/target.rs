@@ -93,6 +93,30 @@ impl Target {
         })
     }
 
+    /// One target per instance of a fleet: Handoff base URLs, or stream and publish URL pairs.
+    pub fn fleet(
+        handoff: &[String],
+        token: Option<String>,
+        sub_urls: &[String],
+        pub_urls: &[String],
+    ) -> Result<Vec<Self>, String> {
+        if !handoff.is_empty() {
+            let token = token.ok_or("--handoff needs --token or HANDOFF_API_TOKEN")?;
+            return handoff
+                .iter()
+                .map(|base| Self::handoff(base, token.clone()))
+                .collect();
+        }
+        if sub_urls.is_empty() || sub_urls.len() != pub_urls.len() {
+            return Err("give --handoff, or as many --pub-url as --sub-url".into());
+        }
+        sub_urls
+            .iter()
+            .zip(pub_urls)
+            .map(|(sub, publish)| Self::generic(sub, publish))
+            .collect()
+    }
+
     pub fn generic(sub_url: &str, pub_url: &str) -> Result<Self, String> {
         Ok(Self {
             handoff_token: None,
@@ -115,6 +139,18 @@ mod tests {
         assert_eq!(t.path("abc"), "/pub?id=abc");
         assert!(UrlTemplate::parse("http://localhost:9/x").is_ok());
         assert!(UrlTemplate::parse("http://[::1]:9/x").is_ok());
+    }
+
+    #[test]
+    fn a_fleet_is_one_target_per_instance_and_pairs_must_match() {
+        let bases = ["http://127.0.0.1:1".to_owned(), "http://127.0.0.1:2".to_owned()];
+        let fleet = Target::fleet(&bases, Some("t".into()), &[], &[]).unwrap();
+        assert_eq!(fleet.len(), 2);
+        assert_eq!(fleet[1].publish.addr.port(), 2);
+        assert!(Target::fleet(&bases, None, &[], &[]).is_err());
+        let sub = ["http://127.0.0.1:1/sub/{id}".to_owned()];
+        assert!(Target::fleet(&[], None, &sub, &[]).is_err());
+        assert_eq!(Target::fleet(&[], None, &sub, &sub).unwrap().len(), 1);
     }
 
     #[test]
