@@ -165,6 +165,9 @@ impl AsyncRead for Conn {
             done => return done,
         }
         let Some(deadline) = this.phase.deadline() else {
+            // A request is being served, which for an event stream lasts as long as the stream:
+            // its connection should not hold a timer it no longer needs.
+            this.timer = None;
             return Poll::Pending;
         };
         if !this.passed(deadline, cx) {
