@@ -13,6 +13,7 @@ mod faults;
 mod hostile_input;
 mod job_life;
 mod limits;
+mod openapi;
 mod process;
 mod properties;
 mod proxy;
