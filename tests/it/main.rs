@@ -6,6 +6,7 @@
 
 mod admin;
 mod browser;
+mod cli;
 mod clients;
 mod core;
 mod demo;
