@@ -73,41 +73,76 @@ pub const DEFAULT_WRITE_QUEUE: usize = 1024;
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("addr", &self.addr)
-            .field("database_url", &without_password(&self.database_url))
-            .field(
-                "redis_url",
-                &self.redis_url.as_deref().map(without_password),
-            )
-            .field("redis_channel", &self.redis_channel)
-            .field(
-                "api_token",
-                &self.api_token.as_ref().map(|_| "(set, not shown)"),
-            )
-            .field("sse_timeout", &self.sse_timeout)
-            .field("sse_retry", &self.sse_retry)
-            .field("keep_alive", &self.keep_alive)
-            .field("workers", &self.workers)
-            .field("resync_interval", &self.resync_interval)
-            .field("max_streams", &self.max_streams)
-            .field("max_streams_per_client", &self.max_streams_per_client)
-            .field("trusted_proxies", &self.trusted_proxies)
-            .field("retention", &self.retention)
-            .field("job_deadline", &self.job_deadline)
-            .field(
-                "public_url",
-                &self.public_url.as_ref().map(url::Url::as_str),
-            )
-            .field("admin_idle", &self.admin_idle)
-            .field("demo", &self.demo)
-            .field("write_queue", &self.write_queue)
-            .field("db_pool", &self.db_pool)
-            .field(
-                "fanout_key",
-                &self.fanout_key.as_ref().map(|_| "(set, not shown)"),
-            )
-            .finish()
+        f.debug_map().entries(self.settings()).finish()
+    }
+}
+
+/// How a secret shows in [`Config::settings`]: whether it is set, never what it is.
+const SECRET_SET: &str = "(set, not shown)";
+
+impl Config {
+    /// Every setting as its variable and its effective value, in the variable's own units and
+    /// with defaults filled in, for an operator to read (`handoff check-config`). Secrets are
+    /// masked: tokens and keys entirely, passwords inside URLs.
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        let secs = |d: Duration| d.as_secs().to_string();
+        let or = |value: Option<String>, otherwise: &str| value.unwrap_or_else(|| otherwise.into());
+        vec![
+            ("HANDOFF_ADDR", self.addr.to_string()),
+            ("DATABASE_URL", without_password(&self.database_url)),
+            (
+                "REDIS_URL",
+                or(self.redis_url.as_deref().map(without_password), "unset"),
+            ),
+            ("HANDOFF_REDIS_CHANNEL", self.redis_channel.clone()),
+            (
+                "HANDOFF_API_TOKEN",
+                or(
+                    self.api_token.as_ref().map(|_| SECRET_SET.into()),
+                    "unset: one is generated at start and logged",
+                ),
+            ),
+            ("HANDOFF_SSE_TIMEOUT_SECS", secs(self.sse_timeout)),
+            (
+                "HANDOFF_SSE_RETRY_MS",
+                self.sse_retry.as_millis().to_string(),
+            ),
+            ("HANDOFF_KEEPALIVE_SECS", secs(self.keep_alive)),
+            (
+                "HANDOFF_WORKERS",
+                or(self.workers.map(|n| n.to_string()), "one per core"),
+            ),
+            ("HANDOFF_RESYNC_SECS", secs(self.resync_interval)),
+            (
+                "HANDOFF_MAX_STREAMS",
+                or(
+                    self.max_streams.map(|n| n.to_string()),
+                    "from the open-file limit at start",
+                ),
+            ),
+            (
+                "HANDOFF_MAX_STREAMS_PER_CLIENT",
+                or(self.max_streams_per_client.map(|n| n.to_string()), "off"),
+            ),
+            ("HANDOFF_TRUSTED_PROXIES", self.trusted_proxies.to_string()),
+            ("HANDOFF_RETENTION_SECS", secs(self.retention)),
+            ("HANDOFF_JOB_DEADLINE_SECS", secs(self.job_deadline)),
+            (
+                "HANDOFF_PUBLIC_URL",
+                or(self.public_url.as_ref().map(ToString::to_string), "unset"),
+            ),
+            ("HANDOFF_ADMIN_IDLE_SECS", secs(self.admin_idle)),
+            ("HANDOFF_DEMO", if self.demo { "on" } else { "off" }.into()),
+            ("HANDOFF_WRITE_QUEUE", self.write_queue.to_string()),
+            ("HANDOFF_DB_POOL", self.db_pool.to_string()),
+            (
+                "HANDOFF_FANOUT_KEY",
+                or(
+                    self.fanout_key.as_ref().map(|_| SECRET_SET.into()),
+                    "derived from HANDOFF_API_TOKEN",
+                ),
+            ),
+        ]
     }
 }
 
@@ -448,7 +483,7 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert!(
-            shown.contains("db/jobs") && shown.contains("api_token"),
+            shown.contains("db/jobs") && shown.contains("HANDOFF_API_TOKEN"),
             "{shown}"
         );
     }
@@ -566,6 +601,35 @@ mod tests {
         let err = with(&[("HANDOFF_DEMO", "no")]).unwrap_err();
         assert_eq!(err.var, "HANDOFF_DEMO");
         assert!(err.reason.contains("on or off"), "{err}");
+    }
+
+    #[test]
+    fn the_settings_name_every_variable_and_show_no_secret() {
+        let token = "a-secret-token-0123456789";
+        let key = "a-fanout-key-of-at-least-32-characters";
+        let c = with(&[
+            ("HANDOFF_API_TOKEN", token),
+            ("HANDOFF_FANOUT_KEY", key),
+            ("DATABASE_URL", "postgres://app:hunter2secret@db:5432/jobs"),
+            ("HANDOFF_MAX_STREAMS_PER_CLIENT", "off"),
+        ])
+        .unwrap();
+        let settings = c.settings();
+        let listed = format!("{settings:?}");
+        for secret in [token, key, "hunter2secret"] {
+            assert!(!listed.contains(secret), "{listed}");
+        }
+        let value = |var: &str| {
+            settings
+                .iter()
+                .find(|(name, _)| *name == var)
+                .map(|(_, value)| value.as_str())
+        };
+        assert_eq!(value("HANDOFF_API_TOKEN"), Some(SECRET_SET));
+        assert_eq!(value("HANDOFF_MAX_STREAMS_PER_CLIENT"), Some("off"));
+        assert_eq!(value("HANDOFF_JOB_DEADLINE_SECS"), Some("3600"));
+        // Every variable the README documents, except RUST_LOG (env_logger's own).
+        assert_eq!(settings.len(), 20);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Handoff: tells a waiting browser, over Server-Sent Events, that its server-side job is done.
 //!
 //! Layers, each knowing only those below it (ARCHITECTURE.md draws them):
+//! - [`cli`]: the command line (serve, the job runner's commands, check-config).
 //! - [`startup`]: wiring, listening and shutting down; [`config`]: settings from the environment.
 //! - [`routes`]: the HTTP interface (pages, event streams, API, admin, health); translates between
 //!   HTTP and the use cases, and maps their errors to answers.
@@ -16,6 +17,7 @@
 //!   (`/metrics`).
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod domain;

@@ -1,26 +1,52 @@
-//! `handoff`: runs the server with settings from the environment until SIGTERM or Ctrl-C.
+//! `handoff`: runs the server (`handoff` or `handoff serve`) with settings from the environment
+//! until SIGTERM or Ctrl-C; the other commands are in [`handoff::cli`].
 
+use std::process::ExitCode;
+
+use clap::Parser;
+use handoff::cli::{self, Cli, Command};
 use handoff::config::Config;
 use handoff::startup::Application;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
+    match Cli::parse().command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(),
+        Command::Job(args) => cli::job::run(args),
+        Command::CheckConfig => cli::check_config(),
+    }
+}
+
+fn serve() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
             eprintln!("handoff: {err}");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(cli::EXIT_USAGE);
         }
     };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("handoff: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(err) => {
             eprintln!("handoff: {err}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     let shutdown = app.shutdown_token();
@@ -30,10 +56,10 @@ async fn main() -> std::process::ExitCode {
         shutdown.cancel();
     });
     match app.run_until_stopped().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("handoff: {err}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod api;
 pub mod error;
+pub mod openapi;
 pub mod ops;
 pub mod pages;
 pub mod sse;
@@ -24,7 +25,7 @@ use crate::jobs::Jobs;
 use crate::limits::{DemoJobLimit, GuessThrottle, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::sessions::{AdminSessions, Checked};
-use error::AppError;
+use error::{AppError, ErrorBody};
 use sse::SseSettings;
 
 /// What every handler shares; built once, outside the server closure, so all workers see one hub.
@@ -196,6 +197,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/static/{file}").get(pages::static_file))
         .service(web::resource("/sse/connect/{id}").get(sse::connect))
         .service(web::resource("/sse/watch").get(sse::watch))
+        .service(web::resource("/api/openapi.json").get(openapi::document))
         .service(web::resource("/api/jobs").post(api::create))
         .service(web::resource("/api/jobs/{id}").get(api::show))
         .service(web::resource("/api/jobs/{id}/complete").post(api::complete))
@@ -215,8 +217,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// Unknown paths: JSON under `/api/` and `/sse/`, whose clients read JSON errors; a page elsewhere.
 async fn not_found(req: HttpRequest) -> HttpResponse {
     if req.path().starts_with("/api/") || req.path().starts_with("/sse/") {
-        HttpResponse::NotFound()
-            .json(serde_json::json!({ "error": "there is nothing at this address" }))
+        HttpResponse::NotFound().json(ErrorBody::new("there is nothing at this address"))
     } else {
         pages::not_found().await
     }
@@ -258,7 +259,7 @@ fn with_message<B>(
             new.append_header((name.clone(), value.clone()));
         }
     }
-    let mut new = new.json(serde_json::json!({ "error": message }));
+    let mut new = new.json(ErrorBody::new(message));
     // A 413 leaves the body unread: keep actix's decision to close the connection.
     new.head_mut()
         .set_connection_type(old.head().connection_type());

@@ -9,6 +9,17 @@ use ipnet::IpNet;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrustedProxies(Vec<IpNet>);
 
+/// As `HANDOFF_TRUSTED_PROXIES` takes it: comma-separated, or `none`.
+impl std::fmt::Display for TrustedProxies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        let nets: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&nets.join(", "))
+    }
+}
+
 impl TrustedProxies {
     /// Parses a comma- or space-separated list of IPs and CIDRs, e.g. `127.0.0.1, 10.0.0.0/8`.
     pub fn parse(raw: &str) -> Result<Self, String> {

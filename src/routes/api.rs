@@ -1,6 +1,10 @@
 //! The JSON API: `GET /api/jobs/{id}` for anyone holding the id (the polling fallback), and
 //! token-protected `POST /api/jobs`, `…/{id}/progress`, `…/{id}/complete` and `…/{id}/fail`
 //! for the job runner.
+//!
+//! The request and answer types derive `ToSchema` and each handler carries `#[utoipa::path]`, so
+//! the OpenAPI document ([`super::openapi`]) is made from the very types the handlers read and
+//! write; `tests/it/openapi.rs` checks real answers against it.
 
 use std::time::Duration;
 
@@ -8,36 +12,71 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoResponses, ToSchema};
 
-use super::error::AppError;
+use super::error::{AppError, ErrorBody};
 use super::{AppState, job_id};
-use crate::domain::{Job, Message, MoveUrl, Percent, rfc3339};
+use crate::domain::{Job, JobStatus, Message, MoveUrl, Percent, rfc3339};
 
 /// A job's latest progress report, as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ProgressView {
+    /// 0 to 100; `null` when the report had none.
+    #[schema(minimum = 0, maximum = 100, required = true)]
     pub percent: Option<f64>,
+    /// `null` when the report had none.
+    #[schema(required = true)]
     pub message: Option<String>,
+    /// When the report was made.
+    #[schema(format = DateTime)]
     pub at: String,
 }
 
+/// A job's state: `pending` until one of the three end states, which are final.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Complete,
+    Failed,
+    Expired,
+}
+
+impl From<JobStatus> for JobState {
+    fn from(status: JobStatus) -> Self {
+        match status {
+            JobStatus::Pending => Self::Pending,
+            JobStatus::Complete => Self::Complete,
+            JobStatus::Failed => Self::Failed,
+            JobStatus::Expired => Self::Expired,
+        }
+    }
+}
+
 /// A job as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobView {
+    /// 22 URL-safe characters, made by the server.
     pub id: String,
-    /// `pending`, `complete`, `failed` or `expired`.
-    pub status: &'static str,
+    pub status: JobState,
     /// `""` while pending, the target once ended.
     pub move_url: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
     /// When the job ended, whichever way.
+    #[schema(format = DateTime, required = true)]
     pub completed_at: Option<String>,
     /// When the job expires if still pending.
+    #[schema(format = DateTime)]
     pub deadline: String,
+    /// The latest stored report, `null` before the first.
+    #[schema(required = true)]
     pub progress: Option<ProgressView>,
     /// Why a failed job failed, if its runner said.
+    #[schema(required = true)]
     pub message: Option<String>,
+    /// Only in the answer to a creation: page A of the job, where to send the user.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wait_url: Option<String>,
 }
@@ -46,7 +85,7 @@ impl From<&Job> for JobView {
     fn from(job: &Job) -> Self {
         Self {
             id: job.id.to_string(),
-            status: job.status.as_str(),
+            status: job.status.into(),
             move_url: if job.status.is_end() {
                 job.target().to_string()
             } else {
@@ -79,13 +118,24 @@ fn body<T: DeserializeOwned + Default>(body: &[u8], shape: &str) -> Result<T, Ap
     })
 }
 
-/// The body of `POST /api/jobs` and `…/complete`.
-#[derive(Debug, Default, Deserialize)]
+/// The body of `POST /api/jobs`; empty is the same as `{}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct JobRequest {
+pub(super) struct CreateRequest {
+    /// Where page A sends the user once the job is complete: a path on this site (one leading
+    /// `/`, no scheme, at most 2048 bytes); page B of the job when absent.
     move_url: Option<String>,
-    /// Only for creation.
+    /// Seconds from now until a still-pending job expires: from 1 to the retention; the server's
+    /// `HANDOFF_JOB_DEADLINE_SECS` when absent.
     deadline_secs: Option<u64>,
+}
+
+/// The body of `…/complete`; empty is the same as `{}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct CompleteRequest {
+    /// Overrides the job's target, with the same rules as at creation.
+    move_url: Option<String>,
 }
 
 const JOB_SHAPE: &str = "{\"moveUrl\":\"/path\"}";
@@ -104,21 +154,74 @@ pub(super) fn message(raw: Option<&str>) -> Result<Option<Message>, AppError> {
 /// Reads the optional body of creation and completion, `{"moveUrl": "/path"}`, for its moveUrl.
 /// Public for the fuzz targets and property tests.
 pub fn move_url_from(raw: &[u8]) -> Result<Option<MoveUrl>, AppError> {
-    let request: JobRequest = body(raw, JOB_SHAPE)?;
+    let request: CompleteRequest = body(raw, JOB_SHAPE)?;
     move_url(request.move_url.as_deref())
+}
+
+// Named by reference, so the document says "optional" (an `Option` would also allow `null`,
+// which the handlers refuse); `ApiDoc` lists the request types among its schemas.
+const OPTIONAL_BODY: &str = "Optional: an empty body is the same as `{}`.";
+const JOB_ID: &str = "The job's id: 22 URL-safe characters.";
+const NOT_FOUND: &str = "No job has this id (or it was purged).";
+
+/// What any token-protected call may be answered, whatever it asks (the OpenAPI document's
+/// description of these answers; the answers themselves are [`AppError`]s).
+#[derive(IntoResponses)]
+#[expect(
+    dead_code,
+    reason = "describes answers for the OpenAPI document; never built"
+)]
+enum RunnerRefusals {
+    /// No `Authorization: Bearer <token>`, or a wrong token.
+    #[response(status = 401, headers(("WWW-Authenticate" = String, description = "`Bearer`")))]
+    Unauthorized(ErrorBody),
+    /// The body did not arrive in time; the connection closes.
+    #[response(status = 408)]
+    BodyTimeout(ErrorBody),
+    /// The body is larger than the server's limit (a few KiB is plenty).
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// This address sent too many wrong tokens; no token is checked until `Retry-After` has
+    /// passed.
+    #[response(
+        status = 429,
+        headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))
+    )]
+    TooManyGuesses(ErrorBody),
+    /// The database did not answer, or too many requests of this kind are waiting for it;
+    /// nothing was changed.
+    #[response(
+        status = 503,
+        headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))
+    )]
+    Unavailable(ErrorBody),
 }
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), AppError> {
     state.authorize_bearer(req)
 }
 
+/// Creates a pending job.
+#[utoipa::path(
+    post,
+    path = "/api/jobs",
+    tag = "jobs",
+    request_body(content = ref("#/components/schemas/CreateRequest"), description = OPTIONAL_BODY),
+    responses(
+        (status = 201, description = "The job, created; `waitUrl` is page A.", body = JobView,
+            headers(("Location" = String, description = "The job's `/api/jobs/{id}`."))),
+        (status = 400, description = "The body is not such JSON, or its moveUrl or deadlineSecs is refused; the text says why.", body = ErrorBody),
+        RunnerRefusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn create(
     req: HttpRequest,
     raw: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, AppError> {
     authorize(&req, &state)?;
-    let request: JobRequest = body(&raw, "{\"moveUrl\":\"/path\",\"deadlineSecs\":600}")?;
+    let request: CreateRequest = body(&raw, "{\"moveUrl\":\"/path\",\"deadlineSecs\":600}")?;
     let target = move_url(request.move_url.as_deref())?;
     let deadline = request.deadline_secs.map(Duration::from_secs);
     let job = state.jobs.create(target, deadline).await?;
@@ -129,6 +232,20 @@ pub async fn create(
         .json(view))
 }
 
+/// A job's state, progress and target: the polling fallback, for anyone who holds the id.
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = JOB_ID)),
+    responses(
+        (status = 200, description = "The job.", body = JobView),
+        (status = 400, description = "The id is not a job id.", body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody),
+        (status = 503, description = "The database did not answer.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))),
+    ),
+)]
 pub async fn show(
     path: web::Path<String>,
     state: web::Data<AppState>,
@@ -140,6 +257,23 @@ pub async fn show(
         .json(JobView::from(&job)))
 }
 
+/// Completes a pending job: every stream on it moves to the target. Completing it again
+/// changes nothing and answers `200`.
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/complete",
+    tag = "jobs",
+    params(("id" = String, Path, description = JOB_ID)),
+    request_body(content = ref("#/components/schemas/CompleteRequest"), description = OPTIONAL_BODY),
+    responses(
+        (status = 200, description = "The job, complete.", body = JobView),
+        (status = 400, description = "A malformed id, a body that is not such JSON, or a refused moveUrl; the text says why.", body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody),
+        (status = 409, description = "The job failed or expired; the text says which.", body = ErrorBody),
+        RunnerRefusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn complete(
     req: HttpRequest,
     path: web::Path<String>,
@@ -152,13 +286,34 @@ pub async fn complete(
     Ok(HttpResponse::Ok().json(JobView::from(&job)))
 }
 
-/// The body of `…/progress`.
-#[derive(Debug, Default, Deserialize)]
-struct ProgressRequest {
+/// The body of `…/progress`; empty is the same as `{}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub(super) struct ProgressRequest {
+    /// 0 to 100; a lower one than before is allowed (jobs have phases).
+    #[schema(minimum = 0, maximum = 100)]
     percent: Option<f64>,
+    /// For the person watching page A: no control characters.
+    // MESSAGE_MAX_CHARS (the attribute takes a literal; a unit test in `openapi` compares).
+    #[schema(max_length = 200)]
     message: Option<String>,
 }
 
+/// Reports progress on a pending job; the latest report wins.
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/progress",
+    tag = "jobs",
+    params(("id" = String, Path, description = JOB_ID)),
+    request_body(content = ref("#/components/schemas/ProgressRequest"), description = OPTIONAL_BODY),
+    responses(
+        (status = 200, description = "The job, pending; its `progress` is the latest stored report, which may not be this one yet.", body = JobView),
+        (status = 400, description = "A malformed id, a body that is not such JSON, a percent out of range or a refused message; the text says why.", body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody),
+        (status = 409, description = "The job has ended; the text says how.", body = ErrorBody),
+        RunnerRefusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn progress(
     req: HttpRequest,
     path: web::Path<String>,
@@ -178,14 +333,35 @@ pub async fn progress(
     Ok(HttpResponse::Ok().json(JobView::from(&job)))
 }
 
-/// The body of `…/fail`.
-#[derive(Debug, Default, Deserialize)]
+/// The body of `…/fail`; empty is the same as `{}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct FailRequest {
+pub(super) struct FailRequest {
+    /// Why it failed, shown on page B: no control characters.
+    // MESSAGE_MAX_CHARS (the attribute takes a literal; a unit test in `openapi` compares).
+    #[schema(max_length = 200)]
     message: Option<String>,
+    /// Where page A sends the user; page B of the job, which shows the message, when absent.
     move_url: Option<String>,
 }
 
+/// Fails a pending job: every stream on it is told, with the message. Failing it again changes
+/// nothing and answers `200`.
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/fail",
+    tag = "jobs",
+    params(("id" = String, Path, description = JOB_ID)),
+    request_body(content = ref("#/components/schemas/FailRequest"), description = OPTIONAL_BODY),
+    responses(
+        (status = 200, description = "The job, failed.", body = JobView),
+        (status = 400, description = "A malformed id, a body that is not such JSON, or a refused message or moveUrl; the text says why.", body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody),
+        (status = 409, description = "The job is complete or expired; the text says which.", body = ErrorBody),
+        RunnerRefusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn fail(
     req: HttpRequest,
     path: web::Path<String>,

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::BODY_LIMIT;
 use crate::domain::{JobIdError, MoveUrlError};
@@ -18,6 +20,22 @@ const STREAM_RETRY_AFTER_SECS: u64 = 5;
 /// What a write refused for a full write lane is told to wait: the lane clears its room in a
 /// fraction of that.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
+/// The body of every error answer of the API and the event streams.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What was wrong, for a person to read: a client error says what to change, a server
+    /// error says nothing internal.
+    pub error: String,
+}
+
+impl ErrorBody {
+    pub fn new(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -136,7 +154,7 @@ impl ResponseError for AppError {
         if let Some(secs) = self.retry_after() {
             response.insert_header(("Retry-After", secs.to_string()));
         }
-        response.json(serde_json::json!({ "error": self.to_string() }))
+        response.json(ErrorBody::new(self.to_string()))
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod admin;
 mod browser;
+mod cli;
 mod clients;
 mod core;
 mod demo;
@@ -13,6 +14,7 @@ mod faults;
 mod hostile_input;
 mod job_life;
 mod limits;
+mod openapi;
 mod process;
 mod properties;
 mod proxy;

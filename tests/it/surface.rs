@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use handoff::limits::TrustedProxies;
-
 use crate::support;
-use crate::support::{TOKEN, TestApp, WAIT, post_form};
+use crate::support::{TOKEN, TestApp, WAIT, behind_local_proxy, post_form};
 
 async fn login_with(app: &TestApp, token: &str, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut request = app
@@ -21,10 +19,6 @@ async fn login_with(app: &TestApp, token: &str, headers: &[(&str, &str)]) -> req
 
 async fn login_from(app: &TestApp, client: &str, token: &str) -> reqwest::Response {
     login_with(app, token, &[("X-Forwarded-For", client)]).await
-}
-
-fn behind_local_proxy(c: &mut handoff::config::Config) {
-    c.trusted_proxies = TrustedProxies::parse("127.0.0.1").unwrap();
 }
 
 #[tokio::test]

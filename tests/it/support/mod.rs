@@ -142,6 +142,12 @@ pub fn test_config(database_url: &str) -> Config {
     config
 }
 
+/// A tweak for [`TestApp::spawn_with`]: the app trusts 127.0.0.1 as its proxy, so a test names
+/// the client address of each request with `X-Forwarded-For`.
+pub fn behind_local_proxy(c: &mut Config) {
+    c.trusted_proxies = handoff::limits::TrustedProxies::parse("127.0.0.1").expect("an address");
+}
+
 impl TestApp {
     pub async fn spawn() -> Self {
         Self::spawn_with(|_| {}).await

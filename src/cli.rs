@@ -1,0 +1,136 @@
+//! The command line: `handoff` (or `handoff serve`) runs the server; `handoff job …` calls a
+//! running instance's API as a job runner does; `handoff check-config` checks the environment as
+//! `serve` would. Parsing is clap's; serving stays in `main.rs`, which owns the process.
+//!
+//! Exit codes, the same for every command: 0 done; 1 the server refused (its message on stderr);
+//! 2 a usage error or an invalid setting (nothing was sent); 3 the server could not be reached.
+
+pub mod job;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+/// The server refused: a `4xx` or `5xx` answer.
+pub const EXIT_REFUSED: u8 = 1;
+/// A usage error or an invalid setting (clap uses 2 for its own usage errors too).
+pub const EXIT_USAGE: u8 = 2;
+/// No answer: nothing listens at the URL, the name does not resolve, TLS failed, or it timed out.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+const EXIT_CODES: &str = "Exit codes: 0 done, 1 the server refused (its message on stderr), \
+                          2 usage error or invalid setting, 3 the server could not be reached.";
+
+/// Tells a waiting browser, over Server-Sent Events, that its server-side job is done.
+#[derive(Debug, Parser)]
+#[command(name = "handoff", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// What to do; `serve` when none is given.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server with settings from the environment (the default; README: Configuration).
+    Serve,
+    /// Create, report on, complete, fail or show a job on a running Handoff, over its API.
+    Job(JobArgs),
+    /// Check the environment as `serve` would and print the effective settings, secrets masked;
+    /// exit 2 with the reason when a setting is invalid.
+    CheckConfig,
+}
+
+/// Where the job commands send their requests, and how they print the answer.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The token comes from HANDOFF_API_TOKEN (`show` needs none).\n\n\
+                        Exit codes: 0 done, 1 the server refused (its message on stderr), \
+                        2 usage error, 3 the server could not be reached."
+)]
+pub struct JobArgs {
+    /// The Handoff to call: its scheme, host and port (and path prefix, behind a proxy).
+    #[arg(
+        long,
+        global = true,
+        env = "HANDOFF_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// Print the server's JSON answer as it came, for scripts, instead of a listing.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: JobCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Create a pending job; prints its id and its wait URL (page A, where to send the user).
+    Create {
+        /// Where page A sends the user once the job is complete: a path on the site, such as
+        /// `/orders/42`; page B of the job when not given.
+        #[arg(long, value_name = "PATH")]
+        move_url: Option<String>,
+        /// Seconds until the job expires if it is still pending; the server's
+        /// HANDOFF_JOB_DEADLINE_SECS when not given.
+        #[arg(long, value_name = "SECS")]
+        deadline: Option<u64>,
+    },
+    /// Report progress on a pending job; its open pages show it at once.
+    Progress {
+        /// The job's id.
+        id: String,
+        /// How far along, 0 to 100.
+        #[arg(long, value_name = "N")]
+        percent: Option<f64>,
+        /// A line for the person waiting, at most 200 characters.
+        #[arg(long, value_name = "TEXT")]
+        message: Option<String>,
+    },
+    /// Complete a job: its open pages move on to the target.
+    Complete {
+        /// The job's id.
+        id: String,
+        /// Overrides the target given at creation.
+        #[arg(long, value_name = "PATH")]
+        move_url: Option<String>,
+    },
+    /// Fail a job: its open pages move on to page B, which shows the message.
+    Fail {
+        /// The job's id.
+        id: String,
+        /// Why it failed, for the person waiting; at most 200 characters.
+        #[arg(long, value_name = "TEXT")]
+        message: Option<String>,
+        /// Where to send the user instead of page B.
+        #[arg(long, value_name = "PATH")]
+        move_url: Option<String>,
+    },
+    /// Show a job: its state, progress, deadline and target.
+    Show {
+        /// The job's id.
+        id: String,
+    },
+}
+
+/// `handoff check-config`: the settings `serve` would run with, or why it would not start.
+pub fn check_config() -> ExitCode {
+    match Config::from_env() {
+        Ok(config) => {
+            let settings = config.settings();
+            let width = settings.iter().map(|(var, _)| var.len()).max().unwrap_or(0);
+            println!("The configuration is valid. Effective settings:");
+            for (var, value) in settings {
+                println!("  {var:<width$}  {value}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("handoff: {err}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}

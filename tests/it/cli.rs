@@ -1,0 +1,335 @@
+//! The `handoff` command line as a job runner and an operator use it: the real binary against a
+//! real server, its output, its exit codes (0 done, 1 refused, 2 usage, 3 unreachable), and
+//! `--help` on every command.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::{self, TOKEN, TestApp, WAIT};
+
+/// What one run of the binary left behind.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// The listing's lines, `label  value`, by label.
+    fn listing(&self) -> HashMap<String, String> {
+        assert_eq!(self.code, 0, "{self:?}");
+        self.stdout
+            .lines()
+            .filter_map(|line| line.trim_start().split_once("  "))
+            .map(|(label, value)| (label.trim().to_owned(), value.trim().to_owned()))
+            .collect()
+    }
+
+    fn json(&self) -> Value {
+        assert_eq!(self.code, 0, "{self:?}");
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// Checks a failed run: its exit code, and that stderr carries `message`.
+    fn failed(&self, code: i32, message: &str) {
+        assert_eq!(self.code, code, "{self:?}");
+        assert!(self.stderr.contains(message), "{self:?}");
+        assert!(self.stdout.is_empty(), "nothing on stdout: {self:?}");
+    }
+}
+
+/// Runs `handoff args…` with `envs` and none of the caller's HANDOFF_ variables.
+async fn handoff(envs: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("HANDOFF_") || name == "DATABASE_URL" || name == "REDIS_URL" {
+            command.env_remove(name);
+        }
+    }
+    let out = tokio::time::timeout(WAIT, command.envs(envs.iter().copied()).args(args).output())
+        .await
+        .unwrap_or_else(|_| panic!("handoff {args:?} still running after {WAIT:?}"))
+        .expect("run handoff");
+    Run {
+        code: out.status.code().expect("an exit code, not a signal"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `handoff job args…` against `app`, with the API token.
+async fn job(app: &TestApp, args: &[&str]) -> Run {
+    let envs = [
+        ("HANDOFF_URL", app.base.as_str()),
+        ("HANDOFF_API_TOKEN", TOKEN),
+    ];
+    let args: Vec<&str> = std::iter::once("job").chain(args.iter().copied()).collect();
+    handoff(&envs, &args).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_runner_creates_reports_on_and_completes_a_job_and_its_page_hears_each_step() {
+    let app = TestApp::spawn().await;
+    let created = job(
+        &app,
+        &["create", "--move-url", "/orders/42", "--deadline", "600"],
+    )
+    .await;
+    let lines = created.listing();
+    let id = lines["id"].clone();
+    assert_eq!(lines["wait url"], format!("{}/jobs/{id}", app.base));
+    assert_eq!(lines["status"], "pending");
+    let stored = app.job(&id).await;
+    assert_eq!(stored["status"], "pending");
+
+    let mut page_a = app.connected_stream(&id).await;
+    let reported = job(
+        &app,
+        &["progress", &id, "--percent", "40", "--message", "Rendering"],
+    )
+    .await;
+    assert_eq!(reported.listing()["status"], "pending");
+    let (event, data) = page_a.next_event(WAIT).await.expect("the progress event");
+    assert_eq!(event, "progress");
+    assert_eq!(
+        (data["percent"].as_f64(), data["message"].as_str()),
+        (Some(40.0), Some("Rendering"))
+    );
+
+    // Reports are stored a moment later, apart from their delivery.
+    assert!(
+        support::eventually(WAIT, || async {
+            app.job(&id).await["progress"].is_object()
+        })
+        .await
+    );
+    let shown = job(&app, &["show", &id]).await.listing();
+    assert_eq!(
+        shown["progress"].split(" (at ").next(),
+        Some("40% Rendering")
+    );
+
+    let completed = job(&app, &["complete", &id]).await.listing();
+    assert_eq!(completed["status"], "complete");
+    assert_eq!(completed["move url"], "/orders/42");
+    let (event, data) = page_a.next_event(WAIT).await.expect("the result");
+    assert_eq!(
+        (event.as_str(), &data["moveUrl"]),
+        ("result", &Value::from("/orders/42"))
+    );
+
+    let shown = job(&app, &["show", &id]).await.listing();
+    assert_eq!(shown["status"], "complete");
+    assert!(shown.contains_key("ended"), "{shown:?}");
+    assert_eq!(
+        shown["progress"].split(' ').next(),
+        Some("40%"),
+        "{shown:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_runner_fails_a_job_with_a_message_that_page_b_shows() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let failed = job(&app, &["fail", &id, "--message", "The bank declined"])
+        .await
+        .listing();
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["message"], "The bank declined");
+    assert_eq!(app.job(&id).await["message"], "The bank declined");
+    assert!(app.page_b(&id).await.contains("The bank declined"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_output_is_the_servers_answer_with_its_fields() {
+    let app = TestApp::spawn().await;
+    let created = job(&app, &["create", "--json"]).await.json();
+    let id = created["id"].as_str().expect("an id").to_owned();
+    assert_eq!(created["waitUrl"], format!("/jobs/{id}"));
+    assert_eq!(created["status"], "pending");
+    // --json may come before the command too.
+    let reported = job(&app, &["--json", "progress", &id, "--percent", "12.5"])
+        .await
+        .json();
+    assert_eq!(reported["id"], id.as_str());
+    // Reports are stored a moment later, apart from their delivery.
+    assert!(
+        support::eventually(WAIT, || async {
+            app.job(&id).await["progress"].is_object()
+        })
+        .await
+    );
+    let shown = job(&app, &["show", &id, "--json"]).await.json();
+    for field in [
+        "id",
+        "status",
+        "moveUrl",
+        "createdAt",
+        "completedAt",
+        "deadline",
+        "progress",
+    ] {
+        assert!(shown.get(field).is_some(), "{field} missing: {shown}");
+    }
+    assert_eq!(shown["progress"]["percent"], 12.5, "{shown}");
+    let completed = job(&app, &["complete", &id, "--json"]).await.json();
+    assert_eq!(completed["status"], "complete");
+    assert_eq!(completed["moveUrl"], format!("/test.do?id={id}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_exit_1_with_the_servers_message_and_usage_errors_exit_2() {
+    let app = TestApp::spawn().await;
+    let wrong = [
+        ("HANDOFF_URL", app.base.as_str()),
+        ("HANDOFF_API_TOKEN", "wrong-token-0123456789"),
+    ];
+    handoff(&wrong, &["job", "create"])
+        .await
+        .failed(1, "401 Unauthorized: missing or wrong API token");
+
+    job(&app, &["complete", "AAAAAAAAAAAAAAAAAAAAAA"])
+        .await
+        .failed(1, "404 Not Found: no job with this id");
+    job(&app, &["show", "not-an-id"])
+        .await
+        .failed(1, "400 Bad Request");
+    let id = app.job_id().await;
+    job(&app, &["complete", &id]).await.listing();
+    job(&app, &["fail", &id])
+        .await
+        .failed(1, "409 Conflict: the job is complete");
+    job(&app, &["progress", &id, "--percent", "1"])
+        .await
+        .failed(1, "409 Conflict");
+    let pending = app.job_id().await;
+    job(&app, &["progress", &pending, "--percent", "101"])
+        .await
+        .failed(1, "400 Bad Request: percent");
+    job(
+        &app,
+        &["complete", &pending, "--move-url", "https://evil.example"],
+    )
+    .await
+    .failed(1, "400 Bad Request");
+    assert_eq!(app.job(&pending).await["status"], "pending");
+
+    let no_token = [("HANDOFF_URL", app.base.as_str())];
+    handoff(&no_token, &["job", "complete", &pending])
+        .await
+        .failed(2, "HANDOFF_API_TOKEN is not set");
+    job(&app, &["create", "--deadline", "soon"])
+        .await
+        .failed(2, "--deadline");
+    job(&app, &["complete"]).await.failed(2, "<ID>");
+    job(&app, &["show", &pending, "--url", "127.0.0.1:8080"])
+        .await
+        .failed(2, "HANDOFF_URL");
+    assert_eq!(
+        app.job(&pending).await["status"],
+        "pending",
+        "nothing was sent"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_be_reached_exits_3_naming_it() {
+    let nobody = format!("http://127.0.0.1:{}", support::free_port());
+    let envs = [
+        ("HANDOFF_URL", nobody.as_str()),
+        ("HANDOFF_API_TOKEN", TOKEN),
+    ];
+    for args in [
+        &["job", "create"][..],
+        &["job", "show", "AAAAAAAAAAAAAAAAAAAAAA"],
+    ] {
+        handoff(&envs, args)
+            .await
+            .failed(3, &format!("cannot reach Handoff at {nobody}"));
+    }
+}
+
+#[tokio::test]
+async fn check_config_lists_the_settings_with_secrets_masked_and_refuses_a_weak_token() {
+    let database = "postgres://app:dbsecret-123@db.internal/jobs";
+    let run = handoff(
+        &[
+            ("HANDOFF_API_TOKEN", TOKEN),
+            ("DATABASE_URL", database),
+            ("HANDOFF_DEMO", "off"),
+        ],
+        &["check-config"],
+    )
+    .await;
+    let settings = run.listing();
+    assert_eq!(settings["HANDOFF_API_TOKEN"], "(set, not shown)");
+    assert_eq!(
+        settings["DATABASE_URL"],
+        "postgres://app:***@db.internal/jobs"
+    );
+    assert_eq!(settings["HANDOFF_DEMO"], "off");
+    assert_eq!(settings["HANDOFF_ADDR"], "127.0.0.1:8080", "the default");
+    assert!(
+        !run.stdout.contains(TOKEN) && !run.stdout.contains("dbsecret-123"),
+        "{run:?}"
+    );
+
+    let weak = "abababababababababab";
+    let refused = handoff(&[("HANDOFF_API_TOKEN", weak)], &["check-config"]).await;
+    refused.failed(2, "HANDOFF_API_TOKEN");
+    assert!(!refused.stderr.contains(weak), "{refused:?}");
+    handoff(&[("HANDOFF_SSE_TIMEOUT_SECS", "soon")], &["check-config"])
+        .await
+        .failed(2, "HANDOFF_SSE_TIMEOUT_SECS");
+}
+
+#[tokio::test]
+async fn every_command_has_help() {
+    for command in [
+        &[][..],
+        &["serve"],
+        &["check-config"],
+        &["job"],
+        &["job", "create"],
+        &["job", "progress"],
+        &["job", "complete"],
+        &["job", "fail"],
+        &["job", "show"],
+    ] {
+        let args: Vec<&str> = command.iter().copied().chain(["--help"]).collect();
+        let run = handoff(&[], &args).await;
+        assert_eq!(run.code, 0, "{args:?}: {run:?}");
+        let usage = format!("Usage: handoff {}", command.join(" "));
+        assert!(
+            run.stdout.contains(usage.trim_end()),
+            "{args:?}: {}",
+            run.stdout
+        );
+    }
+    let job_help = handoff(&[], &["job", "--help"]).await.stdout;
+    assert!(
+        job_help.contains("HANDOFF_URL") && job_help.contains("Exit codes"),
+        "{job_help}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_the_server_as_no_command_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_handoff"));
+    command.arg("serve");
+    let (mut child, base, _log) = support::start_command(command, dir.path(), &[]);
+    let health = support::client()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    support::sigterm(&child);
+    let status = support::exit_within(&mut child, std::time::Instant::now(), WAIT).await;
+    assert!(status.success(), "{status}");
+}
