@@ -11,7 +11,7 @@
 # bench/examples/bare_*.rs, and the write floor, bench/examples/store_alone.rs; empty = skip them),
 # MANY_N (10000: N for the runs with MANY_PUBLISHERS=32 publisher connections; empty = skip),
 # SCALE_N (10000: N for two Handoff instances on PostgreSQL + Redis against two Nchan on Redis;
-# empty = skip), CAPACITY_N (100000: streams over CAPACITY_INSTANCES=6 Handoff instances, run
+# empty = skip; SCALE_PUBLISHERS=4 connections to each), CAPACITY_N (100000: streams over CAPACITY_INSTANCES=6 Handoff instances, run
 # once; empty = skip), REDIS_URL (redis://127.0.0.1:6379), PG_URL (postgres://postgres@127.0.0.1:5432),
 # PEERS_DIR (where start-nchan.sh lives; default ../shared/peers, then /work/shared/peers),
 # SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core), BASE_PORT (18080; each run
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
-SIZES=${SIZES:-"1000 10000 19000"}
+SIZES=${SIZES-"1000 10000 19000"}
 PEER_N=${PEER_N:-1000}
 PEERS=${PEERS:-1}
 FLOOR_N=${FLOOR_N-10000}
@@ -31,6 +31,7 @@ BASE_PORT=${BASE_PORT:-18080}
 MANY_N=${MANY_N-10000}
 MANY_PUBLISHERS=${MANY_PUBLISHERS:-32}
 SCALE_N=${SCALE_N-10000}
+SCALE_PUBLISHERS=${SCALE_PUBLISHERS:-4}
 CAPACITY_N=${CAPACITY_N-100000}
 CAPACITY_INSTANCES=${CAPACITY_INSTANCES:-6}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -258,19 +259,28 @@ scale_run() { # name n rep: two instances sharing one Redis (Handoff: and one Po
   fi
   # shellcheck disable=SC2086 # args is a list of words without spaces inside
   taskset -c "$CLIENT_CPU" "$bench_bin" $args -n "$n" --mode distinct --timeout 120 \
+    --publishers "$SCALE_PUBLISHERS" \
     --leave-on-result --server-pid "${pids[0]},${pids[1]}" --label "scale-$name" --json "$json" \
-    --on-opened "bash scripts/bench_counters.sh $OUT/counters.before $db $bystander" ||
+    --on-opened "bash scripts/bench_counters.sh $OUT/counters.before ${db:--} ${bystander:--} ${pids[0]},${pids[1]}" ||
     echo "bench.sh: scale-out $name N=$n run $rep FAILED (see the table above)" >&2
-  bash scripts/bench_counters.sh "$OUT/counters.after" "$db" "$bystander"
+  bash scripts/bench_counters.sh "$OUT/counters.after" "${db:--}" "${bystander:--}" "${pids[0]},${pids[1]}"
   python3 - "$json" "$OUT/counters.before" "$OUT/counters.after" <<'PY' || true
 import json, sys
 path, before, after = sys.argv[1:]
-b, a = ([int(x) for x in open(f).read().split()] for f in (before, after))
+def counters(name):
+    return {k: int(v) for k, v in (f.split("=") for f in open(name).read().split())}
+b, a = counters(before), counters(after)
 report = json.load(open(path))
 done = max(report.get("completions") or 0, 1)
-report["redis_commands_per_completion"] = (a[0] - b[0] - 1) / done  # less the INFO itself
-report["pg_transactions_per_completion"] = (a[1] - b[1]) / done if a[1] else None
-report["bystander_us_per_completion"] = (a[2] - b[2]) / 1e3 / done if a[2] else None
+per = lambda key: (a[key] - b[key]) / done
+report["redis_commands_per_completion"] = per("redis_commands") - 1 / done  # less the INFO itself
+report["pg_transactions_per_completion"] = per("pg_transactions") if a["pg_transactions"] else None
+report["bystander_us_per_completion"] = per("bystander_ns") / 1e3 if a["bystander_ns"] else None
+# CPU per completion of each part of the fleet, over the completion window.
+report["fleet_us_per_completion"] = per("fleet_ns") / 1e3
+report["postgres_us_per_completion"] = per("postgres_ns") / 1e3 if a["pg_transactions"] else None
+report["redis_us_per_completion"] = per("redis_ns") / 1e3
+report["window_us_per_completion"] = per("clock_ns") / 1e3
 json.dump(report, open(path, "w"), indent=2)
 PY
   if [ "$name" = handoff ]; then

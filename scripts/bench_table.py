@@ -59,6 +59,15 @@ FIGURES = [
 ]
 
 
+# The peers Handoff is set side by side with, a table each: (name, title, what it is).
+PEER_TABLES = [
+    ("nchan", "Nchan", "Nchan keeping its messages in its own memory: the ceiling the aims are "
+     "set against."),
+    ("nchan-redis", "Nchan+Redis", "Nchan storing every message in Redis "
+     "(`start-nchan.sh PORT redis://127.0.0.1:6379`), with Redis pinned to the server's core for "
+     "the run: like Handoff, it keeps what it publishes beyond its own process."),
+]
+
 # The floors: Handoff's stack, and hyper, with nothing of Handoff's own
 # (bench/examples/bare_*.rs).
 FLOORS = [("bare-actix", "bare actix-web"), ("bare-hyper", "bare hyper")]
@@ -131,25 +140,53 @@ def main():
         w("")
         w("Streams stayed open after their result unless the server ended them.")
     w("")
-    w("### Handoff vs Nchan")
-    w("")
-    for line in table_head("| N | mode |", "|---:|---|",
-                           lambda title: (f"{title}: Handoff", "Nchan", "×"),
-                           " delivered: Handoff | Nchan |", "---:|---:|"):
-        w(line)
-    for n in sizes:
-        for mode in ("distinct", "single"):
-            h, c = runs.get(("handoff", mode, n), {}), runs.get(("nchan", mode, n), {})
-            if not h and not c:
+    for peer, peer_title, about in PEER_TABLES:
+        if not any(k[0] == peer for k in runs):
+            continue
+        w(f"### Handoff vs {peer_title}")
+        w("")
+        if about:
+            w(about)
+            w("")
+        for line in table_head("| N | mode |", "|---:|---|",
+                               lambda title: (f"{title}: Handoff", peer_title, "×"),
+                               f" delivered: Handoff | {peer_title} |", "---:|---:|"):
+            w(line)
+        for n in sizes:
+            for mode in ("distinct", "single"):
+                h, c = runs.get(("handoff", mode, n), {}), runs.get((peer, mode, n), {})
+                if not h and not c:
+                    continue
+                row = f"| {n:,} | {mode} |" + figure_cells(mode, lambda key, digits: (
+                    fmt(median(figure(r, key) for r in h.values()), digits),
+                    fmt(median(figure(r, key) for r in c.values()), digits),
+                    fmt(per_run_ratio(h, c, key), 2)))
+                w(row + f" {delivered(h)} | {delivered(c)} |")
+        w("")
+    many = sorted({(name, n) for (name, mode, n) in runs if re.fullmatch(r"handoff-p\d+", name)})
+    for name, n in many:
+        k = name.removeprefix("handoff-p")
+        w(f"### {k} publisher connections, N = {n:,} distinct jobs")
+        w("")
+        w(f"The same runs with {k} keep-alive publisher connections instead of 4: a job-runner "
+          "fleet's worth of completions in flight at once, which Handoff's write lane commits "
+          "together.")
+        w("")
+        w("| server | completions/s | Handoff ÷ it | latency p50, ms | latency p99, ms | delivered |")
+        w("|---|---:|---:|---:|---:|---:|")
+        h = runs.get((name, "distinct", n), {})
+        for server, title in ((f"handoff-p{k}", "Handoff"), (f"nchan-p{k}", "Nchan"),
+                              (f"nchan-redis-p{k}", "Nchan storing in Redis")):
+            rs = runs.get((server, "distinct", n), {})
+            if not rs:
                 continue
-            row = f"| {n:,} | {mode} |" + figure_cells(mode, lambda key, digits: (
-                fmt(median(figure(r, key) for r in h.values()), digits),
-                fmt(median(figure(r, key) for r in c.values()), digits),
-                fmt(per_run_ratio(h, c, key), 2)))
-            w(row + f" {delivered(h)} | {delivered(c)} |")
+            med = lambda key: median(figure(r, key) for r in rs.values())
+            ratio = "–" if server == name else fmt(per_run_ratio(h, rs, "completions_per_sec"), 2)
+            w(f"| {title} | {fmt(med('completions_per_sec'))} | {ratio} | "
+              f"{fmt(med('latency_ms.p50'), 3)} | {fmt(med('latency_ms.p99'), 3)} | {delivered(rs)} |")
+        w("")
     floors = [(name, title) for name, title in FLOORS if any(k[0] == name for k in runs)]
     if floors:
-        w("")
         w("### The floors: bare actix-web and bare hyper against Nchan, same tool, same pinning")
         w("")
         w("`bench/examples/bare_actix.rs` is Handoff's stack (actix-web, actix-web-lab's `Sse`, "
@@ -221,37 +258,129 @@ def main():
                 w(f"| {name} | {n:,} | {mode} | {fmt(med('connect_secs'), 3)} | "
                   f"{fmt(med('bytes_per_stream'))} | {fmt(med('latency_ms.p50'), 3)} | "
                   f"{fmt(med('latency_ms.p99'), 3)} | {rate} | {delivered(rs)} |")
+    scale = {name: rs for (name, mode, n), rs in runs.items() if name.startswith("scale-")}
+    if scale:
+        n_scale = next(n for (name, _, n) in runs if name.startswith("scale-"))
+        w("")
+        w(f"### Scale-out: two instances sharing one Redis, N = {n_scale:,} distinct jobs")
+        w("")
+        w("Two Handoff instances on one PostgreSQL database and one Redis channel, against two "
+          "Nchan instances storing in one Redis; everything server-side (both instances, "
+          "PostgreSQL, Redis) pinned to core 0, the client on core 1. Stream i is on instance "
+          "i mod 2 and its job is completed through instance ⌊i / 2⌋ mod 2, so half the "
+          "completions cross from one instance to the other. Commands and transactions are "
+          "counted over the completions alone (from every stream open to the end). A third "
+          "Handoff instance holds no stream: its CPU time is what every instance pays for each "
+          "completion on the shared channel.")
+        w("")
+        w("| fleet | delivered | latency p50, ms | latency p99, ms | completions/s | Handoff ÷ it | "
+          "Redis commands per completion | PostgreSQL transactions per completion | "
+          "CPU µs per completion: the two instances | PostgreSQL | Redis | "
+          "a stream-less instance |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        h = scale.get("scale-handoff", {})
+        for name, title in (("scale-handoff", "2 × Handoff on PostgreSQL + Redis"),
+                            ("scale-nchan", "2 × Nchan on Redis")):
+            rs = scale.get(name, {})
+            if not rs:
+                continue
+            med = lambda key: median(figure(r, key) for r in rs.values())
+            ratio = "–" if name == "scale-handoff" else fmt(
+                per_run_ratio(h, rs, "completions_per_sec"), 2)
+            w(f"| {title} | {delivered(rs)} | {fmt(med('latency_ms.p50'), 3)} | "
+              f"{fmt(med('latency_ms.p99'), 3)} | {fmt(med('completions_per_sec'))} | {ratio} | "
+              f"{fmt(med('redis_commands_per_completion'), 1)} | "
+              f"{fmt(med('pg_transactions_per_completion'), 2)} | "
+              f"{fmt(med('fleet_us_per_completion'), 1)} | "
+              f"{fmt(med('postgres_us_per_completion'), 1)} | "
+              f"{fmt(med('redis_us_per_completion'), 1)} | "
+              f"{fmt(med('bystander_us_per_completion'), 1)} |")
+    capacity = [(n, r) for (name, _, n), rs in runs.items() if name == "capacity-handoff"
+                for r in rs.values()]
+    if capacity:
+        w("")
+        w("### Capacity rehearsal")
+        w("")
+        w("| streams | instances | client processes | open all, s | connects/s | "
+          "bytes/stream, whole fleet | completions/s | latency p50, ms | latency p99, ms | "
+          "PostgreSQL connections in use | delivered |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n, r in capacity:
+            w(f"| {n:,} | {r.get('instances')} | {r.get('processes')} | "
+              f"{fmt(r.get('connect_secs'), 3)} | {fmt(r.get('connects_per_sec'))} | "
+              f"{fmt(r.get('bytes_per_stream'))} | {fmt(r.get('completions_per_sec'))} | "
+              f"{fmt(figure(r, 'latency_ms.p50'), 3)} | {fmt(figure(r, 'latency_ms.p99'), 3)} | "
+              f"{r.get('pg_connections_at_peak', '–')} | {delivered({1: r})} |")
     w("")
-    w("### Targets (issue 5), at N = 10,000 unless stated")
+    w("### Targets (issue 16), one core, N = 10,000")
     w("")
-    w("| figure | must reach | Handoff | met |" + "".join(f" {t}, same run |" for _, t in FLOORS))
-    w("|---|---|---:|---|" + "---:|" * len(FLOORS))
+    w("Each ratio is Handoff ÷ the named server, the median of the ratios taken in the same run.")
+    w("")
+    w("| figure | must reach | measured | met | aim | measured | met |")
+    w("|---|---|---:|---|---|---:|---|")
 
-    def ratio(mode, n, key, name="handoff"):
-        return per_run_ratio(runs.get((name, mode, n), {}), runs.get(("nchan", mode, n), {}), key)
+    def ratio_of(key, mode, a, b, n=10000):
+        return per_run_ratio(runs.get((a, mode, n), {}), runs.get((b, mode, n), {}), key)
 
-    checks = [
-        ("server memory per idle stream (distinct)", "≤ 1.0 × Nchan", ("distinct", 10000, "bytes_per_stream"), lambda r: r <= 1.0),
-        ("server memory per idle stream (single)", "≤ 1.0 × Nchan", ("single", 10000, "bytes_per_stream"), lambda r: r <= 1.0),
-        ("single job, latency p99", "≤ 1.0 × Nchan", ("single", 10000, "latency_ms.p99"), lambda r: r <= 1.0),
-        ("distinct jobs, latency p99", "≤ 2.0 × Nchan", ("distinct", 10000, "latency_ms.p99"), lambda r: r <= 2.0),
-        ("completions/s (distinct, 4 publisher connections)", "≥ 1.0 × Nchan", ("distinct", 10000, "completions_per_sec"), lambda r: r >= 1.0),
-        ("connects/s (distinct)", "≥ 1.0 × Nchan", ("distinct", 10000, "connects_per_sec"), lambda r: r >= 1.0),
-        ("connects/s (single)", "≥ 1.0 × Nchan", ("single", 10000, "connects_per_sec"), lambda r: r >= 1.0),
+    def verdict(bounds):
+        """bounds: [(ratio, limit, 'le'|'ge', against)] -> (measured text, met text)"""
+        texts, met = [], True
+        for value, limit, way, against in bounds:
+            texts.append(f"{fmt(value, 2)} × {against}")
+            if value is None:
+                met = None if met else met
+            elif (way == "le" and value > limit) or (way == "ge" and value < limit):
+                met = False
+        return "; ".join(texts), {True: "yes", False: "**no**", None: "–"}[met]
+
+    def scale_ratio():
+        return per_run_ratio(scale.get("scale-handoff", {}), scale.get("scale-nchan", {}),
+                             "completions_per_sec") if scale else None
+
+    c, cpu, mem, p99 = "completions_per_sec", "connects_per_sec", "bytes_per_stream", "latency_ms.p99"
+    rows = [
+        ("completions/s, 4 publisher connections", "≥ 2.0 × Nchan+Redis",
+         [(ratio_of(c, "distinct", "handoff", "nchan-redis"), 2.0, "ge", "Nchan+Redis")],
+         "≥ 1.0 × Nchan", [(ratio_of(c, "distinct", "handoff", "nchan"), 1.0, "ge", "Nchan")]),
+        ("completions/s, 32 publisher connections", "≥ 0.8 × Nchan",
+         [(ratio_of(c, "distinct", "handoff-p32", "nchan-p32"), 0.8, "ge", "Nchan")],
+         "≥ 1.2 × Nchan", [(ratio_of(c, "distinct", "handoff-p32", "nchan-p32"), 1.2, "ge", "Nchan")]),
     ]
-    for name, goal, where, ok in checks:
-        value = ratio(*where)
-        met = "–" if value is None else ("yes" if ok(value) else "**no**")
-        row = f"| {name} | {goal} | {fmt(value, 2)} × | {met} |"
-        for floor_name, _ in FLOORS:
-            floor = ratio(*where, name=floor_name)
-            row += " – |" if floor is None else f" {fmt(floor, 2)} ×{'' if ok(floor) else ' (not met)'} |"
-        w(row)
-    most = max(sizes) if sizes else 0
-    held = [r for mode in ("distinct", "single") for r in runs.get(("handoff", mode, most), {}).values()]
-    all_ok = bool(held) and all(r["ok"] for r in held)
-    w(f"| streams held at once, nothing lost | 19,000 | {most:,} in {len(held)} run(s) | "
-      f"{'yes' if all_ok and most >= 19000 else '**no**'} |" + " – |" * len(FLOORS))
+    for mode in ("distinct", "single"):
+        rows.append((f"connects/s ({mode})", "≥ 1.0 × Nchan+Redis and ≥ 1.0 × bare actix-web",
+                     [(ratio_of(cpu, mode, "handoff", "nchan-redis"), 1.0, "ge", "Nchan+Redis"),
+                      (ratio_of(cpu, mode, "handoff", "bare-actix"), 1.0, "ge", "bare actix-web")],
+                     "≥ 1.0 × Nchan", [(ratio_of(cpu, mode, "handoff", "nchan"), 1.0, "ge", "Nchan")]))
+    rows += [
+        ("memory per stream (distinct)", "≤ 1.0 × Nchan",
+         [(ratio_of(mem, "distinct", "handoff", "nchan"), 1.0, "le", "Nchan")],
+         "≤ 0.8 × Nchan", [(ratio_of(mem, "distinct", "handoff", "nchan"), 0.8, "le", "Nchan")]),
+        ("memory per stream (single)", "≤ 1.0 × bare actix-web",
+         [(ratio_of(mem, "single", "handoff", "bare-actix"), 1.0, "le", "bare actix-web")],
+         "≤ 0.8 × Nchan", [(ratio_of(mem, "single", "handoff", "nchan"), 0.8, "le", "Nchan")]),
+        ("latency p99, distinct jobs", "≤ 1.0 × Nchan+Redis and ≤ 2.0 × Nchan",
+         [(ratio_of(p99, "distinct", "handoff", "nchan-redis"), 1.0, "le", "Nchan+Redis"),
+          (ratio_of(p99, "distinct", "handoff", "nchan"), 2.0, "le", "Nchan")],
+         "≤ 1.0 × Nchan", [(ratio_of(p99, "distinct", "handoff", "nchan"), 1.0, "le", "Nchan")]),
+        ("latency p99, single job", "≤ 1.0 × Nchan",
+         [(ratio_of(p99, "single", "handoff", "nchan"), 1.0, "le", "Nchan")],
+         "≤ 0.7 × Nchan", [(ratio_of(p99, "single", "handoff", "nchan"), 0.7, "le", "Nchan")]),
+        ("scale-out completions/s, nothing lost", "≥ 1.0 × the Nchan pair",
+         [(scale_ratio(), 1.0, "ge", "Nchan pair")], "", []),
+    ]
+    for name, goal, bounds, aim, aim_bounds in rows:
+        measured, met = verdict(bounds)
+        if name.startswith("scale-out"):
+            lost = any(r["delivered"] != r["expected"] or r["duplicates"]
+                       for r in scale.get("scale-handoff", {}).values())
+            if lost:
+                met = "**no** (lost)"
+        aim_measured, aim_met = verdict(aim_bounds) if aim_bounds else ("–", "–")
+        w(f"| {name} | {goal} | {measured} | {met} | {aim or '–'} | {aim_measured} | {aim_met} |")
+    if capacity:
+        ok = all(r["ok"] for _, r in capacity)
+        w(f"| capacity: every result delivered | {max(n for n, _ in capacity):,} streams | "
+          f"{'all' if ok else 'not all'} | {'yes' if ok else '**no**'} | – | – | – |")
     text = "\n".join(out)
 
     try:

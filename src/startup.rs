@@ -60,7 +60,9 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let store = Store::connect_with_pool(&config.database_url, config.write_queue, config.db_pool).await?;
+        let store =
+            Store::connect_with_pool(&config.database_url, config.write_queue, config.db_pool)
+                .await?;
         let token = match &config.api_token {
             Some(token) => token.clone(),
             None => {

@@ -186,7 +186,11 @@ fn main() -> ExitCode {
 
 /// Runs `--on-opened`; a failure is an error of the run.
 fn run_hook(command: &str, errors: &mut Vec<String>) {
-    match std::process::Command::new("sh").arg("-c").arg(command).status() {
+    match std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .status()
+    {
         Ok(status) if status.success() => {}
         Ok(status) => errors.push(format!("--on-opened: {status}")),
         Err(e) => errors.push(format!("--on-opened: {e}")),
@@ -198,7 +202,11 @@ fn fleet_rss_kb(pids: &[u32], errors: &mut Vec<String>) -> Option<u64> {
     if pids.is_empty() {
         return None;
     }
-    match pids.iter().map(|&pid| rss_kb(pid)).sum::<Result<u64, String>>() {
+    match pids
+        .iter()
+        .map(|&pid| rss_kb(pid))
+        .sum::<Result<u64, String>>()
+    {
         Ok(kb) => Some(kb),
         Err(why) => {
             errors.push(why);
@@ -517,7 +525,9 @@ async fn complete_all(
                     &publish.host,
                     &path,
                     None,
-                    Bytes::from(format!(r#"{{"status":"result","moveUrl":"/done?id={id}"}}"#)),
+                    Bytes::from(format!(
+                        r#"{{"status":"result","moveUrl":"/done?id={id}"}}"#
+                    )),
                 ),
             }
         });

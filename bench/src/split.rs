@@ -292,7 +292,10 @@ mod tests {
             &[part(vec![1.0; 99], 99), part(vec![50.0], 1)],
             2,
         );
-        assert_eq!((whole.opened, whole.delivered, whole.expected), (100, 100, 100));
+        assert_eq!(
+            (whole.opened, whole.delivered, whole.expected),
+            (100, 100, 100)
+        );
         assert!(whole.ok);
         let latency = whole.latency_ms.unwrap();
         assert_eq!((latency.p50, latency.max), (1.0, 50.0));

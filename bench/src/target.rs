@@ -143,7 +143,10 @@ mod tests {
 
     #[test]
     fn a_fleet_is_one_target_per_instance_and_pairs_must_match() {
-        let bases = ["http://127.0.0.1:1".to_owned(), "http://127.0.0.1:2".to_owned()];
+        let bases = [
+            "http://127.0.0.1:1".to_owned(),
+            "http://127.0.0.1:2".to_owned(),
+        ];
         let fleet = Target::fleet(&bases, Some("t".into()), &[], &[]).unwrap();
         assert_eq!(fleet.len(), 2);
         assert_eq!(fleet[1].publish.addr.port(), 2);
