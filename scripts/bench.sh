@@ -295,6 +295,29 @@ PY
   unpin
 }
 
+# The database's own floor under the scale-out runs: PostgreSQL alone on the server's core,
+# committing the completion's UPDATE … RETURNING from as many connections as the two instances'
+# publishers, ROWS rows a transaction (1: every completion its own commit, as 4 publishers mostly
+# make it; 10: the batches 32 publishers make). pgbench is PostgreSQL's own load tool.
+pg_floor_run() { # rows rep
+  local rows=$1 rep=$2 db=handoff_pgfloor_$RANDOM$RANDOM clients=$((2 * SCALE_PUBLISHERS)) ids= i tps
+  say "PostgreSQL alone: $rows row(s) a transaction, $clients connections, run $rep"
+  psql "$PG_URL/postgres" -qc "create database $db" >/dev/null
+  psql "$PG_URL/$db" -qc "create table jobs (id text primary key, status text not null,
+      move_url text, completed_at bigint);
+    insert into jobs select 'job' || g, 'pending', null, null from generate_series(1, 500000) g" >/dev/null
+  for i in $(seq 0 $((rows - 1))); do ids+="${ids:+, }'job' || (:a + $i)"; done
+  printf '\\set a random(1, 499990)\nUPDATE jobs SET status = %s, move_url = %s, completed_at = 1 WHERE id IN (%s) AND status <> %s RETURNING id, status, move_url, completed_at;\n' \
+    "'complete'" "'/done'" "$ids" "'gone'" >"$OUT/pgfloor.sql"
+  pin postgres
+  tps=$(taskset -c "$CLIENT_CPU" pgbench "$PG_URL/$db" -n -M prepared -f "$OUT/pgfloor.sql" \
+    -c "$clients" -j 1 -T 5 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+  unpin
+  psql "$PG_URL/postgres" -qc "drop database $db" >/dev/null || true
+  python3 -c 'import json, sys; tps, rows = float(sys.argv[1] or 0), int(sys.argv[2]); json.dump({"completions_per_sec": tps * rows, "transactions_per_sec": tps, "rows": rows, "ok": tps > 0, "delivered": 0, "expected": 0, "duplicates": 0}, open(sys.argv[3], "w"))' \
+    "$tps" "$rows" "$OUT/json/pg-floor-rows$rows-distinct-$clients-$rep.json"
+}
+
 capacity_run() { # n instances: the whole fleet on this machine, client split into processes
   local n=$1 k=$2 db pids=() urls= i port parts json
   json="$OUT/json/capacity-handoff-distinct-$n-1.json"
@@ -363,6 +386,8 @@ for rep in $(seq "$RUNS"); do
   if [ -n "$SCALE_N" ]; then
     scale_run handoff "$SCALE_N" "$rep"
     scale_run nchan "$SCALE_N" "$rep"
+    pg_floor_run 1 "$rep"
+    pg_floor_run 10 "$rep"
   fi
   if [ "$PEERS" = 1 ]; then
     for name in python node-plain better-sse; do

@@ -295,6 +295,25 @@ def main():
               f"{fmt(med('postgres_us_per_completion'), 1)} | "
               f"{fmt(med('redis_us_per_completion'), 1)} | "
               f"{fmt(med('bystander_us_per_completion'), 1)} |")
+    floors_pg = sorted(((int(name.removeprefix("pg-floor-rows")), n), rs)
+                       for (name, _, n), rs in runs.items() if name.startswith("pg-floor-rows"))
+    if floors_pg:
+        w("")
+        w("**The database's floor.** PostgreSQL alone on the same core, driven by `pgbench` with "
+          "the completion's `UPDATE … RETURNING` (one per transaction, or ten rows per "
+          "transaction as larger batches make it), from as many connections as the two "
+          "instances have publishers. Every Handoff completion on PostgreSQL pays at least this "
+          "on the shared core, besides its HTTP work; the Nchan pair pays none of it.")
+        w("")
+        w("| rows per transaction | connections | rows/s | µs per row | Nchan pair, µs per whole completion |")
+        w("|---:|---:|---:|---:|---:|")
+        nchan_pair = scale.get("scale-nchan", {})
+        pair_us = median(1e6 / r["completions_per_sec"] for r in nchan_pair.values()
+                         if r.get("completions_per_sec"))
+        for (rows, clients), rs in floors_pg:
+            rate = median(r.get("completions_per_sec") for r in rs.values())
+            w(f"| {rows} | {clients} | {fmt(rate)} | {fmt(1e6 / rate if rate else None, 1)} | "
+              f"{fmt(pair_us, 1)} |")
     capacity = [(n, r) for (name, _, n), rs in runs.items() if name == "capacity-handoff"
                 for r in rs.values()]
     if capacity:
