@@ -20,3 +20,4 @@ mod scale_out;
 mod shared_stream;
 mod support;
 mod surface;
+mod webhooks;
