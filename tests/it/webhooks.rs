@@ -479,3 +479,54 @@ async fn two_instances_on_postgresql_send_each_webhook_once() {
         "the two instances' attempts add up to one per webhook"
     );
 }
+
+/// How many outbox rows the database at `url` holds.
+async fn outbox_rows(url: &str) -> i64 {
+    use sqlx::Connection;
+    let sql = "SELECT COUNT(*) FROM webhooks";
+    let (n,): (i64,) = if url.starts_with("sqlite:") {
+        let mut db = sqlx::SqliteConnection::connect(url)
+            .await
+            .expect("the SQLite file");
+        sqlx::query_as(sql).fetch_one(&mut db).await.expect("count")
+    } else {
+        let mut db = sqlx::PgConnection::connect(url)
+            .await
+            .expect("the database");
+        sqlx::query_as(sql).fetch_one(&mut db).await.expect("count")
+    };
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_webhook_url_endings_write_no_outbox_row_and_with_one_each_writes_one() {
+    let off = TestApp::spawn().await;
+    let receiver = Receiver::start(&[]).await;
+    let on = app_reporting_to(&receiver, 30).await;
+    for app in [&off, &on] {
+        let watched = app.job_id().await;
+        let mut tab = app.connected_stream(&watched).await;
+        assert_eq!(app.complete(&watched).await.status(), 200);
+        assert_eq!(tab.next_result(WAIT).await.unwrap()["status"], "result");
+        let failing = app.job_id().await;
+        let failed = app
+            .api_post(&format!("/api/jobs/{failing}/fail"), None)
+            .await;
+        assert_eq!(failed.status(), 200);
+        let expiring = app.job_with_deadline(1).await;
+        let expired = eventually(WAIT, || async {
+            app.job(&expiring).await["status"] == "expired"
+        });
+        assert!(expired.await, "the job with a 1 s deadline expired");
+    }
+    assert_eq!(
+        outbox_rows(&off.database_url).await,
+        0,
+        "webhooks off: nothing written"
+    );
+    assert_eq!(outbox_rows(&on.database_url).await, 3, "one row per ending");
+    assert!(
+        receiver.all().len() <= 1,
+        "only the watched job's is due yet"
+    );
+}
