@@ -530,3 +530,37 @@ async fn with_no_webhook_url_endings_write_no_outbox_row_and_with_one_each_write
         "only the watched job's is due yet"
     );
 }
+
+#[test]
+fn a_webhook_url_that_is_not_http_or_lacks_its_secret_stops_start_up_saying_why() {
+    for (envs, says) in [
+        (
+            vec![
+                ("HANDOFF_WEBHOOK_URL", "ftp://hooks.example/x"),
+                ("HANDOFF_WEBHOOK_SECRET", SECRET),
+            ],
+            "expected an https://",
+        ),
+        (
+            vec![("HANDOFF_WEBHOOK_URL", "https://hooks.example/x")],
+            "HANDOFF_WEBHOOK_SECRET",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
+            .env("HANDOFF_ADDR", "127.0.0.1:0")
+            .envs(envs.iter().copied())
+            .output()
+            .expect("run handoff");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "a configuration error: {envs:?}"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(
+            !stderr.contains(SECRET),
+            "the secret is never shown: {stderr}"
+        );
+    }
+}
