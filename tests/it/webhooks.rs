@@ -218,9 +218,11 @@ async fn a_job_two_tabs_watch_yields_one_signed_delivered_webhook_counting_both_
     let receiver = Receiver::start(&[]).await;
     let app = app_reporting_to(&receiver, 30).await;
     let id = app.job_id().await;
+    // One tab on the job's own stream, one on a shared stream (as handoff.js opens it).
+    let shared = app.url(&format!("/sse/watch?ids={id}"));
     let mut tabs = [
         app.connected_stream(&id).await,
-        app.connected_stream(&id).await,
+        support::SseReader::connected(&app.client, &shared).await,
     ];
     assert_eq!(app.complete(&id).await.status(), 200);
     for tab in &mut tabs {
