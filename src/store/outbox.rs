@@ -47,11 +47,14 @@ pub enum Settled {
     Dead { at: i64, error: String },
 }
 
-/// The rows still to send that are due at `$2` and claimed by nobody (or by an instance whose
-/// lease ran out, say one that crashed). Repeated outside the subquery: on PostgreSQL a row
-/// another instance claimed meanwhile is re-checked after its lock and skipped.
-const CLAIMABLE: &str = "state IN ('waiting', 'delivered') AND due_at <= $2 \
-     AND (claimed_until IS NULL OR claimed_until < $2)";
+/// The rows still to send that are due at `now` (a parameter) and claimed by nobody (or by an
+/// instance whose lease ran out, say one that crashed).
+fn claimable(now: &str) -> String {
+    format!(
+        "state IN ('waiting', 'delivered') AND due_at <= {now} \
+         AND (claimed_until IS NULL OR claimed_until < {now})"
+    )
+}
 
 impl Store {
     /// Claims up to `limit` due webhooks until `lease` and counts an attempt for each: no other
@@ -62,9 +65,24 @@ impl Store {
         lease: i64,
         limit: i64,
     ) -> Result<Vec<DueWebhook>, StoreError> {
+        // A read first: in SQLite an UPDATE takes the write lock even when it matches nothing,
+        // and the write lane's endings would wait behind it twice a second. A read does not.
+        let any_due = sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM webhooks WHERE {} LIMIT 1",
+            claimable("$1")
+        ));
+        let due: Option<(String,)> = on_db!(self.pool.executor(), p => {
+            sqlx::query_as(any_due).bind(now).fetch_optional(p).await?
+        });
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
+        // The condition is repeated outside the subquery: on PostgreSQL a row another instance
+        // claimed meanwhile is re-checked once its lock is released, and skipped.
+        let claimable = claimable("$2");
         let sql = sqlx::AssertSqlSafe(format!(
-            "UPDATE webhooks SET claimed_until = $1, attempts = attempts + 1 WHERE {CLAIMABLE} \
-             AND id IN (SELECT id FROM webhooks WHERE {CLAIMABLE} ORDER BY due_at LIMIT $3) \
+            "UPDATE webhooks SET claimed_until = $1, attempts = attempts + 1 WHERE {claimable} \
+             AND id IN (SELECT id FROM webhooks WHERE {claimable} ORDER BY due_at LIMIT $3) \
              RETURNING id, status, state, streams, ended_at, delivered_at, attempts"
         ));
         let rows: Vec<DueRow> = on_db!(self.pool.executor(), p => {
