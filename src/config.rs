@@ -61,6 +61,39 @@ pub struct Config {
     /// `HANDOFF_FANOUT_KEY`: signs the messages between instances; `None`: a key derived from the
     /// API token.
     pub fanout_key: Option<String>,
+    /// `HANDOFF_WEBHOOK_URL` and its settings: when set, each job that ends is reported there.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// Where and how the delivery webhooks go (README, "Webhooks"). Its `Debug` masks the secret.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// `HANDOFF_WEBHOOK_URL`: the one address webhooks are POSTed to, `http://` or `https://`.
+    pub url: url::Url,
+    /// `HANDOFF_WEBHOOK_SECRET`: the HMAC-SHA256 key of the `Handoff-Signature` header.
+    pub secret: String,
+    /// `HANDOFF_UNCLAIMED_SECS`: how long an ending waits for a stream before its webhook says
+    /// `unclaimed`.
+    pub unclaimed: Duration,
+    /// `HANDOFF_WEBHOOK_RETRY_MS`: the wait before the first retry; it doubles, up to an hour.
+    pub first_retry: Duration,
+    /// `HANDOFF_WEBHOOK_ATTEMPTS`: the most attempts per webhook.
+    pub attempts: u32,
+    /// `HANDOFF_WEBHOOK_MAX_AGE_SECS`: no attempt is made this long after the job ended.
+    pub max_age: Duration,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &without_password(self.url.as_str()))
+            .field("secret", &"(set, not shown)")
+            .field("unclaimed", &self.unclaimed)
+            .field("first_retry", &self.first_retry)
+            .field("attempts", &self.attempts)
+            .field("max_age", &self.max_age)
+            .finish()
+    }
 }
 
 /// `HANDOFF_DB_POOL`'s default: the read and write lanes hold one connection each, and the rest
@@ -87,7 +120,7 @@ impl Config {
     pub fn settings(&self) -> Vec<(&'static str, String)> {
         let secs = |d: Duration| d.as_secs().to_string();
         let or = |value: Option<String>, otherwise: &str| value.unwrap_or_else(|| otherwise.into());
-        vec![
+        let mut settings = vec![
             ("HANDOFF_ADDR", self.addr.to_string()),
             ("DATABASE_URL", without_password(&self.database_url)),
             (
@@ -142,7 +175,36 @@ impl Config {
                     "derived from HANDOFF_API_TOKEN",
                 ),
             ),
-        ]
+        ];
+        let webhook = self.webhook.as_ref();
+        let off = || "unset: webhooks off".to_owned();
+        settings.extend([
+            (
+                "HANDOFF_WEBHOOK_URL",
+                webhook.map_or_else(off, |w| without_password(w.url.as_str())),
+            ),
+            (
+                "HANDOFF_WEBHOOK_SECRET",
+                webhook.map_or_else(off, |_| SECRET_SET.into()),
+            ),
+            (
+                "HANDOFF_UNCLAIMED_SECS",
+                webhook.map_or_else(off, |w| secs(w.unclaimed)),
+            ),
+            (
+                "HANDOFF_WEBHOOK_RETRY_MS",
+                webhook.map_or_else(off, |w| w.first_retry.as_millis().to_string()),
+            ),
+            (
+                "HANDOFF_WEBHOOK_ATTEMPTS",
+                webhook.map_or_else(off, |w| w.attempts.to_string()),
+            ),
+            (
+                "HANDOFF_WEBHOOK_MAX_AGE_SECS",
+                webhook.map_or_else(off, |w| secs(w.max_age)),
+            ),
+        ]);
+        settings
     }
 }
 
@@ -252,8 +314,77 @@ impl Config {
                 },
             )?,
             fanout_key,
+            webhook: webhook(&get)?,
         })
     }
+}
+
+/// The webhook settings, when `HANDOFF_WEBHOOK_URL` is set; each of the others is refused
+/// without it, so that none is set in the belief that it does something.
+fn webhook(
+    get: &impl Fn(&'static str) -> Option<String>,
+) -> Result<Option<WebhookConfig>, ConfigError> {
+    const URL: &str = "HANDOFF_WEBHOOK_URL";
+    let Some(raw) = get(URL) else {
+        for var in [
+            "HANDOFF_WEBHOOK_SECRET",
+            "HANDOFF_UNCLAIMED_SECS",
+            "HANDOFF_WEBHOOK_RETRY_MS",
+            "HANDOFF_WEBHOOK_ATTEMPTS",
+            "HANDOFF_WEBHOOK_MAX_AGE_SECS",
+        ] {
+            if get(var).is_some() {
+                return Err(ConfigError {
+                    var,
+                    value: "(not shown)".into(),
+                    reason: format!("it only applies with {URL}, which is not set"),
+                });
+            }
+        }
+        return Ok(None);
+    };
+    let url = webhook_url(&raw).map_err(|reason| ConfigError {
+        var: URL,
+        value: without_password(&raw),
+        reason,
+    })?;
+    let Some(secret) = strong_secret(get, "HANDOFF_WEBHOOK_SECRET", "")? else {
+        return Err(ConfigError {
+            var: "HANDOFF_WEBHOOK_SECRET",
+            value: String::new(),
+            reason: format!(
+                "{URL} is set, so every webhook is signed: set HANDOFF_WEBHOOK_SECRET to a secret \
+                 the receiver knows too (e.g. `openssl rand -hex 32`)"
+            ),
+        });
+    };
+    Ok(Some(WebhookConfig {
+        url,
+        secret,
+        unclaimed: Duration::from_secs(positive(get, "HANDOFF_UNCLAIMED_SECS", 60)?),
+        first_retry: Duration::from_millis(positive(get, "HANDOFF_WEBHOOK_RETRY_MS", 5000)?),
+        attempts: u32::try_from(positive(get, "HANDOFF_WEBHOOK_ATTEMPTS", 12)?).unwrap_or(u32::MAX),
+        max_age: Duration::from_secs(positive(get, "HANDOFF_WEBHOOK_MAX_AGE_SECS", 24 * 60 * 60)?),
+    }))
+}
+
+/// `HANDOFF_WEBHOOK_URL`: an `http://` or `https://` URL with a host; the path and query are
+/// the receiver's business.
+fn webhook_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("expected an https:// URL: {e}"))?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return Err(format!(
+            "expected an https:// (or http://) URL, not {}://: webhooks are HTTP POSTs",
+            url.scheme()
+        ));
+    }
+    if !url.has_host() {
+        return Err("expected a host in it, e.g. https://app.example.com/hooks/handoff".into());
+    }
+    if url.fragment().is_some() {
+        return Err("expected no #fragment: it is never sent".into());
+    }
+    Ok(url)
 }
 
 fn parse<T>(
@@ -322,7 +453,17 @@ pub const MIN_TOKEN_LEN: usize = 16;
 pub const MIN_TOKEN_DISTINCT_CHARS: usize = 8;
 
 fn api_token(get: &impl Fn(&'static str) -> Option<String>) -> Result<Option<String>, ConfigError> {
-    let Some(token) = get("HANDOFF_API_TOKEN") else {
+    strong_secret(get, "HANDOFF_API_TOKEN", "; unset it to get a random one")
+}
+
+/// A secret that must not be guessable: at least [`MIN_TOKEN_LEN`] characters of which at least
+/// [`MIN_TOKEN_DISTINCT_CHARS`] differ. `hint` ends the refusal.
+fn strong_secret(
+    get: &impl Fn(&'static str) -> Option<String>,
+    var: &'static str,
+    hint: &str,
+) -> Result<Option<String>, ConfigError> {
+    let Some(token) = get(var) else {
         return Ok(None);
     };
     let weakness = if token.chars().count() < MIN_TOKEN_LEN {
@@ -336,10 +477,10 @@ fn api_token(get: &impl Fn(&'static str) -> Option<String>) -> Result<Option<Str
         return Ok(Some(token));
     };
     Err(ConfigError {
-        var: "HANDOFF_API_TOKEN",
+        var,
         // Never echo a secret, not even a rejected one.
         value: "(not shown)".into(),
-        reason: format!("{weakness}; unset it to get a random one"),
+        reason: format!("{weakness}{hint}"),
     })
 }
 
@@ -653,6 +794,49 @@ mod tests {
         let key = "a-fanout-key-of-at-least-32-characters";
         let c = with(&[("HANDOFF_FANOUT_KEY", key)]).unwrap();
         assert!(!format!("{c:?}").contains(key), "{c:?}");
+    }
+
+    const HOOK: (&str, &str) = ("HANDOFF_WEBHOOK_URL", "https://app.example.com/hooks?x=1");
+    const HOOK_SECRET: (&str, &str) = ("HANDOFF_WEBHOOK_SECRET", "whsec-0123456789abcdef");
+
+    #[test]
+    fn webhooks_are_off_by_default_and_take_their_defaults_when_on() {
+        assert!(with(&[]).unwrap().webhook.is_none());
+        let hook = with(&[HOOK, HOOK_SECRET]).unwrap().webhook.unwrap();
+        assert_eq!(hook.url.as_str(), HOOK.1);
+        assert_eq!(hook.unclaimed, Duration::from_secs(60));
+        assert_eq!(hook.first_retry, Duration::from_secs(5));
+        assert_eq!(hook.attempts, 12);
+        assert_eq!(hook.max_age, Duration::from_secs(86_400));
+        let shown = format!("{:?}", with(&[HOOK, HOOK_SECRET]).unwrap());
+        assert!(!shown.contains(HOOK_SECRET.1), "{shown}");
+    }
+
+    #[test]
+    fn a_webhook_url_that_is_not_http_or_has_no_strong_secret_stops_start_up() {
+        for bad in [
+            "ftp://app.example.com/x",
+            "file:///etc/passwd",
+            "app.example.com",
+            "unix:/run/x",
+        ] {
+            let err = with(&[("HANDOFF_WEBHOOK_URL", bad), HOOK_SECRET]).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_WEBHOOK_URL", "{bad}");
+            assert!(err.reason.contains("https://"), "{err}");
+        }
+        let err = with(&[HOOK]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_WEBHOOK_SECRET");
+        assert!(err.reason.contains("HANDOFF_WEBHOOK_URL is set"), "{err}");
+        for weak in ["short-secret", "abababababababababab"] {
+            let err = with(&[HOOK, ("HANDOFF_WEBHOOK_SECRET", weak)]).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_WEBHOOK_SECRET");
+            assert!(!err.to_string().contains(weak), "{err}");
+        }
+        let err = with(&[HOOK_SECRET]).unwrap_err();
+        assert!(
+            err.reason.contains("only applies with HANDOFF_WEBHOOK_URL"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, 
 pub use crate::hub::{News, Subscription, Update};
 use crate::metrics::Metrics;
 use crate::store::{EndRequest, Ended, Store, StoreError};
+pub use crate::webhooks::Receipts;
 
 /// How often the latest progress reports are stored, and pending jobs past their deadline
 /// expired: a job expires within this long of its deadline.
@@ -119,6 +120,8 @@ pub struct Jobs {
     lifetimes: Lifetimes,
     /// The latest report of each job since the last store, waiting for the next one.
     unstored_progress: Arc<Mutex<HashMap<JobId, Progress>>>,
+    /// With webhooks on: the streams that wrote each job's ending, stored with the progress.
+    receipts: Option<Receipts>,
     /// The last answers of the database and Redis to a health check, and when they came. A
     /// tokio `Mutex`, held across the check on purpose: callers that arrive during a check wait
     /// for its answers instead of each asking again.
@@ -126,13 +129,21 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub fn new(store: Store, delivery: Delivery, metrics: Metrics, lifetimes: Lifetimes) -> Self {
+    /// `receipts`: `Some` with webhooks on, to count the streams that wrote each ending.
+    pub fn new(
+        store: Store,
+        delivery: Delivery,
+        metrics: Metrics,
+        lifetimes: Lifetimes,
+        receipts: Option<Receipts>,
+    ) -> Self {
         Self {
             store,
             delivery,
             metrics,
             lifetimes,
             unstored_progress: Arc::default(),
+            receipts,
             last_probe: Arc::default(),
         }
     }
@@ -390,6 +401,11 @@ impl Jobs {
         probed
     }
 
+    /// Where the streams count the endings they write, with webhooks on.
+    pub fn receipts(&self) -> Option<&Receipts> {
+        self.receipts.as_ref()
+    }
+
     /// Ends every open stream (shutdown); browsers reconnect, to another instance.
     pub fn close_streams(&self) {
         self.delivery.hub().close();
@@ -397,7 +413,7 @@ impl Jobs {
 
     /// Until `shutdown`: expires pending jobs past their deadline (stored, then published; with
     /// several instances sweeping, the conditional update gives each job to one), and stores the
-    /// latest progress reports.
+    /// latest progress reports and (webhooks on) which streams took which ending.
     pub async fn run_timers(&self, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(PROGRESS_STORE_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -407,6 +423,9 @@ impl Jobs {
                 _ = ticks.tick() => {}
             }
             self.store_progress().await;
+            if let Some(receipts) = &self.receipts {
+                receipts.store(&self.store).await;
+            }
             match self.store.expire_due().await {
                 Ok(expired) => {
                     // Together, so that a slow Redis delays the round once, not once per job.

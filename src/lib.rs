@@ -10,6 +10,8 @@
 //!   [`sessions`]: admin sessions, live in the store so a logout reaches every instance.
 //! - [`delivery`]: how a stored ending reaches every waiting stream, here ([`hub`]) and on other
 //!   instances ([`fanout`], the Redis link), with the catch-up that makes a lost message harmless.
+//! - [`webhooks`]: with `HANDOFF_WEBHOOK_URL`, tells the deployment's backend whether a stream
+//!   took each ending (`delivered`) or none did (`unclaimed`), signed, from the store's outbox.
 //! - [`store`]: all SQL; the job table is the truth (SQLite or PostgreSQL).
 //! - [`domain`]: job ids, redirect targets, statuses, endings; parsed, never re-checked.
 //! - Beside them: [`auth`] (API token, admin session, CSRF), [`limits`] (stream caps, client
@@ -30,3 +32,4 @@ pub mod routes;
 pub mod sessions;
 pub mod startup;
 pub mod store;
+pub mod webhooks;

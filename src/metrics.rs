@@ -28,6 +28,12 @@ pub struct Metrics {
     pub streams_refused: Counter,
     pub health_checks: Counter,
     pub fanout_rejected: Counter,
+    /// Webhook attempts by `outcome`: `accepted` (2xx), `refused` (any other status), `failed`
+    /// (no answer: connection refused, timeout, TLS).
+    pub webhook_attempts: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Webhooks accepted by the receiver, by `type`: `delivered`, `unclaimed`.
+    pub webhooks_sent: Family<[(&'static str, &'static str); 1], Counter>,
+    pub webhooks_given_up: Counter,
 }
 
 impl Default for Metrics {
@@ -55,6 +61,9 @@ impl Metrics {
             streams_refused: Counter::default(),
             health_checks: Counter::default(),
             fanout_rejected: Counter::default(),
+            webhook_attempts: Family::default(),
+            webhooks_sent: Family::default(),
+            webhooks_given_up: Counter::default(),
         };
         registry.register(
             "open_streams",
@@ -125,6 +134,21 @@ impl Metrics {
             "fanout_rejected",
             "Messages on the Redis channel dropped for not being signed with this deployment's key",
             metrics.fanout_rejected.clone(),
+        );
+        registry.register(
+            "webhook_attempts",
+            "Webhook POSTs made by this instance, by outcome (accepted, refused, failed)",
+            metrics.webhook_attempts.clone(),
+        );
+        registry.register(
+            "webhooks_sent",
+            "Webhooks this instance had accepted by the receiver, by type (delivered, unclaimed)",
+            metrics.webhooks_sent.clone(),
+        );
+        registry.register(
+            "webhooks_given_up",
+            "Webhooks given up after their last attempt, or too old to send",
+            metrics.webhooks_given_up.clone(),
         );
         Self {
             registry: Arc::new(registry),

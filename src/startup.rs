@@ -34,6 +34,7 @@ use crate::routes::sse::SseSettings;
 use crate::routes::{self, AppState};
 use crate::sessions::AdminSessions;
 use crate::store::{Store, StoreError};
+use crate::webhooks::{Receipts, Sender, WebhookError};
 
 /// How long the server waits for connections after the streams were told to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -46,6 +47,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot send webhooks: {0}")]
+    Webhooks(#[from] WebhookError),
 }
 
 /// A built, bound, not yet running Handoff.
@@ -53,6 +56,8 @@ pub struct Application {
     port: u16,
     server: Server,
     jobs: Jobs,
+    /// With `HANDOFF_WEBHOOK_URL`: sends the outbox's webhooks.
+    webhooks: Option<Sender>,
     retention: Duration,
     /// Cancelled to shut down: every open stream ends, then the server stops.
     shutdown: CancellationToken,
@@ -60,9 +65,15 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let store =
-            Store::connect_with_pool(&config.database_url, config.write_queue, config.db_pool)
-                .await?;
+        // Webhooks off: endings write nothing more than they ever did.
+        let unclaimed = config.webhook.as_ref().map(|webhook| webhook.unclaimed);
+        let store = Store::connect_with(
+            &config.database_url,
+            config.write_queue,
+            config.db_pool,
+            unclaimed,
+        )
+        .await?;
         let token = match &config.api_token {
             Some(token) => token.clone(),
             None => {
@@ -107,7 +118,18 @@ impl Application {
             default_deadline: config.job_deadline,
             retention: config.retention,
         };
-        let jobs = Jobs::new(store.clone(), delivery, metrics.clone(), lifetimes);
+        let webhooks = match &config.webhook {
+            Some(webhook) => Some(Sender::new(webhook, store.clone(), metrics.clone())?),
+            None => None,
+        };
+        let receipts = webhooks.as_ref().map(|_| Receipts::default());
+        let jobs = Jobs::new(
+            store.clone(),
+            delivery,
+            metrics.clone(),
+            lifetimes,
+            receipts,
+        );
         let secrets = Secrets::new(&token);
         let public_https = config
             .public_url
@@ -183,9 +205,13 @@ impl Application {
                 .and_then(http)
             })?
             .run();
+        let hooks = match &webhooks {
+            Some(sender) => format!("to {}", sender.host()),
+            None => "off".into(),
+        };
         log::info!(
             "Handoff listening on http://{}:{port} (database: {}, fan-out: {fan_out}, \
-             at most {max_streams} streams, open-file limit {open_files})",
+             webhooks: {hooks}, at most {max_streams} streams, open-file limit {open_files})",
             config.addr.ip(),
             store.kind()
         );
@@ -193,6 +219,7 @@ impl Application {
             port,
             server,
             jobs,
+            webhooks,
             retention: config.retention,
             shutdown,
         })
@@ -215,6 +242,9 @@ impl Application {
         tokio::spawn(async move { jobs.purge_old_jobs(retention, shutdown).await });
         let (jobs, shutdown) = (self.jobs.clone(), self.shutdown.clone());
         tokio::spawn(async move { jobs.run_timers(shutdown).await });
+        if let Some(sender) = self.webhooks {
+            tokio::spawn(sender.run(self.shutdown.clone()));
+        }
         let (jobs, shutdown) = (self.jobs, self.shutdown);
         tokio::spawn(async move {
             shutdown.cancelled().await;

@@ -1,5 +1,6 @@
 //! The `jobs` table in SQLite (the embedded default) or PostgreSQL (scale-out): the truth about
-//! every job; and the live admin sessions (`admin_sessions`). All SQL is in here.
+//! every job; the live admin sessions (`admin_sessions`); and, with webhooks on, the webhook
+//! outbox (`webhooks`, written with the endings, sent from `outbox`). All SQL is in here.
 //!
 //! [`Store`] is the only way in. The hot statements go through the lanes (`lanes`: batched,
 //! group-committed, on a generic batch runner, `batch`, with their SQL in `sql`); the rest runs on
@@ -18,10 +19,12 @@ use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Progress, now_milli
 mod batch;
 mod db;
 mod lanes;
+mod outbox;
 mod sql;
 
 use db::{Db, JOB_COLUMNS, JobRow, LaneConn, Pool, on_db};
 use lanes::Lanes;
+pub use outbox::{DueWebhook, Settled};
 
 /// A database failure; its text goes to the log, never to a client.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,8 @@ pub struct Store {
     /// Whether the last write failed. A reader-only check cannot see a write lock held by
     /// someone else (SQLite in WAL mode reads on), so `/healthz` asks this too.
     writes_failing: Arc<AtomicBool>,
+    /// Whether endings write webhook outbox rows (webhooks on).
+    outbox: bool,
 }
 
 impl Store {
@@ -88,15 +93,19 @@ impl Store {
     /// `write_room`: how many creations, and apart from them how many endings, may wait for the
     /// write lane; beyond it they are refused with [`StoreError::Busy`].
     pub async fn connect(url: &str, write_room: usize) -> Result<Self, StoreError> {
-        Self::connect_with_pool(url, write_room, crate::config::DEFAULT_DB_POOL).await
+        Self::connect_with(url, write_room, crate::config::DEFAULT_DB_POOL, None).await
     }
 
-    /// [`Store::connect`], with at most `pg_pool` PostgreSQL connections.
-    pub async fn connect_with_pool(
+    /// [`Store::connect`] with at most `pg_pool` PostgreSQL connections and, given `unclaimed`,
+    /// webhooks on: every job that ends gets a webhook outbox row in the same transaction as its
+    /// ending, due `unclaimed` later unless a stream takes the ending.
+    pub async fn connect_with(
         url: &str,
         write_room: usize,
         pg_pool: u32,
+        unclaimed: Option<Duration>,
     ) -> Result<Self, StoreError> {
+        let outbox = unclaimed.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let (pool, lane_conns) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -133,8 +142,15 @@ impl Store {
         let (reader, writer) = lane_conns;
         Ok(Self {
             pool,
-            lanes: Lanes::new(reader, writer, Arc::clone(&writes_failing), write_room),
+            lanes: Lanes::new(
+                reader,
+                writer,
+                Arc::clone(&writes_failing),
+                write_room,
+                outbox,
+            ),
             writes_failing,
+            outbox: outbox.is_some(),
         })
     }
 
@@ -223,6 +239,18 @@ impl Store {
         self.lanes.expire_due(now_millis()).await
     }
 
+    /// Records that `receipts` streams took each job's ending (webhooks on), in one commit: a
+    /// webhook still waiting for a stream becomes `delivered`, due at `due`.
+    pub async fn record_receipts(
+        &self,
+        receipts: Vec<(JobId, i64)>,
+        due: i64,
+    ) -> Result<(), StoreError> {
+        self.lanes
+            .record_receipts(receipts, now_millis(), due)
+            .await
+    }
+
     /// One page of jobs, newest first.
     pub async fn recent_jobs(&self, limit: i64, offset: i64) -> Result<Vec<Job>, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
@@ -281,13 +309,25 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes jobs created before `cutoff_millis`; returns how many went.
+    /// Deletes jobs created before `cutoff_millis`, and (webhooks on) the webhooks sent or given
+    /// up of jobs that ended before it; returns how many jobs went. A webhook still to send is
+    /// kept: the sender gives it up at its age bound, and the next purge takes it.
     pub async fn purge_before(&self, cutoff_millis: i64) -> Result<u64, StoreError> {
-        let done = on_db!(self.pool.executor(), p => sqlx::query("DELETE FROM jobs WHERE created_at < $1")
-            .bind(cutoff_millis)
-            .execute(p)
-            .await?
-            .rows_affected());
+        let done = on_db!(self.pool.executor(), p => {
+            if self.outbox {
+                sqlx::query(
+                    "DELETE FROM webhooks WHERE ended_at < $1 AND state IN ('sent', 'dead')",
+                )
+                .bind(cutoff_millis)
+                .execute(p)
+                .await?;
+            }
+            sqlx::query("DELETE FROM jobs WHERE created_at < $1")
+                .bind(cutoff_millis)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
         Ok(done)
     }
 }

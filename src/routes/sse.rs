@@ -31,9 +31,9 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use super::error::AppError;
 use super::{AppState, job_id};
 use crate::domain::{Ending, JobId, Percent};
-use crate::jobs::{News, Subscription, Update, Watch};
+use crate::jobs::{News, Receipts, Subscription, Update, Watch};
 use crate::limits::StreamPermit;
-use crate::metrics::{Metrics, StreamGuard};
+use crate::metrics::StreamGuard;
 
 /// The stream timing, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -139,19 +139,28 @@ fn news_event(id: &JobId, news: &News) -> sse::Event {
 }
 
 /// What every stream needs besides its events: its place under the caps, its count in the
-/// metrics, the counter of events sent.
+/// metrics, the counter of events sent, and (webhooks on) where it counts the endings it wrote.
 struct Held {
     events_sent: Counter<u64, AtomicU64>,
+    receipts: Option<Receipts>,
     _guard: StreamGuard,
     _permit: StreamPermit,
 }
 
 impl Held {
-    fn new(permit: StreamPermit, metrics: &Metrics) -> Self {
+    fn new(permit: StreamPermit, state: &AppState) -> Self {
         Self {
-            events_sent: metrics.events_sent.clone(),
-            _guard: StreamGuard::new(metrics),
+            events_sent: state.metrics.events_sent.clone(),
+            receipts: state.jobs.receipts().cloned(),
+            _guard: StreamGuard::new(&state.metrics),
             _permit: permit,
+        }
+    }
+
+    /// The stream is writing job `id`'s ending: counted for the job's webhook.
+    fn writes_ending(&self, id: &JobId) {
+        if let Some(receipts) = &self.receipts {
+            receipts.record(id);
         }
     }
 }
@@ -255,7 +264,7 @@ pub async fn connect(
     let events = Events {
         id,
         step,
-        held: Held::new(permit, &state.metrics),
+        held: Held::new(permit, &state),
         quiet_until: None,
         ticker: Ticker::new(state.sse),
         subscription,
@@ -314,7 +323,10 @@ impl Stream for Events {
                 *this.step = ended.map_or(Step::Wait, Step::Send);
                 data_event(EVENT, connect_data(this.id))
             }
-            Step::Send(news) => news_event(this.id, &news),
+            Step::Send(news) => {
+                this.held.writes_ending(this.id);
+                news_event(this.id, &news)
+            }
             Step::Wait => {
                 let Some(subscription) = this.subscription.as_pin_mut() else {
                     return Poll::Ready(None);
@@ -327,6 +339,8 @@ impl Stream for Events {
                             *this.step = Step::Wait;
                             *this.quiet_until = Some(now + PROGRESS_EVERY);
                             this.ticker.as_mut().wake_by(now + PROGRESS_EVERY);
+                        } else {
+                            this.held.writes_ending(this.id);
                         }
                         news_event(this.id, &news)
                     }
@@ -409,6 +423,7 @@ pub async fn watch(
         ids: Some(&ids),
         ..EventData::status("connect")
     });
+    let held = Held::new(permit, &state);
     let mut first = VecDeque::from([data_event(EVENT, connect)]);
     let mut waiting = Vec::new();
     for (id, watch) in ids.into_iter().zip(watched) {
@@ -420,7 +435,11 @@ pub async fn watch(
                     ..EventData::status("unknown")
                 }),
             )),
-            Some(Watch::Ended(news)) => first.push_back(news_event(&id, &news)),
+            Some(Watch::Ended(news)) => {
+                // Counted now: the event is written with the connect event, at the first poll.
+                held.writes_ending(&id);
+                first.push_back(news_event(&id, &news));
+            }
             Some(Watch::Waiting(subscription)) => waiting.push(Waiting {
                 id,
                 subscription: Box::pin(subscription),
@@ -432,7 +451,7 @@ pub async fn watch(
         first,
         waiting,
         next: 0,
-        held: Held::new(permit, &state.metrics),
+        held,
         ticker: Ticker::new(state.sse),
     };
     Ok(respond(events, state.sse))
@@ -479,6 +498,7 @@ impl Stream for SharedEvents {
                 Poll::Ready(Some(news)) => {
                     let event = news_event(&job.id, &news);
                     if matches!(news.update, Update::End(_)) {
+                        this.held.writes_ending(&job.id);
                         this.waiting.swap_remove(i);
                     } else {
                         job.quiet_until = Some(now + PROGRESS_EVERY);

@@ -100,10 +100,10 @@ impl LaneConn {
 #[derive(Clone, sqlx::FromRow)]
 pub(super) struct JobRow {
     pub(super) id: String,
-    status: String,
+    pub(super) status: String,
     move_url: Option<String>,
     created_at: i64,
-    completed_at: Option<i64>,
+    pub(super) completed_at: Option<i64>,
     deadline: i64,
     progress_percent: Option<f64>,
     progress_message: Option<String>,

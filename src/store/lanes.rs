@@ -49,6 +49,13 @@ enum Write {
         now: i64,
         reply: Reply<Vec<Job>>,
     },
+    /// With webhooks on: how many streams took each job's ending since the last round.
+    Receipts {
+        receipts: Vec<(JobId, i64)>,
+        now: i64,
+        due: i64,
+        reply: Reply<()>,
+    },
 }
 
 /// The kinds of write that never take each other's room in the write lane's queue.
@@ -56,7 +63,8 @@ enum Write {
 enum WriteClass {
     Create = 0,
     End = 1,
-    /// The timers' writes: one progress store and one expiry sweep at a time.
+    /// The timers' writes: one progress store, one expiry sweep and one record of receipts at a
+    /// time.
     Upkeep = 2,
 }
 
@@ -90,7 +98,9 @@ impl Write {
         match self {
             Write::Create { .. } => WriteClass::Create,
             Write::End { .. } => WriteClass::End,
-            Write::Progress { .. } | Write::Expire { .. } => WriteClass::Upkeep,
+            Write::Progress { .. } | Write::Expire { .. } | Write::Receipts { .. } => {
+                WriteClass::Upkeep
+            }
         }
     }
 }
@@ -100,6 +110,9 @@ struct Writer {
     conn: LaneConn,
     /// Set after a failed write, cleared after one that went through.
     failing: Arc<AtomicBool>,
+    /// With webhooks on, how long a webhook waits for a stream (ms): endings and expiries then
+    /// write their outbox rows in their own transaction.
+    outbox: Option<i64>,
 }
 
 /// The two lanes: reads on one connection, writes on another (SQLite in WAL mode reads on while
@@ -123,12 +136,13 @@ async fn answer<T>(answer: oneshot::Receiver<Result<T, StoreError>>) -> Result<T
 
 impl Lanes {
     /// `write_room`: how many creations, and apart from them how many endings, may wait for the
-    /// write lane at once.
+    /// write lane at once. `outbox`: see [`Writer`].
     pub(super) fn new(
         reader: LaneConn,
         writer: LaneConn,
         writes_failing: Arc<AtomicBool>,
         write_room: usize,
+        outbox: Option<i64>,
     ) -> Self {
         let mut bounds = [0; 3];
         bounds[WriteClass::Create as usize] = write_room;
@@ -142,6 +156,7 @@ impl Lanes {
                 Writer {
                     conn: writer,
                     failing: writes_failing,
+                    outbox,
                 },
                 &bounds,
             ),
@@ -196,6 +211,21 @@ impl Lanes {
     pub(super) async fn expire_due(&self, now: i64) -> Result<Vec<Job>, StoreError> {
         self.write(|reply| Write::Expire { now, reply }).await
     }
+
+    pub(super) async fn record_receipts(
+        &self,
+        receipts: Vec<(JobId, i64)>,
+        now: i64,
+        due: i64,
+    ) -> Result<(), StoreError> {
+        self.write(|reply| Write::Receipts {
+            receipts,
+            now,
+            due,
+            reply,
+        })
+        .await
+    }
 }
 
 impl Batch for Read {
@@ -235,12 +265,19 @@ impl Batch for Write {
         let mut endings = Vec::new();
         let mut progress = Vec::new();
         let mut expiries = Vec::new();
+        let mut receipts = Vec::new();
         for write in batch {
             match write {
                 Write::Create { job, reply } => creates.push((job, reply)),
                 Write::End { id, request, reply } => endings.push((id, request, reply)),
                 Write::Progress { reports, reply } => progress.push((reports, reply)),
                 Write::Expire { now, reply } => expiries.push((now, reply)),
+                Write::Receipts {
+                    receipts: taken,
+                    now,
+                    due,
+                    reply,
+                } => receipts.push((taken, now, due, reply)),
             }
         }
         // Creations first: an ending queued behind its job's creation must find the job.
@@ -294,7 +331,7 @@ impl Batch for Write {
             }
         }
         for (now, reply) in expiries {
-            let expired = sql::expire_due(&mut writer.conn, now).await;
+            let expired = sql::expire_due(&mut writer.conn, now, writer.outbox).await;
             writer.failing.store(expired.is_err(), Ordering::Relaxed);
             match expired {
                 Ok(rows) => {
@@ -313,6 +350,21 @@ impl Batch for Write {
                     let _ = reply.send(Ok(jobs));
                 }
                 Err(err) => fail_all("expiring", std::iter::once(reply), err),
+            }
+        }
+        for (mut taken, now, due, reply) in receipts {
+            let mut result = Ok(());
+            while !taken.is_empty() && result.is_ok() {
+                let chunk = take_chunk(&mut taken);
+                let items: Vec<(&JobId, i64)> = chunk.iter().map(|(id, n)| (id, *n)).collect();
+                result = sql::receipts_many(&mut writer.conn, &items, now, due).await;
+            }
+            writer.failing.store(result.is_err(), Ordering::Relaxed);
+            match result {
+                Ok(()) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Err(err) => fail_all("recording the streams of", std::iter::once(reply), err),
             }
         }
     }
@@ -354,7 +406,7 @@ async fn end_round(writer: &mut Writer, status: JobStatus, round: Vec<EndingRequ
             message: request.message.as_ref(),
         })
         .collect();
-    let written = sql::end_many(&mut writer.conn, status, &items).await;
+    let written = sql::end_many(&mut writer.conn, status, &items, writer.outbox).await;
     writer.failing.store(written.is_err(), Ordering::Relaxed);
     let done = match written {
         Ok(done) => done,

@@ -1,6 +1,8 @@
 //! The lanes' statements, each answering many requests at once: `SELECT … WHERE id IN (…)`, a
 //! many-row `INSERT`, one `UPDATE … RETURNING` that ends many jobs in one commit, one `UPDATE`
-//! for many progress reports, and the expiry sweep.
+//! for many progress reports, and the expiry sweep. With webhooks on, the endings and the sweep
+//! write their jobs' webhook outbox rows in the same transaction, and one `UPDATE` records which
+//! jobs' endings streams took.
 
 use std::collections::HashMap;
 
@@ -95,6 +97,57 @@ pub(super) async fn select_many(conn: &mut LaneConn, ids: &[JobId]) -> Result<Ro
     Ok(rows)
 }
 
+/// Runs `$query`, a `query_as` of the job rows it ends, on the lane; returns the rows it
+/// changed. With `$outbox` (webhooks on: `Some` of how long a webhook waits for a stream, in
+/// ms), the jobs it changed get their webhook outbox rows in the same transaction: an ending is
+/// stored with its webhook or not at all, so no crash between the two loses a webhook. With
+/// webhooks off the statement runs alone, as it always did.
+macro_rules! ending {
+    ($conn:expr, $outbox:expr, $query:expr) => {
+        on_lane!($conn, e => match $outbox {
+            None => $query.fetch_all(e).await,
+            Some(unclaimed_ms) => async {
+                let mut tx = sqlx::Acquire::begin(e).await?;
+                let rows: Vec<JobRow> = $query.fetch_all(&mut *tx).await?;
+                if !rows.is_empty() {
+                    let mut insert = sqlx::query(sqlx::AssertSqlSafe(outbox_insert(rows.len())));
+                    for row in &rows {
+                        let ended: i64 = row.completed_at.unwrap_or_else(now_millis);
+                        insert = insert
+                            .bind(row.id.as_str())
+                            .bind(row.status.as_str())
+                            .bind(ended)
+                            .bind(ended.saturating_add(unclaimed_ms));
+                    }
+                    insert.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(rows)
+            }
+            .await,
+        })
+    };
+}
+
+/// The outbox rows of `n` jobs that just ended: each waits for a stream until its `due_at`.
+/// A row already there (it cannot be: a job ends once) is left as it is.
+fn outbox_insert(n: usize) -> String {
+    let values: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "({}, 'waiting', {})",
+                placeholders(4 * i + 1, 2),
+                placeholders(4 * i + 3, 2)
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO webhooks (id, status, state, ended_at, due_at) VALUES {} \
+         ON CONFLICT (id) DO NOTHING",
+        values.join(", ")
+    )
+}
+
 /// One statement, so one commit, for at most [`MAX_BATCH`] new jobs.
 pub(super) async fn insert_many(conn: &mut LaneConn, jobs: &[&Job]) -> Result<(), sqlx::Error> {
     debug_assert!(jobs.len() <= MAX_BATCH);
@@ -134,11 +187,12 @@ pub(super) struct EndItem<'a> {
 
 /// One statement, so one commit, for at most [`MAX_BATCH`] distinct jobs ending in `status`:
 /// the pending ones among them end (with the `moveUrl` their request names, else the one they
-/// had). Returns the rows it changed.
+/// had). Returns the rows it changed. `outbox`: see [`ending!`].
 pub(super) async fn end_many(
     conn: &mut LaneConn,
     status: JobStatus,
     items: &[EndItem<'_>],
+    outbox: Option<i64>,
 ) -> Result<Rows, sqlx::Error> {
     debug_assert!(items.len() <= MAX_BATCH);
     if items.is_empty() {
@@ -158,7 +212,7 @@ pub(super) async fn end_many(
         rows.case(2),
         rows.ids()
     ));
-    let changed: Vec<JobRow> = on_lane!(conn, e => {
+    let changed: Vec<JobRow> = ending!(conn, outbox, {
         let mut query = sqlx::query_as(sql).bind(status.as_str()).bind(now_millis());
         for item in padded(items) {
             query = query
@@ -166,7 +220,7 @@ pub(super) async fn end_many(
                 .bind(item.move_url.map(MoveUrl::as_str))
                 .bind(item.message.map(Message::as_str));
         }
-        query.fetch_all(e).await
+        query
     })?;
     Ok(by_id(changed))
 }
@@ -211,7 +265,12 @@ pub(super) async fn progress_many(
 
 /// Ends every pending job whose deadline has passed as `expired`; returns those it changed. A
 /// conditional update: of several instances sweeping at once, each job is changed by one.
-pub(super) async fn expire_due(conn: &mut LaneConn, now: i64) -> Result<Vec<JobRow>, sqlx::Error> {
+/// `outbox`: see [`ending!`].
+pub(super) async fn expire_due(
+    conn: &mut LaneConn,
+    now: i64,
+    outbox: Option<i64>,
+) -> Result<Vec<JobRow>, sqlx::Error> {
     // At most EXPIRE_BATCH a round, the earliest first, so one round after a long outage stays
     // short; the outer `status = 'pending'` keeps each job to one instance on PostgreSQL too.
     let sql = sqlx::AssertSqlSafe(format!(
@@ -219,7 +278,46 @@ pub(super) async fn expire_due(conn: &mut LaneConn, now: i64) -> Result<Vec<JobR
          (SELECT id FROM jobs WHERE status = 'pending' AND deadline <= $1 ORDER BY deadline \
          LIMIT {EXPIRE_BATCH}) RETURNING {JOB_COLUMNS}"
     ));
-    on_lane!(conn, e => sqlx::query_as(sql).bind(now).fetch_all(e).await)
+    ending!(conn, outbox, sqlx::query_as(sql).bind(now))
+}
+
+/// One statement, so one commit, recording that streams took the endings of at most
+/// [`MAX_BATCH`] distinct jobs: `(job, how many streams)`. A job's webhook still waiting for a
+/// stream becomes `delivered`, due at `due` (a moment later, so that the other tabs' streams are
+/// counted too); one delivered already adds the streams. A webhook that has been attempted (or
+/// is being sent) keeps what it was sent as: its id promises one meaning.
+pub(super) async fn receipts_many(
+    conn: &mut LaneConn,
+    receipts: &[(&JobId, i64)],
+    now: i64,
+    due: i64,
+) -> Result<(), sqlx::Error> {
+    debug_assert!(receipts.len() <= MAX_BATCH);
+    if receipts.is_empty() {
+        return Ok(());
+    }
+    // $1 now, $2 due; then per job: id, streams. A padded repeat matches no second time: a
+    // CASE takes its first WHEN.
+    let rows = PerRow {
+        first: 3,
+        width: 2,
+        rows: padded_len(receipts.len()),
+    };
+    let sql = sqlx::AssertSqlSafe(format!(
+        "UPDATE webhooks SET streams = streams + {}, state = 'delivered', \
+         delivered_at = COALESCE(delivered_at, $1), \
+         due_at = CASE WHEN state = 'waiting' THEN $2 ELSE due_at END \
+         WHERE state IN ('waiting', 'delivered') AND attempts = 0 AND id IN ({})",
+        rows.case(1),
+        rows.ids()
+    ));
+    on_lane!(conn, e => {
+        let mut query = sqlx::query(sql).bind(now).bind(due);
+        for (id, streams) in padded(receipts) {
+            query = query.bind(id.as_str()).bind(*streams);
+        }
+        query.execute(e).await.map(drop)
+    })
 }
 
 #[cfg(test)]

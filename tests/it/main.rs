@@ -22,3 +22,4 @@ mod scale_out;
 mod shared_stream;
 mod support;
 mod surface;
+mod webhooks;

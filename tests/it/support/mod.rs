@@ -430,6 +430,21 @@ pub fn csrf_of(html: &str) -> String {
 }
 
 pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
+    let (value, text) = metric_and_text(client, base, name).await;
+    value.unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+}
+
+/// A metric's current value, `None` while it is not in `/metrics` (a labelled one appears once
+/// its label is first counted).
+pub async fn metric_if_shown(client: &reqwest::Client, base: &str, name: &str) -> Option<f64> {
+    metric_and_text(client, base, name).await.0
+}
+
+async fn metric_and_text(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+) -> (Option<f64>, String) {
     let text = client
         .get(format!("{base}/metrics"))
         .send()
@@ -438,9 +453,10 @@ pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
         .text()
         .await
         .expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok());
+    (value, text)
 }
 
 /// Polls `cond` every 20 ms for up to `within`; true once it holds.
