@@ -174,10 +174,13 @@ store_run() { # callers n rep: Handoff's store alone on the server's core (the w
 # affinity back afterwards.
 pinned=()
 pin() { # process name...
-  local name pid
+  local name pid mask
   for name in "$@"; do
     for pid in $(pgrep -x "$name"); do
-      pinned+=("$pid $(taskset -p "$pid" | awk '{print $NF}')")
+      # A process may end between pgrep and taskset (a PostgreSQL backend closing).
+      mask=$(taskset -p "$pid" 2>/dev/null | awk '{print $NF}') || continue
+      [ -n "$mask" ] || continue
+      pinned+=("$pid $mask")
       taskset -a -p -c "$SERVER_CPU" "$pid" >/dev/null 2>&1 || true
     done
   done
