@@ -398,11 +398,12 @@ for rep in $(seq "$RUNS"); do
     done
   fi
 done
+# Read before the capacity rehearsal, which loads both cores itself.
+load=$(cut -d' ' -f1-3 /proc/loadavg)
 [ -z "$CAPACITY_N" ] || capacity_run "$CAPACITY_N" "$CAPACITY_INSTANCES"
 
 say "writing BENCHMARKS.md"
 machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GB RAM, Linux $(uname -r)"
-load=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 scripts/bench_table.py "$OUT/json" BENCHMARKS.md \
   --runs "$RUNS" --machine "$machine" --load "$load" --workers "$WORKERS" \
   --commit "$(git rev-parse --short HEAD)$(git diff --quiet -- . ':!BENCHMARKS.md' || echo '+changes')" \

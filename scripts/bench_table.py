@@ -128,8 +128,8 @@ def main():
     w = out.append
     w(f"Measured with `{args.command}` at commit `{args.commit}`, on {args.machine}. "
       f"Every figure is the median of {args.runs} run(s); a ratio is Handoff ÷ Nchan, the median "
-      f"of the ratios taken in the same run. Load average when the table was written: {args.load} "
-      f"(other engineers share this machine).")
+      f"of the ratios taken in the same run. Load average before the capacity "
+      f"rehearsal (which loads both cores itself): {args.load}.")
     leaving = {r.get("leave_on_result", False) for rs in runs.values() for r in rs.values()}
     if leaving == {True}:
         w("")
@@ -345,7 +345,8 @@ def main():
         """bounds: [(ratio, limit, 'le'|'ge', against)] -> (measured text, met text)"""
         texts, met = [], True
         for value, limit, way, against in bounds:
-            texts.append(f"{fmt(value, 2)} × {against}")
+            # Three digits: a ratio of 1.004 against a bound of 1.0 must not read as "1.00, no".
+            texts.append(f"{fmt(value, 3)} × {against}")
             if value is None:
                 met = None if met else met
             elif (way == "le" and value > limit) or (way == "ge" and value < limit):
