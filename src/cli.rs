@@ -84,7 +84,7 @@ pub enum JobCommand {
         /// The job's id.
         id: String,
         /// How far along, 0 to 100.
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = percent)]
         percent: Option<f64>,
         /// A line for the person waiting, at most 200 characters.
         #[arg(long, value_name = "TEXT")]
@@ -132,5 +132,14 @@ pub fn check_config() -> ExitCode {
             eprintln!("handoff: {err}");
             ExitCode::from(EXIT_USAGE)
         }
+    }
+}
+
+/// `--percent`: a finite number. `nan` and `inf` parse as numbers but have no JSON form, so they
+/// are refused here rather than sent as nothing; the range is the server's to check and explain.
+fn percent(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(n) if n.is_finite() => Ok(n),
+        _ => Err(format!("{raw:?} is not a number")),
     }
 }

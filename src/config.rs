@@ -86,7 +86,7 @@ pub struct WebhookConfig {
 impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookConfig")
-            .field("url", &without_password(self.url.as_str()))
+            .field("url", &origin_only(self.url.as_str()))
             .field("secret", &"(set, not shown)")
             .field("unclaimed", &self.unclaimed)
             .field("first_retry", &self.first_retry)
@@ -181,7 +181,7 @@ impl Config {
         settings.extend([
             (
                 "HANDOFF_WEBHOOK_URL",
-                webhook.map_or_else(off, |w| without_password(w.url.as_str())),
+                webhook.map_or_else(off, |w| origin_only(w.url.as_str())),
             ),
             (
                 "HANDOFF_WEBHOOK_SECRET",
@@ -345,7 +345,7 @@ fn webhook(
     };
     let url = webhook_url(&raw).map_err(|reason| ConfigError {
         var: URL,
-        value: without_password(&raw),
+        value: origin_only(&raw),
         reason,
     })?;
     let Some(secret) = strong_secret(get, "HANDOFF_WEBHOOK_SECRET", "")? else {
@@ -358,13 +358,27 @@ fn webhook(
             ),
         });
     };
+    let unclaimed = Duration::from_secs(positive(get, "HANDOFF_UNCLAIMED_SECS", 60)?);
+    let max_age = Duration::from_secs(positive(get, "HANDOFF_WEBHOOK_MAX_AGE_SECS", 24 * 60 * 60)?);
+    // An unclaimed webhook falls due `unclaimed` after the ending; past `max_age` none is sent.
+    if max_age <= unclaimed {
+        return Err(ConfigError {
+            var: "HANDOFF_WEBHOOK_MAX_AGE_SECS",
+            value: max_age.as_secs().to_string(),
+            reason: format!(
+                "must be longer than HANDOFF_UNCLAIMED_SECS ({} s), or no unclaimed webhook is \
+                 ever sent",
+                unclaimed.as_secs()
+            ),
+        });
+    }
     Ok(Some(WebhookConfig {
         url,
         secret,
-        unclaimed: Duration::from_secs(positive(get, "HANDOFF_UNCLAIMED_SECS", 60)?),
+        unclaimed,
         first_retry: Duration::from_millis(positive(get, "HANDOFF_WEBHOOK_RETRY_MS", 5000)?),
         attempts: u32::try_from(positive(get, "HANDOFF_WEBHOOK_ATTEMPTS", 12)?).unwrap_or(u32::MAX),
-        max_age: Duration::from_secs(positive(get, "HANDOFF_WEBHOOK_MAX_AGE_SECS", 24 * 60 * 60)?),
+        max_age,
     }))
 }
 
@@ -384,7 +398,30 @@ fn webhook_url(raw: &str) -> Result<url::Url, String> {
     if url.fragment().is_some() {
         return Err("expected no #fragment: it is never sent".into());
     }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "expected no user name or password in it: they would never be sent; sign-in is the \
+             Handoff-Signature header"
+                .into(),
+        );
+    }
     Ok(url)
+}
+
+/// A webhook URL as logs and listings show it: its scheme, host and port. Its path or query may
+/// be the receiver's own secret (many receivers put a token there).
+pub fn origin_only(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(url) if url.has_host() => {
+            let path = if url.path() == "/" && url.query().is_none() {
+                ""
+            } else {
+                "/…"
+            };
+            format!("{}{path}", url.origin().ascii_serialization())
+        }
+        _ => "(not shown)".into(),
+    }
 }
 
 fn parse<T>(
@@ -837,6 +874,40 @@ mod tests {
             err.reason.contains("only applies with HANDOFF_WEBHOOK_URL"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_webhook_url_shows_only_its_origin_and_refuses_credentials_and_a_short_max_age() {
+        let secret_path = (
+            "HANDOFF_WEBHOOK_URL",
+            "https://hooks.example.com:8443/T0/B0/s3cr3tpath?token=s3cr3tquery",
+        );
+        let config = with(&[secret_path, HOOK_SECRET]).unwrap();
+        let listed = format!("{:?} {:?}", config.settings(), config);
+        assert!(!listed.contains("s3cr3t"), "{listed}");
+        assert!(
+            listed.contains("https://hooks.example.com:8443/…"),
+            "{listed}"
+        );
+        let err = with(&[
+            (
+                "HANDOFF_WEBHOOK_URL",
+                "https://user:s3cr3t@hooks.example.com/x",
+            ),
+            HOOK_SECRET,
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "HANDOFF_WEBHOOK_URL");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        let err = with(&[
+            HOOK,
+            HOOK_SECRET,
+            ("HANDOFF_UNCLAIMED_SECS", "120"),
+            ("HANDOFF_WEBHOOK_MAX_AGE_SECS", "120"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "HANDOFF_WEBHOOK_MAX_AGE_SECS");
+        assert!(err.reason.contains("HANDOFF_UNCLAIMED_SECS"), "{err}");
     }
 
     #[test]

@@ -418,13 +418,18 @@ impl Jobs {
         let mut ticks = tokio::time::interval(PROGRESS_STORE_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
+            let stopping = tokio::select! {
+                () = shutdown.cancelled() => true,
+                _ = ticks.tick() => false,
+            };
             self.store_progress().await;
             if let Some(receipts) = &self.receipts {
                 receipts.store(&self.store).await;
+            }
+            // The last round stores what streams took in their last moments, so that a job the
+            // user saw is not reported unclaimed after a restart.
+            if stopping {
+                return;
             }
             match self.store.expire_due().await {
                 Ok(expired) => {

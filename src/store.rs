@@ -229,7 +229,8 @@ impl Store {
         self.end_job(id, request).await
     }
 
-    /// Stores the latest progress report of each job, for those still pending, in one commit.
+    /// Stores the latest progress report of each job, for those still pending: one statement,
+    /// so one commit, per 64 jobs.
     pub async fn save_progress(&self, reports: Vec<(JobId, Progress)>) -> Result<(), StoreError> {
         self.lanes.save_progress(reports).await
     }
@@ -239,8 +240,9 @@ impl Store {
         self.lanes.expire_due(now_millis()).await
     }
 
-    /// Records that `receipts` streams took each job's ending (webhooks on), in one commit: a
-    /// webhook still waiting for a stream becomes `delivered`, due at `due`.
+    /// Records that `receipts` streams took each job's ending (webhooks on), one statement (so
+    /// one commit) per 64 jobs: a webhook still waiting for a stream becomes `delivered`, due at
+    /// `due`.
     pub async fn record_receipts(
         &self,
         receipts: Vec<(JobId, i64)>,
@@ -309,19 +311,18 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes jobs created before `cutoff_millis`, and (webhooks on) the webhooks sent or given
-    /// up of jobs that ended before it; returns how many jobs went. A webhook still to send is
-    /// kept: the sender gives it up at its age bound, and the next purge takes it.
+    /// Deletes jobs created before `cutoff_millis`, and the webhooks of jobs that ended before
+    /// it: with webhooks on, those sent or given up (one still to send is kept: the sender gives
+    /// it up at its age bound, and the next purge takes it); with webhooks off (turned off since),
+    /// all of them, since nothing will send them.
     pub async fn purge_before(&self, cutoff_millis: i64) -> Result<u64, StoreError> {
+        let webhooks = if self.outbox {
+            "DELETE FROM webhooks WHERE ended_at < $1 AND state IN ('sent', 'dead')"
+        } else {
+            "DELETE FROM webhooks WHERE ended_at < $1"
+        };
         let done = on_db!(self.pool.executor(), p => {
-            if self.outbox {
-                sqlx::query(
-                    "DELETE FROM webhooks WHERE ended_at < $1 AND state IN ('sent', 'dead')",
-                )
-                .bind(cutoff_millis)
-                .execute(p)
-                .await?;
-            }
+            sqlx::query(webhooks).bind(cutoff_millis).execute(p).await?;
             sqlx::query("DELETE FROM jobs WHERE created_at < $1")
                 .bind(cutoff_millis)
                 .execute(p)

@@ -127,6 +127,8 @@ fn call(args: &JobArgs) -> Result<(), Failure> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         // A 4xx or 5xx is an answer to read (the server's message), not a transport error.
         .http_status_as_error(false)
+        // A redirect would turn a POST into a GET without its token: report it instead.
+        .max_redirects(0)
         .timeout_global(Some(TIMEOUT))
         .build()
         .into();

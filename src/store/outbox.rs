@@ -88,23 +88,49 @@ impl Store {
         let rows: Vec<DueRow> = on_db!(self.pool.executor(), p => {
             sqlx::query_as(sql).bind(lease).bind(now).bind(limit).fetch_all(p).await?
         });
-        rows.into_iter()
-            .map(|row| {
-                let corrupt =
-                    |what: &str| StoreError::Corrupt(format!("{what} in webhook {:?}", row.id));
-                Ok(DueWebhook {
-                    job: JobId::parse(&row.id).map_err(|_| corrupt("invalid id"))?,
-                    status: JobStatus::parse(&row.status)
-                        .ok_or_else(|| corrupt("unknown status"))?,
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
+            let corrupt = |what: &str| format!("{what} in webhook {:?}", row.id);
+            let parsed = JobId::parse(&row.id)
+                .map_err(|_| corrupt("invalid id"))
+                .and_then(|job| {
+                    let status =
+                        JobStatus::parse(&row.status).ok_or_else(|| corrupt("unknown status"))?;
+                    Ok((job, status))
+                });
+            match parsed {
+                Ok((job, status)) => due.push(DueWebhook {
+                    job,
+                    status,
                     delivered: row.state == "delivered",
                     streams: row.streams,
                     ended_at: row.ended_at,
                     delivered_at: row.delivered_at,
                     attempt: row.attempts,
                     lease,
-                })
-            })
-            .collect()
+                }),
+                // A row this version cannot read is given up on its own: left claimed, it would
+                // come back first every lease and hold up nothing but itself, for ever.
+                Err(why) => {
+                    log::error!("webhook outbox: {why}; given up, never sent");
+                    let dead = sqlx::AssertSqlSafe(
+                        "UPDATE webhooks SET state = 'dead', settled_at = $2, last_error = $3, \
+                         claimed_until = NULL WHERE id = $1 AND claimed_until = $4",
+                    );
+                    on_db!(self.pool.executor(), p => {
+                        sqlx::query(dead)
+                            .bind(row.id.as_str())
+                            .bind(now)
+                            .bind(why.as_str())
+                            .bind(lease)
+                            .execute(p)
+                            .await?
+                            .rows_affected()
+                    });
+                }
+            }
+        }
+        Ok(due)
     }
 
     /// Records how the attempt on `webhook` ended. Returns false when the claim had run out and

@@ -225,6 +225,9 @@ async fn refusals_exit_1_with_the_servers_message_and_usage_errors_exit_2() {
     job(&app, &["create", "--deadline", "soon"])
         .await
         .failed(2, "--deadline");
+    job(&app, &["progress", &pending, "--percent", "nan"])
+        .await
+        .failed(2, "--percent");
     job(&app, &["complete"]).await.failed(2, "<ID>");
     job(&app, &["show", &pending, "--url", "127.0.0.1:8080"])
         .await

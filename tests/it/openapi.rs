@@ -34,10 +34,17 @@ impl Contract {
 
     /// `schema` as a document of its own, with the OpenAPI document's components beside it so
     /// that its `#/components/schemas/…` references resolve.
+    ///
+    /// Stricter than the document on two counts, so that drift shows: `format`s (the timestamps'
+    /// `date-time`) are checked, which JSON Schema 2020-12 leaves off by default, and an object
+    /// may hold no property its schema does not name.
     fn validator(&self, schema: &Value) -> jsonschema::Validator {
         let mut rooted = schema.clone();
         rooted["components"] = self.document["components"].clone();
-        jsonschema::draft202012::new(&rooted)
+        close_objects(&mut rooted);
+        jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .build(&rooted)
             .unwrap_or_else(|e| panic!("not a valid JSON Schema ({e}): {schema}"))
     }
 
@@ -320,4 +327,18 @@ async fn the_document_names_the_bearer_scheme_on_exactly_the_token_protected_ope
         paths["/api/jobs/{id}"]["get"].get("security").is_none(),
         "anyone holding the id may read a job"
     );
+}
+
+/// Every object schema that lists its properties allows no others.
+fn close_objects(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+                map.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            map.values_mut().for_each(close_objects);
+        }
+        Value::Array(items) => items.iter_mut().for_each(close_objects),
+        _ => {}
+    }
 }
