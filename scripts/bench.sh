@@ -192,7 +192,17 @@ unpin() {
   done
   pinned=()
 }
-trap unpin EXIT
+# What a failed step must not leave behind: the fleets' servers and the runs' databases.
+fleet_pids=() bench_dbs=()
+cleanup() {
+  local pid db
+  unpin
+  for pid in ${fleet_pids[@]+"${fleet_pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
+  for db in ${bench_dbs[@]+"${bench_dbs[@]}"}; do
+    psql "$PG_URL/postgres" -qc "drop database if exists $db" >/dev/null 2>&1 || true
+  done
+}
+trap cleanup EXIT
 
 one_run() { # name n mode rep: the label gets -pK when PUBLISHERS is not 4
   local name=$1 n=$2 mode=$3 rep=$4 json label=$1
@@ -237,8 +247,10 @@ scale_run() { # name n rep: two instances sharing one Redis (Handoff: and one Po
   PORT=$((PORT + 3))
   say "scale-out: two $name instances on Redis, N=$n, run $rep (ports ${ports[*]})"
   pin redis-server postgres
+  rm -f "$OUT/counters.before" "$OUT/counters.after"
   if [ "$name" = handoff ]; then
     db=handoff_bench_$RANDOM$RANDOM
+    bench_dbs+=("$db")
     psql "$PG_URL/postgres" -qc "create database $db" >/dev/null
     for i in 0 1 2; do
       # The third holds no stream: it measures what every instance pays for each completion
@@ -246,6 +258,7 @@ scale_run() { # name n rep: two instances sharing one Redis (Handoff: and one Po
       pids+=("$(start_member "${ports[$i]}" "$db" "bench-$db" "$OUT/scale-handoff.log" \
         taskset -c "$SERVER_CPU")")
     done
+    fleet_pids+=("${pids[@]}")
     for i in 0 1 2; do wait_port "${ports[$i]}"; done
     bystander=${pids[2]}
     args="--handoff http://127.0.0.1:${ports[0]},http://127.0.0.1:${ports[1]} --token $TOKEN"
@@ -254,6 +267,7 @@ scale_run() { # name n rep: two instances sharing one Redis (Handoff: and one Po
     for i in 0 1; do
       line=$(taskset -c "$SERVER_CPU" "$PEERS_DIR/start-nchan.sh" "${ports[$i]}" "$REDIS_URL")
       pids+=("$(sed -E 's/.*worker=([0-9]+).*/\1/' <<<"$line")")
+      fleet_pids+=("$(sed -E 's/.*pid=([0-9]+).*/\1/' <<<"$line")")
       dirs+=("$(sed -E 's/.*dir=([^ ]+).*/\1/' <<<"$line")")
       wait_port "${ports[$i]}"
     done
@@ -305,6 +319,7 @@ PY
 pg_floor_run() { # rows rep
   local rows=$1 rep=$2 db=handoff_pgfloor_$RANDOM$RANDOM clients=$((2 * SCALE_PUBLISHERS)) ids= i tps
   say "PostgreSQL alone: $rows row(s) a transaction, $clients connections, run $rep"
+  bench_dbs+=("$db")
   psql "$PG_URL/postgres" -qc "create database $db" >/dev/null
   psql "$PG_URL/$db" -qc "create table jobs (id text primary key, status text not null,
       move_url text, completed_at bigint);
@@ -314,7 +329,7 @@ pg_floor_run() { # rows rep
     "'complete'" "'/done'" "$ids" "'gone'" >"$OUT/pgfloor.sql"
   pin postgres
   tps=$(taskset -c "$CLIENT_CPU" pgbench "$PG_URL/$db" -n -M prepared -f "$OUT/pgfloor.sql" \
-    -c "$clients" -j 1 -T 5 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+    -c "$clients" -j 1 -T 5 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p') || tps=
   unpin
   psql "$PG_URL/postgres" -qc "drop database $db" >/dev/null || true
   python3 -c 'import json, sys; tps, rows = float(sys.argv[1] or 0), int(sys.argv[2]); json.dump({"completions_per_sec": tps * rows, "transactions_per_sec": tps, "rows": rows, "ok": tps > 0, "delivered": 0, "expected": 0, "duplicates": 0}, open(sys.argv[3], "w"))' \
@@ -327,12 +342,15 @@ capacity_run() { # n instances: the whole fleet on this machine, client split in
   # Each client process stays well under the 20,000 open files a process may hold.
   parts=$(((n + 15999) / 16000))
   db=handoff_bench_$RANDOM$RANDOM
+  bench_dbs+=("$db")
+  rm -f "$OUT/capacity.pg"
   psql "$PG_URL/postgres" -qc "create database $db" >/dev/null
   say "capacity: $n streams over $k Handoff instances on PostgreSQL + Redis, $parts client processes"
   for i in $(seq "$k"); do
     PORT=$((PORT + 1))
     # 8 connections each: 6 instances take at most 48 of PostgreSQL's 100.
     pids+=("$(start_member "$PORT" "$db" "bench-$db" "$OUT/capacity.log" HANDOFF_DB_POOL=8)")
+    fleet_pids+=("${pids[-1]}")
     urls+="${urls:+,}http://127.0.0.1:$PORT"
     wait_port "$PORT"
   done

@@ -78,6 +78,9 @@ struct Args {
     /// stdin between opening its streams and completing its jobs.
     #[arg(long, hide = true, value_parser = split::parse_part)]
     part: Option<split::Part>,
+    /// Set by a split run on its parts: where the source ports start, the same for every part.
+    #[arg(long, hide = true)]
+    port_seed: Option<usize>,
     /// Upper bound in seconds on each phase (open, create, complete, deliver).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -249,6 +252,12 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
             return report;
         }
     };
+    if args.part.is_some()
+        && let Err(why) = split::say_and_wait(split::CREATED, ids.len(), "open").await
+    {
+        report.errors.push(why);
+        return report;
+    }
     let rss = |report: &mut Report| fleet_rss_kb(&args.server_pid, &mut report.errors);
     report.rss_before_kb = rss(&mut report);
 
@@ -270,6 +279,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
             leave_on_result: args.leave_on_result,
             deadline: start + phase,
             index_base,
+            port_seed: args.port_seed.unwrap_or_else(streams::port_seed),
         },
         &board,
         &stop,
@@ -301,7 +311,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
     }
 
     if args.part.is_some()
-        && let Err(why) = split::opened_and_wait_for_go(report.opened).await
+        && let Err(why) = split::say_and_wait(split::OPENED, report.opened, "go").await
     {
         report.errors.push(why);
         return report;

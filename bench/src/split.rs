@@ -1,10 +1,12 @@
 //! A run split over several client processes: one process may hold only as many streams as its
 //! open-file limit allows (20,000 here), and a capacity rehearsal needs 100,000.
 //!
-//! The parent starts K copies of itself with `--part I/K`. Each part creates its own jobs and
-//! opens its share of the streams, says `opened N` on stdout, and waits. When every part has
-//! opened, the parent reads the servers' memory and answers `go` on every stdin, so the
-//! completions of all parts start together. Each part completes its own jobs (so its latencies
+//! The parent starts K copies of itself with `--part I/K`. Each part creates its own jobs, says
+//! `created N` on stdout and waits. When every part has, the parent reads the servers' memory
+//! and answers `open` on every stdin, so that the memory before the streams excludes the jobs'
+//! and every part starts opening at once. Each part opens its share of the streams, says
+//! `opened N`, and waits again. When every part has opened, the parent reads the servers'
+//! memory again and answers `go`, so the completions of all parts start together. Each part completes its own jobs (so its latencies
 //! are on its own clock) and answers with its report as one JSON line; the parent merges them,
 //! taking percentiles over every part's raw samples.
 
@@ -46,26 +48,28 @@ pub fn parse_part(value: &str) -> Result<Part, String> {
     }
 }
 
-const OPENED: &str = "opened ";
+pub const CREATED: &str = "created ";
+pub const OPENED: &str = "opened ";
 const REPORT: &str = "report ";
 
-/// In a part: says how many streams opened, then waits for the parent's `go`.
-pub async fn opened_and_wait_for_go(opened: usize) -> Result<(), String> {
+/// In a part: says `what` and a count on stdout, then waits for the parent to answer `go_word`.
+pub async fn say_and_wait(what: &str, count: usize, go_word: &str) -> Result<(), String> {
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{OPENED}{opened}")
+        writeln!(out, "{what}{count}")
             .and_then(|()| out.flush())
             .map_err(|e| format!("telling the parent: {e}"))?;
     }
+    // One line at a time: the parent writes the next word only after this part's next message.
     let mut line = String::new();
     tokio::io::BufReader::new(tokio::io::stdin())
         .read_line(&mut line)
         .await
-        .map_err(|e| format!("waiting for go: {e}"))?;
-    if line.trim() == "go" {
+        .map_err(|e| format!("waiting for {go_word}: {e}"))?;
+    if line.trim() == go_word {
         Ok(())
     } else {
-        Err("the parent went away before saying go".into())
+        Err(format!("the parent went away before saying {go_word}"))
     }
 }
 
@@ -84,14 +88,14 @@ pub fn answer(report: &Report) -> ExitCode {
 }
 
 /// The arguments a part gets: the parent's, without the ones only the parent acts on.
-fn part_args(of: usize, index: usize) -> Vec<String> {
+fn part_args(of: usize, index: usize, seed: usize) -> Vec<String> {
     let mut out = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let name = arg.split('=').next().unwrap_or_default();
         if matches!(
             name,
-            "--processes" | "--json" | "--server-pid" | "--part" | "--on-opened"
+            "--processes" | "--json" | "--server-pid" | "--part" | "--on-opened" | "--port-seed"
         ) {
             if !arg.contains('=') {
                 args.next();
@@ -100,7 +104,12 @@ fn part_args(of: usize, index: usize) -> Vec<String> {
         }
         out.push(arg);
     }
-    out.extend(["--part".into(), format!("{index}/{of}")]);
+    out.extend([
+        "--part".into(),
+        format!("{index}/{of}"),
+        "--port-seed".into(),
+        seed.to_string(),
+    ]);
     out
 }
 
@@ -122,6 +131,32 @@ impl Running {
     }
 }
 
+/// The sum of the counts every part says next after `prefix`.
+fn counts(parts: &mut [Running], prefix: &str) -> Result<usize, String> {
+    parts
+        .iter_mut()
+        .map(|part| {
+            part.next_with(prefix)?
+                .parse::<usize>()
+                .map_err(|e| format!("a part's count: {e}"))
+        })
+        .sum()
+}
+
+/// Writes `word` to every part's stdin; `last` closes it after.
+fn tell(parts: &mut [Running], word: &str, last: bool) {
+    for part in parts.iter_mut() {
+        if let Some(stdin) = part.child.stdin.as_mut() {
+            let _ = stdin
+                .write_all(format!("{word}\n").as_bytes())
+                .and_then(|()| stdin.flush());
+        }
+        if last {
+            drop(part.child.stdin.take());
+        }
+    }
+}
+
 /// In the parent: runs the parts and merges their reports.
 pub fn run(args: &Args) -> Report {
     let mut whole = Report {
@@ -129,7 +164,6 @@ pub fn run(args: &Args) -> Report {
         processes: args.processes,
         ..Report::default()
     };
-    whole.rss_before_kb = fleet_rss_kb(&args.server_pid, &mut whole.errors);
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
@@ -137,10 +171,11 @@ pub fn run(args: &Args) -> Report {
             return whole;
         }
     };
+    let seed = crate::streams::port_seed();
     let mut parts = Vec::new();
     for index in 0..args.processes {
         let spawned = Command::new(&exe)
-            .args(part_args(args.processes, index))
+            .args(part_args(args.processes, index, seed))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn();
@@ -161,18 +196,16 @@ pub fn run(args: &Args) -> Report {
             }
         }
     }
-    let opened: Result<usize, String> = if parts.len() == args.processes {
-        parts
-            .iter_mut()
-            .map(|part| {
-                part.next_with(OPENED)?
-                    .parse::<usize>()
-                    .map_err(|e| format!("a part's count: {e}"))
-            })
-            .sum()
+    let created = if parts.len() == args.processes {
+        counts(&mut parts, CREATED)
     } else {
         Err("not every part started".into())
     };
+    // After the jobs, before the streams: the memory the streams add, as one process measures it.
+    whole.rss_before_kb = fleet_rss_kb(&args.server_pid, &mut whole.errors);
+    // Without the word it waits for, a part gives up.
+    tell(&mut parts, if created.is_ok() { "open" } else { "stop" }, false);
+    let opened = created.and_then(|_| counts(&mut parts, OPENED));
     whole.rss_after_kb = fleet_rss_kb(&args.server_pid, &mut whole.errors);
     if let Err(why) = &opened {
         whole.errors.push(why.clone());
@@ -180,13 +213,8 @@ pub fn run(args: &Args) -> Report {
     if let (Ok(_), Some(command)) = (&opened, &args.on_opened) {
         crate::run_hook(command, &mut whole.errors);
     }
-    // Without `go` a part gives up; with it, every part completes at once.
-    let go = if opened.is_ok() { "go\n" } else { "stop\n" };
-    for part in &mut parts {
-        if let Some(mut stdin) = part.child.stdin.take() {
-            let _ = stdin.write_all(go.as_bytes());
-        }
-    }
+    // Every part completes at once.
+    tell(&mut parts, if opened.is_ok() { "go" } else { "stop" }, true);
     let reports: Vec<Report> = parts
         .iter_mut()
         .filter_map(|part| {

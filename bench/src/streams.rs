@@ -94,6 +94,20 @@ pub struct Opening {
     /// Added to each stream's index to pick its source address and port, so that the processes
     /// of one split run never pick the same ones.
     pub index_base: usize,
+    /// Where this run's source ports start (see [`port_seed`]); the same in every part of a
+    /// split run, so that their index ranges map to ports that do not overlap.
+    pub port_seed: usize,
+}
+
+/// A large prime step per second: back-to-back runs use different source ports.
+pub fn port_seed() -> usize {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            usize::try_from(d.as_secs())
+                .unwrap_or(0)
+                .wrapping_mul(2_003)
+        })
 }
 
 /// Spawns one task per stream, spread over `templates` (the instances); each reports how its opening went on the returned channel, then
@@ -112,18 +126,10 @@ pub fn open_all(
         leave_on_result,
         deadline,
         index_base,
+        port_seed: run,
     } = opening;
     let (tx, rx) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
-    // Where this run's source ports start: a large prime step per second, so back-to-back runs
-    // use different ports.
-    let run = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| {
-            usize::try_from(d.as_secs())
-                .unwrap_or(0)
-                .wrapping_mul(2_003)
-        });
     for index in 0..streams {
         // Stream i goes to instance i mod k: every instance holds an equal share.
         let template = &templates[index % templates.len()];
