@@ -204,7 +204,11 @@ pub fn run(args: &Args) -> Report {
     // After the jobs, before the streams: the memory the streams add, as one process measures it.
     whole.rss_before_kb = fleet_rss_kb(&args.server_pid, &mut whole.errors);
     // Without the word it waits for, a part gives up.
-    tell(&mut parts, if created.is_ok() { "open" } else { "stop" }, false);
+    tell(
+        &mut parts,
+        if created.is_ok() { "open" } else { "stop" },
+        false,
+    );
     let opened = created.and_then(|_| counts(&mut parts, OPENED));
     whole.rss_after_kb = fleet_rss_kb(&args.server_pid, &mut whole.errors);
     if let Err(why) = &opened {
