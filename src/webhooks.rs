@@ -307,46 +307,67 @@ impl Sender {
             }
         };
         let count = claimed.len();
-        futures_util::future::join_all(claimed.iter().map(|webhook| self.attempt(webhook))).await;
+        let attempts =
+            futures_util::future::join_all(claimed.iter().map(|webhook| self.attempt(webhook)))
+                .await;
+        let outcomes: Vec<(&DueWebhook, &Settled)> = claimed
+            .iter()
+            .zip(&attempts)
+            .map(|(webhook, (_, settled))| (webhook, settled))
+            .collect();
+        let kept = match self.store.settle_webhooks(&outcomes).await {
+            Ok(kept) => kept.into_iter().map(Some).collect(),
+            Err(err) => {
+                // The claims run out, and the webhooks are attempted again then: at least once.
+                log::warn!(
+                    "recording {count} webhook attempt(s) failed ({err}); they will be retried"
+                );
+                vec![None; count]
+            }
+        };
+        for ((webhook, (outcome, settled)), kept) in claimed.iter().zip(&attempts).zip(kept) {
+            self.record(webhook, *outcome, settled, kept);
+        }
         count
     }
 
-    /// One attempt: POSTs the webhook (unless it is too old), then records the outcome and,
-    /// after a failure, when to try again or that it is given up.
-    async fn attempt(&self, webhook: &DueWebhook) {
+    /// One attempt: POSTs the webhook (unless it is too old); says how it went and, after a
+    /// failure, when to try again or that it is given up.
+    async fn attempt(&self, webhook: &DueWebhook) -> (Option<&'static str>, Settled) {
         let id = webhook_id(&webhook.job);
         let too_old_at = webhook.ended_at.saturating_add(self.max_age);
-        let (outcome, settled) = if now_millis() > too_old_at {
+        if now_millis() > too_old_at {
             let error = "too old to send (HANDOFF_WEBHOOK_MAX_AGE_SECS)".to_owned();
-            (None, self.give_up(error))
-        } else {
-            let answer = self.post(webhook, &id).await;
-            let now = now_millis();
-            match answer {
-                Ok(status) if status.is_success() => (Some("accepted"), Settled::Sent { at: now }),
-                Ok(status) => (
-                    Some("refused"),
-                    self.after_failure(webhook, now, format!("HTTP {status}")),
-                ),
-                Err(error) => (Some("failed"), self.after_failure(webhook, now, error)),
-            }
-        };
-        let kept = match self.store.settle_webhook(webhook, &settled).await {
-            Ok(true) => true,
-            Ok(false) => {
-                log::warn!(
-                    "webhook {id}: its claim ran out during the attempt; another instance has it"
-                );
-                false
-            }
-            Err(err) => {
-                // The claim runs out, and the webhook is attempted again then: at least once.
-                log::warn!(
-                    "webhook {id}: recording the attempt failed ({err}); it will be retried"
-                );
-                false
-            }
-        };
+            return (None, self.give_up(error));
+        }
+        let answer = self.post(webhook, &id).await;
+        let now = now_millis();
+        match answer {
+            Ok(status) if status.is_success() => (Some("accepted"), Settled::Sent { at: now }),
+            Ok(status) => (
+                Some("refused"),
+                self.after_failure(webhook, now, format!("HTTP {status}")),
+            ),
+            Err(error) => (Some("failed"), self.after_failure(webhook, now, error)),
+        }
+    }
+
+    /// Counts and logs an attempt once its outcome is recorded (`kept`: whether the outbox took
+    /// it; `None`: recording failed, logged for the round).
+    fn record(
+        &self,
+        webhook: &DueWebhook,
+        outcome: Option<&'static str>,
+        settled: &Settled,
+        kept: Option<bool>,
+    ) {
+        let id = webhook_id(&webhook.job);
+        if kept == Some(false) {
+            log::warn!(
+                "webhook {id}: its claim ran out during the attempt; another instance has it"
+            );
+        }
+        let kept = kept == Some(true);
         // Counted once its outcome is recorded (or could not be), so that a count seen in
         // `/metrics` means the outbox says the same.
         if let Some(outcome) = outcome {
@@ -356,7 +377,7 @@ impl Sender {
                 .inc();
         }
         let (kind, attempt, job) = (kind(webhook), webhook.attempt, &webhook.job);
-        match &settled {
+        match settled {
             Settled::Sent { .. } => {
                 self.metrics
                     .webhooks_sent

@@ -133,41 +133,50 @@ impl Store {
         Ok(due)
     }
 
-    /// Records how the attempt on `webhook` ended. Returns false when the claim had run out and
-    /// another instance holds the webhook now (nothing changed).
-    pub async fn settle_webhook(
+    /// Records how each attempt of a round ended, in one transaction: on SQLite the sender then
+    /// takes the write lock once a round, however many webhooks failed. For each, false when its
+    /// claim had run out and another instance holds it now (nothing changed for it).
+    pub async fn settle_webhooks(
         &self,
-        webhook: &DueWebhook,
-        settled: &Settled,
-    ) -> Result<bool, StoreError> {
-        // Each statement binds what it uses: PostgreSQL refuses a parameter it does not see.
-        let (set, value, error) = match settled {
-            Settled::Sent { at } => (
-                "state = 'sent', settled_at = $3, last_error = NULL",
-                *at,
-                None,
-            ),
-            Settled::Retry { due, error } => ("due_at = $3, last_error = $4", *due, Some(error)),
-            Settled::Dead { at, error } => (
-                "state = 'dead', settled_at = $3, last_error = $4",
-                *at,
-                Some(error),
-            ),
-        };
-        let sql = sqlx::AssertSqlSafe(format!(
-            "UPDATE webhooks SET {set}, claimed_until = NULL WHERE id = $1 AND claimed_until = $2"
-        ));
-        let changed = on_db!(self.pool.executor(), p => {
-            let query = sqlx::query(sql)
-                .bind(webhook.job.as_str())
-                .bind(webhook.lease)
-                .bind(value);
-            let query = match error {
-                Some(error) => query.bind(error.as_str()),
-                None => query,
-            };
-            query.execute(p).await?.rows_affected()
+        outcomes: &[(&DueWebhook, &Settled)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut kept = Vec::with_capacity(outcomes.len());
+        on_db!(self.pool.executor(), p => {
+            let mut tx = p.begin().await?;
+            for (webhook, settled) in outcomes {
+                // Each statement binds what it uses: PostgreSQL refuses a parameter it does not
+                // see.
+                let (set, value, error) = match settled {
+                    Settled::Sent { at } => (
+                        "state = 'sent', settled_at = $3, last_error = NULL",
+                        *at,
+                        None,
+                    ),
+                    Settled::Retry { due, error } => {
+                        ("due_at = $3, last_error = $4", *due, Some(error))
+                    }
+                    Settled::Dead { at, error } => (
+                        "state = 'dead', settled_at = $3, last_error = $4",
+                        *at,
+                        Some(error),
+                    ),
+                };
+                let sql = sqlx::AssertSqlSafe(format!(
+                    "UPDATE webhooks SET {set}, claimed_until = NULL \
+                     WHERE id = $1 AND claimed_until = $2"
+                ));
+                let query = sqlx::query(sql)
+                    .bind(webhook.job.as_str())
+                    .bind(webhook.lease)
+                    .bind(value);
+                let query = match error {
+                    Some(error) => query.bind(error.as_str()),
+                    None => query,
+                };
+                kept.push(query.execute(&mut *tx).await?.rows_affected() > 0);
+            }
+            tx.commit().await?;
         });
-        Ok(changed > 0)
+        Ok(kept)
     }
 }
