@@ -147,7 +147,7 @@ impl Secrets {
             started: started.parse().ok()?,
             last_used: last_used.parse().ok()?,
         };
-        let idle = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+        let idle = crate::domain::millis(idle);
         let live = now < session.started.saturating_add(SESSION_MILLIS)
             && now < session.last_used.saturating_add(idle);
         live.then_some(session)

@@ -308,6 +308,12 @@ pub fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A duration in the stored unit (milliseconds), saturating: added to a clock reading it never
+/// overflows.
+pub fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Formats stored milliseconds as RFC 3339 (UTC, millisecond precision).
 pub fn rfc3339(millis: i64) -> String {
     chrono::DateTime::from_timestamp_millis(millis)

@@ -18,7 +18,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Delivery;
-use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, now_millis};
+use crate::domain::{
+    Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, millis, now_millis,
+};
 pub use crate::hub::{News, Subscription, Update};
 use crate::metrics::Metrics;
 use crate::store::{EndRequest, Ended, Store, StoreError};
@@ -159,8 +161,7 @@ impl Jobs {
         if deadline < Duration::from_secs(1) || deadline > max {
             return Err(JobsError::DeadlineOutOfRange { max: max.as_secs() });
         }
-        let deadline_at =
-            now_millis().saturating_add(i64::try_from(deadline.as_millis()).unwrap_or(i64::MAX));
+        let deadline_at = now_millis().saturating_add(millis(deadline));
         let job = self.store.create_job(move_url, deadline_at).await?;
         self.metrics.jobs_created.inc();
         log::info!("job {} created", job.id);
@@ -473,7 +474,7 @@ impl Jobs {
     /// A failed purge (database down) is logged and retried at the next round.
     pub async fn purge_old_jobs(&self, retention: Duration, shutdown: CancellationToken) {
         let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-        let retention_millis = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let retention_millis = millis(retention);
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -105,7 +105,7 @@ impl Store {
         pg_pool: u32,
         unclaimed: Option<Duration>,
     ) -> Result<Self, StoreError> {
-        let outbox = unclaimed.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let outbox = unclaimed.map(crate::domain::millis);
         let (pool, lane_conns) = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)

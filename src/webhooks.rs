@@ -33,7 +33,7 @@ use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WebhookConfig;
-use crate::domain::{JobId, now_millis, rfc3339};
+use crate::domain::{JobId, millis, now_millis, rfc3339};
 use crate::metrics::Metrics;
 use crate::store::{DueWebhook, Settled, Store};
 
@@ -59,10 +59,6 @@ pub const SIGNATURE_HEADER: &str = "Handoff-Signature";
 pub const ID_HEADER: &str = "Handoff-Webhook-Id";
 /// The header carrying the attempt's number, from 1.
 pub const ATTEMPT_HEADER: &str = "Handoff-Webhook-Attempt";
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
 
 /// The deployment's webhook secret: signs every webhook.
 #[derive(Clone)]

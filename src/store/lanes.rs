@@ -315,20 +315,19 @@ impl Batch for Write {
                 }
             }
         }
-        for (mut reports, reply) in progress {
-            let mut result = Ok(());
-            while !reports.is_empty() && result.is_ok() {
-                let chunk = take_chunk(&mut reports);
-                let items: Vec<(&JobId, &Progress)> = chunk.iter().map(|(id, p)| (id, p)).collect();
-                result = sql::progress_many(&mut writer.conn, &items).await;
-            }
-            writer.failing.store(result.is_err(), Ordering::Relaxed);
-            match result {
-                Ok(()) => {
-                    let _ = reply.send(Ok(()));
-                }
-                Err(err) => fail_all("storing progress of", std::iter::once(reply), err),
-            }
+        for (reports, reply) in progress {
+            in_chunks(
+                writer,
+                reports,
+                reply,
+                "storing progress of",
+                async |conn, chunk| {
+                    let items: Vec<(&JobId, &Progress)> =
+                        chunk.iter().map(|(id, p)| (id, p)).collect();
+                    sql::progress_many(conn, &items).await
+                },
+            )
+            .await;
         }
         for (now, reply) in expiries {
             let expired = sql::expire_due(&mut writer.conn, now, writer.outbox).await;
@@ -352,25 +351,45 @@ impl Batch for Write {
                 Err(err) => fail_all("expiring", std::iter::once(reply), err),
             }
         }
-        for (mut taken, now, due, reply) in receipts {
-            let mut result = Ok(());
-            while !taken.is_empty() && result.is_ok() {
-                let chunk = take_chunk(&mut taken);
-                let items: Vec<(&JobId, i64)> = chunk.iter().map(|(id, n)| (id, *n)).collect();
-                result = sql::receipts_many(&mut writer.conn, &items, now, due).await;
-            }
-            writer.failing.store(result.is_err(), Ordering::Relaxed);
-            match result {
-                Ok(()) => {
-                    let _ = reply.send(Ok(()));
-                }
-                Err(err) => fail_all("recording the streams of", std::iter::once(reply), err),
-            }
+        for (taken, now, due, reply) in receipts {
+            in_chunks(
+                writer,
+                taken,
+                reply,
+                "recording the streams of",
+                async move |conn, chunk| {
+                    let items: Vec<(&JobId, i64)> = chunk.iter().map(|(id, n)| (id, *n)).collect();
+                    sql::receipts_many(conn, &items, now, due).await
+                },
+            )
+            .await;
         }
     }
 
     fn interrupted(writer: &mut Writer) {
         writer.conn.forget();
+    }
+}
+
+/// Writes `items` a statement's worth ([`MAX_BATCH`]) at a time, stopping at the first failure;
+/// then answers `reply` whether they went through, and notes that for `/healthz`.
+async fn in_chunks<T>(
+    writer: &mut Writer,
+    mut items: Vec<T>,
+    reply: Reply<()>,
+    doing: &str,
+    mut write: impl AsyncFnMut(&mut LaneConn, Vec<T>) -> Result<(), sqlx::Error>,
+) {
+    let mut written = Ok(());
+    while !items.is_empty() && written.is_ok() {
+        written = write(&mut writer.conn, take_chunk(&mut items)).await;
+    }
+    writer.failing.store(written.is_err(), Ordering::Relaxed);
+    match written {
+        Ok(()) => {
+            let _ = reply.send(Ok(()));
+        }
+        Err(err) => fail_all(doing, std::iter::once(reply), err),
     }
 }
 
