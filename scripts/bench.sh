@@ -94,13 +94,15 @@ if [ "$PEERS" = 1 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
 fi
+# Every Handoff a run starts, alone or in a fleet: no info line per job, no stream recycled
+# mid-run, every stream from one client address allowed.
+handoff_env=(HANDOFF_API_TOKEN="$TOKEN" HANDOFF_SSE_TIMEOUT_SECS=600 HANDOFF_WORKERS="$WORKERS"
+  RUST_LOG=warn HANDOFF_MAX_STREAMS_PER_CLIENT=off)
 start_handoff() {
   local port=$PORT dir
   dir=$(mktemp -d /tmp/handoff-bench.XXXXXX)
   server_dir=$dir
-  HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="sqlite://$dir/handoff.db" HANDOFF_API_TOKEN=$TOKEN \
-    HANDOFF_SSE_TIMEOUT_SECS=600 HANDOFF_WORKERS=$WORKERS RUST_LOG=warn \
-    HANDOFF_MAX_STREAMS_PER_CLIENT=off \
+  env "${handoff_env[@]}" HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="sqlite://$dir/handoff.db" \
     taskset -c "$SERVER_CPU" "$release/handoff" >"$OUT/handoff.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
   wait_port "$port"
@@ -231,9 +233,8 @@ one_run() { # name n mode rep: the label gets -pK when PUBLISHERS is not 4
 start_member() { # port database channel log [extra env...]
   local port=$1 db=$2 channel=$3 log=$4
   shift 4
-  env HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="$PG_URL/$db" REDIS_URL="$REDIS_URL" \
-    HANDOFF_REDIS_CHANNEL="$channel" HANDOFF_API_TOKEN=$TOKEN HANDOFF_SSE_TIMEOUT_SECS=600 \
-    HANDOFF_WORKERS=$WORKERS RUST_LOG=warn HANDOFF_MAX_STREAMS_PER_CLIENT=off "$@" \
+  env "${handoff_env[@]}" HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="$PG_URL/$db" \
+    REDIS_URL="$REDIS_URL" HANDOFF_REDIS_CHANNEL="$channel" "$@" \
     "$release/handoff" >>"$log" 2>&1 &
   echo $!
 }
