@@ -41,7 +41,13 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "tests"
-cargo test --workspace --all-targets --locked -- --include-ignored
+# The write-lane flood test holds SQLite's write lock while it fills the lane's room, and must see
+# the room full before the lane's 5 s busy timeout fails the blocked batch. Among 130 tests
+# starting servers and browsers on 2 cores it sometimes could not (twice in six CI runs), so it
+# runs on its own right after the others, where it takes a tenth of a second.
+flood=limits::a_flood_of_creations_gets_503_while_a_completion_keeps_its_room_and_goes_through
+cargo test --workspace --all-targets --locked -- --include-ignored --skip "$flood"
+cargo test --locked --test it -- --exact "$flood"
 
 say "core, admin, job-life and shared-stream suites again, against PostgreSQL (a fresh database per app)"
 HANDOFF_TEST_DB=postgres cargo test --locked --test it -- core:: admin:: job_life:: shared_stream::

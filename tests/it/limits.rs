@@ -154,8 +154,9 @@ async fn writes_waiting(app: &TestApp, kind: &str) -> f64 {
 async fn a_flood_of_creations_gets_503_while_a_completion_keeps_its_room_and_goes_through() {
     const ROOM: usize = 8;
     // Enough to fill the blocked batch (up to a room's worth) and the room behind it, and few
-    // enough to be sent well within the lane's 5 s busy timeout on a loaded machine: once it
-    // passes, the blocked batch fails and the room empties before it could be seen full.
+    // enough to be sent well within the lane's 5 s busy timeout: once it passes, the blocked
+    // batch fails and the room empties before it could be seen full. `scripts/test.sh` runs this
+    // test on its own, away from the load of the others.
     const FLOOD: usize = 2 * ROOM + 6;
     let app = TestApp::spawn_with(|c| c.write_queue = ROOM).await;
     let id = app.job_id().await;
