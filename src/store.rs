@@ -215,20 +215,6 @@ impl Store {
         self.lanes.end(id, request).await
     }
 
-    /// Marks the job complete: [`Store::end_job`] with status `Complete`.
-    pub async fn complete_job(
-        &self,
-        id: &JobId,
-        move_url: Option<MoveUrl>,
-    ) -> Result<Ended, StoreError> {
-        let request = EndRequest {
-            status: JobStatus::Complete,
-            move_url,
-            message: None,
-        };
-        self.end_job(id, request).await
-    }
-
     /// Stores the latest progress report of each job, for those still pending: one statement,
     /// so one commit, per 64 jobs.
     pub async fn save_progress(&self, reports: Vec<(JobId, Progress)>) -> Result<(), StoreError> {

@@ -1,5 +1,5 @@
 //! The write floor under Handoff's completions per second in BENCHMARKS.md: Handoff's own store
-//! (`Store::complete_job`: the write lane and the durable SQLite commit the server makes for every
+//! (`Store::end_job`: the write lane and the durable SQLite commit the server makes for every
 //! completion) with no HTTP, no hub and no streams, driven the way the bench tool drives the
 //! server: `callers` tasks (the bench's 4 publishers), each waiting for its answer before it
 //! sends the next. One thread, plus sqlx's SQLite threads. `scripts/bench.sh` pins it to the
@@ -14,8 +14,8 @@
 use std::time::Instant;
 
 use futures_util::future::join_all;
-use handoff::domain::JobId;
-use handoff::store::{Ended, Store};
+use handoff::domain::{JobId, JobStatus};
+use handoff::store::{EndRequest, Ended, Store};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -92,7 +92,12 @@ async fn measure(jobs: usize, callers: usize) -> Result<Report, Box<dyn std::err
         tokio::spawn(async move {
             let (mut completed, mut first_error) = (0, None);
             for id in &ids {
-                match store.complete_job(id, None).await {
+                let complete = EndRequest {
+                    status: JobStatus::Complete,
+                    move_url: None,
+                    message: None,
+                };
+                match store.end_job(id, complete).await {
                     Ok(Ended::Now(_)) => completed += 1,
                     other => {
                         first_error.get_or_insert_with(|| format!("job {id}: {other:?}"));

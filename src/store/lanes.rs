@@ -261,114 +261,166 @@ impl Batch for Write {
     }
 
     async fn serve(writer: &mut Writer, batch: Vec<Self>) {
-        let mut creates = Vec::new();
-        let mut endings = Vec::new();
-        let mut progress = Vec::new();
-        let mut expiries = Vec::new();
-        let mut receipts = Vec::new();
-        for write in batch {
-            match write {
-                Write::Create { job, reply } => creates.push((job, reply)),
-                Write::End { id, request, reply } => endings.push((id, request, reply)),
-                Write::Progress { reports, reply } => progress.push((reports, reply)),
-                Write::Expire { now, reply } => expiries.push((now, reply)),
-                Write::Receipts {
-                    receipts: taken,
-                    now,
-                    due,
-                    reply,
-                } => receipts.push((taken, now, due, reply)),
-            }
-        }
+        let Sorted {
+            creates,
+            endings,
+            progress,
+            expiries,
+            receipts,
+        } = Sorted::from(batch);
         // Creations first: an ending queued behind its job's creation must find the job.
-        // Each statement commits on its own, so each chunk is answered from its own statement.
-        while !creates.is_empty() {
-            let chunk = take_chunk(&mut creates);
-            let jobs: Vec<&Job> = chunk.iter().map(|(job, _)| job).collect();
-            let written = sql::insert_many(&mut writer.conn, &jobs).await;
-            writer.failing.store(written.is_err(), Ordering::Relaxed);
-            match written {
-                Ok(()) => {
-                    for (_, reply) in chunk {
-                        let _ = reply.send(Ok(()));
-                    }
-                }
-                Err(err) => fail_all("storing", chunk.into_iter().map(|(_, reply)| reply), err),
-            }
-        }
-        // A job named twice in one batch: the first request ends it, the later ones run in a
-        // round after it and find it ended, exactly as if they had come later.
-        while !endings.is_empty() {
-            let mut seen = HashSet::with_capacity(endings.len());
-            let (round, again): (Vec<_>, Vec<_>) = endings
-                .into_iter()
-                .partition(|(id, _, _)| seen.insert(id.clone()));
-            endings = again;
-            let mut round = round;
-            while let Some(status) = round.first().map(|(_, request, _)| request.status) {
-                let (mut same, rest): (Vec<_>, Vec<_>) = round
-                    .into_iter()
-                    .partition(|(_, request, _)| request.status == status);
-                round = rest;
-                while !same.is_empty() {
-                    end_round(writer, status, take_chunk(&mut same)).await;
-                }
-            }
-        }
+        create_all(writer, creates).await;
+        end_all(writer, endings).await;
         for (reports, reply) in progress {
-            in_chunks(
-                writer,
-                reports,
-                reply,
-                "storing progress of",
-                async |conn, chunk| {
-                    let items: Vec<(&JobId, &Progress)> =
-                        chunk.iter().map(|(id, p)| (id, p)).collect();
-                    sql::progress_many(conn, &items).await
-                },
-            )
-            .await;
+            save_progress(writer, reports, reply).await;
         }
         for (now, reply) in expiries {
-            let expired = sql::expire_due(&mut writer.conn, now, writer.outbox).await;
-            writer.failing.store(expired.is_err(), Ordering::Relaxed);
-            match expired {
-                Ok(rows) => {
-                    // A corrupt row is logged and left out: the others are expired already and
-                    // must still be published.
-                    let jobs = rows
-                        .into_iter()
-                        .filter_map(|row| {
-                            Job::try_from(row)
-                                .inspect_err(|err| {
-                                    log::error!("expired a job but cannot read it: {err}")
-                                })
-                                .ok()
-                        })
-                        .collect();
-                    let _ = reply.send(Ok(jobs));
-                }
-                Err(err) => fail_all("expiring", std::iter::once(reply), err),
-            }
+            expire(writer, now, reply).await;
         }
         for (taken, now, due, reply) in receipts {
-            in_chunks(
-                writer,
-                taken,
-                reply,
-                "recording the streams of",
-                async move |conn, chunk| {
-                    let items: Vec<(&JobId, i64)> = chunk.iter().map(|(id, n)| (id, *n)).collect();
-                    sql::receipts_many(conn, &items, now, due).await
-                },
-            )
-            .await;
+            record_receipts(writer, taken, now, due, reply).await;
         }
     }
 
     fn interrupted(writer: &mut Writer) {
         writer.conn.forget();
     }
+}
+
+type CreateRequest = (Job, Reply<()>);
+type EndingRequest = (JobId, EndRequest, Reply<Ended>);
+type ProgressRequest = (Vec<(JobId, Progress)>, Reply<()>);
+type ExpiryRequest = (i64, Reply<Vec<Job>>);
+type ReceiptsRequest = (Vec<(JobId, i64)>, i64, i64, Reply<()>);
+
+/// A write batch sorted by kind, each kind in the order it was queued.
+#[derive(Default)]
+struct Sorted {
+    creates: Vec<CreateRequest>,
+    endings: Vec<EndingRequest>,
+    progress: Vec<ProgressRequest>,
+    expiries: Vec<ExpiryRequest>,
+    receipts: Vec<ReceiptsRequest>,
+}
+
+impl From<Vec<Write>> for Sorted {
+    fn from(batch: Vec<Write>) -> Self {
+        let mut sorted = Self::default();
+        for write in batch {
+            match write {
+                Write::Create { job, reply } => sorted.creates.push((job, reply)),
+                Write::End { id, request, reply } => sorted.endings.push((id, request, reply)),
+                Write::Progress { reports, reply } => sorted.progress.push((reports, reply)),
+                Write::Expire { now, reply } => sorted.expiries.push((now, reply)),
+                Write::Receipts {
+                    receipts,
+                    now,
+                    due,
+                    reply,
+                } => sorted.receipts.push((receipts, now, due, reply)),
+            }
+        }
+        sorted
+    }
+}
+
+/// Stores new jobs, a statement's worth at a time. Each statement commits on its own, so each
+/// chunk is answered from its own statement.
+async fn create_all(writer: &mut Writer, mut creates: Vec<CreateRequest>) {
+    while !creates.is_empty() {
+        let chunk = take_chunk(&mut creates);
+        let jobs: Vec<&Job> = chunk.iter().map(|(job, _)| job).collect();
+        let written = sql::insert_many(&mut writer.conn, &jobs).await;
+        writer.failing.store(written.is_err(), Ordering::Relaxed);
+        match written {
+            Ok(()) => {
+                for (_, reply) in chunk {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(err) => fail_all("storing", chunk.into_iter().map(|(_, reply)| reply), err),
+        }
+    }
+}
+
+/// Ends jobs in rounds of distinct jobs, one statement per status and chunk. A job named twice
+/// in one batch: the first request ends it, the later ones run in a round after it and find it
+/// ended, exactly as if they had come later.
+async fn end_all(writer: &mut Writer, mut endings: Vec<EndingRequest>) {
+    while !endings.is_empty() {
+        let mut seen = HashSet::with_capacity(endings.len());
+        let (mut round, again): (Vec<_>, Vec<_>) = endings
+            .into_iter()
+            .partition(|(id, _, _)| seen.insert(id.clone()));
+        endings = again;
+        while let Some(status) = round.first().map(|(_, request, _)| request.status) {
+            let (mut same, rest): (Vec<_>, Vec<_>) = round
+                .into_iter()
+                .partition(|(_, request, _)| request.status == status);
+            round = rest;
+            while !same.is_empty() {
+                end_round(writer, status, take_chunk(&mut same)).await;
+            }
+        }
+    }
+}
+
+/// Stores one timer round's latest progress reports.
+async fn save_progress(writer: &mut Writer, reports: Vec<(JobId, Progress)>, reply: Reply<()>) {
+    in_chunks(
+        writer,
+        reports,
+        reply,
+        "storing progress of",
+        async |conn, chunk| {
+            let items: Vec<(&JobId, &Progress)> = chunk.iter().map(|(id, p)| (id, p)).collect();
+            sql::progress_many(conn, &items).await
+        },
+    )
+    .await;
+}
+
+/// Expires the pending jobs past their deadline at `now`, answering with those it expired.
+async fn expire(writer: &mut Writer, now: i64, reply: Reply<Vec<Job>>) {
+    let expired = sql::expire_due(&mut writer.conn, now, writer.outbox).await;
+    writer.failing.store(expired.is_err(), Ordering::Relaxed);
+    match expired {
+        Ok(rows) => {
+            // A corrupt row is logged and left out: the others are expired already and must
+            // still be published.
+            let jobs = rows
+                .into_iter()
+                .filter_map(|row| {
+                    Job::try_from(row)
+                        .inspect_err(|err| log::error!("expired a job but cannot read it: {err}"))
+                        .ok()
+                })
+                .collect();
+            let _ = reply.send(Ok(jobs));
+        }
+        Err(err) => fail_all("expiring", std::iter::once(reply), err),
+    }
+}
+
+/// Records how many streams took each job's ending (webhooks on).
+async fn record_receipts(
+    writer: &mut Writer,
+    taken: Vec<(JobId, i64)>,
+    now: i64,
+    due: i64,
+    reply: Reply<()>,
+) {
+    in_chunks(
+        writer,
+        taken,
+        reply,
+        "recording the streams of",
+        async move |conn, chunk| {
+            let items: Vec<(&JobId, i64)> = chunk.iter().map(|(id, n)| (id, *n)).collect();
+            sql::receipts_many(conn, &items, now, due).await
+        },
+    )
+    .await;
 }
 
 /// Writes `items` a statement's worth ([`MAX_BATCH`]) at a time, stopping at the first failure;
@@ -411,8 +463,6 @@ fn fail_all<T>(doing: &str, replies: impl ExactSizeIterator<Item = Reply<T>>, er
 fn row_for(rows: &Rows, id: &JobId) -> Option<Result<Job, StoreError>> {
     rows.get(id.as_str()).cloned().map(Job::try_from)
 }
-
-type EndingRequest = (JobId, EndRequest, Reply<Ended>);
 
 /// Ends distinct jobs the same way in one statement. The jobs it did not change had ended
 /// already or do not exist, which one more read on the same connection tells apart.
