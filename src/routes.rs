@@ -19,12 +19,12 @@ use actix_web::http::{StatusCode, header};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use crate::auth::{self, SESSION_COOKIE, Secrets};
+use crate::auth::{self, Secrets};
 use crate::domain::JobId;
 use crate::jobs::Jobs;
 use crate::limits::{DemoJobLimit, GuessThrottle, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
-use crate::sessions::{AdminSessions, Checked};
+use crate::sessions::AdminSessions;
 use error::{AppError, ErrorBody};
 use sse::SseSettings;
 
@@ -128,12 +128,6 @@ impl AppState {
     /// TLS (as a trusted proxy reports it).
     fn cookie_secure(&self, req: &HttpRequest) -> bool {
         self.public_https || self.is_tls(req)
-    }
-
-    /// The live admin session `req`'s cookie proves, if any, with the cookie renewed.
-    async fn admin_session(&self, req: &HttpRequest) -> Result<Option<Checked>, AppError> {
-        let cookie = req.cookie(SESSION_COOKIE);
-        Ok(self.sessions.check(cookie, self.cookie_secure(req)).await?)
     }
 }
 

@@ -12,61 +12,48 @@
 
 use std::time::Duration;
 
-use actix_web::cookie::Cookie;
-
-use crate::auth::{self, AdminSession, SESSION_MILLIS, Secrets};
+use crate::auth::{self, AdminSession, SESSION_MILLIS};
 use crate::domain::now_millis;
 use crate::store::{Store, StoreError};
 
-/// A session a request proved, and the renewed cookie its answer should carry.
-#[derive(Debug)]
-pub struct Checked {
-    pub session: AdminSession,
-    pub cookie: Cookie<'static>,
-}
-
-/// The admin session use cases; cheap to clone.
+/// The admin session use cases; cheap to clone. What a session looks like to a browser (its
+/// cookie) is the HTTP layer's to say, with [`crate::auth`]'s encryption.
 #[derive(Debug, Clone)]
 pub struct AdminSessions {
-    secrets: Secrets,
     store: Store,
     idle: Duration,
 }
 
 impl AdminSessions {
-    pub fn new(secrets: Secrets, store: Store, idle: Duration) -> Self {
-        Self {
-            secrets,
-            store,
-            idle,
-        }
+    pub fn new(store: Store, idle: Duration) -> Self {
+        Self { store, idle }
     }
 
-    /// Starts a session (the token was right): records it, returns its cookie.
-    pub async fn start(&self, secure: bool) -> Result<Cookie<'static>, StoreError> {
+    /// How long a session lives unused.
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    /// Starts a session (the token was right) and records it.
+    pub async fn start(&self) -> Result<AdminSession, StoreError> {
         let session = auth::new_session(now_millis());
         self.store
             .add_admin_session(&session.id, session.started + SESSION_MILLIS)
             .await?;
-        Ok(self.secrets.session_cookie(&session, secure, self.idle))
+        Ok(session)
     }
 
-    /// The live session `cookie` proves, if any, with its cookie renewed as of now.
+    /// `session`, as a request's cookie proved it, if it is still live, renewed as of now.
     pub async fn check(
         &self,
-        cookie: Option<Cookie<'static>>,
-        secure: bool,
-    ) -> Result<Option<Checked>, StoreError> {
+        mut session: AdminSession,
+    ) -> Result<Option<AdminSession>, StoreError> {
         let now = now_millis();
-        let Some(mut session) = self.secrets.session(cookie, now, self.idle) else {
-            return Ok(None);
-        };
         if !self.store.admin_session_live(&session.id, now).await? {
             return Ok(None);
         }
         session.last_used = now;
-        let cookie = self.secrets.session_cookie(&session, secure, self.idle);
-        Ok(Some(Checked { session, cookie }))
+        Ok(Some(session))
     }
 
     /// Ends `session` on every instance.

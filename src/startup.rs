@@ -64,156 +64,21 @@ pub struct Application {
 }
 
 impl Application {
+    /// Builds the state ([`wire`]), binds `config.addr` and puts a server on it ([`serve`]).
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        // Webhooks off: endings write nothing more than they ever did.
-        let unclaimed = config.webhook.as_ref().map(|webhook| webhook.unclaimed);
-        let store = Store::connect_with(
-            &config.database_url,
-            config.write_queue,
-            config.db_pool,
-            unclaimed,
-        )
-        .await?;
-        let token = match &config.api_token {
-            Some(token) => token.clone(),
-            None => {
-                let token = random_token();
-                log::warn!(
-                    "HANDOFF_API_TOKEN is not set; generated one for this run: {token} \
-                     (set HANDOFF_API_TOKEN to keep a token across restarts)"
-                );
-                token
-            }
-        };
-        let fanout = match &config.redis_url {
-            Some(url) => {
-                let key = match &config.fanout_key {
-                    Some(key) => FanoutKey::new(key.as_bytes()),
-                    None => FanoutKey::new(&fanout_secret(&token)),
-                };
-                Some(Fanout::new(url, &config.redis_channel, key)?)
-            }
-            None => None,
-        };
-        let open_files = limits::raise_open_file_limit();
-        let max_streams = config
-            .max_streams
-            .unwrap_or_else(|| limits::default_max_streams(open_files));
-        let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
-        let delivery = Delivery::new(Hub::new(), fanout, store.clone(), metrics.clone());
-        // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
-        delivery.spawn_fan_in(config.resync_interval, shutdown.clone());
-        let fan_out = match delivery.fanout() {
-            Some(fanout) => format!("Redis channel {}", fanout.channel()),
-            None => "off".into(),
-        };
-        if config.job_deadline > config.retention {
-            log::warn!(
-                "HANDOFF_JOB_DEADLINE_SECS is longer than HANDOFF_RETENTION_SECS: jobs get the \
-                 retention as their deadline"
-            );
-        }
-        let lifetimes = Lifetimes {
-            default_deadline: config.job_deadline,
-            retention: config.retention,
-        };
-        let webhooks = match &config.webhook {
-            Some(webhook) => Some(Sender::new(webhook, store.clone(), metrics.clone())?),
-            None => None,
-        };
-        let receipts = webhooks.as_ref().map(|_| Receipts::default());
-        let jobs = Jobs::new(
-            store.clone(),
-            delivery,
-            metrics.clone(),
-            lifetimes,
-            receipts,
-        );
-        let secrets = Secrets::new(&token);
-        let public_https = config
-            .public_url
-            .as_ref()
-            .is_some_and(|url| url.scheme() == "https");
-        let state = web::Data::from(Arc::new(AppState {
-            jobs: jobs.clone(),
-            metrics,
-            sessions: AdminSessions::new(secrets.clone(), store.clone(), config.admin_idle),
-            secrets,
-            public_https,
-            sse: SseSettings {
-                timeout: config.sse_timeout,
-                retry: config.sse_retry,
-                keep_alive: config.keep_alive,
-            },
-            limits: StreamLimits::new(max_streams, config.max_streams_per_client),
-            proxies: config.trusted_proxies.clone(),
-            token_guesses: GuessThrottle::default(),
-            untrusted_forwarding_warned: Default::default(),
-            demo: config.demo.then(DemoJobLimit::default),
-        }));
+        let Wired {
+            state,
+            webhooks,
+            summary,
+        } = wire(&config, &shutdown).await?;
         let listener = TcpListener::bind(config.addr)?;
-        let local = listener.local_addr()?;
-        let port = local.port();
-        let mut builder = Server::build()
-            .backlog(4096)
-            .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-            .disable_signals();
-        if let Some(workers) = config.workers {
-            builder = builder.workers(workers);
-        }
-        let draining = builder.graceful_shutdown_signal();
-        let server_state = state.clone();
-        let server = builder
-            .listen("handoff", listener, move || {
-                let app = App::new()
-                    .app_data(server_state.clone())
-                    .wrap(routes::explain_errors())
-                    .wrap(from_fn(deadlines::track))
-                    .wrap(security_headers());
-                let draining = draining.clone();
-                let http = HttpService::build()
-                    .keep_alive(KeepAlive::Timeout(deadlines::TIMING.keep_alive))
-                    // Heads are timed by `deadlines::Conn`, on every request, not only the first.
-                    .client_request_timeout(Duration::ZERO)
-                    .client_disconnect_timeout(Duration::from_secs(1))
-                    // A client that closes its side has gone (page A left, or nginx dropped the
-                    // browser's request): end its connection at once, and with it the stream and
-                    // its hub entry. This applies to every request: one whose client half-closes
-                    // before the answer gets none (browsers, EventSource, nginx and HTTP client
-                    // libraries never half-close).
-                    .h1_allow_half_closed(false)
-                    // On a graceful stop, idle keep-alive connections close at once instead of
-                    // holding the stop up (what actix-web's `HttpServer` does too).
-                    .graceful_shutdown_signal(move || {
-                        let draining = draining.clone();
-                        async move { draining.notified().await }
-                    })
-                    .local_addr(local)
-                    .on_connect_ext(|conn: &deadlines::Conn, data: &mut Extensions| {
-                        data.insert(conn.phase());
-                    })
-                    // No absolute URL is ever built, so the config's host and address (used
-                    // only for those) can stay at their defaults.
-                    .h1(map_config(app.configure(routes::configure), |_| {
-                        AppConfig::default()
-                    }));
-                fn_service(|io: TcpStream| {
-                    let peer = io.peer_addr().ok();
-                    std::future::ready(Ok((deadlines::Conn::new(io), peer)))
-                })
-                .and_then(http)
-            })?
-            .run();
-        let hooks = match &webhooks {
-            Some(sender) => format!("to {}", sender.host()),
-            None => "off".into(),
-        };
+        let port = listener.local_addr()?.port();
+        let jobs = state.jobs.clone();
+        let server = serve(listener, state, config.workers)?;
         log::info!(
-            "Handoff listening on http://{}:{port} (database: {}, fan-out: {fan_out}, \
-             webhooks: {hooks}, at most {max_streams} streams, open-file limit {open_files})",
-            config.addr.ip(),
-            store.kind()
+            "Handoff listening on http://{}:{port} ({summary})",
+            config.addr.ip()
         );
         Ok(Self {
             port,
@@ -253,6 +118,185 @@ impl Application {
         });
         self.server.await
     }
+}
+
+/// What the server serves, built and connected, before anything listens.
+struct Wired {
+    state: web::Data<AppState>,
+    /// With `HANDOFF_WEBHOOK_URL`: sends the outbox's webhooks.
+    webhooks: Option<Sender>,
+    /// What was built, for the start-up log line.
+    summary: String,
+}
+
+/// Builds the store, the Redis link, delivery, the use cases, the webhook sender and the state
+/// every handler shares. Delivery's fan-in starts here and ends with `shutdown`.
+async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, StartError> {
+    // Webhooks off: endings write nothing more than they ever did.
+    let unclaimed = config.webhook.as_ref().map(|webhook| webhook.unclaimed);
+    let store = Store::connect_with(
+        &config.database_url,
+        config.write_queue,
+        config.db_pool,
+        unclaimed,
+    )
+    .await?;
+    let token = api_token(config);
+    let fanout = match &config.redis_url {
+        Some(url) => {
+            let key = match &config.fanout_key {
+                Some(key) => FanoutKey::new(key.as_bytes()),
+                None => FanoutKey::new(&fanout_secret(&token)),
+            };
+            Some(Fanout::new(url, &config.redis_channel, key)?)
+        }
+        None => None,
+    };
+    let open_files = limits::raise_open_file_limit();
+    let max_streams = config
+        .max_streams
+        .unwrap_or_else(|| limits::default_max_streams(open_files));
+    let metrics = Metrics::new();
+    let delivery = Delivery::new(Hub::new(), fanout, store.clone(), metrics.clone());
+    // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
+    delivery.spawn_fan_in(config.resync_interval, shutdown.clone());
+    let fan_out = match delivery.fanout() {
+        Some(fanout) => format!("Redis channel {}", fanout.channel()),
+        None => "off".into(),
+    };
+    let webhooks = match &config.webhook {
+        Some(webhook) => Some(Sender::new(webhook, store.clone(), metrics.clone())?),
+        None => None,
+    };
+    let receipts = webhooks.as_ref().map(|_| Receipts::default());
+    let jobs = Jobs::new(
+        store.clone(),
+        delivery,
+        metrics.clone(),
+        lifetimes(config),
+        receipts,
+    );
+    let secrets = Secrets::new(&token);
+    let state = AppState {
+        jobs,
+        metrics,
+        sessions: AdminSessions::new(store.clone(), config.admin_idle),
+        secrets,
+        public_https: config
+            .public_url
+            .as_ref()
+            .is_some_and(|url| url.scheme() == "https"),
+        sse: SseSettings {
+            timeout: config.sse_timeout,
+            retry: config.sse_retry,
+            keep_alive: config.keep_alive,
+        },
+        limits: StreamLimits::new(max_streams, config.max_streams_per_client),
+        proxies: config.trusted_proxies.clone(),
+        token_guesses: GuessThrottle::default(),
+        untrusted_forwarding_warned: Default::default(),
+        demo: config.demo.then(DemoJobLimit::default),
+    };
+    let hooks = match &webhooks {
+        Some(sender) => format!("to {}", sender.host()),
+        None => "off".into(),
+    };
+    let summary = format!(
+        "database: {}, fan-out: {fan_out}, webhooks: {hooks}, at most {max_streams} streams, \
+         open-file limit {open_files}",
+        store.kind()
+    );
+    Ok(Wired {
+        state: web::Data::from(Arc::new(state)),
+        webhooks,
+        summary,
+    })
+}
+
+/// `HANDOFF_API_TOKEN`, or a random one for this run.
+fn api_token(config: &Config) -> String {
+    if let Some(token) = &config.api_token {
+        return token.clone();
+    }
+    let token = random_token();
+    log::warn!(
+        "HANDOFF_API_TOKEN is not set; generated one for this run: {token} \
+         (set HANDOFF_API_TOKEN to keep a token across restarts)"
+    );
+    token
+}
+
+/// The jobs' default deadline and retention.
+fn lifetimes(config: &Config) -> Lifetimes {
+    if config.job_deadline > config.retention {
+        log::warn!(
+            "HANDOFF_JOB_DEADLINE_SECS is longer than HANDOFF_RETENTION_SECS: jobs get the \
+             retention as their deadline"
+        );
+    }
+    Lifetimes {
+        default_deadline: config.job_deadline,
+        retention: config.retention,
+    }
+}
+
+/// The server on `listener`, serving `state` on `workers` threads (default: one per core); it
+/// runs once awaited.
+fn serve(
+    listener: TcpListener,
+    state: web::Data<AppState>,
+    workers: Option<usize>,
+) -> std::io::Result<Server> {
+    let local = listener.local_addr()?;
+    let mut builder = Server::build()
+        .backlog(4096)
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        .disable_signals();
+    if let Some(workers) = workers {
+        builder = builder.workers(workers);
+    }
+    let draining = builder.graceful_shutdown_signal();
+    Ok(builder
+        .listen("handoff", listener, move || {
+            let app = App::new()
+                .app_data(state.clone())
+                .wrap(routes::explain_errors())
+                .wrap(from_fn(deadlines::track))
+                .wrap(security_headers());
+            let draining = draining.clone();
+            let http = HttpService::build()
+                .keep_alive(KeepAlive::Timeout(deadlines::TIMING.keep_alive))
+                // Heads are timed by `deadlines::Conn`, on every request, not only the first.
+                .client_request_timeout(Duration::ZERO)
+                .client_disconnect_timeout(Duration::from_secs(1))
+                // A client that closes its side has gone (page A left, or nginx dropped the
+                // browser's request): end its connection at once, and with it the stream and
+                // its hub entry. This applies to every request: one whose client half-closes
+                // before the answer gets none (browsers, EventSource, nginx and HTTP client
+                // libraries never half-close).
+                .h1_allow_half_closed(false)
+                // On a graceful stop, idle keep-alive connections close at once instead of
+                // holding the stop up (what actix-web's `HttpServer` does too).
+                .graceful_shutdown_signal(move || {
+                    let draining = draining.clone();
+                    async move { draining.notified().await }
+                })
+                .local_addr(local)
+                .on_connect_ext(|conn: &deadlines::Conn, data: &mut Extensions| {
+                    data.insert(conn.phase());
+                })
+                // No absolute URL is ever built, so the config's host and address (used
+                // only for those) can stay at their defaults.
+                .h1(map_config(app.configure(routes::configure), |_| {
+                    AppConfig::default()
+                }));
+            fn_service(|io: TcpStream| {
+                let peer = io.peer_addr().ok();
+                std::future::ready(Ok((deadlines::Conn::new(io), peer)))
+            })
+            .and_then(http)
+        })?
+        .run())
 }
 
 /// Headers for every response: no inline script, no framing, no sniffing, no referrer leaks.

@@ -4,6 +4,7 @@
 //! session cookie (the idle timeout counts from the last admin request); logging out ends the
 //! session on every instance.
 
+use actix_web::cookie::Cookie;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
@@ -12,14 +13,41 @@ use serde::Deserialize;
 use super::error::{AppError, whole_secs};
 use super::pages::{PageError, html, see_other};
 use super::{AppState, job_id};
-use crate::auth::logout_cookie;
-use crate::sessions::Checked;
+use crate::auth::{AdminSession, SESSION_COOKIE, logout_cookie};
 use std::time::Duration;
 
-use crate::domain::{MoveUrl, rfc3339};
+use crate::domain::{MoveUrl, now_millis, rfc3339};
 use crate::jobs::Listed;
 
 const PAGE_SIZE: i64 = 20;
+
+/// A session a request proved, and the renewed cookie its answer should carry.
+struct Checked {
+    session: AdminSession,
+    cookie: Cookie<'static>,
+}
+
+/// The live admin session `req`'s cookie proves, if any, with the cookie renewed.
+async fn admin_session(state: &AppState, req: &HttpRequest) -> Result<Option<Checked>, AppError> {
+    let cookie = req.cookie(SESSION_COOKIE);
+    let idle = state.sessions.idle();
+    let Some(session) = state.secrets.session(cookie, now_millis(), idle) else {
+        return Ok(None);
+    };
+    let Some(session) = state.sessions.check(session).await? else {
+        return Ok(None);
+    };
+    let cookie = session_cookie(state, req, &session);
+    Ok(Some(Checked { session, cookie }))
+}
+
+/// The cookie that stands for `session` in the browser that sent `req`.
+fn session_cookie(state: &AppState, req: &HttpRequest, session: &AdminSession) -> Cookie<'static> {
+    let secure = state.cookie_secure(req);
+    state
+        .secrets
+        .session_cookie(session, secure, state.sessions.idle())
+}
 
 #[derive(Template)]
 #[template(path = "login.html")]
@@ -81,7 +109,7 @@ pub async fn page(
     query: web::Query<PageQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
-    let Some(Checked { session, cookie }) = state.admin_session(&req).await? else {
+    let Some(Checked { session, cookie }) = admin_session(&state, &req).await? else {
         return Ok(html(StatusCode::OK, &LoginPage { problem: None }));
     };
     let total = state.jobs.count().await.map_err(AppError::from)?;
@@ -125,7 +153,7 @@ pub async fn page(
 }
 
 /// `response` with `cookie` set.
-fn with_cookie(mut response: HttpResponse, cookie: &actix_web::cookie::Cookie<'_>) -> HttpResponse {
+fn with_cookie(mut response: HttpResponse, cookie: &Cookie<'_>) -> HttpResponse {
     // A cookie we built ourselves always encodes into a header.
     let _ = response.add_cookie(cookie);
     response
@@ -165,11 +193,8 @@ pub async fn login(
         ));
     }
     state.token_guesses.succeeded(client);
-    let cookie = state
-        .sessions
-        .start(state.cookie_secure(&req))
-        .await
-        .map_err(AppError::from)?;
+    let session = state.sessions.start().await.map_err(AppError::from)?;
+    let cookie = session_cookie(&state, &req, &session);
     Ok(with_cookie(see_other("/admin"), &cookie))
 }
 
@@ -216,8 +241,7 @@ async fn checked_session(
     state: &AppState,
     form: &AdminForm,
 ) -> Result<Checked, PageError> {
-    let checked = state
-        .admin_session(req)
+    let checked = admin_session(state, req)
         .await?
         .ok_or(AppError::Forbidden("not logged in: log in on /admin first"))?;
     if checked.session.csrf_matches(&form.csrf) {

@@ -48,9 +48,6 @@ pub enum AppError {
     /// 400: anything else wrong with the request; the text says what.
     #[error("{0}")]
     BadRequest(String),
-    /// 408: the request body was still arriving this long after its head; the connection closes.
-    #[error("the request body did not arrive within {} s", .0.as_secs())]
-    BodyTimeout(Duration),
     /// 413: the body is over [`BODY_LIMIT`].
     #[error("the request body is larger than the limit of {BODY_LIMIT} bytes")]
     PayloadTooLarge,
@@ -130,7 +127,6 @@ impl ResponseError for AppError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::JobNotFound | Self::DemoOff => StatusCode::NOT_FOUND,

@@ -29,10 +29,11 @@ use actix_http::BoxedPayloadStream;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
-use actix_web::http::ConnectionType;
+use actix_web::http::header::ContentType;
+use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::web::Bytes;
-use actix_web::{Error, ResponseError};
+use actix_web::{Error, HttpResponse};
 use futures_util::Stream;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -40,7 +41,6 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::SECURITY_HEADERS;
-use crate::routes::error::AppError;
 
 /// How long a client may take; see the module documentation.
 #[derive(Debug, Clone, Copy)]
@@ -226,10 +226,7 @@ impl AsyncWrite for Conn {
 /// The `408` for a late head, written straight to the socket: there is no request to answer
 /// through the app. It carries the security headers every other answer carries.
 fn request_timeout_answer() -> Vec<u8> {
-    let body = format!(
-        "{{\"error\":\"the request head did not arrive within {} s\"}}",
-        TIMING.head.as_secs()
-    );
+    let body = late_body("head", TIMING.head);
     let mut answer = format!(
         "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
          content-length: {}\r\nconnection: close\r\n",
@@ -241,6 +238,15 @@ fn request_timeout_answer() -> Vec<u8> {
     answer.push_str("\r\n");
     answer.push_str(&body);
     answer.into_bytes()
+}
+
+/// The JSON body of a `408`, in the shape of every error answer: which part of the request was
+/// late, and how long it may take.
+fn late_body(part: &str, limit: Duration) -> String {
+    format!(
+        "{{\"error\":\"the request {part} did not arrive within {} s\"}}",
+        limit.as_secs()
+    )
 }
 
 /// Middleware: marks the connection as serving while a request is handled and as waiting again
@@ -280,7 +286,9 @@ pub async fn track(
     };
     let res = if late.is_some_and(|late| late.get()) {
         // Whatever the handler made of the failed body, the client is told what happened.
-        let mut response = AppError::BodyTimeout(TIMING.body).error_response();
+        let mut response = HttpResponse::build(StatusCode::REQUEST_TIMEOUT)
+            .content_type(ContentType::json())
+            .body(late_body("body", TIMING.body));
         // The rest of the body may still come: it must not be read as the next request.
         response
             .head_mut()
