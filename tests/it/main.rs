@@ -5,6 +5,7 @@
 //! scripts/test.sh provides them all and runs with `--include-ignored`.
 
 mod admin;
+mod architecture;
 mod browser;
 mod cli;
 mod clients;
