@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Secrets, fanout_secret, random_token};
-use crate::config::Config;
+use crate::config::{Config, ExposeSecret};
 use crate::delivery::Delivery;
 use crate::fanout::{Fanout, FanoutKey};
 use crate::hub::Hub;
@@ -75,7 +75,7 @@ impl Application {
         )
         .await?;
         let token = match &config.api_token {
-            Some(token) => token.clone(),
+            Some(token) => token.expose_secret().to_owned(),
             None => {
                 let token = random_token();
                 log::warn!(
@@ -88,7 +88,7 @@ impl Application {
         let fanout = match &config.redis_url {
             Some(url) => {
                 let key = match &config.fanout_key {
-                    Some(key) => FanoutKey::new(key.as_bytes()),
+                    Some(key) => FanoutKey::new(key.expose_secret().as_bytes()),
                     None => FanoutKey::new(&fanout_secret(&token)),
                 };
                 Some(Fanout::new(url, &config.redis_channel, key)?)
