@@ -11,7 +11,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config::setting::{env_file, markdown_table};
+use crate::config::{self, Config};
 
 /// The server refused: a `4xx` or `5xx` answer.
 pub const EXIT_REFUSED: u8 = 1;
@@ -40,7 +41,19 @@ pub enum Command {
     Job(JobArgs),
     /// Check the environment as `serve` would and print the effective settings, secrets masked;
     /// exit 2 with the reason when a setting is invalid.
-    CheckConfig,
+    CheckConfig(CheckConfigArgs),
+}
+
+/// What `check-config` prints instead of checking, if anything.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// Print, instead, an env file (for systemd's EnvironmentFile=) naming every setting,
+    /// commented out at its default, under its meaning.
+    #[arg(long, conflicts_with = "markdown")]
+    pub env_file: bool,
+    /// Print, instead, the README's table of settings (Markdown).
+    #[arg(long)]
+    pub markdown: bool,
 }
 
 /// Where the job commands send their requests, and how they print the answer.
@@ -116,8 +129,18 @@ pub enum JobCommand {
     },
 }
 
-/// `handoff check-config`: the settings `serve` would run with, or why it would not start.
-pub fn check_config() -> ExitCode {
+/// `handoff check-config`: the settings `serve` would run with, or why it would not start; or,
+/// with an option, every setting's declaration as an env file or README's table.
+pub fn check_config(args: &CheckConfigArgs) -> ExitCode {
+    if args.env_file || args.markdown {
+        let print = if args.env_file {
+            env_file
+        } else {
+            markdown_table
+        };
+        print!("{}", print(config::all()));
+        return ExitCode::SUCCESS;
+    }
     match Config::from_env() {
         Ok(config) => {
             let settings = config.settings();

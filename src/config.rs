@@ -1,100 +1,24 @@
-//! Settings read from the environment, each with a working default.
+//! Settings read from the environment, each declared once below: its variable, its kind of value,
+//! its default and its meaning. The parser, `check-config`'s listing, the masking of secrets,
+//! README's settings table and the packaged env file all come from these declarations
+//! ([`setting`]).
 //!
 //! An invalid value stops start-up with a message that names the variable, so an operator never
 //! runs with a setting they did not mean.
 
+mod kinds;
+pub mod setting;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use secrecy::{ExposeSecret, SecretString};
+
+use self::kinds::Unit::{Millis, Secs};
+use self::kinds::{Between, Count, CountOrOff, Link, OnOff, Parsed, STRONG, Secret, With};
+pub use self::kinds::{MIN_TOKEN_DISTINCT_CHARS, MIN_TOKEN_LEN, SECRET_SET, origin_only};
+use self::setting::{Env, Setting, settings};
 use crate::limits::TrustedProxies;
-
-/// Everything Handoff can be told at start-up. Its `Debug` masks the secrets.
-#[derive(Clone)]
-pub struct Config {
-    /// `HANDOFF_ADDR`: where to listen.
-    pub addr: SocketAddr,
-    /// `DATABASE_URL`: `sqlite://…` (default) or `postgres://…`.
-    pub database_url: String,
-    /// `REDIS_URL`: when set, completions fan out to every instance over Redis Pub/Sub.
-    pub redis_url: Option<String>,
-    /// `HANDOFF_REDIS_CHANNEL`: the Pub/Sub channel the instances of one deployment share.
-    pub redis_channel: String,
-    /// `HANDOFF_API_TOKEN`: `None` means one is generated at start.
-    pub api_token: Option<String>,
-    /// `HANDOFF_SSE_TIMEOUT_SECS`: a stream ends cleanly after this long; the browser reconnects.
-    pub sse_timeout: Duration,
-    /// `HANDOFF_SSE_RETRY_MS`: the `retry:` the browser waits before reconnecting.
-    pub sse_retry: Duration,
-    /// `HANDOFF_KEEPALIVE_SECS`: interval of `:` comments on an idle stream.
-    pub keep_alive: Duration,
-    /// `HANDOFF_WORKERS`: actix worker threads (default: one per core).
-    pub workers: Option<usize>,
-    /// `HANDOFF_RESYNC_SECS`: with Redis, how often the watched jobs are re-read from the store
-    /// even while the link is up, for completions whose publish failed.
-    pub resync_interval: Duration,
-    /// `HANDOFF_MAX_STREAMS`: open streams beyond this get `503`; `None` means "from the
-    /// open-file limit" (see [`crate::limits::default_max_streams`]).
-    pub max_streams: Option<usize>,
-    /// `HANDOFF_MAX_STREAMS_PER_CLIENT`: open streams per client address (an IPv6 client is its
-    /// /64), [`DEFAULT_STREAMS_PER_CLIENT`] unless set; `off` (`None`) lifts the cap.
-    pub max_streams_per_client: Option<usize>,
-    /// `HANDOFF_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
-    pub trusted_proxies: TrustedProxies,
-    /// `HANDOFF_RETENTION_SECS`: jobs older than this are purged.
-    pub retention: Duration,
-    /// `HANDOFF_JOB_DEADLINE_SECS`: a job still pending this long after its creation expires,
-    /// unless its creator names another deadline.
-    pub job_deadline: Duration,
-    /// `HANDOFF_PUBLIC_URL`: where browsers reach this deployment, e.g. `https://example.com`.
-    /// When it is `https`, admin cookies are `Secure` whatever a proxy reports.
-    pub public_url: Option<url::Url>,
-    /// `HANDOFF_ADMIN_IDLE_SECS`: an admin session unused this long is over.
-    pub admin_idle: Duration,
-    /// `HANDOFF_DEMO` (`on` or `off`): whether the landing page's demo form creates jobs.
-    pub demo: bool,
-    /// `HANDOFF_WRITE_QUEUE`: how many job creations, and apart from them how many completions
-    /// and failures, may wait for the database at once; beyond it they get `503`.
-    pub write_queue: usize,
-    /// `HANDOFF_DB_POOL`: at most this many PostgreSQL connections per instance (SQLite ignores
-    /// it), so that a fleet fits the server's `max_connections`.
-    pub db_pool: u32,
-    /// `HANDOFF_FANOUT_KEY`: signs the messages between instances; `None`: a key derived from the
-    /// API token.
-    pub fanout_key: Option<String>,
-    /// `HANDOFF_WEBHOOK_URL` and its settings: when set, each job that ends is reported there.
-    pub webhook: Option<WebhookConfig>,
-}
-
-/// Where and how the delivery webhooks go (README, "Webhooks"). Its `Debug` masks the secret.
-#[derive(Clone)]
-pub struct WebhookConfig {
-    /// `HANDOFF_WEBHOOK_URL`: the one address webhooks are POSTed to, `http://` or `https://`.
-    pub url: url::Url,
-    /// `HANDOFF_WEBHOOK_SECRET`: the HMAC-SHA256 key of the `Handoff-Signature` header.
-    pub secret: String,
-    /// `HANDOFF_UNCLAIMED_SECS`: how long an ending waits for a stream before its webhook says
-    /// `unclaimed`.
-    pub unclaimed: Duration,
-    /// `HANDOFF_WEBHOOK_RETRY_MS`: the wait before the first retry; it doubles, up to an hour.
-    pub first_retry: Duration,
-    /// `HANDOFF_WEBHOOK_ATTEMPTS`: the most attempts per webhook.
-    pub attempts: u32,
-    /// `HANDOFF_WEBHOOK_MAX_AGE_SECS`: no attempt is made this long after the job ended.
-    pub max_age: Duration,
-}
-
-impl std::fmt::Debug for WebhookConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookConfig")
-            .field("url", &origin_only(self.url.as_str()))
-            .field("secret", &"(set, not shown)")
-            .field("unclaimed", &self.unclaimed)
-            .field("first_retry", &self.first_retry)
-            .field("attempts", &self.attempts)
-            .field("max_age", &self.max_age)
-            .finish()
-    }
-}
 
 /// `HANDOFF_DB_POOL`'s default: the read and write lanes hold one connection each, and the rest
 /// serve page loads, sessions and resyncs.
@@ -104,108 +28,133 @@ pub const DEFAULT_DB_POOL: u32 = 16;
 /// about a tenth of a second of SQLite's group-committed writes.
 pub const DEFAULT_WRITE_QUEUE: usize = 1024;
 
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map().entries(self.settings()).finish()
+/// `HANDOFF_MAX_STREAMS_PER_CLIENT`'s default: a browser needs at most 6 over HTTP/1.1 and one
+/// per tab over HTTP/2, so 64 leaves room for a household or a small office behind one address,
+/// while one address can no longer take every place on the server.
+pub const DEFAULT_STREAMS_PER_CLIENT: usize = 64;
+
+settings! {
+    /// Everything Handoff can be told at start-up. Its `Debug` is `check-config`'s listing.
+    #[derive(Clone)]
+    pub struct Config {
+        /// where to listen
+        pub addr: SocketAddr = HANDOFF_ADDR, Parsed, default "127.0.0.1:8080";
+        /// `sqlite://…` (folder and file are created) or `postgres://…`
+        pub database_url: String = DATABASE_URL, Link::DATABASE,
+            default "sqlite://data/handoff.db";
+        /// `redis://…`: fan completions out to every instance (see Scale-out)
+        pub redis_url: Option<String> = REDIS_URL, Link::REDIS, unset "unset";
+        /// the Pub/Sub channel the instances of one deployment share
+        pub redis_channel: String = HANDOFF_REDIS_CHANNEL, Parsed, default "handoff:completions";
+        /// bearer token for the API and the admin login; at least 16 characters, at least 8 of
+        /// them different (start-up refuses `aaaa…` or `1212…` and says why)
+        pub api_token: Option<SecretString> = HANDOFF_API_TOKEN, Secret {
+            advice: "; unset it to get a random one",
+            ..STRONG
+        }, unset "generated at start and logged";
+        /// a stream ends cleanly after this long; the browser reconnects
+        pub sse_timeout: Duration = HANDOFF_SSE_TIMEOUT_SECS, Secs, default "60";
+        /// the `retry:` the browser waits before reconnecting
+        pub sse_retry: Duration = HANDOFF_SSE_RETRY_MS, Millis, default "1000";
+        /// interval of `:` keep-alive comments on an idle stream
+        pub keep_alive: Duration = HANDOFF_KEEPALIVE_SECS, Secs, default "15";
+        /// HTTP worker threads
+        pub workers: Option<usize> = HANDOFF_WORKERS, Count, unset "one per core";
+        /// with `REDIS_URL`: how often each instance re-reads its watched jobs even while its
+        /// Redis link is up (see Scale-out)
+        pub resync_interval: Duration = HANDOFF_RESYNC_SECS, Secs, default "30";
+        /// open streams beyond it get `503` with `Retry-After` (see Limits and failure
+        /// behaviour)
+        pub max_streams: Option<usize> = HANDOFF_MAX_STREAMS, Count,
+            unset "open-file limit minus a fortieth";
+        /// open streams per client address (IPv6: per /64) beyond it get `429` with
+        /// `Retry-After`; a number raises or lowers it, `off` lifts it (only for tests and
+        /// benchmarks that open every stream from one address)
+        pub max_streams_per_client: Option<usize> = HANDOFF_MAX_STREAMS_PER_CLIENT,
+            CountOrOff, default "64";
+        /// where browsers reach the site, e.g. `https://example.com` (scheme and host only).
+        /// **The production setting**: when it is `https`, admin cookies are `Secure` whatever a
+        /// proxy reports
+        pub public_url: Option<url::Url> = HANDOFF_PUBLIC_URL, Link::ORIGIN, unset "unset";
+        /// an admin session unused this long is over (at most 8 hours after login, however
+        /// busy)
+        pub admin_idle: Duration = HANDOFF_ADMIN_IDLE_SECS, Secs, default "1800", "30 min";
+        /// IPs/CIDRs (e.g. `127.0.0.1`) whose `X-Forwarded-For` / `X-Forwarded-Proto` are
+        /// believed; **set it to nginx's address behind nginx** (Handoff logs one warning when
+        /// an untrusted peer sends these headers)
+        pub trusted_proxies: TrustedProxies = HANDOFF_TRUSTED_PROXIES,
+            With(TrustedProxies::parse), default "";
+        /// jobs older than this are purged; a purged job answers like an unknown one
+        pub retention: Duration = HANDOFF_RETENTION_SECS, Secs, default "604800", "7 days";
+        /// a job still pending this long after creation expires (unless it was created with its
+        /// own `deadlineSecs`)
+        pub job_deadline: Duration = HANDOFF_JOB_DEADLINE_SECS, Secs, default "3600";
+        /// `off`: the landing page's demo form is gone and `POST /jobs` answers `404`
+        /// (recommended in production, see Security)
+        pub demo: bool = HANDOFF_DEMO, OnOff, default "on";
+        /// job creations, and apart from them completions and failures, that may wait for the
+        /// database at once; beyond it `503` with `Retry-After`
+        pub write_queue: usize = HANDOFF_WRITE_QUEUE, Count, default "1024";
+        /// PostgreSQL connections per instance at most (SQLite ignores it); size it so that
+        /// every instance fits the server's `max_connections` (100 by default)
+        pub db_pool: u32 = HANDOFF_DB_POOL, Between(2, 1000), default "16";
+        /// with `REDIS_URL`: the secret (at least 32 characters, the same on every instance)
+        /// that signs the messages between instances; `REDIS_URL` with neither it nor
+        /// `HANDOFF_API_TOKEN` set stops start-up
+        pub fanout_key: Option<SecretString> = HANDOFF_FANOUT_KEY, Secret {
+            min_len: 32,
+            min_distinct: 0,
+            advice: " (e.g. `openssl rand -base64 32`); unset it to derive one from \
+                     HANDOFF_API_TOKEN",
+        }, unset "derived from `HANDOFF_API_TOKEN`";
+        group webhook: WebhookConfig when HANDOFF_WEBHOOK_URL else "unset: webhooks off";
     }
 }
 
-/// How a secret shows in [`Config::settings`]: whether it is set, never what it is.
-const SECRET_SET: &str = "(set, not shown)";
-
-impl Config {
-    /// Every setting as its variable and its effective value, in the variable's own units and
-    /// with defaults filled in, for an operator to read (`handoff check-config`). Secrets are
-    /// masked: tokens and keys entirely, passwords inside URLs.
-    pub fn settings(&self) -> Vec<(&'static str, String)> {
-        let secs = |d: Duration| d.as_secs().to_string();
-        let or = |value: Option<String>, otherwise: &str| value.unwrap_or_else(|| otherwise.into());
-        let mut settings = vec![
-            ("HANDOFF_ADDR", self.addr.to_string()),
-            ("DATABASE_URL", without_password(&self.database_url)),
-            (
-                "REDIS_URL",
-                or(self.redis_url.as_deref().map(without_password), "unset"),
-            ),
-            ("HANDOFF_REDIS_CHANNEL", self.redis_channel.clone()),
-            (
-                "HANDOFF_API_TOKEN",
-                or(
-                    self.api_token.as_ref().map(|_| SECRET_SET.into()),
-                    "unset: one is generated at start and logged",
-                ),
-            ),
-            ("HANDOFF_SSE_TIMEOUT_SECS", secs(self.sse_timeout)),
-            (
-                "HANDOFF_SSE_RETRY_MS",
-                self.sse_retry.as_millis().to_string(),
-            ),
-            ("HANDOFF_KEEPALIVE_SECS", secs(self.keep_alive)),
-            (
-                "HANDOFF_WORKERS",
-                or(self.workers.map(|n| n.to_string()), "one per core"),
-            ),
-            ("HANDOFF_RESYNC_SECS", secs(self.resync_interval)),
-            (
-                "HANDOFF_MAX_STREAMS",
-                or(
-                    self.max_streams.map(|n| n.to_string()),
-                    "from the open-file limit at start",
-                ),
-            ),
-            (
-                "HANDOFF_MAX_STREAMS_PER_CLIENT",
-                or(self.max_streams_per_client.map(|n| n.to_string()), "off"),
-            ),
-            ("HANDOFF_TRUSTED_PROXIES", self.trusted_proxies.to_string()),
-            ("HANDOFF_RETENTION_SECS", secs(self.retention)),
-            ("HANDOFF_JOB_DEADLINE_SECS", secs(self.job_deadline)),
-            (
-                "HANDOFF_PUBLIC_URL",
-                or(self.public_url.as_ref().map(ToString::to_string), "unset"),
-            ),
-            ("HANDOFF_ADMIN_IDLE_SECS", secs(self.admin_idle)),
-            ("HANDOFF_DEMO", if self.demo { "on" } else { "off" }.into()),
-            ("HANDOFF_WRITE_QUEUE", self.write_queue.to_string()),
-            ("HANDOFF_DB_POOL", self.db_pool.to_string()),
-            (
-                "HANDOFF_FANOUT_KEY",
-                or(
-                    self.fanout_key.as_ref().map(|_| SECRET_SET.into()),
-                    "derived from HANDOFF_API_TOKEN",
-                ),
-            ),
-        ];
-        let webhook = self.webhook.as_ref();
-        let off = || "unset: webhooks off".to_owned();
-        settings.extend([
-            (
-                "HANDOFF_WEBHOOK_URL",
-                webhook.map_or_else(off, |w| origin_only(w.url.as_str())),
-            ),
-            (
-                "HANDOFF_WEBHOOK_SECRET",
-                webhook.map_or_else(off, |_| SECRET_SET.into()),
-            ),
-            (
-                "HANDOFF_UNCLAIMED_SECS",
-                webhook.map_or_else(off, |w| secs(w.unclaimed)),
-            ),
-            (
-                "HANDOFF_WEBHOOK_RETRY_MS",
-                webhook.map_or_else(off, |w| w.first_retry.as_millis().to_string()),
-            ),
-            (
-                "HANDOFF_WEBHOOK_ATTEMPTS",
-                webhook.map_or_else(off, |w| w.attempts.to_string()),
-            ),
-            (
-                "HANDOFF_WEBHOOK_MAX_AGE_SECS",
-                webhook.map_or_else(off, |w| secs(w.max_age)),
-            ),
-        ]);
-        settings
+settings! {
+    /// Where and how the delivery webhooks go (README, "Webhooks").
+    #[derive(Clone)]
+    pub struct WebhookConfig {
+        /// `https://…` (or `http://…`): POST a signed webhook about every job that ends (see
+        /// Webhooks). Any other scheme stops start-up
+        pub url: url::Url = HANDOFF_WEBHOOK_URL, Link::WEBHOOK, required "unset",
+            "it switches webhooks on";
+        /// the HMAC-SHA256 key of `Handoff-Signature`, known to the receiver; the API token's
+        /// rule applies (at least 16 characters, at least 8 different)
+        pub secret: SecretString = HANDOFF_WEBHOOK_SECRET, STRONG,
+            required "none; required with `HANDOFF_WEBHOOK_URL`",
+            "HANDOFF_WEBHOOK_URL is set, so every webhook is signed: set HANDOFF_WEBHOOK_SECRET \
+             to a secret the receiver knows too (e.g. `openssl rand -hex 32`)";
+        /// how long an ending waits for a stream to take it before its webhook says `unclaimed`
+        pub unclaimed: Duration = HANDOFF_UNCLAIMED_SECS, Secs, default "60";
+        /// the wait before a failed webhook's first retry; it doubles at each attempt, up to an
+        /// hour
+        pub first_retry: Duration = HANDOFF_WEBHOOK_RETRY_MS, Millis, default "5000";
+        /// attempts per webhook before it is given up
+        pub attempts: u32 = HANDOFF_WEBHOOK_ATTEMPTS, Count, default "12";
+        /// no attempt is made this long after the job ended
+        pub max_age: Duration = HANDOFF_WEBHOOK_MAX_AGE_SECS, Secs, default "86400", "a day";
     }
+}
+
+/// `RUST_LOG`'s default.
+pub const LOG_FILTER: &str = "info";
+
+/// `RUST_LOG`: read by env_logger itself, not by [`Config`]; declared here so that the README
+/// and the env file name it with the others.
+pub const RUST_LOG: Setting = Setting {
+    var: "RUST_LOG",
+    default: Some(LOG_FILTER),
+    note: "",
+    meaning: &["log filter (env_logger); stream open/close are at `debug`"],
+};
+
+/// Every setting, in README's order.
+pub fn all() -> impl Iterator<Item = &'static Setting> {
+    Config::SETTINGS
+        .iter()
+        .chain(WebhookConfig::SETTINGS)
+        .chain([&RUST_LOG])
 }
 
 /// A variable that is set but unusable.
@@ -225,36 +174,10 @@ impl Config {
 
     /// Reads settings through `lookup`, so tests can supply their own environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |var: &'static str| lookup(var).filter(|v| !v.is_empty());
-        let addr = parse(&get, "HANDOFF_ADDR", "127.0.0.1:8080", |v| {
-            v.parse::<SocketAddr>().map_err(|e| e.to_string())
-        })?;
-        let database_url = get("DATABASE_URL").unwrap_or_else(|| "sqlite://data/handoff.db".into());
-        if !(database_url.starts_with("sqlite:")
-            || database_url.starts_with("postgres:")
-            || database_url.starts_with("postgresql:"))
-        {
+        let config = Self::read(&Env(&lookup))?;
+        if config.redis_url.is_some() && config.api_token.is_none() && config.fanout_key.is_none() {
             return Err(ConfigError {
-                var: "DATABASE_URL",
-                value: without_password(&database_url),
-                reason: "expected a sqlite://… or postgres://… URL".into(),
-            });
-        }
-        let redis_url = get("REDIS_URL");
-        if let Some(url) = &redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-        {
-            return Err(ConfigError {
-                var: "REDIS_URL",
-                value: without_password(url),
-                reason: "expected a redis://… URL".into(),
-            });
-        }
-        let api_token = api_token(&get)?;
-        let fanout_key = fanout_key(&get)?;
-        if redis_url.is_some() && api_token.is_none() && fanout_key.is_none() {
-            return Err(ConfigError {
-                var: "HANDOFF_FANOUT_KEY",
+                var: HANDOFF_FANOUT_KEY.var,
                 value: String::new(),
                 reason: "REDIS_URL is set, so instances sign the messages between them: set \
                          HANDOFF_FANOUT_KEY, or HANDOFF_API_TOKEN, to the same secret on every \
@@ -262,336 +185,21 @@ impl Config {
                     .into(),
             });
         }
-        Ok(Self {
-            addr,
-            database_url,
-            redis_url,
-            redis_channel: get("HANDOFF_REDIS_CHANNEL")
-                .unwrap_or_else(|| "handoff:completions".into()),
-            api_token,
-            sse_timeout: Duration::from_secs(positive(&get, "HANDOFF_SSE_TIMEOUT_SECS", 60)?),
-            sse_retry: Duration::from_millis(positive(&get, "HANDOFF_SSE_RETRY_MS", 1000)?),
-            keep_alive: Duration::from_secs(positive(&get, "HANDOFF_KEEPALIVE_SECS", 15)?),
-            resync_interval: Duration::from_secs(positive(&get, "HANDOFF_RESYNC_SECS", 30)?),
-            workers: optional(&get, "HANDOFF_WORKERS")?,
-            max_streams: optional(&get, "HANDOFF_MAX_STREAMS")?,
-            max_streams_per_client: streams_per_client(&get)?,
-            trusted_proxies: parse(&get, "HANDOFF_TRUSTED_PROXIES", "", TrustedProxies::parse)?,
-            retention: Duration::from_secs(positive(
-                &get,
-                "HANDOFF_RETENTION_SECS",
-                7 * 24 * 60 * 60,
-            )?),
-            job_deadline: Duration::from_secs(positive(&get, "HANDOFF_JOB_DEADLINE_SECS", 3600)?),
-            public_url: get("HANDOFF_PUBLIC_URL")
-                .map(|raw| {
-                    public_url(&raw).map_err(|reason| ConfigError {
-                        var: "HANDOFF_PUBLIC_URL",
-                        value: without_password(&raw),
-                        reason,
-                    })
-                })
-                .transpose()?,
-            admin_idle: Duration::from_secs(positive(&get, "HANDOFF_ADMIN_IDLE_SECS", 30 * 60)?),
-            demo: parse(&get, "HANDOFF_DEMO", "on", |v| match v {
-                "on" => Ok(true),
-                "off" => Ok(false),
-                _ => Err("expected on or off".into()),
-            })?,
-            write_queue: usize::try_from(positive(
-                &get,
-                "HANDOFF_WRITE_QUEUE",
-                DEFAULT_WRITE_QUEUE as u64,
-            )?)
-            .unwrap_or(usize::MAX),
-            db_pool: parse(
-                &get,
-                "HANDOFF_DB_POOL",
-                &DEFAULT_DB_POOL.to_string(),
-                |v| match v.parse::<u32>() {
-                    Ok(n) if (2..=1000).contains(&n) => Ok(n),
-                    _ => Err("expected a whole number from 2 to 1000".into()),
-                },
-            )?,
-            fanout_key,
-            webhook: webhook(&get)?,
-        })
-    }
-}
-
-/// The webhook settings, when `HANDOFF_WEBHOOK_URL` is set; each of the others is refused
-/// without it, so that none is set in the belief that it does something.
-fn webhook(
-    get: &impl Fn(&'static str) -> Option<String>,
-) -> Result<Option<WebhookConfig>, ConfigError> {
-    const URL: &str = "HANDOFF_WEBHOOK_URL";
-    let Some(raw) = get(URL) else {
-        for var in [
-            "HANDOFF_WEBHOOK_SECRET",
-            "HANDOFF_UNCLAIMED_SECS",
-            "HANDOFF_WEBHOOK_RETRY_MS",
-            "HANDOFF_WEBHOOK_ATTEMPTS",
-            "HANDOFF_WEBHOOK_MAX_AGE_SECS",
-        ] {
-            if get(var).is_some() {
-                return Err(ConfigError {
-                    var,
-                    value: "(not shown)".into(),
-                    reason: format!("it only applies with {URL}, which is not set"),
-                });
-            }
+        // An unclaimed webhook falls due `unclaimed` after the ending; past `max_age` none is sent.
+        if let Some(hook) = &config.webhook
+            && hook.max_age <= hook.unclaimed
+        {
+            return Err(ConfigError {
+                var: HANDOFF_WEBHOOK_MAX_AGE_SECS.var,
+                value: hook.max_age.as_secs().to_string(),
+                reason: format!(
+                    "must be longer than HANDOFF_UNCLAIMED_SECS ({} s), or no unclaimed webhook \
+                     is ever sent",
+                    hook.unclaimed.as_secs()
+                ),
+            });
         }
-        return Ok(None);
-    };
-    let url = webhook_url(&raw).map_err(|reason| ConfigError {
-        var: URL,
-        value: origin_only(&raw),
-        reason,
-    })?;
-    let Some(secret) = strong_secret(get, "HANDOFF_WEBHOOK_SECRET", "")? else {
-        return Err(ConfigError {
-            var: "HANDOFF_WEBHOOK_SECRET",
-            value: String::new(),
-            reason: format!(
-                "{URL} is set, so every webhook is signed: set HANDOFF_WEBHOOK_SECRET to a secret \
-                 the receiver knows too (e.g. `openssl rand -hex 32`)"
-            ),
-        });
-    };
-    let unclaimed = Duration::from_secs(positive(get, "HANDOFF_UNCLAIMED_SECS", 60)?);
-    let max_age = Duration::from_secs(positive(get, "HANDOFF_WEBHOOK_MAX_AGE_SECS", 24 * 60 * 60)?);
-    // An unclaimed webhook falls due `unclaimed` after the ending; past `max_age` none is sent.
-    if max_age <= unclaimed {
-        return Err(ConfigError {
-            var: "HANDOFF_WEBHOOK_MAX_AGE_SECS",
-            value: max_age.as_secs().to_string(),
-            reason: format!(
-                "must be longer than HANDOFF_UNCLAIMED_SECS ({} s), or no unclaimed webhook is \
-                 ever sent",
-                unclaimed.as_secs()
-            ),
-        });
-    }
-    Ok(Some(WebhookConfig {
-        url,
-        secret,
-        unclaimed,
-        first_retry: Duration::from_millis(positive(get, "HANDOFF_WEBHOOK_RETRY_MS", 5000)?),
-        attempts: u32::try_from(positive(get, "HANDOFF_WEBHOOK_ATTEMPTS", 12)?).unwrap_or(u32::MAX),
-        max_age,
-    }))
-}
-
-/// `HANDOFF_WEBHOOK_URL`: an `http://` or `https://` URL with a host; the path and query are
-/// the receiver's business.
-fn webhook_url(raw: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(raw).map_err(|e| format!("expected an https:// URL: {e}"))?;
-    if !matches!(url.scheme(), "https" | "http") {
-        return Err(format!(
-            "expected an https:// (or http://) URL, not {}://: webhooks are HTTP POSTs",
-            url.scheme()
-        ));
-    }
-    if !url.has_host() {
-        return Err("expected a host in it, e.g. https://app.example.com/hooks/handoff".into());
-    }
-    if url.fragment().is_some() {
-        return Err("expected no #fragment: it is never sent".into());
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(
-            "expected no user name or password in it: they would never be sent; sign-in is the \
-             Handoff-Signature header"
-                .into(),
-        );
-    }
-    Ok(url)
-}
-
-/// A webhook URL as logs and listings show it: its scheme, host and port. Its path or query may
-/// be the receiver's own secret (many receivers put a token there).
-pub fn origin_only(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(url) if url.has_host() => {
-            let path = if url.path() == "/" && url.query().is_none() {
-                ""
-            } else {
-                "/…"
-            };
-            format!("{}{path}", url.origin().ascii_serialization())
-        }
-        _ => "(not shown)".into(),
-    }
-}
-
-fn parse<T>(
-    get: &impl Fn(&'static str) -> Option<String>,
-    var: &'static str,
-    default: &str,
-    parse: impl Fn(&str) -> Result<T, String>,
-) -> Result<T, ConfigError> {
-    let value = get(var).unwrap_or_else(|| default.to_owned());
-    parse(&value).map_err(|reason| ConfigError { var, value, reason })
-}
-
-/// `HANDOFF_PUBLIC_URL`: the scheme and host browsers use, nothing more.
-fn public_url(raw: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(raw).map_err(|e| format!("expected https://host: {e}"))?;
-    if !matches!(url.scheme(), "https" | "http") || !url.has_host() {
-        return Err("expected https://host (or http://host)".into());
-    }
-    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-        return Err("expected the site's origin alone, e.g. https://example.com".into());
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("expected no user name or password in it".into());
-    }
-    Ok(url)
-}
-
-/// A rejected URL as an error message may show it: with its password, in the user part or as a
-/// `password=` query parameter, masked; not at all when it has no `scheme://host` to go by and
-/// might hold one.
-fn without_password(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) if url.has_host() => {
-            if url.password().is_some() {
-                // Fails only for URLs that cannot carry a password, and this one has one.
-                let _ = url.set_password(Some("***"));
-            }
-            let is_password = |key: &str| key.eq_ignore_ascii_case("password");
-            if url.query_pairs().any(|(key, _)| is_password(&key)) {
-                let pairs: Vec<(String, String)> = url
-                    .query_pairs()
-                    .map(|(key, value)| {
-                        let value = if is_password(&key) {
-                            "***".into()
-                        } else {
-                            value
-                        };
-                        (key.into_owned(), value.into_owned())
-                    })
-                    .collect();
-                url.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            url.to_string()
-        }
-        // A path, say: shown as given.
-        _ if !raw.contains('@') && !raw.to_ascii_lowercase().contains("password") => raw.to_owned(),
-        _ => "(not shown: it may hold a password)".into(),
-    }
-}
-
-/// The shortest API token accepted: the token is all that guards completions and the admin page,
-/// and a short one can be guessed from many addresses faster than any throttle slows it.
-pub const MIN_TOKEN_LEN: usize = 16;
-/// The fewest different characters an API token must have. Length alone lets through tokens
-/// such as `aaaaaaaaaaaaaaaa` or `1212121212121212`, which are among the first an attacker tries.
-pub const MIN_TOKEN_DISTINCT_CHARS: usize = 8;
-
-fn api_token(get: &impl Fn(&'static str) -> Option<String>) -> Result<Option<String>, ConfigError> {
-    strong_secret(get, "HANDOFF_API_TOKEN", "; unset it to get a random one")
-}
-
-/// A secret that must not be guessable: at least [`MIN_TOKEN_LEN`] characters of which at least
-/// [`MIN_TOKEN_DISTINCT_CHARS`] differ. `hint` ends the refusal.
-fn strong_secret(
-    get: &impl Fn(&'static str) -> Option<String>,
-    var: &'static str,
-    hint: &str,
-) -> Result<Option<String>, ConfigError> {
-    let Some(token) = get(var) else {
-        return Ok(None);
-    };
-    let weakness = if token.chars().count() < MIN_TOKEN_LEN {
-        format!("must be at least {MIN_TOKEN_LEN} characters")
-    } else if distinct_chars(&token) < MIN_TOKEN_DISTINCT_CHARS {
-        format!(
-            "is too easy to guess: it must use at least {MIN_TOKEN_DISTINCT_CHARS} different \
-             characters, not a few repeated"
-        )
-    } else {
-        return Ok(Some(token));
-    };
-    Err(ConfigError {
-        var,
-        // Never echo a secret, not even a rejected one.
-        value: "(not shown)".into(),
-        reason: format!("{weakness}{hint}"),
-    })
-}
-
-fn distinct_chars(s: &str) -> usize {
-    s.chars().collect::<std::collections::HashSet<_>>().len()
-}
-
-/// The default cap on streams per client address: a browser needs at most 6 over HTTP/1.1 and one
-/// per tab over HTTP/2, so 64 leaves room for a household or a small office behind one address,
-/// while one address can no longer take every place on the server.
-pub const DEFAULT_STREAMS_PER_CLIENT: usize = 64;
-
-/// `HANDOFF_MAX_STREAMS_PER_CLIENT`: a positive count, or `off` for no per-client cap.
-fn streams_per_client(
-    get: &impl Fn(&'static str) -> Option<String>,
-) -> Result<Option<usize>, ConfigError> {
-    const VAR: &str = "HANDOFF_MAX_STREAMS_PER_CLIENT";
-    match get(VAR) {
-        None => Ok(Some(DEFAULT_STREAMS_PER_CLIENT)),
-        Some(v) if v.eq_ignore_ascii_case("off") => Ok(None),
-        Some(_) => optional(get, VAR).map_err(|mut err| {
-            err.reason = format!("{}, or off for no per-client cap", err.reason);
-            err
-        }),
-    }
-}
-
-/// The shortest fan-out key accepted: like the token, it must not be guessable.
-const MIN_FANOUT_KEY_LEN: usize = 32;
-
-fn fanout_key(
-    get: &impl Fn(&'static str) -> Option<String>,
-) -> Result<Option<String>, ConfigError> {
-    match get("HANDOFF_FANOUT_KEY") {
-        Some(key) if key.chars().count() < MIN_FANOUT_KEY_LEN => Err(ConfigError {
-            var: "HANDOFF_FANOUT_KEY",
-            value: "(not shown)".into(),
-            reason: format!(
-                "must be at least {MIN_FANOUT_KEY_LEN} characters (e.g. `openssl rand -base64 32`); \
-                 unset it to derive one from HANDOFF_API_TOKEN"
-            ),
-        }),
-        key => Ok(key),
-    }
-}
-
-/// The largest number any setting takes (about 31 years in seconds).
-const MAX_SETTING: u64 = 1_000_000_000;
-
-fn positive(
-    get: &impl Fn(&'static str) -> Option<String>,
-    var: &'static str,
-    default: u64,
-) -> Result<u64, ConfigError> {
-    parse(get, var, &default.to_string(), |v| match v.parse::<u64>() {
-        Ok(0) => Err("must be at least 1".into()),
-        // Far beyond any sensible setting, and small enough that adding it (as seconds) to a
-        // clock reading can never overflow.
-        Ok(n) if n > MAX_SETTING => Err(format!("must be at most {MAX_SETTING}")),
-        Ok(n) => Ok(n),
-        Err(_) => Err("expected a whole number".into()),
-    })
-}
-
-/// A positive count that has no default: unset means "none".
-fn optional(
-    get: &impl Fn(&'static str) -> Option<String>,
-    var: &'static str,
-) -> Result<Option<usize>, ConfigError> {
-    match get(var) {
-        None => Ok(None),
-        Some(_) => Ok(Some(
-            usize::try_from(positive(get, var, 1)?).unwrap_or(usize::MAX),
-        )),
+        Ok(config)
     }
 }
 
@@ -699,6 +307,7 @@ mod tests {
     fn the_per_client_stream_cap_is_64_unless_raised_or_turned_off() {
         let cap = |v: &str| with(&[("HANDOFF_MAX_STREAMS_PER_CLIENT", v)]);
         assert_eq!(cap("").unwrap().max_streams_per_client, Some(64));
+        assert_eq!(DEFAULT_STREAMS_PER_CLIENT, 64);
         assert_eq!(cap("500").unwrap().max_streams_per_client, Some(500));
         assert_eq!(cap("off").unwrap().max_streams_per_client, None);
         assert_eq!(cap("OFF").unwrap().max_streams_per_client, None);
@@ -721,7 +330,8 @@ mod tests {
         }
         let fine = "abcdefgh12345678";
         let config = with(&[("HANDOFF_API_TOKEN", fine)]).unwrap();
-        assert_eq!(config.api_token.as_deref(), Some(fine));
+        let token = config.api_token.as_ref().map(ExposeSecret::expose_secret);
+        assert_eq!(token, Some(fine));
     }
 
     #[test]
@@ -824,13 +434,73 @@ mod tests {
 
     #[test]
     fn a_fanout_key_must_be_long_and_is_never_shown() {
-        assert_eq!(with(&[]).unwrap().fanout_key, None);
+        assert!(with(&[]).unwrap().fanout_key.is_none());
         let err = with(&[("HANDOFF_FANOUT_KEY", "too-short-a-key")]).unwrap_err();
         assert_eq!(err.var, "HANDOFF_FANOUT_KEY");
         assert!(!err.to_string().contains("too-short-a-key"), "{err}");
         let key = "a-fanout-key-of-at-least-32-characters";
         let c = with(&[("HANDOFF_FANOUT_KEY", key)]).unwrap();
         assert!(!format!("{c:?}").contains(key), "{c:?}");
+    }
+
+    #[test]
+    fn the_readme_settings_table_is_the_declaration() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("| variable | default | meaning |")
+            .expect("README.md has a settings table");
+        let end = readme[start..]
+            .find("\n\n")
+            .map_or(readme.len(), |n| start + n + 1);
+        let declared = setting::markdown_table(all());
+        assert!(
+            readme[start..end] == declared,
+            "README.md's settings table differs from the declarations in src/config.rs; \
+             `handoff check-config --markdown` prints it as it should read:\n\n{declared}"
+        );
+    }
+
+    #[test]
+    fn the_env_file_names_every_setting_at_its_default_under_its_meaning() {
+        let file = setting::env_file(all());
+        for setting in all() {
+            let assignment = format!("\n#{}={}\n", setting.var, setting.default.unwrap_or(""));
+            let at = file
+                .find(&assignment)
+                .unwrap_or_else(|| panic!("{assignment}: {file}"));
+            let block = &file[file[..at].rfind("\n\n").expect("a blank line before")..=at];
+            assert!(block.contains(&format!("# {}: ", setting.var)), "{block}");
+            let default = format!("# Default: {}\n", setting.default_column());
+            assert!(block.contains(&default), "{block}");
+        }
+        assert!(file.contains("\n#HANDOFF_ADMIN_IDLE_SECS=1800\n"), "{file}");
+        assert!(file.contains("# Default: `1800` (30 min)\n"), "{file}");
+        assert!(file.contains("\n#HANDOFF_API_TOKEN=\n"), "{file}");
+        assert!(
+            file.lines()
+                .all(|line| line.len() <= 100 || !line.contains(' '))
+        );
+        assert!(
+            file.lines()
+                .all(|line| line.is_empty() || line.starts_with('#')),
+            "nothing is set, every line is a comment: {file}"
+        );
+        // Every default, read back, is a valid configuration: the file changes nothing.
+        let defaults: Vec<(String, String)> = file
+            .lines()
+            .filter_map(|line| line.strip_prefix('#')?.split_once('='))
+            .map(|(var, value)| (var.to_owned(), value.to_owned()))
+            // Webhook settings apply only with HANDOFF_WEBHOOK_URL, which has no default.
+            .filter(|(var, _)| WebhookConfig::SETTINGS.iter().all(|s| s.var != var))
+            .collect();
+        let read = Config::from_lookup(|name| {
+            defaults
+                .iter()
+                .find(|(var, _)| var == name)
+                .map(|(_, value)| value.clone())
+        })
+        .unwrap();
+        assert_eq!(format!("{read:?}"), format!("{:?}", with(&[]).unwrap()));
     }
 
     const HOOK: (&str, &str) = ("HANDOFF_WEBHOOK_URL", "https://app.example.com/hooks?x=1");

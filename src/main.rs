@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use handoff::cli::{self, Cli, Command};
-use handoff::config::Config;
+use handoff::config::{self, Config};
 use handoff::startup::Application;
 
 #[global_allocator]
@@ -15,12 +15,13 @@ fn main() -> ExitCode {
     match Cli::parse().command.unwrap_or(Command::Serve) {
         Command::Serve => serve(),
         Command::Job(args) => cli::job::run(args),
-        Command::CheckConfig => cli::check_config(),
+        Command::CheckConfig(args) => cli::check_config(&args),
     }
 }
 
 fn serve() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(config::LOG_FILTER))
+        .init();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {

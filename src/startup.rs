@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Secrets, fanout_secret, random_token};
-use crate::config::Config;
+use crate::config::{Config, ExposeSecret};
 use crate::delivery::Delivery;
 use crate::fanout::{Fanout, FanoutKey};
 use crate::hub::Hub;
@@ -145,7 +145,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
     let fanout = match &config.redis_url {
         Some(url) => {
             let key = match &config.fanout_key {
-                Some(key) => FanoutKey::new(key.as_bytes()),
+                Some(key) => FanoutKey::new(key.expose_secret().as_bytes()),
                 None => FanoutKey::new(&fanout_secret(&token)),
             };
             Some(Fanout::new(url, &config.redis_channel, key)?)
@@ -216,7 +216,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
 /// `HANDOFF_API_TOKEN`, or a random one for this run.
 fn api_token(config: &Config) -> String {
     if let Some(token) = &config.api_token {
-        return token.clone();
+        return token.expose_secret().to_owned();
     }
     let token = random_token();
     log::warn!(

@@ -32,7 +32,7 @@ use hyper_util::rt::TokioExecutor;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WebhookConfig;
+use crate::config::{ExposeSecret, WebhookConfig};
 use crate::domain::{JobId, millis, now_millis, rfc3339};
 use crate::metrics::Metrics;
 use crate::store::{DueWebhook, Settled, Store};
@@ -257,7 +257,7 @@ impl Sender {
             client: http_client(&config.url)?,
             uri: config.url.as_str().parse().map_err(WebhookError::Url)?,
             host: config.url.host_str().unwrap_or_default().into(),
-            key: WebhookKey::new(config.secret.as_bytes()),
+            key: WebhookKey::new(config.secret.expose_secret().as_bytes()),
             first_retry: config.first_retry,
             attempts: i64::from(config.attempts),
             max_age: millis(config.max_age),

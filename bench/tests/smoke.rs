@@ -25,7 +25,7 @@ impl TestApp {
         let mut config = Config::from_lookup(|_| None).expect("defaults are valid");
         config.addr = "127.0.0.1:0".parse().expect("valid address");
         config.database_url = format!("sqlite://{}/handoff.db", dir.path().display());
-        config.api_token = Some(TOKEN.to_owned());
+        config.api_token = Some(TOKEN.into());
         config.workers = Some(2);
         let app = Application::build(config).await.expect("the app builds");
         let base = format!("http://127.0.0.1:{}", app.port());

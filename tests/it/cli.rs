@@ -291,6 +291,45 @@ async fn check_config_lists_the_settings_with_secrets_masked_and_refuses_a_weak_
 }
 
 #[tokio::test]
+async fn check_config_prints_the_readme_table_and_an_env_file_naming_every_setting() {
+    let table = handoff(&[], &["check-config", "--markdown"]).await;
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(
+        include_str!("../../README.md").contains(&table.stdout),
+        "README.md's settings table is not this:\n{}",
+        table.stdout
+    );
+    // The env file is the declarations', whatever the environment holds, even an invalid value.
+    let env = handoff(
+        &[("HANDOFF_SSE_TIMEOUT_SECS", "soon")],
+        &["check-config", "--env-file"],
+    )
+    .await;
+    assert_eq!(env.code, 0, "{env:?}");
+    let variables: Vec<&str> = table
+        .stdout
+        .lines()
+        .skip(2)
+        .filter_map(|row| row.split('`').nth(1))
+        .collect();
+    assert!(variables.len() > 20, "{variables:?}");
+    for var in variables {
+        assert!(
+            env.stdout.contains(&format!("\n# {var}: ")),
+            "{var}: {env:?}"
+        );
+        assert!(env.stdout.contains(&format!("\n#{var}=")), "{var}: {env:?}");
+    }
+    assert!(
+        env.stdout.contains("\n#HANDOFF_SSE_TIMEOUT_SECS=60\n"),
+        "{env:?}"
+    );
+    handoff(&[], &["check-config", "--env-file", "--markdown"])
+        .await
+        .failed(2, "cannot be used with");
+}
+
+#[tokio::test]
 async fn every_command_has_help() {
     for command in [
         &[][..],

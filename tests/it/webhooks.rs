@@ -189,7 +189,7 @@ async fn serve(
 fn webhook_config(receiver: &Receiver, unclaimed_secs: u64) -> WebhookConfig {
     WebhookConfig {
         url: receiver.url.parse().expect("the receiver's URL"),
-        secret: SECRET.to_owned(),
+        secret: SECRET.into(),
         unclaimed: Duration::from_secs(unclaimed_secs),
         first_retry: Duration::from_millis(200),
         attempts: 5,

@@ -137,7 +137,7 @@ pub fn test_config(database_url: &str) -> Config {
     let mut config = Config::from_lookup(|_| None).expect("defaults are valid");
     config.addr = "127.0.0.1:0".parse().expect("valid address");
     config.database_url = database_url.to_owned();
-    config.api_token = Some(TOKEN.to_owned());
+    config.api_token = Some(TOKEN.into());
     config.workers = Some(2);
     config
 }
