@@ -1,28 +1,67 @@
-// Handoff client for page A. Include it on any page that has an element
+// Handoff client for page A. Include it with <script src="/static/handoff.js" defer></script> on
+// any page that has an element
 //   <div data-handoff-job="JOB_ID"> … <p data-handoff-status></p> … </div>
 // and, optionally, a <progress data-handoff-progress> bar and a <p data-handoff-message>.
 // The tabs of a browser share one stream, /sse/watch?ids=…, held by a leader tab (see share());
 // alone, a tab listens on /sse/connect/JOB_ID. `event: progress` moves the bar; `event: result`
 // with status `result`, `failed` or `expired` moves the tab to data.moveUrl. Without EventSource
-// it polls /api/jobs/JOB_ID every 2 s. No inline script needed.
-(function () {
+// it polls /api/jobs/JOB_ID. No inline script needed.
+//
+// The server's limits come from the page, where Handoff renders them from its own constants:
+// data-handoff-max-watched (jobs per shared stream) and data-handoff-poll-ms (the polling
+// interval). A page without the first does not share a stream; one without the second checks
+// the API once instead of polling.
+(() => {
   'use strict';
 
-  var root = document.querySelector('[data-handoff-job]');
+  // The whole protocol between the tabs of one browser, on the BroadcastChannel `handoff`. The
+  // values never change, so that a tab still running an older copy of this script understands.
+  const Msg = Object.freeze({
+    HELLO: 'hello', //   {tab, id}: tab `tab` waits for job `id` (on arrival, and answering WHO)
+    BYE: 'bye', //       {tab}: tab `tab` needs no more events (its job ended, or it is going)
+    WHO: 'who', //       {}: a new leader asks every tab for its job
+    EVENT: 'event', //   {name, data}: the leader passes on one event of its stream, as received
+    LEADER: 'leader', // {tab}: the leader's heartbeat (heartbeat election)
+    LEADS: 'leads?', //  {}: is there a leader? (heartbeat election)
+    RESIGN: 'resign', // {tab}: the leader steps down (heartbeat election)
+  });
+
+  // The client's own pacing, which the server does not know: a refused stream is tried again
+  // after RETRY_MS, doubling up to RETRY_MAX_MS; the leader gathers arrivals for REOPEN_MS
+  // before it reopens its streams.
+  const RETRY_MS = 3000;
+  const RETRY_MAX_MS = 30000;
+  const REOPEN_MS = 150;
+  const JOB_ID = /^[A-Za-z0-9_-]{22}$/;
+
+  const root = document.querySelector('[data-handoff-job]');
   if (!root) return;
-  var id = encodeURIComponent(root.getAttribute('data-handoff-job'));
-  var streamUrl = root.getAttribute('data-handoff-stream') || '/sse/connect/' + id;
-  var apiUrl = root.getAttribute('data-handoff-api') || '/api/jobs/' + id;
-  var statusEl = root.querySelector('[data-handoff-status]');
-  var bar = root.querySelector('[data-handoff-progress]');
-  var messageEl = root.querySelector('[data-handoff-message]');
-  var POLL_MS = 2000;
-  var JOB_ID = /^[A-Za-z0-9_-]{22}$/;
-  var RETRY_MS = 3000;
-  var finished = false;
+  const jobId = root.dataset.handoffJob;
+  const id = encodeURIComponent(jobId);
+  const streamUrl = root.dataset.handoffStream || `/sse/connect/${id}`;
+  const apiUrl = root.dataset.handoffApi || `/api/jobs/${id}`;
+  const statusEl = root.querySelector('[data-handoff-status]');
+  const bar = root.querySelector('[data-handoff-progress]');
+  const messageEl = root.querySelector('[data-handoff-message]');
+
+  // A limit the server rendered on the page: a positive whole number, or null where it names none.
+  const limit = (value) => {
+    const n = Number(value);
+    return Number.isInteger(n) && n > 0 ? n : null;
+  };
+  const maxWatched = limit(root.dataset.handoffMaxWatched);
+  const pollMs = limit(root.dataset.handoffPollMs);
+
+  let finished = false;
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  const parse = (text) => {
+    try { return JSON.parse(text); } catch { return null; }
+  };
 
   function show(state, text) {
-    root.setAttribute('data-state', state);
+    root.dataset.state = state;
     if (statusEl) statusEl.textContent = text;
   }
 
@@ -30,52 +69,49 @@
   // resolved as the browser would resolve it (which strips tabs and newlines, and reads a
   // backslash as a slash), and its origin compared.
   function sameOrigin(url) {
-    if (typeof url !== 'string' || url.charAt(0) !== '/') return null;
-    try {
-      var resolved = new URL(url, window.location.href);
-      return resolved.origin === window.location.origin ? resolved.href : null;
-    } catch (err) {
-      return null;
-    }
+    if (typeof url !== 'string' || !url.startsWith('/')) return null;
+    let resolved;
+    try { resolved = new URL(url, window.location.href); } catch { return null; }
+    return resolved.origin === window.location.origin ? resolved.href : null;
   }
 
   // Shows a progress report: a percent fills the bar, none leaves it indeterminate.
   function showProgress(percent, message) {
+    const known = typeof percent === 'number';
     if (bar) {
-      if (typeof percent === 'number') {
+      if (known) {
+        const shown = `${Math.round(percent)} %`;
         bar.max = 100;
         bar.value = percent;
-        bar.textContent = Math.round(percent) + ' %';
-        bar.setAttribute('aria-valuetext', Math.round(percent) + ' %' + (message ? ', ' + message : ''));
+        bar.textContent = shown;
+        bar.setAttribute('aria-valuetext', message ? `${shown}, ${message}` : shown);
       } else {
         bar.removeAttribute('value');
         bar.textContent = '';
       }
     }
     if (messageEl) messageEl.textContent = message || '';
-    if (typeof percent === 'number') {
-      show('progress', 'Working on it: ' + Math.round(percent) + ' %');
-    }
+    if (known) show('progress', `Working on it: ${Math.round(percent)} %`);
   }
 
-  var ENDINGS = {
-    result: ['done', 'Done. Taking you to the result…'],
-    complete: ['done', 'Done. Taking you to the result…'],
-    failed: ['failed', 'The job failed. Taking you to the details…'],
-    expired: ['expired', 'The job took too long. Taking you to the details…']
-  };
+  // Each ending (the event's `result`, `failed`, `expired`, or the API's `complete`, …): the state
+  // and what the user reads.
+  const ENDINGS = new Map([
+    ['result', ['done', 'Done. Taking you to the result…']],
+    ['complete', ['done', 'Done. Taking you to the result…']],
+    ['failed', ['failed', 'The job failed. Taking you to the details…']],
+    ['expired', ['expired', 'The job took too long. Taking you to the details…']],
+  ]);
 
-  // Ends the wait: `status` is the event's (result, failed, expired) or the API's (complete, …).
   function moveTo(status, url) {
     if (finished) return;
     finished = true;
-    var target = sameOrigin(url);
+    const target = sameOrigin(url);
     if (!target) {
       show('invalid', 'The job ended, but its result address is not valid.');
       return;
     }
-    var ending = ENDINGS[status] || ENDINGS.result;
-    show(ending[0], ending[1]);
+    show(...ENDINGS.get(status));
     window.location.assign(target);
   }
 
@@ -84,32 +120,32 @@
     show('unknown', 'This job does not exist. The link may be mistyped, or the job has expired.');
   }
 
-  // Asks the JSON API about the job; calls onPending when it is still running.
-  function check(onPending, onTrouble) {
-    fetch(apiUrl, { headers: { Accept: 'application/json' }, cache: 'no-store' })
-      .then(function (r) {
-        if (r.status === 404 || r.status === 400) { unknownJob(); return null; }
-        if (!r.ok) throw new Error('HTTP ' + r.status);
-        return r.json();
-      })
-      .then(function (job) {
-        if (!job) return;
-        if (ENDINGS[job.status]) { moveTo(job.status, job.moveUrl); return; }
-        if (job.progress) showProgress(job.progress.percent, job.progress.message);
-        onPending();
-      })
-      .catch(onTrouble);
+  // Asks the JSON API about the job: true while it is still pending (an ending moves the tab on).
+  // Rejects when the API cannot be reached.
+  async function check() {
+    const answer = await fetch(apiUrl, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+    if (answer.status === 404 || answer.status === 400) { unknownJob(); return false; }
+    if (!answer.ok) throw new Error(`HTTP ${answer.status}`);
+    const job = await answer.json();
+    if (ENDINGS.has(job.status)) { moveTo(job.status, job.moveUrl); return false; }
+    if (job.progress) showProgress(job.progress.percent, job.progress.message);
+    return true;
   }
 
-  function poll() {
-    if (finished) return;
-    check(function () {
-      show('polling', 'Waiting for the job to finish (checking every 2 s)…');
-      setTimeout(poll, POLL_MS);
-    }, function () {
-      show('reconnecting', 'Connection lost. Retrying…');
-      setTimeout(poll, POLL_MS);
-    });
+  // Without EventSource: asks the API every pollMs until the job ends (once, where the page names
+  // no interval).
+  async function poll() {
+    const waiting = pollMs
+      ? `Waiting for the job to finish (checking every ${pollMs / 1000} s)…`
+      : 'Waiting for the job to finish. Reload the page to check again.';
+    do {
+      try {
+        if (await check()) show('polling', waiting);
+      } catch {
+        show('reconnecting', pollMs ? 'Connection lost. Retrying…' : 'Connection lost. Reload the page to try again.');
+      }
+      if (pollMs) await sleep(pollMs);
+    } while (pollMs && !finished);
   }
 
   // Handles one event about this tab's job, however it arrived (its own stream, or the shared
@@ -119,32 +155,26 @@
     if (name === 'progress') {
       showProgress(data.percent, data.message);
     } else if (data.status === 'connect') {
-      if (root.getAttribute('data-state') !== 'progress') {
-        show('connected', 'Connected. Waiting for the job to finish…');
-      }
+      if (root.dataset.state !== 'progress') show('connected', 'Connected. Waiting for the job to finish…');
     } else if (data.status === 'unknown') {
       unknownJob();
-    } else if (ENDINGS[data.status]) {
+    } else if (ENDINGS.has(data.status)) {
       moveTo(data.status, data.moveUrl);
     }
     return finished;
   }
 
-  function parse(text) {
-    try { return JSON.parse(text); } catch (err) { return null; }
-  }
-
-  // Opens an EventSource on `url` and hands every event to onEvent(name, data). When the server
-  // refuses the stream, onRefused runs and nothing reconnects by itself.
+  // Opens an EventSource on `url` and hands every event to onEvent(name, data, raw). When the
+  // server refuses the stream, onRefused runs and nothing reconnects by itself.
   function openStream(url, onEvent, onRefused) {
-    var source = new EventSource(url);
-    ['result', 'progress'].forEach(function (name) {
-      source.addEventListener(name, function (e) {
-        var data = parse(e.data);
+    const source = new EventSource(url);
+    for (const name of ['result', 'progress']) {
+      source.addEventListener(name, (e) => {
+        const data = parse(e.data);
         if (data) onEvent(name, data, e.data);
       });
-    });
-    source.addEventListener('error', function () {
+    }
+    source.addEventListener('error', () => {
       if (finished) return;
       if (source.readyState === EventSource.CONNECTING) {
         // The stream rotated or the network blinked: the browser reconnects after `retry`.
@@ -156,210 +186,283 @@
     return source;
   }
 
-  // This tab's own stream on /sse/connect/ID.
+  // This tab's own stream on /sse/connect/ID. Refused, it finds out whether the job exists, then
+  // tries again later.
   function listen() {
     if (finished) return;
-    var source = openStream(streamUrl, function (name, data) {
-      if (handle(name, data)) source.close();
-    }, function () {
-      // The server refused the stream: find out whether the job exists, then try again later.
+    const onEvent = (name, data) => handle(name, data) && source.close();
+    const source = openStream(streamUrl, onEvent, async () => {
       show('reconnecting', 'The server is unavailable. Retrying…');
-      check(function () { setTimeout(listen, RETRY_MS); }, function () { setTimeout(listen, RETRY_MS); });
+      await check().catch(() => {});
+      await sleep(RETRY_MS);
+      listen();
     });
   }
 
-  // One stream per browser: the tabs of this origin elect a leader, which alone holds the
-  // EventSource on /sse/watch?ids= with every open tab's job (one per 32 jobs), and passes each
-  // event on over a BroadcastChannel. Leader election uses Web Locks where the page is a secure
-  // context; elsewhere (plain HTTP on a real host, where sharing matters most) heartbeats on the
-  // same channel. Anything that keeps the tab from sharing falls back to its own stream.
-  function share() {
-    var jobId = root.getAttribute('data-handoff-job');
-    if (!JOB_ID.test(jobId)) { listen(); return; }
-    var channel;
-    try { channel = new BroadcastChannel('handoff'); } catch (err) { listen(); return; }
-    var me = Math.random().toString(36).slice(2) + Date.now().toString(36);
-    var leading = false;
-    var sources = [];
-    var tabs = {};           // tab → job id, as the other tabs announced them (the leader's view)
-    var reopenTimer = null;
-    var refusals = 0;
-    var releaseLock = null;
-    var heartbeats = null;
-    var REOPEN_MS = 150;
-    var PER_STREAM = 32;     // the server's limit of jobs per shared stream
-
-    function post(message) { channel.postMessage(message); }
-
-    function isMine(data) {
-      if (data.status === 'connect') return !!data.ids && data.ids.indexOf(jobId) >= 0;
-      return data.id === jobId;
+  // The leader's streams on /sse/watch, for every waiting tab's job, maxWatched jobs a stream.
+  // Every (re)open reads the stored status of each job, so nothing is lost between the old
+  // streams and the new ones.
+  class SharedStreams {
+    constructor(onEvent, onRefused) {
+      this.onEvent = onEvent;
+      this.onRefused = onRefused;
+      this.tabs = new Map(); // tab → job id, as the other tabs announced them
+      this.sources = [];
+      this.timer = null;
+      this.refusals = 0;
     }
 
-    // This tab's own job has ended (or does not exist), or the tab is going: it needs no more
-    // events, and if it leads, another tab takes over.
-    function retire() {
-      post({ type: 'bye', tab: me });
-      if (!leading) return;
-      stepDown();
-      if (releaseLock) { releaseLock(); releaseLock = null; } else post({ type: 'resign', tab: me });
+    join(tab, id) {
+      if (!JOB_ID.test(id) || this.tabs.get(tab) === id) return;
+      this.tabs.set(tab, id);
+      this.reopenIn(REOPEN_MS);
     }
 
-    function take(name, data) {
-      if (isMine(data) && handle(name, data)) retire();
+    leave(tab) {
+      if (this.tabs.delete(tab)) this.reopenIn(REOPEN_MS);
     }
 
-    function watchedIds() {
-      var ids = {};
-      if (!finished) ids[jobId] = true;
-      Object.keys(tabs).forEach(function (tab) { ids[tabs[tab]] = true; });
-      return Object.keys(ids).sort();
+    reopenIn(ms) {
+      clearTimeout(this.timer);
+      this.timer = setTimeout(() => this.reopen(), ms);
     }
 
-    function closeAll() {
-      sources.forEach(function (source) { source.close(); });
-      sources = [];
-    }
-
-    // (Re)opens the shared streams with the current set of jobs; every open reads the stored
-    // status of each, so nothing is lost between the old streams and the new ones.
-    function reopen() {
-      reopenTimer = null;
-      if (!leading) return;
-      closeAll();
-      var ids = watchedIds();
-      for (var i = 0; i < ids.length; i += PER_STREAM) {
-        var url = '/sse/watch?ids=' + ids.slice(i, i + PER_STREAM).map(encodeURIComponent).join(',');
-        sources.push(openStream(url, function (name, data, raw) {
-          refusals = 0;
-          post({ type: 'event', name: name, data: raw });
-          take(name, data);
-        }, refused));
+    reopen() {
+      this.closeSources();
+      const ids = new Set(this.tabs.values());
+      if (!finished) ids.add(jobId);
+      const sorted = [...ids].sort();
+      for (let i = 0; i < sorted.length; i += maxWatched) {
+        const list = sorted.slice(i, i + maxWatched).map(encodeURIComponent).join(',');
+        const onEvent = (name, data, raw) => {
+          this.refusals = 0;
+          this.onEvent(name, data, raw);
+        };
+        this.sources.push(openStream(`/sse/watch?ids=${list}`, onEvent, () => this.refused()));
       }
     }
 
     // The server refused a stream (busy, or a cap): try again later, later each time.
-    function refused() {
-      if (!leading) return;
-      closeAll();
-      refusals += 1;
-      if (!finished) show('reconnecting', 'The server is unavailable. Retrying…');
-      var wait = Math.min(RETRY_MS * Math.pow(2, refusals - 1), 30000);
-      if (reopenTimer) clearTimeout(reopenTimer);
-      reopenTimer = setTimeout(reopen, wait * (0.75 + Math.random() / 2));
+    refused() {
+      this.closeSources();
+      this.refusals += 1;
+      this.onRefused();
+      const wait = Math.min(RETRY_MS * 2 ** (this.refusals - 1), RETRY_MAX_MS);
+      this.reopenIn(wait * (0.75 + Math.random() / 2));
     }
 
-    function reopenSoon() {
-      if (!leading) return;
-      if (reopenTimer) clearTimeout(reopenTimer);
-      reopenTimer = setTimeout(reopen, REOPEN_MS);
+    closeSources() {
+      for (const source of this.sources) source.close();
+      this.sources = [];
     }
 
-    function lead() {
-      if (leading || finished) return;
-      leading = true;
-      root.setAttribute('data-handoff-leader', 'yes');
-      tabs = {};
-      // Every tab says which job it waits for; the streams open once they have answered.
-      post({ type: 'who' });
-      reopenSoon();
+    close() {
+      clearTimeout(this.timer);
+      this.closeSources();
     }
-
-    function stepDown() {
-      leading = false;
-      root.setAttribute('data-handoff-leader', 'no');
-      if (reopenTimer) { clearTimeout(reopenTimer); reopenTimer = null; }
-      closeAll();
-    }
-
-    channel.onmessage = function (e) {
-      var m = e.data || {};
-      if (m.type === 'event') {
-        var data = parse(m.data);
-        if (data) take(m.name, data);
-      } else if (m.type === 'who') {
-        if (!finished) post({ type: 'hello', tab: me, id: jobId });
-      } else if (m.type === 'hello') {
-        if (leading && JOB_ID.test(m.id) && tabs[m.tab] !== m.id) { tabs[m.tab] = m.id; reopenSoon(); }
-      } else if (m.type === 'bye') {
-        if (leading && tabs[m.tab]) { delete tabs[m.tab]; reopenSoon(); }
-      } else if (heartbeats) {
-        heartbeats(m);
-      }
-    };
-
-    var electByLock = !!(navigator.locks && typeof navigator.locks.request === 'function');
-    // Held for the life of the page, or until this tab's job ends: then the browser grants it to
-    // the next tab at once, even when the leader's tab crashed.
-    function askForLock() {
-      navigator.locks.request('handoff:leader', function () {
-        if (finished) return null;
-        lead();
-        return new Promise(function (resolve) { releaseLock = resolve; });
-      }).catch(function () {
-        // Locks refused here (a sandboxed frame, storage blocked): this tab listens alone.
-        retire();
-        channel.close();
-        listen();
-      });
-    }
-
-    window.addEventListener('pagehide', retire);
-    // Back from the back/forward cache: join again.
-    window.addEventListener('pageshow', function (e) {
-      if (!e.persisted || finished) return;
-      post({ type: 'hello', tab: me, id: jobId });
-      if (electByLock) askForLock();
-    });
-
-    if (electByLock) {
-      askForLock();
-    } else {
-      // Without Web Locks: the leader says so every HEARTBEAT_MS. A tab that has heard no leader
-      // for LEADER_LOST_MS asks (`leads?`: messages reach a background tab at once, while its
-      // timers may be slowed to one a second or less) and takes over only when no leader answers
-      // within ANSWER_MS. Of two leaders, the one with the smaller id stays.
-      var HEARTBEAT_MS = 500;
-      var LEADER_LOST_MS = 3000;
-      var ANSWER_MS = 250;
-      var heardAt = 0;
-      var asking = null;
-      var claim = function () {
-        asking = null;
-        if (!finished && !leading && Date.now() - heardAt > ANSWER_MS) lead();
-        if (leading) post({ type: 'leader', tab: me });
-      };
-      var ask = function () {
-        if (asking || finished || leading) return;
-        post({ type: 'leads?' });
-        asking = setTimeout(claim, ANSWER_MS);
-      };
-      var tick = function () {
-        if (finished) return;
-        if (leading) post({ type: 'leader', tab: me });
-        else if (Date.now() - heardAt > LEADER_LOST_MS) ask();
-      };
-      heartbeats = function (m) {
-        if (m.type === 'leader') {
-          heardAt = Date.now();
-          if (leading && m.tab < me) stepDown();
-        } else if (m.type === 'leads?') {
-          if (leading) post({ type: 'leader', tab: me });
-        } else if (m.type === 'resign') {
-          heardAt = 0;
-          setTimeout(ask, Math.random() * 100);
-        }
-      };
-      ask();
-      setInterval(tick, HEARTBEAT_MS);
-    }
-    post({ type: 'hello', tab: me, id: jobId });
   }
 
-  // A page that names its own stream (data-handoff-stream) listens there alone: the shared
-  // stream is Handoff's /sse/watch.
-  var sharing = root.getAttribute('data-handoff-shared') !== 'off' &&
-    !root.hasAttribute('data-handoff-stream') &&
+  // Leader election among the tabs of this origin, in two strategies of one shape. Each calls
+  // lead() when this tab becomes the leader and stepDown() when it no longer is, and returns
+  // resign() (leave the election; a leader hands over at once) and rejoin() (stand again, back
+  // from the back/forward cache).
+
+  // Web Locks, where the page is a secure context. The lock is held for the life of the page or
+  // until resign(): then the browser grants it to the next tab at once, even when the leader's
+  // tab crashed. Where locks are refused (a sandboxed frame, storage blocked), refused() runs.
+  function electByLock({ lead, stepDown, refused }) {
+    let candidate = true;
+    let asking = false;
+    let release = null;
+    const ask = async () => {
+      if (asking || release) return;
+      asking = true;
+      try {
+        await navigator.locks.request('handoff:leader', () => {
+          asking = false;
+          if (!candidate) return null;
+          lead();
+          return new Promise((resolve) => (release = resolve));
+        });
+      } catch {
+        refused();
+      } finally {
+        asking = false;
+      }
+    };
+    ask();
+    return {
+      resign() {
+        candidate = false;
+        if (!release) return;
+        stepDown();
+        release();
+        release = null;
+      },
+      rejoin() {
+        candidate = true;
+        ask();
+      },
+    };
+  }
+
+  // Heartbeats on the channel, where Web Locks do not exist (plain HTTP on a real host, where
+  // sharing matters most). The leader beats every HEARTBEAT_MS. A tab that has heard no leader
+  // for LEADER_LOST_MS asks (a message reaches a background tab at once, while its timers may be
+  // slowed to one a second or less) and takes over only when no leader answers within
+  // ANSWER_MS. Of two leaders, the one with the smaller id stays.
+  function electByHeartbeat(channel, me, { lead, stepDown }) {
+    const HEARTBEAT_MS = 500;
+    const LEADER_LOST_MS = 3000;
+    const ANSWER_MS = 250;
+    let candidate = true;
+    let leading = false;
+    let heardAt = 0;
+    let asking = null;
+    const beat = () => channel.postMessage({ type: Msg.LEADER, tab: me });
+    const claim = () => {
+      asking = null;
+      if (candidate && !leading && Date.now() - heardAt > ANSWER_MS) {
+        leading = true;
+        lead();
+      }
+      if (leading) beat();
+    };
+    const ask = () => {
+      if (asking || !candidate || leading) return;
+      channel.postMessage({ type: Msg.LEADS });
+      asking = setTimeout(claim, ANSWER_MS);
+    };
+    channel.addEventListener('message', ({ data: m }) => {
+      switch (m?.type) {
+        case Msg.LEADER:
+          heardAt = Date.now();
+          if (leading && m.tab < me) {
+            leading = false;
+            stepDown();
+          }
+          break;
+        case Msg.LEADS:
+          if (leading) beat();
+          break;
+        case Msg.RESIGN:
+          heardAt = 0;
+          setTimeout(ask, Math.random() * 100);
+          break;
+      }
+    });
+    setInterval(() => {
+      if (leading) beat();
+      else if (Date.now() - heardAt > LEADER_LOST_MS) ask();
+    }, HEARTBEAT_MS);
+    ask();
+    return {
+      resign() {
+        candidate = false;
+        if (!leading) return;
+        leading = false;
+        stepDown();
+        channel.postMessage({ type: Msg.RESIGN, tab: me });
+      },
+      rejoin() {
+        candidate = true;
+      },
+    };
+  }
+
+  // One stream per browser: the tabs of this origin elect a leader, which alone holds the shared
+  // streams and passes each event on over the channel; each tab keeps the events about its job.
+  // Anything that keeps the tab from sharing falls back to its own stream.
+  function share() {
+    let channel;
+    try { channel = new BroadcastChannel('handoff'); } catch { return listen(); }
+    const me = Math.random().toString(36).slice(2) + Date.now().toString(36);
+    const post = (message) => channel.postMessage(message);
+    const hello = () => post({ type: Msg.HELLO, tab: me, id: jobId });
+    let streams = null; // while this tab leads
+
+    const isMine = (data) =>
+      data.status === 'connect' ? Array.isArray(data.ids) && data.ids.includes(jobId) : data.id === jobId;
+    const take = (name, data) => {
+      if (isMine(data) && handle(name, data)) retire();
+    };
+
+    const role = {
+      lead() {
+        if (streams) return;
+        root.dataset.handoffLeader = 'yes';
+        const pass = (name, data, raw) => {
+          post({ type: Msg.EVENT, name, data: raw });
+          take(name, data);
+        };
+        const refused = () => {
+          if (!finished) show('reconnecting', 'The server is unavailable. Retrying…');
+        };
+        streams = new SharedStreams(pass, refused);
+        // Every tab says which job it waits for; the streams open once they have answered.
+        post({ type: Msg.WHO });
+        streams.reopenIn(REOPEN_MS);
+      },
+      stepDown() {
+        root.dataset.handoffLeader = 'no';
+        streams?.close();
+        streams = null;
+      },
+      refused() {
+        removeEventListener('pagehide', retire);
+        removeEventListener('pageshow', back);
+        post({ type: Msg.BYE, tab: me });
+        channel.close();
+        listen();
+      },
+    };
+    const locks = typeof navigator.locks?.request === 'function';
+    const election = locks ? electByLock(role) : electByHeartbeat(channel, me, role);
+
+    // This tab's own job has ended (or does not exist), or the tab is going: it needs no more
+    // events, and if it leads, another tab takes over.
+    function retire() {
+      post({ type: Msg.BYE, tab: me });
+      election.resign();
+    }
+
+    // Back from the back/forward cache: join again.
+    function back(e) {
+      if (!e.persisted || finished) return;
+      hello();
+      election.rejoin();
+    }
+
+    channel.addEventListener('message', ({ data: m }) => {
+      switch (m?.type) {
+        case Msg.EVENT: {
+          const data = parse(m.data);
+          if (data) take(m.name, data);
+          break;
+        }
+        case Msg.WHO:
+          if (!finished) hello();
+          break;
+        case Msg.HELLO:
+          streams?.join(m.tab, m.id);
+          break;
+        case Msg.BYE:
+          streams?.leave(m.tab);
+          break;
+      }
+    });
+    addEventListener('pagehide', retire);
+    addEventListener('pageshow', back);
+    hello();
+  }
+
+  // A page that names its own stream (data-handoff-stream) listens there alone: the shared stream
+  // is Handoff's /sse/watch. So does one that does not say how many jobs a shared stream watches.
+  const sharing =
+    root.dataset.handoffShared !== 'off' &&
+    !('handoffStream' in root.dataset) &&
+    maxWatched !== null &&
+    JOB_ID.test(jobId) &&
     typeof window.BroadcastChannel === 'function';
 
   show('connecting', 'Connecting…');

@@ -1,5 +1,7 @@
 //! The HTML pages: the landing page, page A (waiting), page B (result), and the static files.
 
+use std::time::Duration;
+
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use askama::Template;
@@ -7,6 +9,7 @@ use askama_web::WebTemplate;
 use serde::Deserialize;
 
 use super::error::AppError;
+use super::sse::MAX_WATCHED;
 use super::{AppState, cross_site, job_id};
 use crate::domain::{JobId, JobStatus, rfc3339};
 
@@ -133,10 +136,27 @@ pub fn see_other(location: &str) -> HttpResponse {
         .finish()
 }
 
+/// How often page A asks the API about its job where the browser has no EventSource.
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// Page A. It carries the server's limits that `handoff.js` must respect, so the script repeats
+/// none of them: the jobs one shared stream may watch ([`MAX_WATCHED`]) and [`POLL_EVERY`].
 #[derive(Template, WebTemplate)]
 #[template(path = "wait.html")]
 pub struct WaitPage {
     id: JobId,
+    max_watched: usize,
+    poll_ms: u128,
+}
+
+impl WaitPage {
+    fn new(id: JobId) -> Self {
+        Self {
+            id,
+            max_watched: MAX_WATCHED,
+            poll_ms: POLL_EVERY.as_millis(),
+        }
+    }
 }
 
 /// Page A. An unknown job gets a clear 404 page, not a spinner.
@@ -146,7 +166,7 @@ pub async fn wait(
 ) -> Result<WaitPage, PageError> {
     let id = job_id(&path)?;
     let job = state.jobs.get(&id).await.map_err(AppError::from)?;
-    Ok(WaitPage { id: job.id })
+    Ok(WaitPage::new(job.id))
 }
 
 #[derive(Deserialize)]
@@ -244,4 +264,18 @@ pub async fn not_found() -> HttpResponse {
             message: "There is nothing at this address.".to_owned(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_a_carries_the_servers_own_limits_for_handoff_js() {
+        let page = WaitPage::new(JobId::generate()).render().unwrap();
+        let max_watched = format!("data-handoff-max-watched=\"{MAX_WATCHED}\"");
+        let poll = format!("data-handoff-poll-ms=\"{}\"", POLL_EVERY.as_millis());
+        assert!(page.contains(&max_watched), "{page}");
+        assert!(page.contains(&poll), "{page}");
+    }
 }

@@ -99,21 +99,44 @@ type Tab = (WindowHandle, String);
 /// [`Browser::start_without_waiting_for_loads`] it does not wait for the page (with HTTP/1.1 some
 /// pages cannot load yet).
 async fn open_page_a(browser: &Browser, app: &TestApp, origin: &str, new_tab: bool) -> Tab {
+    open_prepared_page_a(browser, app, origin, new_tab, async |_| {}).await
+}
+
+/// [`open_page_a`], with `prepare` run in the tab before the page loads.
+async fn open_prepared_page_a(
+    browser: &Browser,
+    app: &TestApp,
+    origin: &str,
+    new_tab: bool,
+    prepare: impl AsyncFn(&Browser),
+) -> Tab {
     let id = app.job_id().await;
     let tab = if new_tab {
         browser.new_tab().await
     } else {
         browser.client.window().await.expect("the current tab")
     };
+    prepare(browser).await;
     browser.goto(&format!("{origin}/jobs/{id}")).await;
     (tab, id)
 }
 
 /// Page A in `count` tabs (the current one and new ones).
 async fn open_tabs(browser: &Browser, app: &TestApp, origin: &str, count: usize) -> Vec<Tab> {
+    open_prepared_tabs(browser, app, origin, count, async |_| {}).await
+}
+
+/// [`open_tabs`], with `prepare` run in each tab before its page loads.
+async fn open_prepared_tabs(
+    browser: &Browser,
+    app: &TestApp,
+    origin: &str,
+    count: usize,
+    prepare: impl AsyncFn(&Browser),
+) -> Vec<Tab> {
     let mut tabs = Vec::new();
     for i in 0..count {
-        tabs.push(open_page_a(browser, app, origin, i > 0).await);
+        tabs.push(open_prepared_page_a(browser, app, origin, i > 0, &prepare).await);
     }
     tabs
 }
@@ -295,21 +318,14 @@ async fn a_tab_whose_job_vanished_says_so_while_the_others_keep_waiting() {
 async fn without_the_sharing_apis_each_tab_has_its_own_stream_and_all_arrive() {
     let app = TestApp::spawn().await;
     let browser = Browser::start_without_waiting_for_loads().await;
-    let mut tabs = Vec::new();
-    for i in 0..3 {
-        let id = app.job_id().await;
-        let tab = if i == 0 {
-            browser.client.window().await.expect("the current tab")
-        } else {
-            browser.new_tab().await
-        };
-        browser.remove_sharing_from_new_pages().await;
-        browser.goto(&app.url(&format!("/jobs/{id}"))).await;
+    let without_sharing = async |browser: &Browser| browser.remove_sharing_from_new_pages().await;
+    let tabs = open_prepared_tabs(&browser, &app, &app.base, 3, without_sharing).await;
+    for (tab, _) in &tabs {
+        browser.switch_to(tab).await;
         assert_eq!(
             browser.js("return typeof window.BroadcastChannel;").await,
             json!("undefined")
         );
-        tabs.push((tab, id));
     }
     all_connected(&browser, &tabs).await;
     assert!(
@@ -317,6 +333,31 @@ async fn without_the_sharing_apis_each_tab_has_its_own_stream_and_all_arrive() {
             .await,
         "one stream per tab"
     );
+    complete_in_random_order(&browser, &app, &tabs).await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+}
+
+/// `handoff.js` splits the shared stream by the limit page A states, not by a number of its own:
+/// told two jobs a stream, the leader of three tabs holds two streams, and every tab arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_splits_its_stream_by_the_limit_page_a_renders() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start_without_waiting_for_loads().await;
+    let two_a_stream = async |browser: &Browser| browser.limit_watched_jobs_on_new_pages(2).await;
+    let tabs = open_prepared_tabs(&browser, &app, &app.base, 3, two_a_stream).await;
+    all_connected(&browser, &tabs).await;
+    let limit = "return document.querySelector('[data-handoff-job]').dataset.handoffMaxWatched;";
+    assert_eq!(browser.js(limit).await, json!("2"));
+    assert!(
+        app.metric_reaches("handoff_watched_jobs", 3.0, PATIENCE)
+            .await
+    );
+    assert!(
+        app.metric_reaches("handoff_open_streams", 2.0, PATIENCE)
+            .await,
+        "two jobs on one stream, the third on another"
+    );
+    streams_stay_at_most(&app, 2.0, 1).await;
     complete_in_random_order(&browser, &app, &tabs).await;
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
 }

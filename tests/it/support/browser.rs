@@ -288,6 +288,23 @@ impl Browser {
         .await;
     }
 
+    /// From the next page load on, the current tab's page A says that a shared stream watches at
+    /// most `max` jobs, whatever the server rendered: the attribute changes as the parser adds the
+    /// element, before `handoff.js` (deferred) reads it.
+    pub async fn limit_watched_jobs_on_new_pages(&self, max: usize) {
+        let source = format!(
+            "new MutationObserver((_, observer) => {{ \
+               const el = document.querySelector('[data-handoff-job]'); \
+               if (el) {{ el.setAttribute('data-handoff-max-watched', '{max}'); observer.disconnect(); }} \
+             }}).observe(document, {{ childList: true, subtree: true }});"
+        );
+        self.cdp(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({ "source": source }),
+        )
+        .await;
+    }
+
     /// Emulates a phone (390 × 844 CSS pixels, mobile viewport), or back to the desktop window.
     pub async fn phone(&self, on: bool) {
         if on {
