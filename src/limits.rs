@@ -9,7 +9,7 @@ mod open_files;
 mod streams;
 mod throttle;
 
-pub use client::TrustedProxies;
+pub use client::{TrustedProxies, client_key};
 pub use demo_jobs::{DEMO_BURST, DEMO_REFILL, DemoJobLimit};
 pub use open_files::{default_max_streams, raise_open_file_limit};
 pub use streams::{Refusal, StreamLimits, StreamPermit};

@@ -80,7 +80,7 @@ impl TrustedProxies {
 /// through: a home given a /56 or /48 has that many /64s to step through; and where a provider
 /// puts several customers in one /64, they share its limits. IPv4-mapped IPv6 addresses count as
 /// the IPv4 address they carry.
-pub(super) fn client_key(ip: IpAddr) -> IpAddr {
+pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
         v4 => v4,

@@ -254,7 +254,7 @@ async fn through_nginx_the_demo_form_takes_a_burst_of_ten_then_30_a_minute_per_a
     let nginx = Nginx::start(&[app.port]);
     let client = client_from("127.0.0.2");
     let started = std::time::Instant::now();
-    let mut refused_by_nginx = 0;
+    let mut refused_by_nginx_count = 0;
     for _ in 0..30 {
         let answer = client
             .post(nginx.plain_url("/jobs"))
@@ -262,21 +262,12 @@ async fn through_nginx_the_demo_form_takes_a_burst_of_ten_then_30_a_minute_per_a
             .send()
             .await
             .unwrap();
-        if answer.status() == 429 {
-            let retry_after = answer.headers().get("retry-after").cloned();
-            if answer
-                .text()
-                .await
-                .unwrap()
-                .contains("<center>nginx</center>")
-            {
-                assert_eq!(retry_after.unwrap(), "1");
-                refused_by_nginx += 1;
-            }
+        if refused_by_nginx(answer).await {
+            refused_by_nginx_count += 1;
         }
     }
     let took = started.elapsed();
-    let passed = 30 - refused_by_nginx;
+    let passed = 30 - refused_by_nginx_count;
     let allowed = 11 + (took.as_secs_f64() / 2.0).ceil() as usize;
     assert!(
         (11..=allowed).contains(&passed),
@@ -328,4 +319,271 @@ async fn behind_nginx_a_token_guesser_is_slowed_down_and_the_operator_is_not() {
         .await
         .unwrap();
     assert_eq!(login.status(), 303, "and so does the operator's login");
+}
+
+/// The `map $remote_addr $client { … }` block of the shipped nginx.conf, with the address taken
+/// from the query (`?ip=`) instead of the connection, and the default (an address nginx keys
+/// whole) written out as `whole:` and the address.
+fn client_map_from_query() -> String {
+    let conf = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf")).unwrap();
+    let start = conf
+        .find("    map $remote_addr $client {")
+        .expect("nginx.conf maps $remote_addr to $client");
+    let end = start + conf[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
+    let block = &conf[start..end];
+    assert!(block.contains("default $binary_remote_addr;"), "{block}");
+    block
+        .replace("default $binary_remote_addr;", "default \"whole:$arg_ip\";")
+        .replace("map $remote_addr", "map $arg_ip")
+}
+
+/// An address whose groups are each zero or not at random, so that every place the `::` of its
+/// written form can stand in comes up.
+fn random_ipv6() -> std::net::Ipv6Addr {
+    let mut groups = [0u16; 8];
+    for group in &mut groups {
+        if rand::random_bool(0.5) {
+            *group = rand::random_range(1..=u16::MAX);
+        }
+    }
+    groups.into()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs nginx: run scripts/test.sh"]
+async fn nginx_counts_an_ipv6_client_by_its_64_as_handoff_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let conf = format!(
+        "daemon off; master_process off; pid {dir}/nginx.pid; error_log {dir}/error.log;\n\
+         events {{}}\n\
+         http {{\n access_log off;\n{map}\n \
+         server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"$client\"; }} }}\n}}\n",
+        dir = dir.path().display(),
+        map = client_map_from_query(),
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let mut nginx = Command::new(crate::support::nginx::nginx_binary())
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .spawn()
+        .unwrap();
+    let client = client();
+    let key_of = |ip: String| {
+        let client = client.clone();
+        async move {
+            for _ in 0..50 {
+                if let Ok(answer) = client
+                    .get(format!("http://127.0.0.1:{port}/?ip={ip}"))
+                    .send()
+                    .await
+                {
+                    return answer.text().await.unwrap();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("nginx did not answer on port {port}");
+        }
+    };
+    let mut addresses: Vec<std::net::Ipv6Addr> = ["::", "::1", "1::", "2001:db8::", "1:2:3:4::"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    addresses.extend((0..3000).map(|_| random_ipv6()));
+    for ip in addresses {
+        let written = ip.to_string();
+        if written.contains('.') {
+            // IPv4-mapped: Handoff counts the IPv4 address, nginx the whole address.
+            continue;
+        }
+        let IpAddr::V6(network) = handoff::limits::client_key(IpAddr::V6(ip)) else {
+            unreachable!("an address that is not IPv4-mapped stays IPv6")
+        };
+        let s = network.segments();
+        let wanted = format!("{:x}:{:x}:{:x}:{:x}", s[0], s[1], s[2], s[3]);
+        assert_eq!(key_of(written.clone()).await, wanted, "{written}");
+    }
+    for ip in ["127.0.0.2", "192.0.2.1"] {
+        assert_eq!(key_of(ip.into()).await, format!("whole:{ip}"));
+    }
+    let _ = nginx.kill();
+    let _ = nginx.wait();
+}
+
+/// Whether `answer` is a refusal by nginx's own limits (not one by Handoff).
+async fn refused_by_nginx(answer: reqwest::Response) -> bool {
+    if answer.status() != 429 {
+        return false;
+    }
+    let retry_after = answer.headers().get("retry-after").cloned();
+    let by_nginx = answer
+        .text()
+        .await
+        .unwrap()
+        .contains("<center>nginx</center>");
+    if by_nginx {
+        assert_eq!(retry_after.unwrap(), "1");
+    }
+    by_nginx
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs nginx: run scripts/test.sh"]
+async fn through_nginx_admin_logins_take_a_burst_of_ten_then_ten_a_minute_per_client() {
+    let app = TestApp::spawn_with(behind_nginx).await;
+    let nginx = Nginx::start(&[app.port]);
+    let login = |from: &str| {
+        client_from(from)
+            .post(nginx.plain_url("/admin/login"))
+            .form(&[("token", "not-the-password")])
+            .send()
+    };
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    for _ in 0..25 {
+        if refused_by_nginx(login("127.0.0.2").await.unwrap()).await {
+            refused += 1;
+        }
+    }
+    let passed = 25 - refused;
+    let allowed = 11 + (started.elapsed().as_secs_f64() / 6.0).ceil() as usize;
+    assert!(
+        (11..=allowed).contains(&passed),
+        "{passed} of 25 logins passed nginx in {:?}",
+        started.elapsed()
+    );
+    let other = login("127.0.0.3").await.unwrap();
+    assert!(!refused_by_nginx(other).await, "another client logs in");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs nginx: run scripts/test.sh"]
+async fn through_nginx_lookups_take_a_burst_of_500_then_50_a_second_per_client() {
+    let app = TestApp::spawn_with(behind_nginx).await;
+    let nginx = Nginx::start(&[app.port]);
+    let client = client_from("127.0.0.2");
+    let paths = [
+        "/api/jobs/AAAAAAAAAAAAAAAAAAAAAA",
+        "/jobs/AAAAAAAAAAAAAAAAAAAAAA",
+        "/test.do?id=AAAAAAAAAAAAAAAAAAAAAA",
+    ];
+    let started = std::time::Instant::now();
+    let refusals: Vec<bool> = futures_util::stream::iter(0..800)
+        .map(|i| {
+            let url = nginx.plain_url(paths[i % paths.len()]);
+            let client = client.clone();
+            async move { refused_by_nginx(client.get(url).send().await.unwrap()).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    let passed = refusals.iter().filter(|r| !**r).count();
+    let allowed = 501 + (took.as_secs_f64() * 50.0).ceil() as usize;
+    assert!(
+        (500..=allowed).contains(&passed),
+        "{passed} of 800 lookups passed nginx in {took:?}"
+    );
+    let other = client_from("127.0.0.3")
+        .get(nginx.plain_url(paths[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404, "another client looks up as usual");
+    let created = client
+        .post(nginx.plain_url("/api/jobs"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "other calls are not lookups");
+}
+
+/// A request from `from` to nginx's plain port whose head is `head` (sent as is), on a raw socket.
+async fn raw_from(from: &str, nginx: &Nginx, head: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let addr = format!("127.0.0.1:{}", nginx.plain_port).parse().unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// A POST whose body never comes: nginx holds it as a request in progress while it waits.
+const STALLED_POST: &str =
+    "POST /api/jobs HTTP/1.1\r\nHost: handoff.test\r\nContent-Length: 10\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs nginx: run scripts/test.sh"]
+async fn through_nginx_one_client_has_at_most_128_requests_in_progress() {
+    let app = TestApp::spawn_with(behind_nginx).await;
+    let nginx = Nginx::start(&[app.port]);
+    let mut held = Vec::new();
+    for _ in 0..128 {
+        held.push(raw_from("127.0.0.2", &nginx, STALLED_POST).await);
+    }
+    // nginx reads each head on its own time; let it take all 128 in.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let health = |from: &str| client_from(from).get(nginx.plain_url("/healthz")).send();
+    let refused = health("127.0.0.2").await.unwrap();
+    assert!(refused_by_nginx(refused).await, "the 129th request");
+    assert_eq!(health("127.0.0.3").await.unwrap().status(), 200);
+    drop(held);
+    let mut served = false;
+    for _ in 0..50 {
+        if health("127.0.0.2").await.unwrap().status() == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(served, "the client is served again once its requests end");
+}
+
+/// How long until nginx answers or closes `stream`, and what it sent.
+async fn until_closed(mut stream: TcpStream) -> (std::time::Duration, String) {
+    use tokio::io::AsyncReadExt as _;
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stream.read_to_end(&mut got),
+    )
+    .await;
+    assert!(read.is_ok(), "nginx still holds the connection after 30 s");
+    (
+        started.elapsed(),
+        String::from_utf8_lossy(&got).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs nginx: run scripts/test.sh"]
+async fn through_nginx_a_stalled_request_head_or_body_is_cut_after_ten_seconds() {
+    let app = TestApp::spawn_with(behind_nginx).await;
+    let nginx = Nginx::start(&[app.port]);
+    let head = raw_from(
+        "127.0.0.2",
+        &nginx,
+        "GET / HTTP/1.1\r\nHost: handoff.test\r\n",
+    )
+    .await;
+    let body = raw_from("127.0.0.3", &nginx, &format!("{STALLED_POST}ab")).await;
+    let ((head_took, _), (body_took, body_answer)) =
+        tokio::join!(until_closed(head), until_closed(body));
+    let window = std::time::Duration::from_secs(9)..std::time::Duration::from_secs(15);
+    assert!(window.contains(&head_took), "a stalled head: {head_took:?}");
+    assert!(window.contains(&body_took), "a stalled body: {body_took:?}");
+    // nginx logs a 408 and closes without writing it.
+    assert!(
+        body_answer.is_empty() || body_answer.starts_with("HTTP/1.1 408"),
+        "{body_answer}"
+    );
+    assert_eq!(
+        app.metric("handoff_jobs_created_total").await,
+        0.0,
+        "the stalled POST never reached Handoff"
+    );
 }

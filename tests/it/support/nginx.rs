@@ -222,7 +222,7 @@ fn write_certificate(dir: &Path) {
 }
 
 /// The nginx binary, or a panic saying how to install it.
-fn nginx_binary() -> PathBuf {
+pub fn nginx_binary() -> PathBuf {
     for candidate in ["nginx", "/usr/sbin/nginx"] {
         match Command::new(candidate).arg("-v").output() {
             Ok(_) => return PathBuf::from(candidate),
