@@ -23,3 +23,4 @@ mod shared_stream;
 mod support;
 mod surface;
 mod webhooks;
+mod wire;
