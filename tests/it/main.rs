@@ -24,3 +24,4 @@ mod shared_stream;
 mod support;
 mod surface;
 mod webhooks;
+mod wire;
