@@ -138,7 +138,8 @@ fn debian_base() -> PathBuf {
     tree
 }
 
-/// The month's base image, imported from [`debian_base`] when podman has none.
+/// The month's base image, imported from [`debian_base`] when podman has none (older months'
+/// are removed).
 fn base_image() -> String {
     let tree = debian_base();
     let month = tree.file_name().unwrap().to_string_lossy();
@@ -152,6 +153,14 @@ fn base_image() -> String {
         .success()
     {
         return image;
+    }
+    let tags = run(Command::new("podman").args([
+        "images",
+        "--format={{.Repository}}:{{.Tag}}",
+        BASE_IMAGE,
+    ]));
+    for old in tags.lines().filter(|tag| tag.starts_with(BASE_IMAGE)) {
+        run(Command::new("podman").args(["image", "rm", old]));
     }
     run(Command::new("sh").arg("-c").arg(format!(
         "tar -C '{}' --exclude=./.complete -c . | podman import - '{image}'",
@@ -790,4 +799,22 @@ fn the_packages_env_file_lists_every_setting_and_sets_only_known_ones() {
         .map(|(var, _)| var)
         .collect();
     assert_eq!(set, ["DATABASE_URL", "HANDOFF_DEMO"]);
+}
+
+#[test]
+fn handoff_token_prints_a_new_strong_token_each_time_that_start_up_accepts() {
+    let token = || run(Command::new(env!("CARGO_BIN_EXE_handoff")).arg("token"));
+    let (first, second) = (token(), token());
+    assert_ne!(first, second);
+    let first = first.trim_end();
+    assert_eq!(first.len(), 43, "256 bits in URL-safe base64: {first}");
+    assert!(
+        first
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "{first}"
+    );
+    run(Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .arg("check-config")
+        .env("HANDOFF_API_TOKEN", first));
 }
