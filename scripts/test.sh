@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine or this one: installs what the tests need
-# (nginx, Chromium and its driver, PostgreSQL and Redis when missing), starts the services,
+# (nginx, Chromium and its driver, PostgreSQL and Redis, podman, debootstrap and cargo-deb when
+# missing), starts the services,
 # then runs every test, including the ones marked #[ignore] for needing those services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +17,20 @@ command -v curl >/dev/null || packages+=(curl)
 [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || packages+=(libnginx-mod-nchan)
 command -v psql >/dev/null || packages+=(postgresql)
 command -v redis-server >/dev/null || packages+=(redis-server)
+# The packaging tests (tests/it/packaging.rs): the image, the Debian root, the unit's checks, and
+# what cargo-deb calls (dpkg-shlibdeps for the package's dependencies, strip).
+command -v podman >/dev/null || packages+=(podman)
+command -v debootstrap >/dev/null || packages+=(debootstrap)
+command -v systemd-analyze >/dev/null || packages+=(systemd)
+command -v dpkg-shlibdeps >/dev/null || packages+=(dpkg-dev)
+command -v strip >/dev/null || packages+=(binutils)
 if [ ${#packages[@]} -gt 0 ]; then
   say "installing ${packages[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}"
 fi
+
+command -v cargo-deb >/dev/null || cargo install cargo-deb --version 3.8.0 --locked
 
 say "services"
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then

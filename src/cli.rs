@@ -1,10 +1,12 @@
 //! The command line: `handoff` (or `handoff serve`) runs the server; `handoff job …` calls a
 //! running instance's API as a job runner does; `handoff check-config` checks the environment as
-//! `serve` would. Parsing is clap's; serving stays in `main.rs`, which owns the process.
+//! `serve` would; `handoff token` prints a new API token; `handoff health` asks a running instance's
+//! `/healthz`, for probes. Parsing is clap's; serving stays in `main.rs`, which owns the process.
 //!
 //! Exit codes, the same for every command: 0 done; 1 the server refused (its message on stderr);
 //! 2 a usage error or an invalid setting (nothing was sent); 3 the server could not be reached.
 
+pub mod health;
 pub mod job;
 
 use std::process::ExitCode;
@@ -42,6 +44,11 @@ pub enum Command {
     /// Check the environment as `serve` would and print the effective settings, secrets masked;
     /// exit 2 with the reason when a setting is invalid.
     CheckConfig(CheckConfigArgs),
+    /// Print a new random API token (256 bits, URL-safe), e.g. for HANDOFF_API_TOKEN.
+    Token,
+    /// Ask a running Handoff's /healthz, for container health checks and probes: exit 0 when it
+    /// answers 200, 1 otherwise (unreachable, 503, a malformed URL).
+    Health(HealthArgs),
 }
 
 /// What `check-config` prints instead of checking, if anything.
@@ -54,6 +61,16 @@ pub struct CheckConfigArgs {
     /// Print, instead, the README's table of settings (Markdown).
     #[arg(long)]
     pub markdown: bool,
+}
+
+/// Which instance `handoff health` asks.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The Handoff to ask: its scheme, host and port (and path prefix, behind a proxy). By
+    /// default the address in HANDOFF_ADDR (127.0.0.1:8080 when unset), a wildcard address
+    /// asked on loopback.
+    #[arg(long)]
+    pub url: Option<String>,
 }
 
 /// Where the job commands send their requests, and how they print the answer.
@@ -156,6 +173,12 @@ pub fn check_config(args: &CheckConfigArgs) -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// `handoff token`: a token as strong as the one start-up generates, for operators and scripts.
+pub fn token() -> ExitCode {
+    println!("{}", crate::auth::random_token());
+    ExitCode::SUCCESS
 }
 
 /// `--percent`: a finite number. `nan` and `inf` parse as numbers but have no JSON form, so they

@@ -16,6 +16,8 @@ fn main() -> ExitCode {
         Command::Serve => serve(),
         Command::Job(args) => cli::job::run(args),
         Command::CheckConfig(args) => cli::check_config(&args),
+        Command::Token => cli::token(),
+        Command::Health(args) => cli::health::run(args),
     }
 }
 
@@ -50,10 +52,14 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Listening now: a `Type=notify` unit counts as started only from here. Without systemd
+    // (no NOTIFY_SOCKET) this does nothing.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let shutdown = app.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;
         log::info!("shutting down: ending open streams");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         shutdown.cancel();
     });
     match app.run_until_stopped().await {

@@ -124,14 +124,7 @@ fn call(args: &JobArgs) -> Result<(), Failure> {
     let base = base_url(&args.url)?;
     let request = request_for(&args.command);
     let url = endpoint(&base, request.path.iter().map(String::as_str));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        // A 4xx or 5xx is an answer to read (the server's message), not a transport error.
-        .http_status_as_error(false)
-        // A redirect would turn a POST into a GET without its token: report it instead.
-        .max_redirects(0)
-        .timeout_global(Some(TIMEOUT))
-        .build()
-        .into();
+    let agent = client(TIMEOUT);
     let sent = match &request.body {
         Some(body) => agent
             .post(url.as_str())
@@ -172,6 +165,18 @@ fn call(args: &JobArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The commands' HTTP client (`handoff health` uses it too), each call bounded by `timeout`.
+pub(super) fn client(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        // A 4xx or 5xx is an answer to read (the server's message), not a transport error.
+        .http_status_as_error(false)
+        // A redirect would turn a POST into a GET without its token: report it instead.
+        .max_redirects(0)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
 /// `--url` / `HANDOFF_URL`, checked before anything is sent.
 fn base_url(raw: &str) -> Result<Url, Failure> {
     let usage = |why: &str| {
@@ -191,7 +196,7 @@ fn base_url(raw: &str) -> Result<Url, Failure> {
 
 /// `base` with `segments` appended, each percent-encoded as one path segment: an id that is not
 /// an id reaches the server as such (and is answered `400`), never as another path.
-fn endpoint<'a>(base: &Url, segments: impl IntoIterator<Item = &'a str>) -> Url {
+pub(super) fn endpoint<'a>(base: &Url, segments: impl IntoIterator<Item = &'a str>) -> Url {
     let mut url = base.clone();
     if let Ok(mut path) = url.path_segments_mut() {
         path.pop_if_empty().extend(segments);

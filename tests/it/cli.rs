@@ -335,6 +335,8 @@ async fn every_command_has_help() {
         &[][..],
         &["serve"],
         &["check-config"],
+        &["token"],
+        &["health"],
         &["job"],
         &["job", "create"],
         &["job", "progress"],

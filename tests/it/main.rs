@@ -16,6 +16,7 @@ mod hostile_input;
 mod job_life;
 mod limits;
 mod openapi;
+mod packaging;
 mod process;
 mod properties;
 mod proxy;
