@@ -483,11 +483,33 @@ mod tests {
         assert_eq!(percent_of(&second.next().await.unwrap()), 20.0);
     }
 
-    #[test]
-    fn news_is_encoded_once_whoever_asks() {
-        let news = completed();
-        let first = news.encoded(|_| "encoded".into());
-        let second = news.encoded(|_| unreachable!("encoded already"));
-        assert_eq!(first, second);
+    /// Every stream of the job encodes what its subscription hands it: the ones waiting when
+    /// the ending arrives, one joining afterwards, and a second copy of the ending (a resync)
+    /// changes nothing. One encoding between them all.
+    #[tokio::test]
+    async fn news_is_encoded_once_whoever_asks() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let mut waiting: Vec<_> = (0..3).map(|_| Box::pin(hub.subscribe(&id))).collect();
+        hub.deliver(&id, &completed());
+        hub.deliver(&id, &completed());
+        let late = hub.subscribe(&id);
+        let mut handed = Vec::new();
+        for sub in &mut waiting {
+            handed.push(sub.next().await.expect("the ending"));
+        }
+        handed.push(
+            late.delivered()
+                .expect("the ending, to a late subscription"),
+        );
+        let encodings = std::sync::atomic::AtomicUsize::new(0);
+        for news in &handed {
+            let encoded = news.encoded(|_| {
+                encodings.fetch_add(1, Ordering::Relaxed);
+                "encoded".into()
+            });
+            assert_eq!(encoded, "encoded");
+        }
+        assert_eq!(encodings.load(Ordering::Relaxed), 1);
     }
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{self, TOKEN, TestApp, WAIT};
+use crate::support::{self, Instance, TOKEN, TestApp, WAIT};
 
 /// What one run of the binary left behind.
 #[derive(Debug)]
@@ -366,14 +366,9 @@ async fn serve_runs_the_server_as_no_command_does() {
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_handoff"));
     command.arg("serve");
-    let (mut child, base, _log) = support::start_command(command, dir.path(), &[]);
-    let health = support::client()
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .expect("healthz");
-    assert_eq!(health.status(), 200);
-    support::sigterm(&child);
-    let status = support::exit_within(&mut child, std::time::Instant::now(), WAIT).await;
+    let mut instance = Instance::start_command(command, dir.path(), &[]);
+    assert_eq!(instance.get("/healthz").await.status(), 200);
+    instance.sigterm();
+    let status = instance.exit_within(std::time::Instant::now(), WAIT).await;
     assert!(status.success(), "{status}");
 }
