@@ -781,7 +781,7 @@ async fn cross_instance_delivery_latency_over_200_jobs() {
     one.wait_healthy().await;
     two.wait_healthy().await;
     // A job runner keeps its connection to Handoff open, as this client does.
-    let runner = reqwest::Client::new();
+    let runner = support::client_builder().build().expect("client");
 
     let mut delivered = Vec::with_capacity(JOBS);
     let mut answered = Vec::with_capacity(JOBS);

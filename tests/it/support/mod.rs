@@ -380,8 +380,15 @@ pub async fn job_at(client: &reqwest::Client, base: &str, id: &str) -> Value {
         .expect("job JSON")
 }
 
-pub fn client() -> reqwest::Client {
+/// reqwest's builder, for every client of the tests. The server's reqwest brings rustls without a
+/// crypto provider of its own (Cargo.toml), so ring is made the provider first, as the server does.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
+}
+
+pub fn client() -> reqwest::Client {
+    client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(0)
         .build()
@@ -390,7 +397,7 @@ pub fn client() -> reqwest::Client {
 
 /// A client that keeps cookies, as a browser does (for the admin session), and follows no redirect.
 pub fn cookie_client() -> reqwest::Client {
-    reqwest::Client::builder()
+    client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .cookie_store(true)
         .build()
