@@ -111,7 +111,8 @@ pub enum JobCommand {
     },
     /// Report progress on a pending job; its open pages show it at once.
     Progress {
-        /// The job's id.
+        /// The job's id (it may start with `-`, as one id in 64 does).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// How far along, 0 to 100.
         #[arg(long, value_name = "N", value_parser = percent)]
@@ -122,7 +123,8 @@ pub enum JobCommand {
     },
     /// Complete a job: its open pages move on to the target.
     Complete {
-        /// The job's id.
+        /// The job's id (it may start with `-`, as one id in 64 does).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// Overrides the target given at creation.
         #[arg(long, value_name = "PATH")]
@@ -130,7 +132,8 @@ pub enum JobCommand {
     },
     /// Fail a job: its open pages move on to page B, which shows the message.
     Fail {
-        /// The job's id.
+        /// The job's id (it may start with `-`, as one id in 64 does).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// Why it failed, for the person waiting; at most 200 characters.
         #[arg(long, value_name = "TEXT")]
@@ -141,7 +144,8 @@ pub enum JobCommand {
     },
     /// Show a job: its state, progress, deadline and target.
     Show {
-        /// The job's id.
+        /// The job's id (it may start with `-`, as one id in 64 does).
+        #[arg(allow_hyphen_values = true)]
         id: String,
     },
 }

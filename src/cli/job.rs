@@ -1,5 +1,6 @@
-//! `handoff job …`: the job runner's calls to a running Handoff, over its HTTP API, with a
-//! small blocking client (`ureq`): nothing here needs the server's async runtime.
+//! `handoff job …`: the job runner's calls to a running Handoff, over its HTTP API, with the
+//! one HTTP client ([`crate::http_client`]) in its blocking form: nothing here needs the server's
+//! async runtime.
 //!
 //! What each command prints: a listing of the job, or with `--json` the server's answer as it
 //! came. What a failure prints: the server's own message (its `{"error": …}`) on stderr, with
@@ -124,21 +125,35 @@ fn call(args: &JobArgs) -> Result<(), Failure> {
     let base = base_url(&args.url)?;
     let request = request_for(&args.command);
     let url = endpoint(&base, request.path.iter().map(String::as_str));
-    let agent = client(TIMEOUT);
-    let sent = match &request.body {
-        Some(body) => agent
-            .post(url.as_str())
-            .header("Authorization", format!("Bearer {}", token()?))
-            .send_json(body),
-        None => agent.get(url.as_str()).call(),
+    // A usage error is reported before anything is set up.
+    let token = match request.body {
+        Some(_) => Some(token()?),
+        None => None,
     };
-    let mut response =
-        sent.map_err(|err| Failure::Unreachable(format!("cannot reach Handoff at {base}: {err}")))?;
+    let client = client(&base, TIMEOUT).map_err(|why| {
+        Failure::Unreachable(format!("cannot set up the HTTP client for {base}: {why}"))
+    })?;
+    let mut call = match &request.body {
+        Some(body) => client.post(url).json(body),
+        None => client.get(url),
+    };
+    if let Some(token) = token {
+        call = call.bearer_auth(token);
+    }
+    // A 4xx or 5xx is an answer to read (the server's message), not a transport error.
+    let response = call.send().map_err(|err| {
+        Failure::Unreachable(format!(
+            "cannot reach Handoff at {base}: {}",
+            crate::http_client::describe(err)
+        ))
+    })?;
     let status = response.status();
-    let text = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|err| Failure::Unreachable(format!("reading the answer from {base}: {err}")))?;
+    let text = response.text().map_err(|err| {
+        Failure::Unreachable(format!(
+            "reading the answer from {base}: {}",
+            crate::http_client::describe(err)
+        ))
+    })?;
     let parsed: Option<Value> = serde_json::from_str(&text).ok();
     if !status.is_success() {
         return Err(Failure::Refused {
@@ -165,16 +180,13 @@ fn call(args: &JobArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The commands' HTTP client (`handoff health` uses it too), each call bounded by `timeout`.
-pub(super) fn client(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        // A 4xx or 5xx is an answer to read (the server's message), not a transport error.
-        .http_status_as_error(false)
-        // A redirect would turn a POST into a GET without its token: report it instead.
-        .max_redirects(0)
-        .timeout_global(Some(timeout))
+/// The HTTP client of the job commands and of `handoff health`. No redirect is followed: one
+/// would turn a POST into a GET without its token, and a 3xx is reported as the refusal it is.
+pub(super) fn client(base: &Url, timeout: Duration) -> Result<reqwest::blocking::Client, String> {
+    reqwest::blocking::ClientBuilder::from(crate::http_client::builder(base))
+        .timeout(timeout)
         .build()
-        .into()
+        .map_err(crate::http_client::describe)
 }
 
 /// `--url` / `HANDOFF_URL`, checked before anything is sent.

@@ -195,6 +195,12 @@ async fn refusals_exit_1_with_the_servers_message_and_usage_errors_exit_2() {
     job(&app, &["complete", "AAAAAAAAAAAAAAAAAAAAAA"])
         .await
         .failed(1, "404 Not Found: no job with this id");
+    // One id in 64 starts with `-`: it is an id, not an option.
+    for command in ["complete", "fail", "progress", "show"] {
+        job(&app, &[command, "-AAAAAAAAAAAAAAAAAAAAA"])
+            .await
+            .failed(1, "404 Not Found: no job with this id");
+    }
     job(&app, &["show", "not-an-id"])
         .await
         .failed(1, "400 Bad Request");

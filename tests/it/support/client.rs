@@ -271,9 +271,16 @@ pub async fn read_until(socket: &mut TcpStream, marker: &str) -> String {
     String::from_utf8_lossy(&seen).into_owned()
 }
 
+/// reqwest's builder, for every client of the tests. The server's reqwest brings rustls without a
+/// crypto provider of its own (Cargo.toml), so ring is made the provider first, as the server does.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// The client [`Handoff`] uses, for requests a test shapes itself.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+    client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(0)
         .build()
@@ -282,7 +289,7 @@ pub fn client() -> reqwest::Client {
 
 /// A client that keeps cookies, as a browser does (for the admin session), and follows no redirect.
 pub fn cookie_client() -> reqwest::Client {
-    reqwest::Client::builder()
+    client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .cookie_store(true)
         .build()

@@ -19,7 +19,8 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 pub use client::{
-    Handoff, HttpConnection, client, cookie_client, page_text, post_form, read_until,
+    Handoff, HttpConnection, client, client_builder, cookie_client, page_text, post_form,
+    read_until,
 };
 pub use instance::Instance;
 pub use sse::{Sse, SseReader, result_of};
