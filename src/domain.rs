@@ -236,7 +236,7 @@ pub struct Job {
     /// Milliseconds since the Unix epoch.
     pub created_at: i64,
     /// When the job reached its end state, whichever it is.
-    pub completed_at: Option<i64>,
+    pub ended_at: Option<i64>,
     /// When a job still pending expires.
     pub deadline: i64,
     /// The latest progress report, as last stored.

@@ -258,7 +258,7 @@ fn listing(job: &Value, base: &Url) -> Vec<(&'static str, String)> {
     );
     lines.extend(text("createdAt").map(|at| ("created", at)));
     lines.extend(text("deadline").map(|at| ("deadline", at)));
-    lines.extend(text("completedAt").map(|at| ("ended", at)));
+    lines.extend(text("endedAt").map(|at| ("ended", at)));
     if let Some(progress) = job.get("progress").filter(|p| p.is_object()) {
         lines.push(("progress", progress_line(progress)));
     }

@@ -103,7 +103,7 @@ pub(super) struct JobRow {
     pub(super) status: String,
     move_url: Option<String>,
     created_at: i64,
-    pub(super) completed_at: Option<i64>,
+    pub(super) ended_at: Option<i64>,
     deadline: i64,
     progress_percent: Option<f64>,
     progress_message: Option<String>,
@@ -112,7 +112,7 @@ pub(super) struct JobRow {
 }
 
 /// The columns of [`JobRow`], in its order.
-pub(super) const JOB_COLUMNS: &str = "id, status, move_url, created_at, completed_at, deadline, \
+pub(super) const JOB_COLUMNS: &str = "id, status, move_url, created_at, ended_at, deadline, \
      progress_percent, progress_message, progress_at, message";
 
 impl TryFrom<JobRow> for Job {
@@ -148,7 +148,7 @@ impl TryFrom<JobRow> for Job {
             status,
             move_url,
             created_at: row.created_at,
-            completed_at: row.completed_at,
+            ended_at: row.ended_at,
             deadline: row.deadline,
             progress,
             message: message(&row.message)?,

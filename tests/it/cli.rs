@@ -169,6 +169,7 @@ async fn json_output_is_the_servers_answer_with_its_fields() {
         "status",
         "moveUrl",
         "createdAt",
+        "endedAt",
         "completedAt",
         "deadline",
         "progress",

@@ -165,6 +165,7 @@ async fn the_api_refuses_a_missing_or_wrong_token_and_changes_nothing() {
     assert_eq!(job["status"], "pending");
     assert_eq!(job["moveUrl"], "");
     assert_eq!(job["completedAt"], serde_json::Value::Null);
+    assert_eq!(job["endedAt"], serde_json::Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -177,7 +178,8 @@ async fn completing_twice_returns_the_stored_result_and_unknown_is_404() {
     let second: serde_json::Value = again.json().await.unwrap();
     assert_eq!(first, second);
     assert_eq!(first["status"], "complete");
-    assert!(first["completedAt"].as_str().unwrap().ends_with('Z'));
+    assert!(first["endedAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(first["completedAt"], first["endedAt"], "the old name, kept");
     assert_eq!(app.complete("AAAAAAAAAAAAAAAAAAAAAA").await.status(), 404);
 }
 
