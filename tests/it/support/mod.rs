@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod nginx;
+pub mod redis_cluster;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
