@@ -635,12 +635,33 @@ impl<L: Listener> Subscriber<L> {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unsubscribe = tokio::time::interval(LINGER);
         unsubscribe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A cluster node's link dropped: subscribe again and re-read, retried until it works.
+        let mut repairing = false;
+        let mut repair = tokio::time::interval(MIN_BACKOFF * 5);
+        repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = repair.tick(), if repairing => {
+                    repairing = !self.repair(&mut link).await;
+                }
                 push = pushes.recv() => {
                     let Some(push) = push else { return "connection closed".into() };
                     match push.kind {
-                        PushKind::Disconnection => return "disconnected".into(),
+                        PushKind::Disconnection if matches!(link, Link::Single(_)) => {
+                            return "disconnected".into();
+                        }
+                        PushKind::Disconnection => {
+                            // The cluster client repairs a node's link by itself, and a new
+                            // cluster connection would wait for the dead node: keep this one,
+                            // subscribe again to what the dropped link carried, then re-read.
+                            log::warn!(
+                                "a Redis Cluster node link dropped; subscribing again to the \
+                                 channels of the jobs watched here"
+                            );
+                            self.fanout.subscribed.store(false, Ordering::Release);
+                            self.unconfirm_wanted();
+                            repairing = true;
+                        }
                         PushKind::Message | PushKind::SMessage => {
                             self.listener.arrived();
                             self.open(push.data, &mut last_warning);
@@ -650,12 +671,24 @@ impl<L: Listener> Subscriber<L> {
                 }
                 () = self.fanout.routes.wanted.notified() => {
                     if let Err(err) = self.flush_and_catch_up(&mut link).await {
-                        return err;
+                        if matches!(link, Link::Single(_)) {
+                            return err;
+                        }
+                        log::warn!("Redis Cluster: {err}; subscribing again");
+                        self.fanout.subscribed.store(false, Ordering::Release);
+                        self.unconfirm_wanted();
+                        repairing = true;
                     }
                 }
                 _ = unsubscribe.tick() => {
                     if let Err(err) = self.flush_and_catch_up(&mut link).await {
-                        return err;
+                        if matches!(link, Link::Single(_)) {
+                            return err;
+                        }
+                        log::warn!("Redis Cluster: {err}; subscribing again");
+                        self.fanout.subscribed.store(false, Ordering::Release);
+                        self.unconfirm_wanted();
+                        repairing = true;
                     }
                 }
                 _ = resync.tick() => {
@@ -667,6 +700,33 @@ impl<L: Listener> Subscriber<L> {
                 }
             }
         }
+    }
+
+    /// Every wanted channel counts as not subscribed; lingering ones stay as they are (the
+    /// cluster client still holds them, to be dropped as usual).
+    fn unconfirm_wanted(&self) {
+        for route in self.fanout.routes.lock().values() {
+            if route.wanted {
+                route.confirmed.send_replace(false);
+            }
+        }
+    }
+
+    /// After a cluster node's link dropped: subscribes again to every wanted channel, then
+    /// re-reads every watched job; true once both worked.
+    async fn repair(&self, link: &mut Link) -> bool {
+        if let Err(err) = self.flush(link).await {
+            log::warn!("Redis Cluster: cannot subscribe again yet: {err}");
+            return false;
+        }
+        if let Err(err) = self.listener.catch_up(None).await {
+            log::warn!("resync after subscribing again failed: {err}");
+            return false;
+        }
+        self.listener.resubscribed();
+        self.fanout.subscribed.store(true, Ordering::Release);
+        log::info!("Redis Cluster: subscribed again and caught up");
+        true
     }
 
     async fn flush_and_catch_up(&self, link: &mut Link) -> Result<(), String> {

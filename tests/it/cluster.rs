@@ -17,6 +17,7 @@ struct Instance {
     child: Child,
     base: String,
     client: reqwest::Client,
+    log: support::CapturedLog,
 }
 
 impl Instance {
@@ -31,11 +32,12 @@ impl Instance {
             ("HANDOFF_MAX_STREAMS_PER_CLIENT", "off"),
         ];
         envs.extend_from_slice(more);
-        let (child, base, _log) = start_binary(&std::env::temp_dir(), &envs);
+        let (child, base, log) = start_binary(&std::env::temp_dir(), &envs);
         let instance = Self {
             child,
             base,
             client: support::client(),
+            log,
         };
         let healthy = eventually(Duration::from_secs(15), || async {
             instance
@@ -203,10 +205,12 @@ async fn a_master_killed_and_its_replica_promoted_while_jobs_complete_loses_noth
     complete_all(&one, &ids[20..40]).await;
     cluster.wait_ok().await;
     complete_all(&one, &ids[40..]).await;
+    let arrived = all_arrived(readers).await;
     assert_eq!(
-        all_arrived(readers).await,
+        arrived,
         ids.len(),
-        "every result arrives, by message or by the resync"
+        "every result arrives, by message or by the resync; the watching instance logged:\n{}",
+        two.log.lock().expect("log").join("\n")
     );
 }
 

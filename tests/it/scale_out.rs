@@ -984,3 +984,75 @@ async fn progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other
         "it came over Redis"
     );
 }
+
+/// The first message on `channel` of the shared Redis within `within`, as a plain (RESP2)
+/// subscriber such as an instance of a release before routing sees it; `None` if none came.
+async fn first_message_on(pubsub: &mut redis::aio::PubSub, within: Duration) -> Option<String> {
+    let mut messages = pubsub.on_message();
+    let message = tokio::time::timeout(within, messages.next()).await.ok()??;
+    Some(String::from_utf8_lossy(message.get_payload_bytes()).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run by scripts/test.sh"]
+async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() {
+    let redis_url = shared_redis().await;
+    let db = FreshDb::postgres().await;
+    let channel = fresh_channel();
+    let key = "a-fanout-key-of-at-least-32-characters-for-upgrades";
+    let signing = [("HANDOFF_FANOUT_KEY", key)];
+    // A routed instance with the default: the single channel on.
+    let routed = Instance::start_with(&db, Some(redis_url), &channel, &signing);
+    routed.wait_healthy().await;
+    // An instance of the releases before routing listens on the single channel only.
+    let client = redis::Client::open(redis_url).expect("a Redis URL");
+    let mut old = client.get_async_pubsub().await.expect("a subscriber");
+    old.subscribe(&channel).await.expect("SUBSCRIBE");
+
+    // New to old: a completion here reaches the single channel, signed for it, in the format
+    // the old release reads (its fields, plus `routed`, which it ignores).
+    let id = routed.job_id().await;
+    assert_eq!(routed.complete(&id).await, 200);
+    let heard = first_message_on(&mut old, WAIT)
+        .await
+        .expect("a message on the single channel");
+    let payload = heard.splitn(3, '.').nth(2).expect("v1.<tag>.<payload>");
+    assert_eq!(heard, signed_with(key.as_bytes(), &channel, payload));
+    let message: serde_json::Value = serde_json::from_str(payload).expect("JSON");
+    assert_eq!(message["id"], id.as_str());
+    assert_eq!(message["kind"], "complete");
+    assert_eq!(message["moveUrl"], format!("/test.do?id={id}"));
+
+    // Old to new: an old instance publishes only on the single channel; a stream here gets it
+    // at once (not at a resync).
+    let id = routed.job_id().await;
+    let mut stream = routed.connected_stream(&id).await;
+    let old_format =
+        format!(r#"{{"id":"{id}","kind":"complete","moveUrl":"/jobs/old","from":"old-instance"}}"#);
+    publish_with_redis_cli(
+        &channel,
+        &signed_with(key.as_bytes(), &channel, &old_format),
+    );
+    let result = stream
+        .next_result(WAIT)
+        .await
+        .expect("the old instance's result");
+    assert_eq!(result["moveUrl"], "/jobs/old");
+    assert_eq!(routed.metric("handoff_resync_deliveries_total").await, 0.0);
+
+    // Once the fleet is upgraded and the single channel is off, nothing goes there any more.
+    let upgraded = Instance::start_with(
+        &db,
+        Some(redis_url),
+        &channel,
+        &[signing[0], ("HANDOFF_FANOUT_LEGACY_CHANNEL", "off")],
+    );
+    upgraded.wait_healthy().await;
+    let id = upgraded.job_id().await;
+    assert_eq!(upgraded.complete(&id).await, 200);
+    assert_eq!(
+        first_message_on(&mut old, Duration::from_millis(500)).await,
+        None,
+        "with HANDOFF_FANOUT_LEGACY_CHANNEL=off the single channel is quiet"
+    );
+}
