@@ -590,6 +590,18 @@ mod tests {
     }
 
     #[test]
+    fn routing_keeps_the_single_channel_for_the_upgrade_and_a_cluster_is_asked_for() {
+        let c = with(&[]).unwrap();
+        assert!(c.fanout_legacy_channel && !c.redis_cluster);
+        let c = with(&[
+            ("HANDOFF_FANOUT_LEGACY_CHANNEL", "off"),
+            ("HANDOFF_REDIS_CLUSTER", "on"),
+        ])
+        .unwrap();
+        assert!(!c.fanout_legacy_channel && c.redis_cluster);
+    }
+
+    #[test]
     fn redis_without_a_shared_secret_to_sign_its_messages_is_refused() {
         let redis = ("REDIS_URL", "redis://127.0.0.1:6379");
         let err = with(&[redis]).unwrap_err();

@@ -137,7 +137,7 @@ pub trait Listener: Send + Sync + 'static {
 #[derive(Clone)]
 enum Server {
     Single(redis::Client),
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 /// The publishing connection.
@@ -229,7 +229,10 @@ impl Fanout {
                 .connection_timeout(ATTEMPT_TIMEOUT)
                 .response_timeout(ATTEMPT_TIMEOUT)
                 .build()?;
-            (Server::Cluster(client), Publisher::Cluster(Arc::default()))
+            (
+                Server::Cluster(Box::new(client)),
+                Publisher::Cluster(Arc::default()),
+            )
         } else {
             let mut info = redis::IntoConnectionInfo::into_connection_info(config.url)?;
             // Subscribing on a multiplexed connection takes RESP3 (Redis 6+).
