@@ -42,10 +42,19 @@ settings! {
         /// `sqlite://…` (folder and file are created) or `postgres://…`
         pub database_url: String = DATABASE_URL, Link::DATABASE,
             default "sqlite://data/handoff.db";
-        /// `redis://…`: fan completions out to every instance (see Scale-out)
+        /// `redis://…`: fan completions out to the instances watching them (see Scale-out);
+        /// with `HANDOFF_REDIS_CLUSTER=on`, a comma-separated list of the cluster's seed nodes
         pub redis_url: Option<String> = REDIS_URL, Link::REDIS, unset "unset";
-        /// the Pub/Sub channel the instances of one deployment share
+        /// the single Pub/Sub channel of the releases before routing, and the prefix of each
+        /// job's channel (`<it>:{<job id>}`)
         pub redis_channel: String = HANDOFF_REDIS_CHANNEL, Parsed, default "handoff:completions";
+        /// `on`: `REDIS_URL` names a Redis Cluster (7+), whose job channels are sharded
+        /// (`SSUBSCRIBE`/`SPUBLISH`)
+        pub redis_cluster: bool = HANDOFF_REDIS_CLUSTER, OnOff, default "off";
+        /// `on`: also publish to and listen on the single channel, so instances of the releases
+        /// before routing lose nothing during a rolling upgrade; set `off` once every instance
+        /// runs this release (see Upgrading)
+        pub fanout_legacy_channel: bool = HANDOFF_FANOUT_LEGACY_CHANNEL, OnOff, default "on";
         /// bearer token for the API and the admin login; at least 16 characters, at least 8 of
         /// them different (start-up refuses `aaaa…` or `1212…` and says why)
         pub api_token: Option<SecretString> = HANDOFF_API_TOKEN, Secret {
@@ -578,6 +587,18 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.var, "HANDOFF_WEBHOOK_MAX_AGE_SECS");
         assert!(err.reason.contains("HANDOFF_UNCLAIMED_SECS"), "{err}");
+    }
+
+    #[test]
+    fn routing_keeps_the_single_channel_for_the_upgrade_and_a_cluster_is_asked_for() {
+        let c = with(&[]).unwrap();
+        assert!(c.fanout_legacy_channel && !c.redis_cluster);
+        let c = with(&[
+            ("HANDOFF_FANOUT_LEGACY_CHANNEL", "off"),
+            ("HANDOFF_REDIS_CLUSTER", "on"),
+        ])
+        .unwrap();
+        assert!(!c.fanout_legacy_channel && c.redis_cluster);
     }
 
     #[test]

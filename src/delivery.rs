@@ -15,8 +15,8 @@ use crate::hub::{Hub, News, Update};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// One update on the Redis channel: `{"id":"…","kind":"complete","moveUrl":"…","from":"…"}`,
-/// with `message` for a failure, and `percent`, `message` and `at` for progress.
+/// One update on a Redis channel: `{"id":"…","kind":"complete","moveUrl":"…","from":"…",
+/// "routed":true}`, with `message` for a failure, and `percent`, `message` and `at` for progress.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Message {
     id: String,
@@ -32,6 +32,10 @@ struct Message {
     at: Option<i64>,
     /// The publishing instance.
     from: String,
+    /// Published to the job's own channel too (the releases before routing leave it out): a
+    /// copy on the single channel is for them, and a routed instance ignores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    routed: bool,
 }
 
 impl Message {
@@ -39,6 +43,7 @@ impl Message {
         let mut message = Message {
             id: id.as_str().to_owned(),
             from: instance.to_owned(),
+            routed: true,
             ..Message::default()
         };
         match update {
@@ -64,7 +69,7 @@ impl Message {
     }
 
     /// Parses what another instance published; anything malformed is refused, not delivered.
-    fn parse(payload: &[u8]) -> Result<(String, JobId, Update), String> {
+    fn parse(payload: &[u8]) -> Result<(Sender, JobId, Update), String> {
         let message: Message =
             serde_json::from_slice(payload).map_err(|e| format!("not an update: {e}"))?;
         let id = JobId::parse(&message.id).map_err(|e| e.to_string())?;
@@ -96,8 +101,23 @@ impl Message {
             }),
             other => return Err(format!("unknown kind {other:?}")),
         };
-        Ok((message.from, id, update))
+        Ok((
+            Sender {
+                instance: message.from,
+                routed: message.routed,
+            },
+            id,
+            update,
+        ))
     }
+}
+
+/// Who published a message.
+#[derive(Debug, PartialEq)]
+struct Sender {
+    instance: String,
+    /// It published to the job's channel as well.
+    routed: bool,
 }
 
 /// Local delivery and the fan-out, as one; cheap to clone.
@@ -120,6 +140,16 @@ struct Inner {
 
 impl Delivery {
     pub fn new(hub: Hub, fanout: Option<Fanout>, store: Store, metrics: Metrics) -> Self {
+        if let Some(fanout) = &fanout {
+            let fanout = fanout.clone();
+            hub.set_watch_hook(Arc::new(move |id, watched| {
+                if watched {
+                    fanout.want(id);
+                } else {
+                    fanout.release(id);
+                }
+            }));
+        }
         Self {
             inner: Arc::new(Inner {
                 hub,
@@ -164,7 +194,7 @@ impl Delivery {
             .map(|_| Message::encode(instance, id, &update));
         let reached = hub.deliver(id, &News::new(update));
         if let (Some(fanout), Some(payload)) = (fanout, payload)
-            && let Err(err) = fanout.broadcast(&payload).await
+            && let Err(err) = fanout.broadcast(id, &payload).await
         {
             log::warn!(
                 "job {id}: update not published to Redis ({err}); instances deliver an ending \
@@ -172,6 +202,15 @@ impl Delivery {
             );
         }
         reached
+    }
+
+    /// Waits until news of `id` published from now on reaches this instance (its channel is
+    /// subscribed), or the subscriber has taken over catching up on it; see [`Fanout::routed`].
+    /// Call it after subscribing to the hub and before reading the job.
+    pub async fn routed(&self, id: &JobId) {
+        if let Some(fanout) = &self.inner.fanout {
+            fanout.routed(id).await;
+        }
     }
 
     /// Starts receiving other instances' updates (progress and endings), when there is a Redis
@@ -188,10 +227,13 @@ impl Delivery {
 }
 
 impl Listener for Delivery {
-    fn receive(&self, payload: &[u8]) {
+    fn receive(&self, payload: &[u8], legacy: bool) {
         match Message::parse(payload) {
             // Delivered here when it was published.
-            Ok((from, _, _)) if from == self.inner.instance => {}
+            Ok((from, _, _)) if from.instance == self.inner.instance => {}
+            // Its copy on the job's channel reaches this instance when a stream here watches the
+            // job: subscribed before the stream read the job.
+            Ok((from, _, _)) if legacy && from.routed => {}
             Ok((_, id, update)) => {
                 self.inner.hub.deliver(&id, &News::new(update));
             }
@@ -199,20 +241,25 @@ impl Listener for Delivery {
         }
     }
 
+    fn arrived(&self) {
+        self.inner.metrics.fanout_received.inc();
+    }
+
     fn rejected(&self) {
         self.inner.metrics.fanout_rejected.inc();
     }
 
-    /// Delivers every job watched here that ended while no message could reach us. Costs
-    /// nothing while no job is watched, and one query per few hundred watched jobs otherwise.
-    async fn catch_up(&self) -> Result<(), String> {
+    /// Delivers every job watched here (or those of `jobs`) that ended while no message could
+    /// reach us. Costs nothing while no job is watched, and one query per few hundred watched
+    /// jobs otherwise.
+    async fn catch_up(&self, jobs: Option<Vec<JobId>>) -> Result<(), String> {
         let Inner {
             hub,
             store,
             metrics,
             ..
         } = &*self.inner;
-        let watched = hub.watched_ids();
+        let watched = jobs.unwrap_or_else(|| hub.watched_ids());
         if watched.is_empty() {
             return Ok(());
         }
@@ -264,7 +311,14 @@ mod tests {
             let payload = Message::encode("me", &id, &update);
             assert_eq!(
                 Message::parse(&payload).unwrap(),
-                ("me".to_owned(), id.clone(), update)
+                (
+                    Sender {
+                        instance: "me".to_owned(),
+                        routed: true
+                    },
+                    id.clone(),
+                    update
+                )
             );
         }
     }

@@ -89,11 +89,16 @@ struct Entry {
     subscriptions: usize,
 }
 
+/// Told when a job's first subscription here opens and its last one leaves (the Redis link
+/// subscribes to and drops the job's channel then). Called under the hub's lock, so the two
+/// calls of one job come in order; it must be quick and must not call the hub.
+pub type WatchHook = Arc<dyn Fn(&JobId, bool) + Send + Sync>;
+
 /// A blocking mutex, not a tokio one: it is never held across an `.await`, and every critical
 /// section is a map lookup.
-#[derive(Debug)]
 struct Registry {
     jobs: Mutex<HashMap<JobId, Entry>>,
+    hook: OnceLock<WatchHook>,
     /// Set at shutdown: every subscription ends.
     closed: AtomicBool,
     /// What [`Registry::clock`] counts from.
@@ -104,13 +109,29 @@ impl Default for Registry {
     fn default() -> Self {
         Self {
             jobs: Mutex::default(),
+            hook: OnceLock::new(),
             closed: AtomicBool::default(),
             epoch: Instant::now(),
         }
     }
 }
 
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("jobs", &self.jobs)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Registry {
+    fn hook(&self, id: &JobId, watched: bool) {
+        if let Some(hook) = self.hook.get() {
+            hook(id, watched);
+        }
+    }
+
     /// Milliseconds since the registry was made, plus one, so that 0 can mean "never".
     fn clock(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis())
@@ -151,6 +172,7 @@ pin_project! {
                 entry.subscriptions -= 1;
                 if entry.subscriptions == 0 {
                     jobs.remove(&*this.id);
+                    this.registry.hook(this.id, false);
                 }
             }
         }
@@ -264,9 +286,12 @@ impl Hub {
     /// seen by the read, so nothing slips between the two.
     pub fn subscribe(&self, id: &JobId) -> Subscription {
         let mut jobs = self.registry.jobs.lock();
-        let entry = jobs.entry(id.clone()).or_insert_with(|| Entry {
-            slot: Arc::default(),
-            subscriptions: 0,
+        let entry = jobs.entry(id.clone()).or_insert_with(|| {
+            self.registry.hook(id, true);
+            Entry {
+                slot: Arc::default(),
+                subscriptions: 0,
+            }
         });
         entry.subscriptions += 1;
         let slot = Arc::clone(&entry.slot);
@@ -278,6 +303,14 @@ impl Hub {
             seen_progress: 0,
             done: false,
             woken: None,
+        }
+    }
+
+    /// Sets what is told when a job's first subscription opens (`true`) and its last one leaves
+    /// (`false`); once, before the first subscription.
+    pub fn set_watch_hook(&self, hook: WatchHook) {
+        if self.registry.hook.set(hook).is_err() {
+            log::error!("the hub's watch hook was set twice; the first one stays");
         }
     }
 

@@ -287,15 +287,17 @@ impl Jobs {
         self.store.get_job(id).await?.ok_or(JobsError::NotFound)
     }
 
-    /// Registers a stream for the job's news, then reads its status, in that order: an ending
-    /// stored after the read is delivered to the registration, one stored before is seen by the
-    /// read. The read is skipped when the job's ending has reached its streams here already, or
-    /// another stream of it here read it as pending a moment ago.
+    /// Registers a stream for the job's news (here, and with Redis on the job's channel), then
+    /// reads its status, in that order: an ending stored after the read is delivered to the
+    /// registration, one stored before is seen by the read. The read is skipped when the job's
+    /// ending has reached its streams here already, or another stream of it here read it as
+    /// pending a moment ago (after its own channel subscription).
     pub async fn watch(&self, id: &JobId) -> Result<Watch, JobsError> {
         let subscription = self.delivery.hub().subscribe(id);
         if let Some(news) = subscription.delivered() {
             return Ok(Watch::Ended(news));
         }
+        self.delivery.routed(id).await;
         if subscription.pending_read_is_fresh() {
             return Ok(Watch::Waiting(subscription));
         }
@@ -308,6 +310,7 @@ impl Jobs {
     pub async fn watch_many(&self, ids: &[JobId]) -> Result<Vec<Option<Watch>>, JobsError> {
         let hub = self.delivery.hub();
         let subscriptions: Vec<Subscription> = ids.iter().map(|id| hub.subscribe(id)).collect();
+        futures_util::future::join_all(ids.iter().map(|id| self.delivery.routed(id))).await;
         let unread: Vec<JobId> = subscriptions
             .iter()
             .zip(ids)

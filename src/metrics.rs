@@ -28,6 +28,7 @@ pub struct Metrics {
     pub streams_refused: Counter,
     pub health_checks: Counter,
     pub fanout_rejected: Counter,
+    pub fanout_received: Counter,
     /// Webhook attempts by `outcome`: `accepted` (2xx), `refused` (any other status), `failed`
     /// (no answer: connection refused, timeout, TLS).
     pub webhook_attempts: Family<[(&'static str, &'static str); 1], Counter>,
@@ -61,6 +62,7 @@ impl Metrics {
             streams_refused: Counter::default(),
             health_checks: Counter::default(),
             fanout_rejected: Counter::default(),
+            fanout_received: Counter::default(),
             webhook_attempts: Family::default(),
             webhooks_sent: Family::default(),
             webhooks_given_up: Counter::default(),
@@ -134,6 +136,12 @@ impl Metrics {
             "fanout_rejected",
             "Messages on the Redis channel dropped for not being signed with this deployment's key",
             metrics.fanout_rejected.clone(),
+        );
+        registry.register(
+            "fanout_messages_received",
+            "Messages this instance's Redis subscriber received, before their signature is checked \
+             (an instance watching no job receives none)",
+            metrics.fanout_received.clone(),
         );
         registry.register(
             "webhook_attempts",

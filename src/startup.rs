@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{HmacKey, Secrets, fanout_secret, random_token};
 use crate::config::{Config, ExposeSecret};
 use crate::delivery::Delivery;
-use crate::fanout::Fanout;
+use crate::fanout::{Fanout, FanoutConfig};
 use crate::hub::Hub;
 use crate::jobs::{Jobs, Lifetimes};
 use crate::limits::{self, DemoJobLimit, GuessThrottle, StreamLimits};
@@ -148,7 +148,13 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
                 Some(key) => HmacKey::new(key.expose_secret().as_bytes()),
                 None => HmacKey::new(&fanout_secret(&token)),
             };
-            Some(Fanout::new(url, &config.redis_channel, key)?)
+            let fanout = FanoutConfig {
+                url,
+                cluster: config.redis_cluster,
+                channel: &config.redis_channel,
+                legacy: config.fanout_legacy_channel,
+            };
+            Some(Fanout::new(&fanout, key)?)
         }
         None => None,
     };
@@ -161,7 +167,10 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
     // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
     delivery.spawn_fan_in(config.resync_interval, shutdown.clone());
     let fan_out = match delivery.fanout() {
-        Some(fanout) => format!("Redis channel {}", fanout.channel()),
+        Some(fanout) => format!(
+            "Redis, routed per job, channels {}:{{id}}",
+            fanout.channel()
+        ),
         None => "off".into(),
     };
     let webhooks = match &config.webhook {

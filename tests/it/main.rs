@@ -9,6 +9,7 @@ mod architecture;
 mod browser;
 mod cli;
 mod clients;
+mod cluster;
 mod core;
 mod demo;
 mod faults;

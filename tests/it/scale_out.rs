@@ -650,7 +650,9 @@ async fn a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell
     let quiet_for = Duration::from_secs(2);
     while let Ok(Some(message)) = tokio::time::timeout(quiet_for, published.next()).await {
         let payload = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
-        if payload.contains(&id) && payload.contains("expired") {
+        // On the job's own channel; while the single channel is on, a copy also goes there.
+        let on_its_channel = message.get_channel_name().ends_with(&format!("{{{id}}}"));
+        if on_its_channel && payload.contains(&id) && payload.contains("expired") {
             expiries += 1;
         }
     }
@@ -692,4 +694,78 @@ async fn progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other
         0.0,
         "it came over Redis"
     );
+}
+
+/// The first message on `channel` of the shared Redis within `within`, as a plain (RESP2)
+/// subscriber such as an instance of a release before routing sees it; `None` if none came.
+async fn first_message_on(pubsub: &mut redis::aio::PubSub, within: Duration) -> Option<String> {
+    let mut messages = pubsub.on_message();
+    let message = tokio::time::timeout(within, messages.next()).await.ok()??;
+    Some(String::from_utf8_lossy(message.get_payload_bytes()).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run by scripts/test.sh"]
+async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() {
+    let redis_url = shared_redis().await;
+    let db = FreshDb::postgres().await;
+    let channel = fresh_channel();
+    let key = "a-fanout-key-of-at-least-32-characters-for-upgrades";
+    let signing = [("HANDOFF_FANOUT_KEY", key)];
+    // A routed instance with the default: the single channel on.
+    let routed = Instance::in_fleet(&db, Some(redis_url), &channel, &signing);
+    routed.wait_healthy().await;
+    // An instance of the releases before routing listens on the single channel only.
+    let client = redis::Client::open(redis_url).expect("a Redis URL");
+    let mut old = client.get_async_pubsub().await.expect("a subscriber");
+    old.subscribe(&channel).await.expect("SUBSCRIBE");
+
+    // New to old: a completion here reaches the single channel, signed for it, in the format
+    // the old release reads (its fields, plus `routed`, which it ignores).
+    let id = routed.job_id().await;
+    assert_eq!(routed.complete(&id).await.status(), 200);
+    let heard = first_message_on(&mut old, WAIT)
+        .await
+        .expect("a message on the single channel");
+    let payload = heard.splitn(3, '.').nth(2).expect("v1.<tag>.<payload>");
+    assert_eq!(heard, signed_with(key.as_bytes(), &channel, payload));
+    let message: serde_json::Value = serde_json::from_str(payload).expect("JSON");
+    assert_eq!(message["id"], id.as_str());
+    assert_eq!(message["kind"], "complete");
+    assert_eq!(message["moveUrl"], format!("/test.do?id={id}"));
+
+    // Old to new: an old instance publishes only on the single channel; a stream here gets it
+    // at once (not at a resync).
+    let id = routed.job_id().await;
+    let mut stream = routed.connected_stream(&id).await;
+    let old_format =
+        format!(r#"{{"id":"{id}","kind":"complete","moveUrl":"/jobs/old","from":"old-instance"}}"#);
+    publish_with_redis_cli(
+        &channel,
+        &signed_with(key.as_bytes(), &channel, &old_format),
+    );
+    let result = stream
+        .next_result(WAIT)
+        .await
+        .expect("the old instance's result");
+    assert_eq!(result["moveUrl"], "/jobs/old");
+    assert_eq!(routed.metric("handoff_resync_deliveries_total").await, 0.0);
+
+    // Once the fleet is upgraded and the single channel is off, nothing goes there any more.
+    let upgraded = Instance::in_fleet(
+        &db,
+        Some(redis_url),
+        &channel,
+        &[signing[0], ("HANDOFF_FANOUT_LEGACY_CHANNEL", "off")],
+    );
+    upgraded.wait_healthy().await;
+    let id = upgraded.job_id().await;
+    assert_eq!(upgraded.complete(&id).await.status(), 200);
+    // (The old-format message published above is still queued for this subscriber.)
+    while let Some(message) = first_message_on(&mut old, Duration::from_millis(500)).await {
+        assert!(
+            !message.contains(&id),
+            "with HANDOFF_FANOUT_LEGACY_CHANNEL=off the single channel is quiet: {message}"
+        );
+    }
 }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod instance;
 pub mod nginx;
 pub mod redis;
+pub mod redis_cluster;
 pub mod sse;
 
 use std::ops::Deref;

@@ -1,0 +1,194 @@
+//! A real Redis Cluster for the tests: 3 masters and 3 replicas, each `redis-server` on a
+//! loopback port in a temp folder of its own, joined by `redis-cli --cluster create`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::eventually;
+
+/// How long a cluster may take to agree after a create or a failover.
+const SETTLE: Duration = Duration::from_secs(30);
+
+struct Node {
+    port: u16,
+    child: Option<Child>,
+}
+
+/// Six nodes, killed when dropped.
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+/// A port free for a node and for its cluster bus (the port + 10000).
+fn free_node_port() -> u16 {
+    loop {
+        let port = super::free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// One `redis-cli` command against `port`; its output, or a panic saying what went wrong.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): run scripts/test.sh"));
+    assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+impl RedisCluster {
+    /// Starts the six nodes, creates the cluster and waits until every slot is served.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let port = free_node_port();
+            let folder = dir.path().join(port.to_string());
+            std::fs::create_dir(&folder).expect("node folder");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&folder)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run redis-server ({e}): run scripts/test.sh, or apt-get install redis-server")
+                });
+            nodes.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+        for node in &nodes {
+            let port = node.port;
+            let up = eventually(Duration::from_secs(10), || async move {
+                Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "PING"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+            });
+            assert!(up.await, "redis-server on port {port} did not answer");
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(created.status.success(), "cluster create: {created:?}");
+        let cluster = Self { nodes, _dir: dir };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// `REDIS_URL` for `HANDOFF_REDIS_CLUSTER=on`: every node as a seed.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A node still running.
+    fn live_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .map(|n| n.port)
+            .expect("a live node")
+    }
+
+    /// Waits until every live node says `cluster_state:ok`.
+    pub async fn wait_ok(&self) {
+        let ports: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect();
+        let ok = eventually(SETTLE, || {
+            let ports = ports.clone();
+            async move {
+                ports
+                    .iter()
+                    .all(|&p| redis_cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            }
+        });
+        assert!(ok.await, "the cluster never reached cluster_state:ok");
+    }
+
+    /// The port of the master serving `channel`'s slot.
+    pub fn master_of(&self, channel: &str) -> u16 {
+        let slot: u16 = redis_cli(self.live_port(), &["CLUSTER", "KEYSLOT", channel])
+            .trim()
+            .parse()
+            .expect("a slot number");
+        let nodes = redis_cli(self.live_port(), &["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            for range in &fields[8..] {
+                let (from, to) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(from), Ok(to)) = (from.parse::<u16>(), to.parse::<u16>())
+                    && (from..=to).contains(&slot)
+                {
+                    let address = fields[1].split('@').next().expect("an address");
+                    return address
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .expect("a port");
+                }
+            }
+        }
+        panic!("no master serves slot {slot}: {nodes}");
+    }
+
+    /// SIGKILLs the node on `port`, as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster");
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `SPUBLISH` through the node serving the channel; how many subscribers got it.
+    pub fn spublish(&self, channel: &str, message: &str) -> u64 {
+        let answer = redis_cli(self.master_of(channel), &["SPUBLISH", channel, message]);
+        answer
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("SPUBLISH answered {answer:?}"))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
