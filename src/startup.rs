@@ -28,7 +28,7 @@ use crate::delivery::Delivery;
 use crate::fanout::{Fanout, FanoutKey};
 use crate::hub::Hub;
 use crate::jobs::{Jobs, Lifetimes};
-use crate::limits::{self, DemoJobLimit, GuessThrottle, StreamLimits};
+use crate::limits::{self, DemoJobLimit, GuessThrottle, LookupBudget, StreamLimits};
 use crate::metrics::Metrics;
 use crate::routes::sse::SseSettings;
 use crate::routes::{self, AppState};
@@ -136,7 +136,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
     let unclaimed = config.webhook.as_ref().map(|webhook| webhook.unclaimed);
     let store = Store::connect_with(
         &config.database_url,
-        config.write_queue,
+        (config.write_queue, config.read_queue),
         config.db_pool,
         unclaimed,
     )
@@ -196,6 +196,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
         token_guesses: GuessThrottle::default(),
         untrusted_forwarding_warned: Default::default(),
         demo: config.demo.then(DemoJobLimit::default),
+        lookups: LookupBudget::default(),
     };
     let hooks = match &webhooks {
         Some(sender) => format!("to {}", sender.host()),
