@@ -9,6 +9,8 @@
 //! [`deadlines::Conn`], which enforces the request deadlines actix-http lacks.
 
 mod deadlines;
+/// How long a client may take to send a request and to read its answer (README, Limits).
+pub use deadlines::{TIMING, Timing};
 
 use std::net::TcpListener;
 use std::sync::Arc;
