@@ -104,6 +104,9 @@ settings! {
         /// job creations, and apart from them completions and failures, that may wait for the
         /// database at once; beyond it `503` with `Retry-After`
         pub write_queue: usize = HANDOFF_WRITE_QUEUE, Count, default "1024";
+        /// job reads (a page, an API lookup, a stream's connect) that may wait for the database
+        /// at once; beyond it `503` with `Retry-After`
+        pub read_queue: usize = HANDOFF_READ_QUEUE, Count, default "1024";
         /// PostgreSQL connections per instance at most (SQLite ignores it); size it so that
         /// every instance fits the server's `max_connections` (100 by default)
         pub db_pool: u32 = HANDOFF_DB_POOL, Between(2, 1000), default "16";

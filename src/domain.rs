@@ -10,6 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore as _;
 use serde::Serialize;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
 
 /// Number of random bytes in a job id: 128 bits, so an id cannot be guessed.
 const JOB_ID_BYTES: usize = 16;
@@ -160,7 +161,10 @@ impl JobStatus {
 pub const MESSAGE_MAX_CHARS: usize = 200;
 
 /// A short text for the person watching page A: at most [`MESSAGE_MAX_CHARS`] characters, no
-/// control characters (a line break would not survive the event stream's framing anyway).
+/// control characters (a line break would not survive the event stream's framing anyway) and no
+/// invisible format characters (Unicode category Cf: bidi overrides such as U+202E, zero-width
+/// spaces and joiners, U+FEFF), which would make page A, page B and the admin page show a text
+/// other than the one stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Message(String);
 
@@ -170,6 +174,11 @@ pub enum MessageError {
     TooLong,
     #[error("message must not contain control characters")]
     ControlCharacter,
+    #[error(
+        "message must not contain invisible format characters (such as bidi overrides or \
+         zero-width spaces): found U+{0:04X}"
+    )]
+    FormatCharacter(u32),
 }
 
 impl Message {
@@ -179,6 +188,12 @@ impl Message {
         }
         if raw.chars().any(char::is_control) {
             return Err(MessageError::ControlCharacter);
+        }
+        if let Some(c) = raw
+            .chars()
+            .find(|c| c.general_category() == GeneralCategory::Format)
+        {
+            return Err(MessageError::FormatCharacter(u32::from(c)));
         }
         Ok(Self(raw.into()))
     }
@@ -383,6 +398,29 @@ mod tests {
             Message::parse("a\u{7f}"),
             Err(MessageError::ControlCharacter)
         );
+        for invisible in [
+            '\u{202E}',
+            '\u{200B}',
+            '\u{200C}',
+            '\u{200D}',
+            '\u{200E}',
+            '\u{200F}',
+            '\u{2066}',
+            '\u{2067}',
+            '\u{2068}',
+            '\u{2069}',
+            '\u{FEFF}',
+            '\u{00AD}',
+            '\u{E0041}',
+        ] {
+            assert_eq!(
+                Message::parse(&format!("done{invisible}txt.exe")),
+                Err(MessageError::FormatCharacter(u32::from(invisible))),
+                "U+{:04X}",
+                u32::from(invisible)
+            );
+        }
+        assert!(Message::parse("Étape 3 sur 8 — vérification ✓ 日本語").is_ok());
         for ok in [0.0, 40.5, 100.0] {
             assert!(Percent::parse(ok).is_ok());
         }

@@ -22,7 +22,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use crate::auth::{self, Secrets};
 use crate::domain::JobId;
 use crate::jobs::Jobs;
-use crate::limits::{DemoJobLimit, GuessThrottle, StreamLimits, TrustedProxies};
+use crate::limits::{DemoJobLimit, GuessThrottle, LookupBudget, StreamLimits, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::sessions::AdminSessions;
 use error::{AppError, ErrorBody};
@@ -49,6 +49,8 @@ pub struct AppState {
     pub untrusted_forwarding_warned: AtomicBool,
     /// The demo jobs each client address may start; `None` when the demo is off.
     pub demo: Option<DemoJobLimit>,
+    /// The unknown job ids each client address may ask about.
+    pub lookups: LookupBudget,
 }
 
 impl AppState {
@@ -85,6 +87,32 @@ impl AppState {
              counts as one address (one stream cap and one token-guess throttle for all); if \
              {peer} is your proxy, set HANDOFF_TRUSTED_PROXIES={peer} (logged once)"
         );
+    }
+
+    /// Lets a lookup of jobs by `req`'s client in while its budget for unknown ids lasts
+    /// (`429` past it); the answer names the client, for [`AppState::missed`].
+    fn lookup(&self, req: &HttpRequest) -> Result<Option<IpAddr>, AppError> {
+        let client = self.client_addr(req);
+        self.lookups
+            .check(client)
+            .map_err(AppError::TooManyLookups)?;
+        Ok(client)
+    }
+
+    /// Spends `unknown` ids, found missing, from `client`'s lookup budget.
+    fn missed(&self, client: Option<IpAddr>, unknown: usize) {
+        self.lookups.missed(client, unknown);
+    }
+
+    /// Looks up one job for `req`'s client, under its lookup budget.
+    async fn look_up(&self, req: &HttpRequest, id: &JobId) -> Result<crate::domain::Job, AppError> {
+        let client = self.lookup(req)?;
+        self.jobs.get(id).await.map_err(|err| {
+            if matches!(err, crate::jobs::JobsError::NotFound) {
+                self.missed(client, 1);
+            }
+            AppError::from(err)
+        })
     }
 
     /// Whether the browser reached us over TLS: a trusted proxy's `X-Forwarded-Proto` or

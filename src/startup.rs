@@ -9,6 +9,8 @@
 //! [`deadlines::Conn`], which enforces the request deadlines actix-http lacks.
 
 mod deadlines;
+/// How long a client may take to send a request and to read its answer (README, Limits).
+pub use deadlines::{TIMING, Timing};
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use crate::delivery::Delivery;
 use crate::fanout::{Fanout, FanoutConfig};
 use crate::hub::Hub;
 use crate::jobs::{Jobs, Lifetimes};
-use crate::limits::{self, DemoJobLimit, GuessThrottle, StreamLimits};
+use crate::limits::{self, DemoJobLimit, GuessThrottle, LookupBudget, StreamLimits};
 use crate::metrics::Metrics;
 use crate::routes::sse::SseSettings;
 use crate::routes::{self, AppState};
@@ -136,7 +138,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
     let unclaimed = config.webhook.as_ref().map(|webhook| webhook.unclaimed);
     let store = Store::connect_with(
         &config.database_url,
-        config.write_queue,
+        (config.write_queue, config.read_queue),
         config.db_pool,
         unclaimed,
     )
@@ -205,6 +207,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
         token_guesses: GuessThrottle::default(),
         untrusted_forwarding_warned: Default::default(),
         demo: config.demo.then(DemoJobLimit::default),
+        lookups: LookupBudget::default(),
     };
     let hooks = match &webhooks {
         Some(sender) => format!("to {}", sender.host()),

@@ -90,18 +90,20 @@ pub struct Store {
 impl Store {
     /// Connects, creating the SQLite file and its folder when needed, and runs the migrations.
     /// On PostgreSQL the migrator holds an advisory lock, so instances may start together.
-    /// `write_room`: how many creations, and apart from them how many endings, may wait for the
-    /// write lane; beyond it they are refused with [`StoreError::Busy`].
-    pub async fn connect(url: &str, write_room: usize) -> Result<Self, StoreError> {
-        Self::connect_with(url, write_room, crate::config::DEFAULT_DB_POOL, None).await
+    /// `room`: how many creations, and apart from them how many endings, may wait for the
+    /// write lane, and how many reads for the read lane; beyond it they are refused with
+    /// [`StoreError::Busy`].
+    pub async fn connect(url: &str, room: usize) -> Result<Self, StoreError> {
+        Self::connect_with(url, (room, room), crate::config::DEFAULT_DB_POOL, None).await
     }
 
-    /// [`Store::connect`] with at most `pg_pool` PostgreSQL connections and, given `unclaimed`,
+    /// [`Store::connect`] with rooms of their own for writes and reads (`(write_room,
+    /// read_room)`), at most `pg_pool` PostgreSQL connections and, given `unclaimed`,
     /// webhooks on: every job that ends gets a webhook outbox row in the same transaction as its
     /// ending, due `unclaimed` later unless a stream takes the ending.
     pub async fn connect_with(
         url: &str,
-        write_room: usize,
+        rooms: (usize, usize),
         pg_pool: u32,
         unclaimed: Option<Duration>,
     ) -> Result<Self, StoreError> {
@@ -142,13 +144,7 @@ impl Store {
         let (reader, writer) = lane_conns;
         Ok(Self {
             pool,
-            lanes: Lanes::new(
-                reader,
-                writer,
-                Arc::clone(&writes_failing),
-                write_room,
-                outbox,
-            ),
+            lanes: Lanes::new(reader, writer, Arc::clone(&writes_failing), rooms, outbox),
             writes_failing,
             outbox: outbox.is_some(),
         })

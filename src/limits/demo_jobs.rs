@@ -1,27 +1,30 @@
 //! How many demo jobs one address may start: a person can start several, a script cannot fill
-//! the job table. A token bucket per client ([`client_key`]: an IPv4 address or an IPv6 /64):
-//! [`DEMO_BURST`] jobs at once, then one more every [`DEMO_REFILL`].
+//! the job table. A token bucket per client (see `buckets`): [`DEMO_BURST`] jobs at once, then
+//! one more every [`DEMO_REFILL`].
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
+use super::buckets::Buckets;
 use super::client::client_key;
 
 /// Demo jobs an address may start at once.
 pub const DEMO_BURST: u32 = 10;
 /// After the burst, one more demo job per this long.
 pub const DEMO_REFILL: Duration = Duration::from_secs(10);
-/// Addresses remembered at most; beyond it, those whose bucket is full again are forgotten first.
-const MAX_REMEMBERED_ADDRESSES: usize = 10_000;
 
-/// The demo's per-address allowance. Each address is remembered by one instant (the generic
-/// cell rate algorithm's "theoretical arrival time"): the moment its bucket is full again.
-#[derive(Debug, Default)]
+/// The demo's per-address allowance.
+#[derive(Debug)]
 pub struct DemoJobLimit {
-    full_again: Mutex<HashMap<IpAddr, Instant>>,
+    buckets: Buckets,
+}
+
+impl Default for DemoJobLimit {
+    fn default() -> Self {
+        Self {
+            buckets: Buckets::new(DEMO_BURST, DEMO_REFILL),
+        }
+    }
 }
 
 impl DemoJobLimit {
@@ -35,25 +38,7 @@ impl DemoJobLimit {
     }
 
     fn take_at(&self, key: IpAddr, now: Instant) -> Result<(), Duration> {
-        let mut addresses = self.full_again.lock();
-        let full_again = addresses.get(&key).copied().unwrap_or(now).max(now);
-        let after = full_again + DEMO_REFILL;
-        // The bucket holds DEMO_BURST jobs' worth of refill time.
-        let room = DEMO_REFILL * DEMO_BURST;
-        if after - now > room {
-            return Err(after - now - room);
-        }
-        if addresses.len() >= MAX_REMEMBERED_ADDRESSES && !addresses.contains_key(&key) {
-            addresses.retain(|_, at| *at > now);
-            // Still full (every address is busy): forget the one whose bucket fills first.
-            if addresses.len() >= MAX_REMEMBERED_ADDRESSES
-                && let Some(soonest) = addresses.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k)
-            {
-                addresses.remove(&soonest);
-            }
-        }
-        addresses.insert(key, after);
-        Ok(())
+        self.buckets.take_at(key, 1, now, true)
     }
 }
 
@@ -97,17 +82,5 @@ mod tests {
         assert!(limit.take(ip("2001:db8:1:2:ffff::1")).is_err());
         assert!(limit.take(ip("2001:db8:1:3::1")).is_ok());
         assert!(limit.take(None).is_ok(), "no address, no limit");
-    }
-
-    #[test]
-    fn the_record_never_grows_past_its_cap_even_when_everyone_waits() {
-        let limit = DemoJobLimit::default();
-        let now = Instant::now();
-        let busy = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
-        for n in 0..=u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap() {
-            limit.take_at(busy(n), now).unwrap();
-        }
-        let remembered = limit.full_again.lock().len();
-        assert_eq!(remembered, MAX_REMEMBERED_ADDRESSES);
     }
 }

@@ -246,16 +246,19 @@ pub async fn create(
         (status = 200, description = "The job.", body = JobView),
         (status = 400, description = "The id is not a job id.", body = ErrorBody),
         (status = 404, description = NOT_FOUND, body = ErrorBody),
-        (status = 503, description = "The database did not answer.", body = ErrorBody,
+        (status = 429, description = "This address asked for too many job ids that do not exist.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))),
+        (status = 503, description = "The database did not answer, or too many reads wait for it.", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))),
     ),
 )]
 pub async fn show(
+    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, AppError> {
     let id = job_id(&path)?;
-    let job = state.jobs.get(&id).await?;
+    let job = state.look_up(&req, &id).await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(JobView::from(&job)))

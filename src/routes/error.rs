@@ -78,6 +78,14 @@ pub enum AppError {
         whole_secs(*.0)
     )]
     TooManyDemoJobs(Duration),
+    /// 429 with `Retry-After`: this address asked for too many job ids that do not exist; the
+    /// wait is when it may ask again.
+    #[error(
+        "this address (for IPv6, its /64) asked for too many job ids that do not exist; try \
+         again in {} s",
+        whole_secs(*.0)
+    )]
+    TooManyLookups(Duration),
     /// 409: the job's end state does not allow the request; the text says which state.
     #[error("{0}")]
     Conflict(String),
@@ -136,6 +144,7 @@ impl ResponseError for AppError {
             }
             Self::StreamLimit(Refusal::ClientFull(_))
             | Self::TooManyDemoJobs(_)
+            | Self::TooManyLookups(_)
             | Self::TooManyGuesses(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -168,7 +177,9 @@ impl AppError {
             Self::Unavailable(_) => Some(2),
             Self::StreamLimit(_) => Some(STREAM_RETRY_AFTER_SECS),
             Self::Busy(_) => Some(BUSY_RETRY_AFTER_SECS),
-            Self::TooManyDemoJobs(wait) | Self::TooManyGuesses(wait) => Some(whole_secs(*wait)),
+            Self::TooManyDemoJobs(wait)
+            | Self::TooManyGuesses(wait)
+            | Self::TooManyLookups(wait) => Some(whole_secs(*wait)),
             _ => None,
         }
     }

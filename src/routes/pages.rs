@@ -161,11 +161,12 @@ impl WaitPage {
 
 /// Page A. An unknown job gets a clear 404 page, not a spinner.
 pub async fn wait(
+    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<WaitPage, PageError> {
     let id = job_id(&path)?;
-    let job = state.jobs.get(&id).await.map_err(AppError::from)?;
+    let job = state.look_up(&req, &id).await?;
     Ok(WaitPage::new(job.id))
 }
 
@@ -205,6 +206,7 @@ struct EndedPage {
 
 /// Page B, at the Spring server's address (`/test.do?id=…`), which its client was sent to.
 pub async fn result(
+    req: HttpRequest,
     query: web::Query<ResultQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
@@ -213,7 +215,7 @@ pub async fn result(
         .as_deref()
         .ok_or_else(|| AppError::BadRequest("the link has no job id (?id=…)".into()))?;
     let id = job_id(raw)?;
-    let job = state.jobs.get(&id).await.map_err(AppError::from)?;
+    let job = state.look_up(&req, &id).await?;
     let ended_at = rfc3339(job.ended_at.unwrap_or_default());
     Ok(match job.status {
         JobStatus::Complete => html(

@@ -25,6 +25,7 @@ use actix_web_lab::sse::Sse;
 use super::error::AppError;
 use super::{AppState, job_id};
 use crate::domain::JobId;
+use crate::jobs::JobsError;
 use crate::limits::StreamPermit;
 use pacing::Ticker;
 use stream::{EventStream, StreamAccounting, Watched, WatchedJob};
@@ -48,8 +49,13 @@ pub async fn connect(
     state: web::Data<AppState>,
 ) -> Result<impl Responder, AppError> {
     let id = job_id(&path)?;
+    let client = state.lookup(&req)?;
     let permit = admit(&req, &state)?;
-    let watch = state.jobs.watch(&id).await?;
+    let watch = state.jobs.watch(&id).await.inspect_err(|err| {
+        if matches!(err, JobsError::NotFound) {
+            state.missed(client, 1);
+        }
+    })?;
     log::debug!("stream opened on job {id} from {:?}", req.peer_addr());
     let watched = Watched::One {
         job: WatchedJob::new(id, Some(watch)),
@@ -65,8 +71,13 @@ pub async fn watch(
     state: web::Data<AppState>,
 ) -> Result<impl Responder, AppError> {
     let ids = watched_ids(query.ids.as_deref())?;
+    let client = state.lookup(&req)?;
     let permit = admit(&req, &state)?;
     let watches = state.jobs.watch_many(&ids).await?;
+    state.missed(
+        client,
+        watches.iter().filter(|watch| watch.is_none()).count(),
+    );
     log::debug!("shared stream opened on {} job(s)", ids.len());
     let jobs = ids.into_iter().zip(watches);
     let watched = Watched::new(jobs.map(|(id, watch)| WatchedJob::new(id, watch)).collect());

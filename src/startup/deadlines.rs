@@ -1,7 +1,12 @@
 //! How long a client may take to send a request: every head within [`TIMING`]`.head` of its first
 //! byte, every body within `.body` of its head, and an idle connection closed after `.keep_alive`.
-//! Once a request is complete, nothing here limits its answer: an event stream legitimately
-//! receives nothing from its client for minutes.
+//! Once a request is complete, nothing here limits how long its answer lasts (an event stream
+//! legitimately receives nothing from its client for minutes), only how long the client may
+//! leave it unread: a connection whose writes make no progress for `.write` is closed.
+//!
+//! That last deadline is what ends a stream whose client stopped reading: once the socket's
+//! buffers are full, actix-http stops polling the answer's body, so the stream's own timeout
+//! never runs; the socket is the one place that still sees the stalled writes.
 //!
 //! actix-http 3 (its `h1/dispatcher.rs`) offers less than that, hence this module:
 //! - its head timer (`client_request_timeout`) runs for a connection's *first* request only: it is
@@ -51,12 +56,16 @@ pub struct Timing {
     pub keep_alive: Duration,
     /// From the end of a head to the end of its body. Bodies are at most 16 KiB.
     pub body: Duration,
+    /// How long writes may find the socket full without a byte going out before the connection
+    /// is closed.
+    pub write: Duration,
 }
 
 pub const TIMING: Timing = Timing {
     head: Duration::from_secs(5),
     keep_alive: Duration::from_secs(5),
     body: Duration::from_secs(10),
+    write: Duration::from_secs(15),
 };
 
 /// Where a connection is in its request–answer cycle.
@@ -116,9 +125,11 @@ pub struct Conn {
     phase: ConnPhase,
     /// Fires at the current deadline; made when first needed, then reset.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Whether the last write found the socket full. Then the dispatcher may still hold part of
-    /// an answer, and no answer of ours may go in between.
-    write_blocked: bool,
+    /// Since when writes have found the socket full, without a byte going out since. Then the
+    /// dispatcher may still hold part of an answer, and no answer of ours may go in between.
+    write_stalled: Option<Instant>,
+    /// Fires at the write deadline; made when first needed, then reset.
+    write_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Conn {
@@ -127,7 +138,8 @@ impl Conn {
             io,
             phase: ConnPhase::new(),
             timer: None,
-            write_blocked: false,
+            write_stalled: None,
+            write_timer: None,
         }
     }
 
@@ -145,6 +157,34 @@ impl Conn {
             timer.as_mut().reset(deadline);
         }
         timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// Passes on a write's outcome, unless writes have found the socket full for
+    /// [`TIMING`]`.write`: then the write fails, and the dispatcher drops the connection (and
+    /// with it the answer's body, a stream's place and its subscriptions).
+    fn timed(
+        &mut self,
+        poll: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if poll.is_ready() {
+            self.write_stalled = None;
+            return poll;
+        }
+        let deadline = *self.write_stalled.get_or_insert_with(Instant::now) + TIMING.write;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing for the write deadline",
+        )))
     }
 }
 
@@ -173,7 +213,7 @@ impl AsyncRead for Conn {
         if !this.passed(deadline, cx) {
             return Poll::Pending;
         }
-        if this.write_blocked {
+        if this.write_stalled.is_some() {
             // Part of the last answer is still waiting to be written: drop the connection.
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -195,8 +235,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.write_blocked = poll.is_pending();
-        poll
+        this.timed(poll, cx)
     }
 
     fn poll_write_vectored(
@@ -206,8 +245,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.write_blocked = poll.is_pending();
-        poll
+        this.timed(poll, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -360,5 +398,48 @@ impl<B: MessageBody> MessageBody for Answer<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
         self.project().body.poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt as _;
+
+    /// A client that never reads: once the socket's buffers are full, the writer's next write
+    /// fails within the write deadline instead of waiting for ever.
+    #[tokio::test]
+    async fn writes_that_make_no_progress_fail_at_the_write_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(4096).unwrap();
+        let _client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut conn = Conn::new(server);
+        let chunk = vec![b'x'; 64 * 1024];
+        let started = tokio::time::Instant::now();
+        let mut stalled_at = started;
+        let failed = tokio::time::timeout(TIMING.write * 3, async {
+            loop {
+                let before = tokio::time::Instant::now();
+                if let Err(err) = conn.write_all(&chunk).await {
+                    return err;
+                }
+                if before.elapsed() < Duration::from_millis(100) {
+                    stalled_at = tokio::time::Instant::now();
+                }
+            }
+        })
+        .await
+        .expect("the stalled write fails, not waits");
+        assert_eq!(failed.kind(), io::ErrorKind::TimedOut);
+        let waited = stalled_at.elapsed();
+        assert!(
+            waited >= TIMING.write - Duration::from_millis(200) && waited < TIMING.write * 2,
+            "failed {waited:?} after the socket filled"
+        );
     }
 }

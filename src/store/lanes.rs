@@ -9,7 +9,9 @@
 //! The write lane's queue is bounded per kind of write ([`WriteClass`]): creations, endings, and
 //! the timers' progress and expiry writes each have their own room, so a flood of creations is
 //! refused ([`StoreError::Busy`]) while completions still find room; and each batch runs at most
-//! one room's worth of creations before the endings waiting with them.
+//! one room's worth of creations before the endings waiting with them. The read lane's queue has
+//! a room of its own, so a flood of lookups is refused too instead of queueing without end; and a
+//! read whose caller has gone (its client hung up, so actix dropped the handler) is skipped.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -136,12 +138,13 @@ async fn answer<T>(answer: oneshot::Receiver<Result<T, StoreError>>) -> Result<T
 
 impl Lanes {
     /// `write_room`: how many creations, and apart from them how many endings, may wait for the
-    /// write lane at once. `outbox`: see [`Writer`].
+    /// write lane at once; `read_room`: how many reads may wait for the read lane. `outbox`: see
+    /// [`Writer`].
     pub(super) fn new(
         reader: LaneConn,
         writer: LaneConn,
         writes_failing: Arc<AtomicBool>,
-        write_room: usize,
+        (write_room, read_room): (usize, usize),
         outbox: Option<i64>,
     ) -> Self {
         let mut bounds = [0; 3];
@@ -149,9 +152,7 @@ impl Lanes {
         bounds[WriteClass::End as usize] = write_room;
         bounds[WriteClass::Upkeep as usize] = UPKEEP_ROOM;
         Self {
-            // Reads stay unbounded: each waiting read is a request holding a connection, which
-            // the stream caps and the open-file limit bound, and a read competes with no ending.
-            reads: Queue::new(reader, &[]),
+            reads: Queue::new(reader, &[read_room]),
             writes: Queue::new(
                 Writer {
                     conn: writer,
@@ -170,11 +171,16 @@ impl Lanes {
         WriteClass::ALL.map(|class| (class.name(), waiting[class as usize]))
     }
 
-    /// The stored jobs among `ids`, in no particular order; unknown ids are left out.
+    /// The stored jobs among `ids`, in no particular order; unknown ids are left out. Refused
+    /// ([`StoreError::Busy`]) when the read lane has its room full.
     pub(super) async fn get_many(&self, ids: Vec<JobId>) -> Result<Vec<Job>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        // An unbounded queue takes every request.
-        let _ = self.reads.push(Read { ids, reply });
+        self.reads
+            .push(Read { ids, reply })
+            .map_err(|Full { bound }| StoreError::Busy {
+                what: "job reads",
+                waiting: bound,
+            })?;
         answer(rx).await
     }
 
@@ -231,7 +237,13 @@ impl Lanes {
 impl Batch for Read {
     type Worker = LaneConn;
 
-    async fn serve(conn: &mut LaneConn, batch: Vec<Self>) {
+    async fn serve(conn: &mut LaneConn, mut batch: Vec<Self>) {
+        // Nobody waits for these answers any more: their reads would cost the database for
+        // nothing (a flood that hangs up at once would otherwise still be read in full).
+        batch.retain(|read| !read.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         let ids: Vec<JobId> = batch.iter().flat_map(|read| read.ids.clone()).collect();
         match sql::select_many(conn, &ids).await {
             Ok(rows) => {

@@ -499,3 +499,36 @@ async fn an_event_stream_on_a_reused_connection_is_not_cut_while_its_client_is_s
     assert_eq!(app.complete(&id).await.status(), 200);
     read_until(&mut socket, r#""status":"result""#).await;
 }
+
+#[tokio::test]
+async fn invisible_format_characters_in_progress_and_failure_messages_get_400_saying_why() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    // U+202E turns "cod.exe" around on screen; U+200B and U+2066 hide text or reorder it.
+    for (what, message) in [
+        ("progress", "Rendering \u{202E}exe.doc"),
+        ("progress", "Done\u{200B}"),
+        ("fail", "Failed: \u{2066}see admin\u{2069}"),
+        ("fail", "\u{FEFF}ok"),
+    ] {
+        let answer = app
+            .api_post(
+                &format!("/api/jobs/{id}/{what}"),
+                Some(serde_json::json!({ "message": message })),
+            )
+            .await;
+        assert_eq!(answer.status(), 400, "{what} {message:?}");
+        let body = answer.text().await.unwrap();
+        assert!(body.contains("invisible format characters"), "{body}");
+    }
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "pending", "nothing was stored: {job}");
+    assert!(job["progress"].is_null(), "{job}");
+    let plain = app
+        .api_post(
+            &format!("/api/jobs/{id}/progress"),
+            Some(serde_json::json!({ "message": "Étape 3 — vérification ✓" })),
+        )
+        .await;
+    assert_eq!(plain.status(), 200, "visible non-ASCII text still passes");
+}

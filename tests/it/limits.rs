@@ -270,3 +270,127 @@ fn the_default_stream_cap_comes_from_the_open_file_limit_raised_to_the_hard_one(
     );
     assert!(log.contains(&want), "expected {want:?} in:\n{log}");
 }
+
+/// The latencies of `n` lookups of `id` by `client`, one at a time, each answered `200`.
+async fn lookup_latencies(app: &TestApp, id: &str, client: &str, n: usize) -> Vec<Duration> {
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        let answer = app
+            .client
+            .get(app.url(&format!("/api/jobs/{id}")))
+            .header("X-Forwarded-For", client)
+            .send()
+            .await
+            .expect("lookup");
+        assert_eq!(answer.status(), 200, "{client}'s own job is served");
+        took.push(started.elapsed());
+    }
+    took.sort();
+    took
+}
+
+fn median_and_p99(sorted: &[Duration]) -> (Duration, Duration) {
+    (sorted[sorted.len() / 2], sorted[sorted.len() * 99 / 100])
+}
+
+/// One address scans for job ids (32 unknown ids a watch, and single lookups on every route):
+/// it gets `429` with `Retry-After` past its budget, while another address, polling its own job,
+/// is served as before. The figures go to BENCHMARKS.md ("Lookups while one address scans").
+#[tokio::test]
+async fn an_address_scanning_for_job_ids_gets_429_while_another_is_served() {
+    let app = TestApp::spawn_with(crate::support::behind_local_proxy).await;
+    let own = app.job_id().await;
+    let unknown = |_| handoff::domain::JobId::generate().to_string();
+    let quiet = lookup_latencies(&app, &own, "198.51.100.2", 300).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scanners: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url, stop) =
+                (app.client.clone(), app.url("/sse/watch?ids="), stop.clone());
+            tokio::spawn(async move {
+                let (mut served, mut refused) = (0_u32, 0_u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ids: Vec<String> = (0..32).map(unknown).collect();
+                    let answer = client
+                        .get(format!("{url}{}", ids.join(",")))
+                        .header("X-Forwarded-For", "203.0.113.9")
+                        .send()
+                        .await
+                        .expect("scan");
+                    match answer.status().as_u16() {
+                        429 => {
+                            assert!(answer.headers().contains_key("retry-after"));
+                            refused += 1;
+                        }
+                        200 => served += 1,
+                        other => panic!("a scan is served or refused, not {other}"),
+                    }
+                    let _ = answer.bytes().await;
+                }
+                (served, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flooded = lookup_latencies(&app, &own, "198.51.100.2", 300).await;
+    // Every route that looks a job up is refused to the scanner now.
+    for path in [
+        format!("/api/jobs/{}", unknown(0)),
+        format!("/jobs/{}", unknown(0)),
+        format!("/test.do?id={}", unknown(0)),
+        format!("/sse/connect/{}", unknown(0)),
+        format!("/sse/watch?ids={}", unknown(0)),
+        format!("/api/jobs/{own}"),
+    ] {
+        let answer = app
+            .client
+            .get(app.url(&path))
+            .header("X-Forwarded-For", "203.0.113.9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 429, "{path}");
+        let wait: u64 = answer.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(wait >= 1, "{path}");
+        assert!(answer.text().await.unwrap().contains("do not exist"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut served, mut refused) = (0, 0);
+    for scanner in scanners {
+        let (s, r) = scanner.await.unwrap();
+        served += s;
+        refused += r;
+    }
+    assert!(
+        refused > 0,
+        "the scan was never refused ({served} watches served)"
+    );
+    assert!(
+        u64::from(served) * 32 <= u64::from(handoff::limits::LOOKUP_BURST) + 32 * 8 + 32 * 30,
+        "{served} watches of 32 unknown ids were served: the budget did not hold"
+    );
+    let other = app
+        .client
+        .get(app.url(&format!("/api/jobs/{}", unknown(0))))
+        .header("X-Forwarded-For", "198.51.100.2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        other.status(),
+        404,
+        "the other address keeps its own budget"
+    );
+
+    let ((qm, q99), (fm, f99)) = (median_and_p99(&quiet), median_and_p99(&flooded));
+    eprintln!(
+        "lookups by another address: quiet median {qm:?} p99 {q99:?}; while one address scans \
+         (8 connections, {served} watches served, {refused} refused): median {fm:?} p99 {f99:?}"
+    );
+}
