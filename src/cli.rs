@@ -120,18 +120,20 @@ pub enum JobCommand {
         #[arg(long, value_name = "TEXT")]
         message: Option<String>,
     },
-    /// Complete a job: its open pages move on to the target.
+    /// Complete jobs: their open pages move on to the target. Several ids go in one batch call
+    /// (per 1000).
     Complete {
-        /// The job's id.
-        id: String,
+        #[command(flatten)]
+        ids: JobIds,
         /// Overrides the target given at creation.
         #[arg(long, value_name = "PATH")]
         move_url: Option<String>,
     },
-    /// Fail a job: its open pages move on to page B, which shows the message.
+    /// Fail jobs: their open pages move on to page B, which shows the message. Several ids go in
+    /// one batch call (per 1000).
     Fail {
-        /// The job's id.
-        id: String,
+        #[command(flatten)]
+        ids: JobIds,
         /// Why it failed, for the person waiting; at most 200 characters.
         #[arg(long, value_name = "TEXT")]
         message: Option<String>,
@@ -144,6 +146,17 @@ pub enum JobCommand {
         /// The job's id.
         id: String,
     },
+}
+
+/// The jobs a completion or failure names: on the command line, from a file, or both.
+#[derive(Debug, Args)]
+pub struct JobIds {
+    /// The jobs' ids.
+    #[arg(value_name = "ID", required_unless_present = "from_file")]
+    pub ids: Vec<String>,
+    /// Read more ids from this file, one per line (`-`: standard input).
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<std::path::PathBuf>,
 }
 
 /// `handoff check-config`: the settings `serve` would run with, or why it would not start; or,

@@ -39,6 +39,15 @@ async fn single_error(app: &TestApp, path: &str, body: Value, status: u16) -> St
     body["error"].as_str().expect("an error text").to_owned()
 }
 
+/// `n` new jobs' ids.
+pub(crate) async fn job_ids(app: &TestApp, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(app.job_id().await);
+    }
+    ids
+}
+
 fn refused(result: &Value) -> (u64, &str) {
     assert!(result.get("job").is_none(), "{result}");
     (
@@ -50,10 +59,7 @@ fn refused(result: &Value) -> (u64, &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_operation_is_answered_in_order_as_its_single_call_would_be() {
     let app = TestApp::spawn().await;
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        ids.push(app.job_id().await);
-    }
+    let ids = job_ids(&app, 4).await;
     let (a, b, c, d) = (&ids[0], &ids[1], &ids[2], &ids[3]);
     let results = batch(
         &app,
@@ -187,10 +193,7 @@ async fn a_bad_batch_is_refused_whole_saying_why_and_applies_nothing() {
     assert_eq!(app.job(&id).await["status"], "pending");
 
     // A full batch of 1000 goes through.
-    let mut ids = Vec::new();
-    for _ in 0..10 {
-        ids.push(app.job_id().await);
-    }
+    let ids = job_ids(&app, 10).await;
     let full: Vec<Value> = (0..1000)
         .map(|n| json!({ "op": "complete", "id": ids[n % 10] }))
         .collect();
@@ -203,10 +206,7 @@ async fn a_bad_batch_is_refused_whole_saying_why_and_applies_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_stream_receives_its_jobs_ending_from_a_batch() {
     let app = TestApp::spawn().await;
-    let mut ids = Vec::new();
-    for _ in 0..6 {
-        ids.push(app.job_id().await);
-    }
+    let ids = job_ids(&app, 6).await;
     let mut own = Vec::new();
     for id in &ids {
         own.push(app.connected_stream(id).await);
