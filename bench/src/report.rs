@@ -60,6 +60,9 @@ pub struct Report {
     pub streams: usize,
     pub connect_concurrency: usize,
     pub publishers: usize,
+    /// Jobs per completion request; 0 for one request per job.
+    #[serde(default)]
+    pub batch: usize,
     pub leave_on_result: bool,
     pub opened: usize,
     pub connect_failures: usize,
