@@ -346,6 +346,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
     let mut first_sent: Option<Instant> = None;
     let mut last_done: Option<Instant> = None;
     let mut sent_at = Vec::with_capacity(channels);
+    let mut answered_at = Vec::with_capacity(channels);
     for outcome in &outcomes {
         match outcome {
             Some(o) if matches!(&o.result, Ok((status, _)) if status.is_success()) => {
@@ -353,6 +354,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
                 first_sent = Some(first_sent.map_or(o.sent_at, |t| t.min(o.sent_at)));
                 last_done = Some(last_done.map_or(o.done_at, |t| t.max(o.done_at)));
                 sent_at.push(Some(o.sent_at));
+                answered_at.push(Some(o.done_at));
             }
             other => {
                 report.completion_failures += 1;
@@ -368,6 +370,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
                 };
                 note(&mut report.errors, why);
                 sent_at.push(None);
+                answered_at.push(None);
             }
         }
     }
@@ -393,6 +396,16 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
     if args.part.is_some() {
         report.latency_samples_ms = millis(&latencies);
     }
+    let arrivals: Vec<(Instant, Instant)> = (0..streams)
+        .filter_map(|i| Some((board.arrival(i)?, answered_at[i % channels]?)))
+        .collect();
+    report.before_answer = arrivals.iter().filter(|(at, answer)| at < answer).count();
+    report.after_answer_ms = Percentiles::of(
+        arrivals
+            .iter()
+            .map(|(at, answer)| at.saturating_duration_since(*answer))
+            .collect(),
+    );
     report.latency_ms = Percentiles::of(latencies);
     if report.delivered < report.expected {
         note(

@@ -77,6 +77,13 @@ pub struct Report {
     pub delivered: usize,
     pub duplicates: usize,
     pub latency_ms: Option<Percentiles>,
+    /// From the completion's answer (a batch's, for a batch) to the event; an event that came
+    /// before its answer counts as 0.
+    #[serde(default)]
+    pub after_answer_ms: Option<Percentiles>,
+    /// Events that arrived before their completion's answer.
+    #[serde(default)]
+    pub before_answer: usize,
     pub rss_before_kb: Option<u64>,
     pub rss_after_kb: Option<u64>,
     pub bytes_per_stream: Option<f64>,
@@ -165,6 +172,14 @@ impl Report {
                 ),
             ),
             ("latency", pct(&self.latency_ms)),
+            (
+                "after answer",
+                format!(
+                    "{} ({} events before their answer)",
+                    pct(&self.after_answer_ms),
+                    self.before_answer
+                ),
+            ),
             (
                 "server RSS",
                 format!(
