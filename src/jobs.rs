@@ -11,7 +11,7 @@
 //! ([`JobsError`]); the routes translate. Each change logs one line at info level; a moveUrl
 //! (which may carry secrets) is never logged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -323,11 +323,16 @@ impl Jobs {
         let mut answers: Vec<Option<Result<Job, JobsError>>> =
             operations.iter().map(|_| None).collect();
         let mut endings: Vec<(usize, JobId, EndRequest)> = Vec::new();
+        let mut ending: HashSet<JobId> = HashSet::new();
         for (at, (id, operation)) in operations.into_iter().enumerate() {
             match operation {
-                Operation::End(request) => endings.push((at, id, request)),
+                Operation::End(request) => {
+                    ending.insert(id.clone());
+                    endings.push((at, id, request));
+                }
                 Operation::Progress { percent, message } => {
-                    if endings.iter().any(|(_, ending, _)| *ending == id) {
+                    if ending.contains(&id) {
+                        ending.clear();
                         self.end_queued(&mut endings, &mut answers).await;
                     }
                     answers[at] = Some(self.report_progress(&id, percent, message).await);
