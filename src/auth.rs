@@ -1,6 +1,7 @@
 //! Who may change jobs: API callers with the token, and admins with a session cookie and a CSRF
-//! token. Every secret comparison runs in constant time. Also the key that signs the messages
-//! between instances when no key of its own is set, derived from the token they share.
+//! token. Every secret comparison runs in constant time. Also [`HmacKey`], the one HMAC type
+//! (the fan-out's messages and the webhooks are signed with it), and the key that signs the
+//! messages between instances when no key of its own is set, derived from the token they share.
 //!
 //! A session cookie is encrypted and authenticated with a key derived from the token, and says
 //! which session it stands for, when it started and when it was last used: it proves nothing once
@@ -21,6 +22,37 @@ use subtle::ConstantTimeEq as _;
 pub const SESSION_COOKIE: &str = "handoff_admin";
 /// How long an admin session lasts at most, however busy.
 pub const SESSION_MILLIS: i64 = 8 * 60 * 60 * 1000;
+
+/// An HMAC-SHA256 key, whatever it signs.
+#[derive(Clone)]
+pub struct HmacKey(Hmac<Sha256>);
+
+impl std::fmt::Debug for HmacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HmacKey(..)")
+    }
+}
+
+impl HmacKey {
+    pub fn new(secret: &[u8]) -> Self {
+        // HMAC takes a key of any length, so this cannot fail.
+        Self(Hmac::new_from_slice(secret).expect("HMAC accepts any key length"))
+    }
+
+    /// The tag over `parts`, one after the other.
+    pub fn tag(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = self.0.clone();
+        for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the tag over `parts`, compared in constant time.
+    pub fn verifies(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        self.tag(parts).ct_eq(tag).into()
+    }
+}
 
 /// The API token and what is derived from it. Instances that share the token share admin sessions.
 #[derive(Clone)]
@@ -69,11 +101,7 @@ pub fn random_token() -> String {
 /// derived from the API token, which every instance of a deployment shares. Knowing it tells
 /// nothing about the token or the session key.
 pub fn fanout_secret(api_token: &str) -> [u8; 32] {
-    // HMAC takes a key of any length, so this cannot fail.
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(api_token.as_bytes()).expect("HMAC accepts any key length");
-    mac.update(b"handoff fan-out key v1");
-    mac.finalize().into_bytes().into()
+    HmacKey::new(api_token.as_bytes()).tag(&[b"handoff fan-out key v1"])
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -239,6 +267,21 @@ mod tests {
         let almost = start + SESSION_MILLIS - 1;
         assert!(s.session(Some(renewed.clone()), almost, IDLE).is_some());
         assert_eq!(s.session(Some(renewed), almost + 1, IDLE), None);
+    }
+
+    /// RFC 4231, test case 2.
+    #[test]
+    fn an_hmac_key_tags_as_hmac_sha256_does_and_verifies_only_its_own_tag() {
+        let key = HmacKey::new(b"Jefe");
+        let tag = key.tag(&[b"what do ya want ", b"for nothing?"]);
+        assert_eq!(
+            hex::encode(tag),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert!(key.verifies(&[b"what do ya want for nothing?"], &tag));
+        assert!(!key.verifies(&[b"what do ya want for nothing!"], &tag));
+        assert!(!key.verifies(&[b"what do ya want for nothing?"], &tag[..31]));
+        assert!(!HmacKey::new(b"Jeff").verifies(&[b"what do ya want for nothing?"], &tag));
     }
 
     #[test]

@@ -111,7 +111,8 @@ pub enum JobCommand {
     },
     /// Report progress on a pending job; its open pages show it at once.
     Progress {
-        /// The job's id.
+        /// The job's id (it may start with `-`, as one id in 64 does).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// How far along, 0 to 100.
         #[arg(long, value_name = "N", value_parser = percent)]
@@ -143,7 +144,8 @@ pub enum JobCommand {
     },
     /// Show a job: its state, progress, deadline and target.
     Show {
-        /// The job's id.
+        /// The job's id (it may start with `-`, as one id in 64 does).
+        #[arg(allow_hyphen_values = true)]
         id: String,
     },
 }
@@ -151,9 +153,17 @@ pub enum JobCommand {
 /// The jobs a completion or failure names: on the command line, from a file, or both.
 #[derive(Debug, Args)]
 pub struct JobIds {
-    /// The jobs' ids.
-    #[arg(value_name = "ID", required_unless_present = "from_file")]
-    pub ids: Vec<String>,
+    /// The job's id (it may start with `-`, as one id in 64 does).
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "from_file",
+        allow_hyphen_values = true
+    )]
+    pub id: Option<String>,
+    /// More jobs' ids, completed or failed with it in one batch call (one that starts with `-`
+    /// goes after `--`, or in the file).
+    #[arg(value_name = "MORE")]
+    pub more: Vec<String>,
     /// Read more ids from this file, one per line (`-`: standard input).
     #[arg(long, value_name = "FILE")]
     pub from_file: Option<std::path::PathBuf>,

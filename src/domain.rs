@@ -236,7 +236,7 @@ pub struct Job {
     /// Milliseconds since the Unix epoch.
     pub created_at: i64,
     /// When the job reached its end state, whichever it is.
-    pub completed_at: Option<i64>,
+    pub ended_at: Option<i64>,
     /// When a job still pending expires.
     pub deadline: i64,
     /// The latest progress report, as last stored.
@@ -305,7 +305,9 @@ impl Ending {
 
 /// Milliseconds since the Unix epoch, the unit every stored time uses.
 pub fn now_millis() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, millis)
 }
 
 /// A duration in the stored unit (milliseconds), saturating: added to a clock reading it never
@@ -316,9 +318,13 @@ pub fn millis(d: std::time::Duration) -> i64 {
 
 /// Formats stored milliseconds as RFC 3339 (UTC, millisecond precision).
 pub fn rfc3339(millis: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(millis)
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .format(FORMAT)
         .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[cfg(test)]
@@ -391,6 +397,7 @@ mod tests {
     #[test]
     fn rfc3339_formats_utc_millis() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_764_583_200_250), "2025-12-01T10:00:00.250Z");
     }
 
     proptest! {

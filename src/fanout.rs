@@ -2,7 +2,7 @@
 //! connection per instance (not one per job), which reconnects with backoff.
 //!
 //! It carries opaque payloads; what they mean is [`crate::delivery`]'s business. Each message is
-//! signed with the deployment's [`FanoutKey`] (HMAC-SHA256), and the subscriber hands on only
+//! signed with the deployment's fan-out key (an [`HmacKey`]), and the subscriber hands on only
 //! messages whose signature holds: anyone else able to publish on the channel (another
 //! deployment sharing the Redis, a stranger who reached it) moves no browser. Pub/Sub reaches
 //! only the subscribers connected at the moment of the publish, so a message is a fast hint,
@@ -18,10 +18,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::StreamExt;
-use hmac::{Hmac, Mac};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
+
+use crate::auth::HmacKey;
 
 /// Bounds every single Redis round trip, so a completion never waits long on a Redis outage.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -38,53 +38,29 @@ const SIGNED_PREFIX: &[u8] = b"v1.";
 /// An HMAC-SHA256 tag (32 bytes) in unpadded base64url.
 const TAG_LEN: usize = 43;
 
-/// The deployment's secret that signs every message: `v1.<tag>.<payload>`, where the tag is
-/// HMAC-SHA256 over the channel name, a zero byte and the payload. Every instance of a
-/// deployment has the same key; a message under any other key, or none, is not authentic.
-#[derive(Clone)]
-pub struct FanoutKey(Hmac<Sha256>);
-
-impl std::fmt::Debug for FanoutKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FanoutKey(..)")
-    }
+/// `payload` as a message for `channel` signed with the deployment's `key`:
+/// `v1.<tag>.<payload>`, where the tag is HMAC-SHA256 over the channel name, a zero byte and the
+/// payload. Every instance of a deployment has the same key; a message under any other key, or
+/// none, is not authentic.
+fn sign(key: &HmacKey, channel: &str, payload: &[u8]) -> Vec<u8> {
+    let tag = URL_SAFE_NO_PAD.encode(key.tag(&[channel.as_bytes(), &[0], payload]));
+    let mut message = Vec::with_capacity(SIGNED_PREFIX.len() + TAG_LEN + 1 + payload.len());
+    message.extend_from_slice(SIGNED_PREFIX);
+    message.extend_from_slice(tag.as_bytes());
+    message.push(b'.');
+    message.extend_from_slice(payload);
+    message
 }
 
-impl FanoutKey {
-    pub fn new(secret: &[u8]) -> Self {
-        // HMAC takes a key of any length, so this cannot fail.
-        Self(Hmac::new_from_slice(secret).expect("HMAC accepts any key length"))
-    }
-
-    fn mac(&self, channel: &str, payload: &[u8]) -> Hmac<Sha256> {
-        let mut mac = self.0.clone();
-        mac.update(channel.as_bytes());
-        mac.update(&[0]);
-        mac.update(payload);
-        mac
-    }
-
-    /// `payload` as a signed message for `channel`.
-    fn sign(&self, channel: &str, payload: &[u8]) -> Vec<u8> {
-        let tag = URL_SAFE_NO_PAD.encode(self.mac(channel, payload).finalize().into_bytes());
-        let mut message = Vec::with_capacity(SIGNED_PREFIX.len() + TAG_LEN + 1 + payload.len());
-        message.extend_from_slice(SIGNED_PREFIX);
-        message.extend_from_slice(tag.as_bytes());
-        message.push(b'.');
-        message.extend_from_slice(payload);
-        message
-    }
-
-    /// The payload of `message` when it was signed with this key for `channel`; `None` for
-    /// anything else. The tags are compared in constant time.
-    fn open<'a>(&self, channel: &str, message: &'a [u8]) -> Option<&'a [u8]> {
-        let rest = message.strip_prefix(SIGNED_PREFIX)?;
-        let (tag, rest) = rest.split_at_checked(TAG_LEN)?;
-        let payload = rest.strip_prefix(b".")?;
-        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
-        self.mac(channel, payload).verify_slice(&tag).ok()?;
-        Some(payload)
-    }
+/// The payload of `message` when it was signed with `key` for `channel`; `None` for anything
+/// else. The tags are compared in constant time.
+fn open<'a>(key: &HmacKey, channel: &str, message: &'a [u8]) -> Option<&'a [u8]> {
+    let rest = message.strip_prefix(SIGNED_PREFIX)?;
+    let (tag, rest) = rest.split_at_checked(TAG_LEN)?;
+    let payload = rest.strip_prefix(b".")?;
+    let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+    key.verifies(&[channel.as_bytes(), &[0], payload], &tag)
+        .then_some(payload)
 }
 
 /// What the subscriber hands on: every message, and the moments a gap may have lost some.
@@ -112,7 +88,7 @@ pub struct Fanout {
     publisher: ConnectionManager,
     channel: Arc<str>,
     /// Signs what is published, and tells authentic messages from the rest.
-    key: FanoutKey,
+    key: HmacKey,
     /// True while the subscriber is subscribed; `/healthz` reports it.
     subscribed: Arc<AtomicBool>,
 }
@@ -129,7 +105,7 @@ impl std::fmt::Debug for Fanout {
 impl Fanout {
     /// Checks the URL and prepares the connections without opening them: an instance starts
     /// while Redis is down and catches up once it is back.
-    pub fn new(url: &str, channel: &str, key: FanoutKey) -> redis::RedisResult<Self> {
+    pub fn new(url: &str, channel: &str, key: HmacKey) -> redis::RedisResult<Self> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(ATTEMPT_TIMEOUT))
@@ -155,7 +131,7 @@ impl Fanout {
         let mut command = redis::cmd("PUBLISH");
         command
             .arg(&*self.channel)
-            .arg(self.key.sign(&self.channel, payload));
+            .arg(sign(&self.key, &self.channel, payload));
         let mut last_error = String::new();
         for _attempt in 0..2 {
             let mut connection = self.publisher.clone();
@@ -287,7 +263,7 @@ impl<L: Listener> Subscriber<L> {
                 message = messages.next() => {
                     let Some(message) = message else { return };
                     let Fanout { key, channel, .. } = &self.fanout;
-                    match key.open(channel, message.get_payload_bytes()) {
+                    match open(key, channel, message.get_payload_bytes()) {
                         Some(payload) => self.listener.receive(payload),
                         None => {
                             self.listener.rejected();
@@ -330,21 +306,21 @@ mod tests {
 
     #[test]
     fn a_signed_message_opens_to_its_payload_under_the_same_key_and_channel_only() {
-        let key = FanoutKey::new(b"the deployment's secret");
+        let key = HmacKey::new(b"the deployment's secret");
         let payload = br#"{"id":"x","moveUrl":"/next"}"#;
-        let signed = key.sign(CHANNEL, payload);
-        assert_eq!(key.open(CHANNEL, &signed), Some(&payload[..]));
+        let signed = sign(&key, CHANNEL, payload);
+        assert_eq!(open(&key, CHANNEL, &signed), Some(&payload[..]));
         assert_eq!(
-            FanoutKey::new(b"another secret").open(CHANNEL, &signed),
+            open(&HmacKey::new(b"another secret"), CHANNEL, &signed),
             None
         );
-        assert_eq!(key.open("another:channel", &signed), None);
+        assert_eq!(open(&key, "another:channel", &signed), None);
     }
 
     #[test]
     fn unsigned_tampered_and_truncated_messages_do_not_open() {
-        let key = FanoutKey::new(b"the deployment's secret");
-        let signed = key.sign(CHANNEL, br#"{"id":"x","moveUrl":"/next"}"#);
+        let key = HmacKey::new(b"the deployment's secret");
+        let signed = sign(&key, CHANNEL, br#"{"id":"x","moveUrl":"/next"}"#);
         let mut tampered = signed.clone();
         *tampered.last_mut().unwrap() = b' ';
         let mut bad_tag = signed.clone();
@@ -358,7 +334,7 @@ mod tests {
             b"v1.".to_vec(),
             Vec::new(),
         ] {
-            assert_eq!(key.open(CHANNEL, &message), None, "{message:?}");
+            assert_eq!(open(&key, CHANNEL, &message), None, "{message:?}");
         }
     }
 }

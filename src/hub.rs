@@ -9,12 +9,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytestring::ByteString;
 use futures_util::Stream;
+use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
@@ -88,7 +89,7 @@ struct Entry {
     subscriptions: usize,
 }
 
-/// A std `Mutex`, not a tokio one: it is never held across an `.await`, and every critical
+/// A blocking mutex, not a tokio one: it is never held across an `.await`, and every critical
 /// section is a map lookup.
 #[derive(Debug)]
 struct Registry {
@@ -115,11 +116,6 @@ impl Registry {
         u64::try_from(self.epoch.elapsed().as_millis())
             .unwrap_or(u64::MAX - 1)
             .saturating_add(1)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Entry>> {
-        // A panic while holding the lock cannot leave the map half-updated: every update is one call.
-        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -150,7 +146,7 @@ pin_project! {
     impl PinnedDrop for Subscription {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            let mut jobs = this.registry.lock();
+            let mut jobs = this.registry.jobs.lock();
             if let Some(entry) = jobs.get_mut(&*this.id) {
                 entry.subscriptions -= 1;
                 if entry.subscriptions == 0 {
@@ -162,15 +158,10 @@ pin_project! {
 }
 
 impl Slot {
-    fn lock_progress(&self) -> std::sync::MutexGuard<'_, (u64, Option<Arc<News>>)> {
-        // One assignment per critical section: a poisoned lock still holds a whole value.
-        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Keeps `news` as the latest progress, unless the job has ended here; `only_first` keeps
     /// it only when no report has reached the slot yet.
     fn set_progress(&self, news: &Arc<News>, only_first: bool) -> bool {
-        let mut progress = self.lock_progress();
+        let mut progress = self.progress.lock();
         if self.ending.get().is_some() || (only_first && progress.0 > 0) {
             return false;
         }
@@ -249,7 +240,7 @@ impl Subscription {
                 return Poll::Ready(None);
             }
             if progress && this.slot.progress_count.load(Ordering::Acquire) != *this.seen_progress {
-                let (count, latest) = this.slot.lock_progress().clone();
+                let (count, latest) = this.slot.progress.lock().clone();
                 *this.seen_progress = count;
                 if let Some(news) = latest {
                     return Poll::Ready(Some(news));
@@ -272,7 +263,7 @@ impl Hub {
     /// after this call reaches the subscription, and an ending stored before the status read is
     /// seen by the read, so nothing slips between the two.
     pub fn subscribe(&self, id: &JobId) -> Subscription {
-        let mut jobs = self.registry.lock();
+        let mut jobs = self.registry.jobs.lock();
         let entry = jobs.entry(id.clone()).or_insert_with(|| Entry {
             slot: Arc::default(),
             subscriptions: 0,
@@ -297,6 +288,7 @@ impl Hub {
         // Take the slot out so the waking of many streams happens outside the lock.
         let found = self
             .registry
+            .jobs
             .lock()
             .get(id)
             .map(|entry| (Arc::clone(&entry.slot), entry.subscriptions));
@@ -318,6 +310,7 @@ impl Hub {
         self.registry.closed.store(true, Ordering::Release);
         let slots: Vec<Arc<Slot>> = self
             .registry
+            .jobs
             .lock()
             .values()
             .map(|entry| Arc::clone(&entry.slot))
@@ -329,12 +322,13 @@ impl Hub {
 
     /// How many jobs have at least one subscription here.
     pub fn watched_jobs(&self) -> usize {
-        self.registry.lock().len()
+        self.registry.jobs.lock().len()
     }
 
     /// How many subscriptions are open here on `id`.
     pub fn subscriptions_on(&self, id: &JobId) -> usize {
         self.registry
+            .jobs
             .lock()
             .get(id)
             .map_or(0, |entry| entry.subscriptions)
@@ -342,7 +336,7 @@ impl Hub {
 
     /// The ids of every job watched here.
     pub fn watched_ids(&self) -> Vec<JobId> {
-        self.registry.lock().keys().cloned().collect()
+        self.registry.jobs.lock().keys().cloned().collect()
     }
 }
 
@@ -483,11 +477,33 @@ mod tests {
         assert_eq!(percent_of(&second.next().await.unwrap()), 20.0);
     }
 
-    #[test]
-    fn news_is_encoded_once_whoever_asks() {
-        let news = completed();
-        let first = news.encoded(|_| "encoded".into());
-        let second = news.encoded(|_| unreachable!("encoded already"));
-        assert_eq!(first, second);
+    /// Every stream of the job encodes what its subscription hands it: the ones waiting when
+    /// the ending arrives, one joining afterwards, and a second copy of the ending (a resync)
+    /// changes nothing. One encoding between them all.
+    #[tokio::test]
+    async fn news_is_encoded_once_whoever_asks() {
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let mut waiting: Vec<_> = (0..3).map(|_| Box::pin(hub.subscribe(&id))).collect();
+        hub.deliver(&id, &completed());
+        hub.deliver(&id, &completed());
+        let late = hub.subscribe(&id);
+        let mut handed = Vec::new();
+        for sub in &mut waiting {
+            handed.push(sub.next().await.expect("the ending"));
+        }
+        handed.push(
+            late.delivered()
+                .expect("the ending, to a late subscription"),
+        );
+        let encodings = std::sync::atomic::AtomicUsize::new(0);
+        for news in &handed {
+            let encoded = news.encoded(|_| {
+                encodings.fetch_add(1, Ordering::Relaxed);
+                "encoded".into()
+            });
+            assert_eq!(encoded, "encoded");
+        }
+        assert_eq!(encodings.load(Ordering::Relaxed), 1);
     }
 }

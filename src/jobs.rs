@@ -12,9 +12,10 @@
 //! (which may carry secrets) is never logged.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Delivery;
@@ -66,7 +67,7 @@ pub enum Watch {
 }
 
 /// What a stream registered as `subscription` waits for, given the job as read after registering.
-fn settle(subscription: Subscription, job: Job) -> Watch {
+fn watch_as_read(subscription: Subscription, job: Job) -> Watch {
     match job.ending() {
         Some(ending) => Watch::Ended(News::ended(ending)),
         None => {
@@ -212,7 +213,6 @@ impl Jobs {
         };
         self.unstored_progress
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .insert(id.clone(), progress.clone());
         self.metrics.progress_reports.inc();
         self.delivery.publish_progress(id, progress.clone()).await;
@@ -409,7 +409,7 @@ impl Jobs {
         if subscription.pending_read_is_fresh() {
             return Ok(Watch::Waiting(subscription));
         }
-        Ok(settle(subscription, self.get(id).await?))
+        Ok(watch_as_read(subscription, self.get(id).await?))
     }
 
     /// [`Jobs::watch`] for several jobs at once, for one stream: registers for every job first,
@@ -435,7 +435,9 @@ impl Jobs {
             .zip(ids)
             .map(|(subscription, id)| match subscription.delivered() {
                 Some(news) => Some(Watch::Ended(news)),
-                None => stored.remove(id).map(|job| settle(subscription, job)),
+                None => stored
+                    .remove(id)
+                    .map(|job| watch_as_read(subscription, job)),
             })
             .collect())
     }
@@ -563,14 +565,9 @@ impl Jobs {
     /// Stores the reports made since the last call, in one commit; a failure is logged, and the
     /// next report replaces what was lost.
     async fn store_progress(&self) {
-        let reports: Vec<(JobId, Progress)> = std::mem::take(
-            &mut *self
-                .unstored_progress
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
-        .into_iter()
-        .collect();
+        let reports: Vec<(JobId, Progress)> = std::mem::take(&mut *self.unstored_progress.lock())
+            .into_iter()
+            .collect();
         if reports.is_empty() {
             return;
         }

@@ -16,7 +16,7 @@
 //! - [`domain`]: job ids, redirect targets, statuses, endings; parsed, never re-checked.
 //! - Beside them: [`auth`] (API token, admin session, CSRF), [`limits`] (stream caps, client
 //!   address, token-guess throttle, demo jobs per address, open-file limit), [`metrics`]
-//!   (`/metrics`).
+//!   (`/metrics`), [`http_client`] (the one outgoing HTTP client: webhooks, job commands).
 
 pub mod auth;
 pub mod cli;
@@ -24,6 +24,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod fanout;
+pub mod http_client;
 pub mod hub;
 pub mod jobs;
 pub mod limits;

@@ -22,10 +22,10 @@ use actix_web::{App, web};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Secrets, fanout_secret, random_token};
+use crate::auth::{HmacKey, Secrets, fanout_secret, random_token};
 use crate::config::{Config, ExposeSecret};
 use crate::delivery::Delivery;
-use crate::fanout::{Fanout, FanoutKey};
+use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::jobs::{Jobs, Lifetimes};
 use crate::limits::{self, DemoJobLimit, GuessThrottle, StreamLimits};
@@ -145,8 +145,8 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
     let fanout = match &config.redis_url {
         Some(url) => {
             let key = match &config.fanout_key {
-                Some(key) => FanoutKey::new(key.expose_secret().as_bytes()),
-                None => FanoutKey::new(&fanout_secret(&token)),
+                Some(key) => HmacKey::new(key.expose_secret().as_bytes()),
+                None => HmacKey::new(&fanout_secret(&token)),
             };
             Some(Fanout::new(url, &config.redis_channel, key)?)
         }

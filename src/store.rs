@@ -191,7 +191,7 @@ impl Store {
             status: JobStatus::Pending,
             move_url,
             created_at: now_millis(),
-            completed_at: None,
+            ended_at: None,
             deadline,
             progress: None,
             message: None,

@@ -9,8 +9,8 @@
 //! - [`Sender`]: claims due webhooks (a conditional update with a lease: one instance sends
 //!   each), signs and POSTs them, and records each attempt's outcome with its retry, bounded in
 //!   count and age;
-//! - [`WebhookKey`]: the `Handoff-Signature` header, `t=<unix seconds>,v1=<hex>`, an
-//!   HMAC-SHA256 over `<t>.<body>` as Stripe's signatures are made.
+//! - [`signature`]: the `Handoff-Signature` header, `t=<unix seconds>,v1=<hex>`, an
+//!   HMAC-SHA256 over `<t>.<body>` under the webhook secret, as Stripe's signatures are made.
 //!
 //! The sender runs in a task of its own with a timeout on every request and a bound on how many
 //! are in flight, so a slow or failing receiver delays only webhooks, never an ending or a
@@ -18,20 +18,14 @@
 //! redirect is followed, no proxy is taken from the environment.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use sha2::Sha256;
+use parking_lot::Mutex;
+use reqwest::header::CONTENT_TYPE;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::HmacKey;
 use crate::config::{ExposeSecret, WebhookConfig};
 use crate::domain::{JobId, millis, now_millis, rfc3339};
 use crate::metrics::Metrics;
@@ -60,38 +54,13 @@ pub const ID_HEADER: &str = "Handoff-Webhook-Id";
 /// The header carrying the attempt's number, from 1.
 pub const ATTEMPT_HEADER: &str = "Handoff-Webhook-Attempt";
 
-/// The deployment's webhook secret: signs every webhook.
-#[derive(Clone)]
-pub struct WebhookKey(Hmac<Sha256>);
-
-impl std::fmt::Debug for WebhookKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WebhookKey(..)")
-    }
-}
-
-impl WebhookKey {
-    pub fn new(secret: &[u8]) -> Self {
-        // HMAC takes a key of any length, so this cannot fail.
-        Self(Hmac::new_from_slice(secret).expect("HMAC accepts any key length"))
-    }
-
-    /// The `Handoff-Signature` value for `body` sent at `timestamp` (Unix seconds):
-    /// `t=<timestamp>,v1=<hex of HMAC-SHA256 over "<timestamp>.<body>">`. The timestamp is
-    /// signed so that a receiver can refuse an old webhook replayed.
-    pub fn signature(&self, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = self.0.clone();
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        let tag: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("t={timestamp},v1={tag}")
-    }
+/// The `Handoff-Signature` value for `body` sent at `timestamp` (Unix seconds), under the
+/// deployment's webhook secret `key`: `t=<timestamp>,v1=<hex of HMAC-SHA256 over
+/// "<timestamp>.<body>">`. The timestamp is signed so that a receiver can refuse an old webhook
+/// replayed.
+pub fn signature(key: &HmacKey, timestamp: i64, body: &[u8]) -> String {
+    let tag = key.tag(&[timestamp.to_string().as_bytes(), b".", body]);
+    format!("t={timestamp},v1={}", hex::encode(tag))
 }
 
 /// The streams here that wrote each job's ending since the last record; cheap to clone. Only
@@ -102,22 +71,13 @@ pub struct Receipts(Arc<Mutex<HashMap<JobId, i64>>>);
 impl Receipts {
     /// One stream wrote job `id`'s ending.
     pub fn record(&self, id: &JobId) {
-        *self
-            .0
-            .lock()
-            // One increment per critical section: a poisoned map is still a whole one.
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(id.clone())
-            .or_default() += 1;
+        *self.0.lock().entry(id.clone()).or_default() += 1;
     }
 
     /// Records what was counted since the last call in one statement. A failure is logged and
     /// the counts are lost: the webhook is then `unclaimed` or counts fewer streams, never lost.
     pub async fn store(&self, store: &Store) {
-        let taken: Vec<(JobId, i64)> =
-            std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
-                .into_iter()
-                .collect();
+        let taken: Vec<(JobId, i64)> = std::mem::take(&mut *self.0.lock()).into_iter().collect();
         if taken.is_empty() {
             return;
         }
@@ -177,26 +137,21 @@ fn body(webhook: &DueWebhook, id: &str) -> Vec<u8> {
 /// Why the sender cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    #[error("cannot load the system's CA certificates for an https:// HANDOFF_WEBHOOK_URL: {0}")]
-    Certificates(std::io::Error),
-    #[error("cannot set up TLS: {0}")]
-    Tls(rustls::Error),
-    #[error("HANDOFF_WEBHOOK_URL is not a URL the HTTP client takes: {0}")]
-    Url(hyper::http::uri::InvalidUri),
+    /// For an https:// URL, the client needs the system's CA certificates.
+    #[error("cannot set up the HTTP client for HANDOFF_WEBHOOK_URL: {0}")]
+    Client(String),
 }
-
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Sends the due webhooks of the outbox, from any instance's endings; cheap to clone.
 #[derive(Clone)]
 pub struct Sender {
     store: Store,
     metrics: Metrics,
-    client: HttpClient,
-    uri: hyper::Uri,
+    client: reqwest::Client,
+    url: url::Url,
     /// The URL's host, for logs: its path or query may hold a secret.
     host: Arc<str>,
-    key: WebhookKey,
+    key: HmacKey,
     first_retry: Duration,
     attempts: i64,
     max_age: i64,
@@ -210,54 +165,21 @@ impl std::fmt::Debug for Sender {
     }
 }
 
-/// The HTTP client: TLS with the system's CA store for an `https://` URL, connect timeout,
-/// HTTP/1.1. hyper's client follows no redirect and reads no proxy variable.
-fn http_client(url: &url::Url) -> Result<HttpClient, WebhookError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = hyper_rustls::HttpsConnectorBuilder::new();
-    let tls = if url.scheme() == "https" {
-        tls.with_provider_and_native_roots(provider)
-            .map_err(WebhookError::Certificates)?
-    } else {
-        // An http:// receiver: TLS is never used, so it needs no certificates.
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(WebhookError::Tls)?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        tls.with_tls_config(config)
-    };
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    // The TLS layer above takes https:// URLs.
-    http.enforce_http(false);
-    let connector = tls.https_or_http().enable_http1().wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
-}
-
-/// A failure as its whole chain says it: hyper's top error alone says little ("client error").
-fn describe(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 impl Sender {
     pub fn new(
         config: &WebhookConfig,
         store: Store,
         metrics: Metrics,
     ) -> Result<Self, WebhookError> {
+        let client = crate::http_client::builder(&config.url)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|err| WebhookError::Client(crate::http_client::describe(err)))?;
         Ok(Self {
-            client: http_client(&config.url)?,
-            uri: config.url.as_str().parse().map_err(WebhookError::Url)?,
+            client,
+            url: config.url.clone(),
             host: config.url.host_str().unwrap_or_default().into(),
-            key: WebhookKey::new(config.secret.expose_secret().as_bytes()),
+            key: HmacKey::new(config.secret.expose_secret().as_bytes()),
             first_retry: config.first_retry,
             attempts: i64::from(config.attempts),
             max_age: millis(config.max_age),
@@ -436,22 +358,23 @@ impl Sender {
 
     /// POSTs `webhook`, signed now, to the configured URL; the answer's status, or why there
     /// was none.
-    async fn post(&self, webhook: &DueWebhook, id: &str) -> Result<hyper::StatusCode, String> {
+    async fn post(&self, webhook: &DueWebhook, id: &str) -> Result<reqwest::StatusCode, String> {
         let body = body(webhook, id);
-        let signature = self.key.signature(now_millis() / 1000, &body);
-        let request = hyper::Request::post(self.uri.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header(USER_AGENT, concat!("Handoff/", env!("CARGO_PKG_VERSION")))
+        let signature = signature(&self.key, now_millis() / 1000, &body);
+        let request = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
             .header(ID_HEADER, id)
             .header(ATTEMPT_HEADER, webhook.attempt)
             .header(SIGNATURE_HEADER, signature)
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|err| format!("cannot build the request: {err}"))?;
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(request)).await {
+            .body(body)
+            .send();
+        match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
             // The body is not read: only the status counts, and dropping it closes the
             // connection, which a slow receiver cannot hold open.
             Ok(Ok(response)) => Ok(response.status()),
-            Ok(Err(err)) => Err(describe(&err)),
+            Ok(Err(err)) => Err(crate::http_client::describe(err)),
             Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
         }
     }
@@ -466,15 +389,15 @@ mod tests {
     /// `hmac.new(b"whsec-test-0123456789", b"1764583200." + body, "sha256").hexdigest()`.
     #[test]
     fn the_signature_is_hmac_sha256_over_timestamp_dot_body_in_hex() {
-        let key = WebhookKey::new(b"whsec-test-0123456789");
+        let key = HmacKey::new(b"whsec-test-0123456789");
         let body = br#"{"id":"whk_x","type":"delivered"}"#;
         assert_eq!(
-            key.signature(1_764_583_200, body),
+            signature(&key, 1_764_583_200, body),
             "t=1764583200,v1=e437f1c470c4d20f6cbd9db1fcf71827a5e6058e4e896587b7ae19c9b4530041"
         );
         assert_ne!(
-            key.signature(1_764_583_201, body),
-            key.signature(1_764_583_200, body),
+            signature(&key, 1_764_583_201, body),
+            signature(&key, 1_764_583_200, body),
             "the timestamp is signed"
         );
     }

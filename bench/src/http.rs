@@ -134,7 +134,7 @@ pub async fn drive(
                     if i >= count || Instant::now() >= deadline {
                         return;
                     }
-                    let outcome = timeout_at(deadline, one(addr, &mut sender, make(i)))
+                    let outcome = timeout_at(deadline, send(addr, &mut sender, make(i)))
                         .await
                         .unwrap_or_else(|_| Outcome {
                             sent_at: deadline,
@@ -155,7 +155,9 @@ pub async fn drive(
     std::mem::take(&mut *outcomes.lock().unwrap_or_else(PoisonError::into_inner))
 }
 
-async fn one(
+/// Sends `req` over `sender`'s connection, opening one first when there is none, and reads the
+/// whole answer.
+pub async fn send(
     addr: SocketAddr,
     sender: &mut Option<SendRequest<Body>>,
     req: Request<Body>,

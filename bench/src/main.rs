@@ -9,6 +9,7 @@
 //! ```
 
 mod http;
+mod one_by_one;
 mod report;
 mod split;
 mod streams;
@@ -37,6 +38,10 @@ enum Mode {
     Distinct,
     /// Every stream on one job, completed once.
     Single,
+    /// One job at a time: its stream opens, its completion is sent, its result read, and only
+    /// then the next. With a fleet, stream i opens on instance i mod k and its job is completed
+    /// through instance (i + 1) mod k, so every completion crosses to another instance.
+    OneByOne,
 }
 
 #[derive(Debug, Parser)]
@@ -153,8 +158,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.mode == Mode::OneByOne && args.progress_rate > 0 {
+        eprintln!("handoff-bench: --progress-rate applies to distinct and single runs");
+        return ExitCode::from(2);
+    }
     let report = if args.processes > 1 {
-        if args.mode == Mode::Single {
+        if args.mode != Mode::Distinct {
             eprintln!("handoff-bench: --processes splits distinct runs only");
             return ExitCode::from(2);
         }
@@ -166,6 +175,9 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
         {
+            Ok(runtime) if args.mode == Mode::OneByOne => {
+                runtime.block_on(one_by_one::run(&args, &targets))
+            }
             Ok(runtime) => runtime.block_on(run(&args, &targets)),
             Err(e) => {
                 eprintln!("handoff-bench: cannot start the runtime: {e}");
@@ -249,7 +261,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
         ..Report::default()
     };
     let channels = match args.mode {
-        Mode::Distinct => streams,
+        Mode::Distinct | Mode::OneByOne => streams,
         Mode::Single => 1,
     };
     let deadline = Instant::now() + phase;
@@ -407,20 +419,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
             .collect(),
     );
     report.latency_ms = Percentiles::of(latencies);
-    if report.delivered < report.expected {
-        note(
-            &mut report.errors,
-            format!(
-                "{} streams never got their event",
-                report.expected - report.delivered
-            ),
-        );
-    }
-    report.ok = report.delivered == report.expected
-        && report.progress_ok == report.progress_sent
-        && report.duplicates == 0
-        && report.connect_failures == 0
-        && report.completion_failures == 0;
+    conclude(&mut report);
     report
 }
 
@@ -470,6 +469,24 @@ async fn flood_progress(
             ),
         );
     }
+}
+
+/// Says whether the run went well: every stream got its event once, and nothing failed.
+fn conclude(report: &mut Report) {
+    if report.delivered < report.expected {
+        note(
+            &mut report.errors,
+            format!(
+                "{} streams never got their event",
+                report.expected - report.delivered
+            ),
+        );
+    }
+    report.ok = report.delivered == report.expected
+        && report.progress_ok == report.progress_sent
+        && report.duplicates == 0
+        && report.connect_failures == 0
+        && report.completion_failures == 0;
 }
 
 /// Keeps the first few distinct failure messages.

@@ -84,6 +84,9 @@ pub struct Report {
     /// Events that arrived before their completion's answer.
     #[serde(default)]
     pub before_answer: usize,
+    /// One-by-one runs: from sending each completion to its `200` having been read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_ms: Option<Percentiles>,
     pub rss_before_kb: Option<u64>,
     pub rss_after_kb: Option<u64>,
     pub bytes_per_stream: Option<f64>,
@@ -172,6 +175,7 @@ impl Report {
                 ),
             ),
             ("latency", pct(&self.latency_ms)),
+            ("answered", pct(&self.answer_ms)),
             (
                 "after answer",
                 format!(

@@ -1,4 +1,4 @@
-//! The bench tool keeps working: a small run against a real Handoff, in both modes. No timing is
+//! The bench tool keeps working: a small run against a real Handoff, in each mode. No timing is
 //! asserted; only that every expected event arrived exactly once and the tool said so.
 //! (The write floor's test is in `examples/store_alone.rs`, beside what it runs.)
 
@@ -142,6 +142,17 @@ async fn bench_delivers_one_job_to_200_streams_exactly_once_when_each_leaves_at_
     assert_every_event_arrived_once(&report, 200);
     assert_eq!(report["leave_on_result"], true, "{report}");
     assert_eq!(report["completions"], 1, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_one_by_one_delivers_each_of_50_jobs_before_the_next_and_times_each() {
+    let app = TestApp::spawn().await;
+    let report = bench(&app, "one-by-one", 50, true).await;
+    assert_every_event_arrived_once(&report, 50);
+    assert_eq!(report["completions"], 50, "{report}");
+    assert!(report["latency_ms"]["p50"].as_f64().is_some(), "{report}");
+    assert!(report["answer_ms"]["p50"].as_f64().is_some(), "{report}");
+    assert_eq!(app.metric("handoff_jobs_completed_total").await, 50.0);
 }
 
 #[tokio::test]

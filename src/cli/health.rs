@@ -67,28 +67,11 @@ fn own_address(addr: Option<&str>) -> Result<Url, String> {
 
 /// One GET with the job commands' HTTP client: the status and the body.
 fn get(url: &Url) -> Result<(u16, String), String> {
-    let mut response = client(TIMEOUT)
-        .get(url.as_str())
-        .call()
-        .map_err(|e| e.to_string())?;
-    let body = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| e.to_string())?;
-    Ok((response.status().as_u16(), body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_wildcard_address_is_asked_on_loopback_and_an_unset_one_at_the_default() {
-        let asked = |addr| own_address(addr).unwrap().to_string();
-        assert_eq!(asked(Some("0.0.0.0:8080")), "http://127.0.0.1:8080/");
-        assert_eq!(asked(Some("[::]:9000")), "http://[::1]:9000/");
-        assert_eq!(asked(Some("10.0.0.5:81")), "http://10.0.0.5:81/");
-        assert_eq!(asked(None), "http://127.0.0.1:8080/");
-        assert!(own_address(Some("localhost")).is_err());
-    }
+    let response = client(url, TIMEOUT)?
+        .get(url.clone())
+        .send()
+        .map_err(crate::http_client::describe)?;
+    let status = response.status().as_u16();
+    let body = response.text().map_err(crate::http_client::describe)?;
+    Ok((status, body))
 }

@@ -1,6 +1,7 @@
 //! `handoff job …`: the job runner's calls to a running Handoff, over its HTTP API (several ids to
-//! complete or fail go in batch calls), with a small blocking client (`ureq`): nothing here needs
-//! the server's async runtime.
+//! complete or fail go in batch calls), with the
+//! one HTTP client ([`crate::http_client`]) in its blocking form: nothing here needs the server's
+//! async runtime.
 //!
 //! What each command prints: a listing of the job, or with `--json` the server's answer as it
 //! came. What a failure prints: the server's own message (its `{"error": …}`) on stderr, with
@@ -163,21 +164,35 @@ fn call(args: &JobArgs) -> Result<(), Failure> {
 /// refusal with the server's message.
 fn send(base: &Url, request: &Request) -> Result<(String, Option<Value>), Failure> {
     let url = endpoint(base, request.path.iter().map(String::as_str));
-    let agent = client(TIMEOUT);
-    let sent = match &request.body {
-        Some(body) => agent
-            .post(url.as_str())
-            .header("Authorization", format!("Bearer {}", token()?))
-            .send_json(body),
-        None => agent.get(url.as_str()).call(),
+    // A usage error is reported before anything is set up.
+    let token = match request.body {
+        Some(_) => Some(token()?),
+        None => None,
     };
-    let mut response =
-        sent.map_err(|err| Failure::Unreachable(format!("cannot reach Handoff at {base}: {err}")))?;
+    let client = client(base, TIMEOUT).map_err(|why| {
+        Failure::Unreachable(format!("cannot set up the HTTP client for {base}: {why}"))
+    })?;
+    let mut call = match &request.body {
+        Some(body) => client.post(url).json(body),
+        None => client.get(url),
+    };
+    if let Some(token) = token {
+        call = call.bearer_auth(token);
+    }
+    // A 4xx or 5xx is an answer to read (the server's message), not a transport error.
+    let response = call.send().map_err(|err| {
+        Failure::Unreachable(format!(
+            "cannot reach Handoff at {base}: {}",
+            crate::http_client::describe(err)
+        ))
+    })?;
     let status = response.status();
-    let text = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|err| Failure::Unreachable(format!("reading the answer from {base}: {err}")))?;
+    let text = response.text().map_err(|err| {
+        Failure::Unreachable(format!(
+            "reading the answer from {base}: {}",
+            crate::http_client::describe(err)
+        ))
+    })?;
     let parsed: Option<Value> = serde_json::from_str(&text).ok();
     if !status.is_success() {
         return Err(Failure::Refused {
@@ -194,8 +209,12 @@ fn ending_ids(command: &JobCommand) -> Result<Vec<String>, Failure> {
     let (JobCommand::Complete { ids, .. } | JobCommand::Fail { ids, .. }) = command else {
         return Ok(Vec::new());
     };
-    let JobIds { ids, from_file } = ids;
-    let mut all = ids.clone();
+    let JobIds {
+        id,
+        more,
+        from_file,
+    } = ids;
+    let mut all: Vec<String> = id.iter().chain(more).cloned().collect();
     if let Some(path) = from_file {
         let text = if path.as_os_str() == "-" {
             std::io::read_to_string(std::io::stdin())
@@ -280,16 +299,13 @@ fn call_batch(base: &Url, args: &JobArgs, ids: &[String]) -> Result<(), Failure>
     Ok(())
 }
 
-/// The commands' HTTP client (`handoff health` uses it too), each call bounded by `timeout`.
-pub(super) fn client(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        // A 4xx or 5xx is an answer to read (the server's message), not a transport error.
-        .http_status_as_error(false)
-        // A redirect would turn a POST into a GET without its token: report it instead.
-        .max_redirects(0)
-        .timeout_global(Some(timeout))
+/// The HTTP client of the job commands and of `handoff health`. No redirect is followed: one
+/// would turn a POST into a GET without its token, and a 3xx is reported as the refusal it is.
+pub(super) fn client(base: &Url, timeout: Duration) -> Result<reqwest::blocking::Client, String> {
+    reqwest::blocking::ClientBuilder::from(crate::http_client::builder(base))
+        .timeout(timeout)
         .build()
-        .into()
+        .map_err(crate::http_client::describe)
 }
 
 /// `--url` / `HANDOFF_URL`, checked before anything is sent.
@@ -361,7 +377,7 @@ fn listing(job: &Value, base: &Url) -> Vec<(&'static str, String)> {
     );
     lines.extend(text("createdAt").map(|at| ("created", at)));
     lines.extend(text("deadline").map(|at| ("deadline", at)));
-    lines.extend(text("completedAt").map(|at| ("ended", at)));
+    lines.extend(text("endedAt").map(|at| ("ended", at)));
     if let Some(progress) = job.get("progress").filter(|p| p.is_object()) {
         lines.push(("progress", progress_line(progress)));
     }

@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use super::client::client_key;
 
@@ -20,7 +21,6 @@ const MAX_REMEMBERED_ADDRESSES: usize = 10_000;
 /// cell rate algorithm's "theoretical arrival time"): the moment its bucket is full again.
 #[derive(Debug, Default)]
 pub struct DemoJobLimit {
-    /// A std `Mutex`: never held across an `.await`; each critical section is one map update.
     full_again: Mutex<HashMap<IpAddr, Instant>>,
 }
 
@@ -35,10 +35,7 @@ impl DemoJobLimit {
     }
 
     fn take_at(&self, key: IpAddr, now: Instant) -> Result<(), Duration> {
-        let mut addresses = self
-            .full_again
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut addresses = self.full_again.lock();
         let full_again = addresses.get(&key).copied().unwrap_or(now).max(now);
         let after = full_again + DEMO_REFILL;
         // The bucket holds DEMO_BURST jobs' worth of refill time.
@@ -110,7 +107,7 @@ mod tests {
         for n in 0..=u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap() {
             limit.take_at(busy(n), now).unwrap();
         }
-        let remembered = limit.full_again.lock().unwrap().len();
+        let remembered = limit.full_again.lock().len();
         assert_eq!(remembered, MAX_REMEMBERED_ADDRESSES);
     }
 }

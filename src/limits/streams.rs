@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use super::client::client_key;
 
@@ -30,8 +32,7 @@ pub struct StreamLimits {
 struct Inner {
     max_total: usize,
     max_per_client: Option<usize>,
-    /// One lock for both counts, so admission is a single consistent decision. A std `Mutex`:
-    /// never held across an `.await`, and each critical section is a counter update.
+    /// One lock for both counts, so admission is a single consistent decision.
     counts: Mutex<Counts>,
 }
 
@@ -65,7 +66,7 @@ impl StreamLimits {
 
     /// Takes a place for a stream from `client`, or says which limit is reached.
     pub fn admit(&self, client: Option<IpAddr>) -> Result<StreamPermit, Refusal> {
-        let mut counts = self.inner.lock();
+        let mut counts = self.inner.counts.lock();
         if counts.total >= self.inner.max_total {
             return Err(Refusal::Full(self.inner.max_total));
         }
@@ -89,16 +90,9 @@ impl StreamLimits {
     }
 }
 
-impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
-        // Every update is complete before the lock is released, so a poisoned lock holds valid counts.
-        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 impl Drop for StreamPermit {
     fn drop(&mut self) {
-        let mut counts = self.inner.lock();
+        let mut counts = self.inner.counts.lock();
         counts.total = counts.total.saturating_sub(1);
         if let Some(ip) = self.client
             && let Some(n) = counts.per_client.get_mut(&ip)
@@ -137,6 +131,6 @@ mod tests {
         let _b = limits.admit(ip("10.0.0.2")).unwrap();
         drop(a);
         assert!(limits.admit(ip("10.0.0.1")).is_ok());
-        assert!(limits.inner.lock().per_client.len() <= 2);
+        assert!(limits.inner.counts.lock().per_client.len() <= 2);
     }
 }

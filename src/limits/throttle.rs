@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use super::client::client_key;
 
@@ -21,7 +22,6 @@ const MAX_REMEMBERED_ADDRESSES: usize = 10_000;
 /// attempt must wait a doubling time; a right token clears the address's record.
 #[derive(Debug, Default)]
 pub struct GuessThrottle {
-    /// A std `Mutex`: never held across an `.await`; each critical section is one map update.
     failures: Mutex<HashMap<IpAddr, Failures>>,
 }
 
@@ -32,18 +32,13 @@ struct Failures {
 }
 
 impl GuessThrottle {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Failures>> {
-        // Each update is a single insert or remove: a poisoned map is still consistent.
-        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// `Err(wait)` while `client` must wait before its next attempt.
     pub fn check(&self, client: Option<IpAddr>) -> Result<(), Duration> {
         let Some(ip) = client.map(client_key) else {
             return Ok(());
         };
         let now = Instant::now();
-        match self.lock().get(&ip).and_then(|f| f.blocked_until) {
+        match self.failures.lock().get(&ip).and_then(|f| f.blocked_until) {
             Some(until) if until > now => Err(until - now),
             _ => Ok(()),
         }
@@ -53,7 +48,7 @@ impl GuessThrottle {
     pub fn failed(&self, client: Option<IpAddr>) -> Option<Duration> {
         let ip = client_key(client?);
         let now = Instant::now();
-        let mut failures = self.lock();
+        let mut failures = self.failures.lock();
         if failures.len() >= MAX_REMEMBERED_ADDRESSES && !failures.contains_key(&ip) {
             failures.retain(|_, f| f.blocked_until.is_some_and(|until| until > now));
             // Still full (every address is waiting): forget the one whose wait ends first, so
@@ -83,7 +78,7 @@ impl GuessThrottle {
     /// A right token: `client` starts afresh.
     pub fn succeeded(&self, client: Option<IpAddr>) {
         if let Some(ip) = client {
-            self.lock().remove(&client_key(ip));
+            self.failures.lock().remove(&client_key(ip));
         }
     }
 }
@@ -102,7 +97,7 @@ mod tests {
                 throttle.failed(blocked(n));
             }
         }
-        assert_eq!(throttle.lock().len(), MAX_REMEMBERED_ADDRESSES);
+        assert_eq!(throttle.failures.lock().len(), MAX_REMEMBERED_ADDRESSES);
         assert!(
             throttle
                 .check(blocked(u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap()))

@@ -65,7 +65,7 @@ struct Row {
     /// The custom target, if the job has one.
     move_url: Option<String>,
     created_at: String,
-    completed_at: String,
+    ended_at: String,
     streams: usize,
 }
 
@@ -130,7 +130,7 @@ pub async fn page(
             deadline: rfc3339(job.deadline),
             move_url: job.move_url.as_ref().map(ToString::to_string),
             created_at: rfc3339(job.created_at),
-            completed_at: job.completed_at.map(rfc3339).unwrap_or_else(|| "—".into()),
+            ended_at: job.ended_at.map(rfc3339).unwrap_or_else(|| "—".into()),
             streams,
         })
         .collect();

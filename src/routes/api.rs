@@ -67,6 +67,9 @@ pub struct JobView {
     pub created_at: String,
     /// When the job ended, whichever way.
     #[schema(format = DateTime, required = true)]
+    pub ended_at: Option<String>,
+    /// The same as `endedAt`, under the name clients written before it know.
+    #[schema(format = DateTime, required = true)]
     pub completed_at: Option<String>,
     /// When the job expires if still pending.
     #[schema(format = DateTime)]
@@ -93,7 +96,8 @@ impl From<&Job> for JobView {
                 String::new()
             },
             created_at: rfc3339(job.created_at),
-            completed_at: job.completed_at.map(rfc3339),
+            ended_at: job.ended_at.map(rfc3339),
+            completed_at: job.ended_at.map(rfc3339),
             deadline: rfc3339(job.deadline),
             progress: job.progress.as_ref().map(|p| ProgressView {
                 percent: p.percent.map(Percent::get),

@@ -181,7 +181,7 @@ struct ResultPage {
     demo: bool,
     id: JobId,
     created_at: String,
-    completed_at: String,
+    ended_at: String,
     /// The job's own target, when it names one (its tabs went there, not here).
     move_url: Option<String>,
 }
@@ -214,7 +214,7 @@ pub async fn result(
         .ok_or_else(|| AppError::BadRequest("the link has no job id (?id=…)".into()))?;
     let id = job_id(raw)?;
     let job = state.jobs.get(&id).await.map_err(AppError::from)?;
-    let ended_at = rfc3339(job.completed_at.unwrap_or_default());
+    let ended_at = rfc3339(job.ended_at.unwrap_or_default());
     Ok(match job.status {
         JobStatus::Complete => html(
             StatusCode::OK,
@@ -223,7 +223,7 @@ pub async fn result(
                 move_url: job.move_url.as_ref().map(ToString::to_string),
                 id: job.id,
                 created_at: rfc3339(job.created_at),
-                completed_at: ended_at,
+                ended_at,
             },
         ),
         JobStatus::Failed | JobStatus::Expired => html(

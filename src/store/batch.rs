@@ -12,7 +12,9 @@
 //! runtime stops (actix stops an idle worker's runtime at once at shutdown) hands the queue to a
 //! runner on the runtime the queue was made on, so a queue is never stuck.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 /// A kind of request, and how a batch of them is answered.
 pub(super) trait Batch: Sized + Send + 'static {
@@ -87,12 +89,7 @@ impl<R: Batch> Queue<R> {
     /// How many requests of each class wait for the next batch (those of the batch being
     /// answered not counted).
     pub(super) fn waiting(&self) -> Vec<usize> {
-        self.lock().counts.clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State<R>> {
-        // Every critical section is a push or a swap; a panic cannot leave one half done.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().counts.clone()
     }
 
     /// Queues `request`; it is answered in the next batch. A request dropped unanswered (the
@@ -102,7 +99,7 @@ impl<R: Batch> Queue<R> {
         let class = request.class().min(self.bounds.len() - 1);
         let bound = self.bounds[class];
         let idle_worker = {
-            let mut state = self.lock();
+            let mut state = self.state.lock();
             if state.counts[class] >= bound {
                 return Err(Full { bound });
             }
@@ -125,7 +122,7 @@ impl<R: Batch> Queue<R> {
             adding[request.class().min(last)] += 1;
         }
         let idle_worker = {
-            let mut state = self.lock();
+            let mut state = self.state.lock();
             for (class, &n) in adding.iter().enumerate() {
                 let bound = self.bounds[class];
                 if n > 0 && state.counts[class] + n > bound.max(n) {
@@ -171,7 +168,7 @@ impl<R: Batch> Runner<R> {
     async fn run(mut self) {
         loop {
             let batch = {
-                let mut state = self.queue.lock();
+                let mut state = self.queue.state.lock();
                 if state.waiting.is_empty() {
                     state.worker = self.worker.take();
                     return;
@@ -192,7 +189,7 @@ impl<R: Batch> Drop for Runner<R> {
             return;
         };
         R::interrupted(&mut worker);
-        let mut state = self.queue.lock();
+        let mut state = self.queue.state.lock();
         if self.rescued || state.waiting.is_empty() {
             state.worker = Some(worker);
             let waiting = state.take_waiting();
@@ -247,7 +244,7 @@ mod tests {
         for (n, answer) in answers.into_iter().enumerate() {
             assert_eq!(answer.await.unwrap(), 2 * n as u32);
         }
-        assert_eq!(queue.lock().worker, Some(1), "one batch, worker back");
+        assert_eq!(queue.state.lock().worker, Some(1), "one batch, worker back");
     }
 
     /// actix stops an idle worker's runtime at once at shutdown, with a runner on it that other

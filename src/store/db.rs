@@ -103,7 +103,7 @@ pub(super) struct JobRow {
     pub(super) status: String,
     move_url: Option<String>,
     created_at: i64,
-    pub(super) completed_at: Option<i64>,
+    pub(super) ended_at: Option<i64>,
     deadline: i64,
     progress_percent: Option<f64>,
     progress_message: Option<String>,
@@ -112,7 +112,7 @@ pub(super) struct JobRow {
 }
 
 /// The columns of [`JobRow`], in its order.
-pub(super) const JOB_COLUMNS: &str = "id, status, move_url, created_at, completed_at, deadline, \
+pub(super) const JOB_COLUMNS: &str = "id, status, move_url, created_at, ended_at, deadline, \
      progress_percent, progress_message, progress_at, message";
 
 impl TryFrom<JobRow> for Job {
@@ -148,7 +148,7 @@ impl TryFrom<JobRow> for Job {
             status,
             move_url,
             created_at: row.created_at,
-            completed_at: row.completed_at,
+            ended_at: row.ended_at,
             deadline: row.deadline,
             progress,
             message: message(&row.message)?,
@@ -156,10 +156,66 @@ impl TryFrom<JobRow> for Job {
     }
 }
 
-/// `$from, $from+1, …`: `n` numbered parameters, as both databases accept them.
-pub(super) fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The numbered parameters (`$n`, as both databases take them) of a statement about `rows`
+/// rows: `width` parameters per row from `$first` on, the row's id first. The one way the
+/// statements number their parameters: `CASE id WHEN $id THEN $value … END` picks each row's
+/// value, `id IN (…)` picks the rows, and `(…), (…)` are the rows of an `INSERT`.
+pub(super) struct PerRow {
+    pub(super) first: usize,
+    pub(super) width: usize,
+    pub(super) rows: usize,
+}
+
+impl PerRow {
+    fn param(&self, row: usize, k: usize) -> String {
+        format!("${}", self.first + self.width * row + k)
+    }
+
+    /// `CASE id WHEN $id THEN $value … END`, the value being each row's `k`-th parameter.
+    pub(super) fn case(&self, k: usize) -> String {
+        let whens: String = (0..self.rows)
+            .map(|row| format!(" WHEN {} THEN {}", self.param(row, 0), self.param(row, k)))
+            .collect();
+        format!("CASE id{whens} END")
+    }
+
+    /// Each row's id parameter, for `id IN (…)`.
+    pub(super) fn ids(&self) -> String {
+        (0..self.rows)
+            .map(|row| self.param(row, 0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `($1, …, $width, <constants>), …`: each row's parameters and then `constants`, the rows
+    /// of an `INSERT … VALUES`.
+    pub(super) fn values(&self, constants: &str) -> String {
+        (0..self.rows)
+            .map(|row| {
+                let params: Vec<String> = (0..self.width).map(|k| self.param(row, k)).collect();
+                format!("({}, {constants})", params.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_row_parameters_number_each_row_from_its_first_id_on() {
+        let rows = PerRow {
+            first: 3,
+            width: 2,
+            rows: 2,
+        };
+        assert_eq!(rows.case(1), "CASE id WHEN $3 THEN $4 WHEN $5 THEN $6 END");
+        assert_eq!(rows.ids(), "$3, $5");
+        assert_eq!(
+            rows.values("'waiting'"),
+            "($3, $4, 'waiting'), ($5, $6, 'waiting')"
+        );
+    }
 }

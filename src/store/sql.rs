@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::db::{JOB_COLUMNS, JobRow, LaneConn, on_db, placeholders};
+use super::db::{JOB_COLUMNS, JobRow, LaneConn, PerRow, on_db};
 use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, Progress, now_millis};
 
 /// The most requests one statement answers; also bounds the SQL text and its parameters.
@@ -42,36 +42,6 @@ macro_rules! on_lane {
     }};
 }
 
-/// The numbered parameters of a statement that sets values on `rows` rows: `width` parameters
-/// per row from `$first` on, the row's id first, so that `CASE id WHEN $id THEN $value … END`
-/// picks each row's value and `id IN (…)` picks the rows.
-struct PerRow {
-    first: usize,
-    width: usize,
-    rows: usize,
-}
-
-impl PerRow {
-    fn param(&self, row: usize, k: usize) -> String {
-        format!("${}", self.first + self.width * row + k)
-    }
-
-    /// `CASE id WHEN $id THEN $value … END`, the value being each row's `k`-th parameter.
-    fn case(&self, k: usize) -> String {
-        let whens: String = (0..self.rows)
-            .map(|row| format!(" WHEN {} THEN {}", self.param(row, 0), self.param(row, k)))
-            .collect();
-        format!("CASE id{whens} END")
-    }
-
-    fn ids(&self) -> String {
-        (0..self.rows)
-            .map(|row| self.param(row, 0))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
 fn by_id(rows: Vec<JobRow>) -> Rows {
     rows.into_iter().map(|row| (row.id.clone(), row)).collect()
 }
@@ -80,10 +50,14 @@ fn by_id(rows: Vec<JobRow>) -> Rows {
 pub(super) async fn select_many(conn: &mut LaneConn, ids: &[JobId]) -> Result<Rows, sqlx::Error> {
     let mut rows = Rows::with_capacity(ids.len());
     for chunk in ids.chunks(MAX_BATCH) {
-        let n = padded_len(chunk.len());
+        let ids = PerRow {
+            first: 1,
+            width: 1,
+            rows: padded_len(chunk.len()),
+        };
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ({})",
-            placeholders(1, n)
+            ids.ids()
         ));
         let found: Vec<JobRow> = on_lane!(conn, e => {
             let mut query = sqlx::query_as(sql);
@@ -112,7 +86,7 @@ macro_rules! ending {
                 if !rows.is_empty() {
                     let mut insert = sqlx::query(sqlx::AssertSqlSafe(outbox_insert(rows.len())));
                     for row in &rows {
-                        let ended: i64 = row.completed_at.unwrap_or_else(now_millis);
+                        let ended: i64 = row.ended_at.unwrap_or_else(now_millis);
                         insert = insert
                             .bind(row.id.as_str())
                             .bind(row.status.as_str())
@@ -132,37 +106,31 @@ macro_rules! ending {
 /// The outbox rows of `n` jobs that just ended: each waits for a stream until its `due_at`.
 /// A row already there (it cannot be: a job ends once) is left as it is.
 fn outbox_insert(n: usize) -> String {
-    let values: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "({}, 'waiting', {})",
-                placeholders(4 * i + 1, 2),
-                placeholders(4 * i + 3, 2)
-            )
-        })
-        .collect();
+    // Per row: id, status, ended_at, due_at.
+    let rows = PerRow {
+        first: 1,
+        width: 4,
+        rows: n,
+    };
     format!(
-        "INSERT INTO webhooks (id, status, state, ended_at, due_at) VALUES {} \
+        "INSERT INTO webhooks (id, status, ended_at, due_at, state) VALUES {} \
          ON CONFLICT (id) DO NOTHING",
-        values.join(", ")
+        rows.values("'waiting'")
     )
 }
 
 /// One statement, so one commit, for at most [`MAX_BATCH`] new jobs.
 pub(super) async fn insert_many(conn: &mut LaneConn, jobs: &[&Job]) -> Result<(), sqlx::Error> {
     debug_assert!(jobs.len() <= MAX_BATCH);
-    let values: Vec<String> = (0..jobs.len())
-        .map(|i| {
-            format!(
-                "({}, 'pending', {})",
-                placeholders(4 * i + 1, 1),
-                placeholders(4 * i + 2, 3)
-            )
-        })
-        .collect();
+    // Per job: id, moveUrl, creation, deadline.
+    let rows = PerRow {
+        first: 1,
+        width: 4,
+        rows: jobs.len(),
+    };
     let sql = sqlx::AssertSqlSafe(format!(
-        "INSERT INTO jobs (id, status, move_url, created_at, deadline) VALUES {}",
-        values.join(", ")
+        "INSERT INTO jobs (id, move_url, created_at, deadline, status) VALUES {}",
+        rows.values("'pending'")
     ));
     on_lane!(conn, e => {
         let mut query = sqlx::query(sql);
@@ -206,7 +174,7 @@ pub(super) async fn end_many(
         rows: n,
     };
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = $1, completed_at = $2, move_url = COALESCE({}, move_url), \
+        "UPDATE jobs SET status = $1, ended_at = $2, move_url = COALESCE({}, move_url), \
          message = {} WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
         rows.case(1),
         rows.case(2),
@@ -274,7 +242,7 @@ pub(super) async fn expire_due(
     // At most EXPIRE_BATCH a round, the earliest first, so one round after a long outage stays
     // short; the outer `status = 'pending'` keeps each job to one instance on PostgreSQL too.
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = 'expired', completed_at = $1 WHERE status = 'pending' AND id IN \
+        "UPDATE jobs SET status = 'expired', ended_at = $1 WHERE status = 'pending' AND id IN \
          (SELECT id FROM jobs WHERE status = 'pending' AND deadline <= $1 ORDER BY deadline \
          LIMIT {EXPIRE_BATCH}) RETURNING {JOB_COLUMNS}"
     ));

@@ -4,16 +4,17 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{self, TOKEN, TestApp, WAIT};
+use crate::support::{Handoff, Instance, TOKEN, TestApp, WAIT};
 use crate::webhooks::{Receiver, app_reporting_to};
 
 /// A job id no job has.
 const UNKNOWN: &str = "AAAAAAAAAAAAAAAAAAAAAA";
 
 /// Posts `body` (as it is) to the batch endpoint; the status and the JSON answer.
-async fn post_batch_at(client: &reqwest::Client, base: &str, body: String) -> (u16, Value) {
-    let answer = client
-        .post(format!("{base}/api/jobs/batch"))
+async fn post_batch(handoff: &Handoff, body: String) -> (u16, Value) {
+    let answer = handoff
+        .client
+        .post(handoff.url("/api/jobs/batch"))
         .bearer_auth(TOKEN)
         .header("Content-Type", "application/json")
         .body(body)
@@ -26,7 +27,7 @@ async fn post_batch_at(client: &reqwest::Client, base: &str, body: String) -> (u
 
 async fn batch(app: &TestApp, operations: Value) -> Vec<Value> {
     let body = json!({ "operations": operations }).to_string();
-    let (status, answer) = post_batch_at(&app.client, &app.url(""), body).await;
+    let (status, answer) = post_batch(app, body).await;
     assert_eq!(status, 200, "{answer}");
     answer["results"].as_array().expect("results").clone()
 }
@@ -175,7 +176,7 @@ async fn a_bad_batch_is_refused_whole_saying_why_and_applies_nothing() {
             "larger than the limit of 1048576 bytes",
         ),
     ] {
-        let (got, answer) = post_batch_at(&app.client, &app.url(""), body).await;
+        let (got, answer) = post_batch(&app, body).await;
         let text = answer["error"].as_str().unwrap_or_default();
         assert_eq!(got, status, "{answer}");
         assert!(text.contains(why), "{why:?} not in {text:?}");
@@ -211,8 +212,9 @@ async fn every_stream_receives_its_jobs_ending_from_a_batch() {
     for id in &ids {
         own.push(app.connected_stream(id).await);
     }
-    let shared = app.url(&format!("/sse/watch?ids={}", ids.join(",")));
-    let mut shared = support::SseReader::connected(&app.client, &shared).await;
+    let shared = format!("/sse/watch?ids={}", ids.join(","));
+    let mut shared = app.stream_at(&shared).await;
+    shared.expect_connect().await;
     let operations: Vec<Value> = ids
         .iter()
         .enumerate()
@@ -252,12 +254,11 @@ async fn every_stream_receives_its_jobs_ending_from_a_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_endings_acknowledged_right_before_sigkill_are_there_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let client = support::client();
     for round in 0..3 {
-        let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
+        let mut instance = Instance::start(dir.path(), &[]);
         let mut ids = Vec::new();
         for _ in 0..100 {
-            ids.push(support::job_id_at(&client, &base).await);
+            ids.push(instance.job_id().await);
         }
         let operations: Vec<Value> = ids
             .iter()
@@ -268,22 +269,20 @@ async fn batched_endings_acknowledged_right_before_sigkill_are_there_after_resta
             })
             .collect();
         let body = json!({ "operations": operations }).to_string();
-        let (status, answer) = post_batch_at(&client, &base, body).await;
+        let (status, answer) = post_batch(&instance, body).await;
         assert_eq!(status, 200, "{answer}");
         // No grace: the process dies right after the answer.
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
+        instance.kill();
+        let mut restarted = Instance::start(dir.path(), &[]);
         for (n, id) in ids.iter().enumerate() {
             let want = if n % 10 == 9 { "failed" } else { "complete" };
             assert_eq!(
-                support::job_at(&client, &base, id).await["status"],
+                restarted.job(id).await["status"],
                 want,
                 "round {round}: lost the ending of {id}"
             );
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        restarted.kill();
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{self, TOKEN, TestApp, WAIT};
+use crate::support::{self, Instance, TOKEN, TestApp, WAIT};
 
 /// What one run of the binary left behind.
 #[derive(Debug)]
@@ -169,6 +169,7 @@ async fn json_output_is_the_servers_answer_with_its_fields() {
         "status",
         "moveUrl",
         "createdAt",
+        "endedAt",
         "completedAt",
         "deadline",
         "progress",
@@ -195,6 +196,12 @@ async fn refusals_exit_1_with_the_servers_message_and_usage_errors_exit_2() {
     job(&app, &["complete", "AAAAAAAAAAAAAAAAAAAAAA"])
         .await
         .failed(1, "404 Not Found: no job with this id");
+    // One id in 64 starts with `-`: it is an id, not an option.
+    for command in ["complete", "fail", "progress", "show"] {
+        job(&app, &[command, "-AAAAAAAAAAAAAAAAAAAAA"])
+            .await
+            .failed(1, "404 Not Found: no job with this id");
+    }
     job(&app, &["show", "not-an-id"])
         .await
         .failed(1, "400 Bad Request");
@@ -366,15 +373,10 @@ async fn serve_runs_the_server_as_no_command_does() {
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_handoff"));
     command.arg("serve");
-    let (mut child, base, _log) = support::start_command(command, dir.path(), &[]);
-    let health = support::client()
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .expect("healthz");
-    assert_eq!(health.status(), 200);
-    support::sigterm(&child);
-    let status = support::exit_within(&mut child, std::time::Instant::now(), WAIT).await;
+    let mut instance = Instance::start_command(command, dir.path(), &[]);
+    assert_eq!(instance.get("/healthz").await.status(), 200);
+    instance.sigterm();
+    let status = instance.exit_within(std::time::Instant::now(), WAIT).await;
     assert!(status.success(), "{status}");
 }
 

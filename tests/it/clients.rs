@@ -7,14 +7,13 @@ use futures_util::StreamExt as _;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::support;
 use crate::support::HttpConnection::KeepAlive;
-use crate::support::{TestApp, WAIT, eventually, metric, raw_connected_stream, raw_stream};
+use crate::support::{Handoff, Instance, TestApp, WAIT, eventually};
 
-async fn drained(client: &reqwest::Client, base: &str, within: Duration) -> bool {
+async fn drained(handoff: &Handoff, within: Duration) -> bool {
     eventually(within, || async {
-        metric(client, base, "handoff_open_streams").await == 0.0
-            && metric(client, base, "handoff_watched_jobs").await == 0.0
+        handoff.metric("handoff_open_streams").await == 0.0
+            && handoff.metric("handoff_watched_jobs").await == 0.0
     })
     .await
 }
@@ -25,14 +24,14 @@ async fn a_client_that_closes_is_let_go_at_once_not_at_the_next_keep_alive() {
     let keep_alive = Duration::from_secs(30);
     let app = TestApp::spawn_with(|c| c.keep_alive = keep_alive).await;
     let id = app.job_id().await;
-    let mut socket = raw_connected_stream(&app.base, &id, KeepAlive).await;
+    let mut socket = app.raw_connected_stream(&id, KeepAlive).await;
     assert_eq!(app.metric("handoff_open_streams").await, 1.0);
     // A clean close (FIN), as when page A leaves or nginx drops the browser's request.
     socket.shutdown().await.unwrap();
     drop(socket);
     let gone = Instant::now();
     assert!(
-        drained(&app.client, &app.base, Duration::from_secs(3)).await,
+        drained(&app, Duration::from_secs(3)).await,
         "the stream and its hub entry outlived its client's close by over 3 s \
          (keep-alive {keep_alive:?})"
     );
@@ -45,7 +44,7 @@ async fn a_client_that_never_reads_delays_no_one_and_is_dropped_at_the_stream_ti
     let id = app.job_id().await;
     let mut idle = Vec::new();
     for _ in 0..50 {
-        idle.push(raw_stream(&app.base, &id, KeepAlive).await);
+        idle.push(app.raw_stream(&id, KeepAlive).await);
     }
     let mut reader = app.connected_stream(&id).await;
     assert!(app.metric_reaches("handoff_open_streams", 51.0, WAIT).await);
@@ -57,37 +56,37 @@ async fn a_client_that_never_reads_delays_no_one_and_is_dropped_at_the_stream_ti
         completed.elapsed()
     );
     // The non-readers' streams end (result sent, or timed out) though their sockets stay open.
-    assert!(drained(&app.client, &app.base, Duration::from_secs(4)).await);
+    assert!(drained(&app, Duration::from_secs(4)).await);
     drop(idle);
 }
 
 /// Connect/disconnect cycle number `i`, in one of three manners by turns.
-async fn cycle(base: &str, id: &str, i: usize) -> Option<TcpStream> {
+async fn cycle(handoff: &Handoff, id: &str, i: usize) -> Option<TcpStream> {
     match i % 3 {
         // Clean close after the connect event.
         0 => {
-            let mut s = raw_connected_stream(base, id, KeepAlive).await;
+            let mut s = handoff.raw_connected_stream(id, KeepAlive).await;
             let _ = s.shutdown().await;
             None
         }
         // Reset mid-stream: SO_LINGER 0 turns the close into an RST.
         1 => {
-            let s = raw_connected_stream(base, id, KeepAlive).await;
+            let s = handoff.raw_connected_stream(id, KeepAlive).await;
             s.set_zero_linger().expect("SO_LINGER 0");
             None
         }
         // Never reads; one in 50 of these stays open, unread, until the end of the run.
         _ => {
-            let s = raw_stream(base, id, KeepAlive).await;
+            let s = handoff.raw_stream(id, KeepAlive).await;
             tokio::time::sleep(Duration::from_millis(5)).await;
             (i % 150 == 2).then_some(s)
         }
     }
 }
 
-async fn run_cycles(base: &str, ids: &[String], n: usize) {
+async fn run_cycles(handoff: &Handoff, ids: &[String], n: usize) {
     let held: Vec<TcpStream> = futures_util::stream::iter(0..n)
-        .map(|i| cycle(base, &ids[i % ids.len()], i))
+        .map(|i| cycle(handoff, &ids[i % ids.len()], i))
         .buffer_unordered(64)
         .filter_map(|held| async { held })
         .collect()
@@ -100,7 +99,7 @@ async fn run_cycles(base: &str, ids: &[String], n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_connects_and_disconnects_leave_no_stream_no_hub_entry_and_no_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base, _log) = support::start_binary(
+    let mut instance = Instance::start(
         dir.path(),
         &[
             ("HANDOFF_KEEPALIVE_SECS", "1"),
@@ -110,10 +109,9 @@ async fn ten_thousand_connects_and_disconnects_leave_no_stream_no_hub_entry_and_
             ("HANDOFF_MAX_STREAMS_PER_CLIENT", "off"),
         ],
     );
-    let client = support::client();
     let mut ids = Vec::new();
     for _ in 0..100 {
-        ids.push(support::job_id_at(&client, &base).await);
+        ids.push(instance.job_id().await);
     }
 
     let started = Instant::now();
@@ -121,36 +119,31 @@ async fn ten_thousand_connects_and_disconnects_leave_no_stream_no_hub_entry_and_
     // I/O slab) keep growing for a while, by less each time. Measured RSS after 5k, 15k, 25k,
     // 35k, 45k cycles: 40, 47, 51, 52, 53 MiB; a leak would grow by the same amount each time.
     // So warm up in rounds until one round adds under 2 %.
-    let mut warm = support::rss_kib(child.id());
+    let mut warm = instance.rss_kib();
     let mut warm_cycles = 0;
     for _ in 0..8 {
-        run_cycles(&base, &ids, 5_000).await;
+        run_cycles(&instance, &ids, 5_000).await;
         warm_cycles += 5_000;
-        let now = support::rss_kib(child.id());
+        let now = instance.rss_kib();
         let settled = now * 100 < warm * 102;
         warm = now;
         if settled {
             break;
         }
     }
+    assert!(drained(&instance, WAIT).await, "warm-up left streams open");
+    run_cycles(&instance, &ids, 10_000).await;
     assert!(
-        drained(&client, &base, WAIT).await,
-        "warm-up left streams open"
-    );
-    run_cycles(&base, &ids, 10_000).await;
-    assert!(
-        drained(&client, &base, WAIT).await,
+        drained(&instance, WAIT).await,
         "streams or hub entries leaked"
     );
-    let after = support::rss_kib(child.id());
+    let after = instance.rss_kib();
     eprintln!(
         "{warm_cycles} + 10,000 cycles in {:?}; RSS after warm-up {warm} KiB, then {after} KiB",
         started.elapsed()
     );
-    let health = client.get(format!("{base}/healthz")).send().await.unwrap();
-    assert_eq!(health.status(), 200);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert_eq!(instance.get("/healthz").await.status(), 200);
+    instance.kill();
     assert!(
         after * 10 <= warm * 11,
         "resident memory grew more than 10 %: {warm} KiB -> {after} KiB"

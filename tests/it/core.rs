@@ -2,24 +2,33 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support;
-use crate::support::{SseBlock, TOKEN, TestApp, WAIT, page_text};
+use crate::support::{Handoff, Sse, TOKEN, TestApp, WAIT, page_text, result_of};
+
+/// The data of a `result` event, which carries no `id:` field: a browser never has a
+/// Last-Event-ID to send back.
+fn result_data(event: Option<Sse>) -> serde_json::Value {
+    let event = event.expect("an event");
+    let fields = (event.event.as_deref(), event.id.as_deref());
+    assert_eq!(fields, (Some("result"), None), "{event:?}");
+    result_of(&event).expect("JSON data")
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_then_complete_delivers_the_result_and_ends_the_stream() {
     let app = TestApp::spawn().await;
     let id = app.job_id().await;
     let mut stream = app.stream(&id).await;
-    assert_eq!(stream.next_block(WAIT).await, Some(SseBlock::Retry(1000)));
-    let connect = stream.next_result(WAIT).await.unwrap();
     assert_eq!(
-        connect,
+        stream.next_block(WAIT).await,
+        Some(Sse::default().retry(1000))
+    );
+    assert_eq!(
+        result_data(stream.next_block(WAIT).await),
         serde_json::json!({"status": "connect", "moveUrl": "", "id": id})
     );
     assert_eq!(app.complete(&id).await.status(), 200);
-    let result = stream.next_result(WAIT).await.unwrap();
     assert_eq!(
-        result,
+        result_data(stream.next_block(WAIT).await),
         serde_json::json!({"status": "result", "moveUrl": format!("/test.do?id={id}"), "id": id})
     );
     assert_eq!(stream.next_block(WAIT).await, None);
@@ -66,14 +75,12 @@ async fn racing_connects_and_completions_lose_nothing() {
     }
     let mut tasks = Vec::new();
     for id in ids {
-        let client = app.client.clone();
-        let base = app.base.clone();
+        let handoff = Handoff::clone(&app);
         tasks.push(tokio::spawn(async move {
-            let stream_url = format!("{base}/sse/connect/{id}");
             let reader = tokio::spawn({
-                let client = client.clone();
+                let (handoff, id) = (handoff.clone(), id.clone());
                 async move {
-                    let mut s = support::SseReader::open(&client, &stream_url).await;
+                    let mut s = handoff.stream(&id).await;
                     loop {
                         match s.next_result(Duration::from_secs(20)).await {
                             Some(v) if v["status"] == "result" => {
@@ -85,9 +92,7 @@ async fn racing_connects_and_completions_lose_nothing() {
                     }
                 }
             });
-            let status = support::complete_at(&client, &base, &id, None)
-                .await
-                .status();
+            let status = handoff.complete(&id).await.status();
             assert_eq!(status, 200);
             (id, reader.await.unwrap())
         }));
@@ -160,6 +165,7 @@ async fn the_api_refuses_a_missing_or_wrong_token_and_changes_nothing() {
     assert_eq!(job["status"], "pending");
     assert_eq!(job["moveUrl"], "");
     assert_eq!(job["completedAt"], serde_json::Value::Null);
+    assert_eq!(job["endedAt"], serde_json::Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -172,7 +178,8 @@ async fn completing_twice_returns_the_stored_result_and_unknown_is_404() {
     let second: serde_json::Value = again.json().await.unwrap();
     assert_eq!(first, second);
     assert_eq!(first["status"], "complete");
-    assert!(first["completedAt"].as_str().unwrap().ends_with('Z'));
+    assert!(first["endedAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(first["completedAt"], first["endedAt"], "the old name, kept");
     assert_eq!(app.complete("AAAAAAAAAAAAAAAAAAAAAA").await.status(), 404);
 }
 
@@ -186,7 +193,7 @@ async fn a_move_url_that_leaves_the_site_is_refused() {
         "/\\evil.example",
         "javascript:alert(1)",
     ] {
-        let create = support::post_job(&app.client, &app.base, Some(evil)).await;
+        let create = app.post_job(Some(evil)).await;
         assert_eq!(create.status(), 400, "create with {evil}");
         let text = create.text().await.unwrap();
         assert!(text.contains("moveUrl"), "{text}");

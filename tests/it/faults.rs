@@ -11,9 +11,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use crate::support;
 use crate::support::HttpConnection::Close;
-use crate::support::{FreshDb, TestApp, WAIT, eventually, raw_connected_stream};
+use crate::support::{FreshDb, Handoff, Instance, TestApp, WAIT, eventually};
 
 /// A TCP proxy in front of PostgreSQL that the test can cut (every connection dropped, new ones
 /// refused) and restore: the database becomes unreachable exactly as over a broken network.
@@ -61,7 +60,7 @@ async fn complete_continuously(app: &TestApp, stop: &AtomicBool) -> (Vec<String>
     let (mut acked, mut unavailable) = (Vec::new(), 0);
     while !stop.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let created = support::post_job(&app.client, &app.base, None).await;
+        let created = app.post_job(None).await;
         if created.status() != 201 {
             assert_eq!(
                 created.status(),
@@ -197,41 +196,33 @@ async fn a_locked_sqlite_file_answers_503_and_recovers_when_the_lock_goes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_acknowledged_right_before_sigkill_is_there_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let client = support::client();
     for round in 0..5 {
-        let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
+        let mut instance = Instance::start(dir.path(), &[]);
         let mut acked = Vec::new();
         for _ in 0..20 {
-            let id = support::job_id_at(&client, &base).await;
-            assert_eq!(
-                support::complete_at(&client, &base, &id, None)
-                    .await
-                    .status(),
-                200
-            );
+            let id = instance.job_id().await;
+            assert_eq!(instance.complete(&id).await.status(), 200);
             acked.push(id);
         }
         // No grace: the process dies right after the last acknowledgement.
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let (mut child, base, _log) = support::start_binary(dir.path(), &[]);
+        instance.kill();
+        let mut restarted = Instance::start(dir.path(), &[]);
         for id in &acked {
             assert_eq!(
-                support::job_at(&client, &base, id).await["status"],
+                restarted.job(id).await["status"],
                 "complete",
                 "round {round}: lost the completion of {id}"
             );
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        restarted.kill();
     }
 }
 
 /// `count` raw streams, spread over `ids` in turn, each read up to its connect event. Each asks
 /// for `Connection: close`, so the server's close marks the end of its stream.
-async fn connected_raw_streams(base: &str, ids: &[String], count: usize) -> Vec<TcpStream> {
+async fn connected_raw_streams(handoff: &Handoff, ids: &[String], count: usize) -> Vec<TcpStream> {
     futures_util::stream::iter(0..count)
-        .map(|i| raw_connected_stream(base, &ids[i % ids.len()], Close))
+        .map(|i| handoff.raw_connected_stream(&ids[i % ids.len()], Close))
         .buffer_unordered(100)
         .collect()
         .await
@@ -251,19 +242,18 @@ async fn sigterm_with_two_thousand_streams_ends_them_within_a_second_and_browser
     let dir = tempfile::tempdir().unwrap();
     // Every stream comes from this one address: lift the per-client cap.
     let uncapped = [("HANDOFF_MAX_STREAMS_PER_CLIENT", "off")];
-    let (mut child, base, _log) = support::start_binary(dir.path(), &uncapped);
-    let client = support::client();
+    let mut instance = Instance::start(dir.path(), &uncapped);
     let mut ids = Vec::new();
     for _ in 0..20 {
-        ids.push(support::job_id_at(&client, &base).await);
+        ids.push(instance.job_id().await);
     }
-    let sockets = connected_raw_streams(&base, &ids, STREAMS).await;
+    let sockets = connected_raw_streams(&instance, &ids, STREAMS).await;
     assert_eq!(
-        support::metric(&client, &base, "handoff_open_streams").await,
+        instance.metric("handoff_open_streams").await,
         STREAMS as f64
     );
 
-    let started = support::sigterm(&child);
+    let started = instance.sigterm();
     let ended: Vec<String> = futures_util::stream::iter(sockets)
         .map(|s| tokio::time::timeout(Duration::from_secs(3), read_to_end(s)))
         .buffer_unordered(STREAMS)
@@ -272,7 +262,7 @@ async fn sigterm_with_two_thousand_streams_ends_them_within_a_second_and_browser
         .await;
     let all_ended = started.elapsed();
     assert_eq!(ended.len(), STREAMS);
-    let exited = support::exit_within(&mut child, started, Duration::from_secs(5)).await;
+    let exited = instance.exit_within(started, Duration::from_secs(5)).await;
     let exit_took = started.elapsed();
     eprintln!("{STREAMS} streams ended {all_ended:?} after SIGTERM; exited after {exit_took:?}");
     assert!(
@@ -282,15 +272,10 @@ async fn sigterm_with_two_thousand_streams_ends_them_within_a_second_and_browser
     assert!(exited.success(), "{exited:?}");
 
     // The browsers reconnect to the restarted server, the jobs complete, every one gets its result.
-    let (mut child, base, _log) = support::start_binary(dir.path(), &uncapped);
-    let sockets = connected_raw_streams(&base, &ids, STREAMS).await;
+    let mut restarted = Instance::start(dir.path(), &uncapped);
+    let sockets = connected_raw_streams(&restarted, &ids, STREAMS).await;
     for id in &ids {
-        assert_eq!(
-            support::complete_at(&client, &base, id, None)
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(restarted.complete(id).await.status(), 200);
     }
     let bodies: Vec<String> = futures_util::stream::iter(sockets)
         .map(|s| tokio::time::timeout(WAIT, read_to_end(s)))
@@ -306,6 +291,5 @@ async fn sigterm_with_two_thousand_streams_ends_them_within_a_second_and_browser
         with_result, STREAMS,
         "every reconnected browser gets its result"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    restarted.kill();
 }

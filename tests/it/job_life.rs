@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, WAIT};
+use crate::support::{TestApp, WAIT, result_of};
 
 async fn progress(app: &TestApp, id: &str, body: Value) -> reqwest::Response {
     app.api_post(&format!("/api/jobs/{id}/progress"), Some(body))
@@ -263,7 +263,7 @@ async fn a_client_that_listens_only_for_result_events_still_moves_on_completion(
     // What the Spring client does: it handles `event: result` and acts on status "result".
     let mut results = Vec::new();
     while let Some(block) = stream.next_block(WAIT).await {
-        if let Some(data) = block.result() {
+        if let Some(data) = result_of(&block) {
             results.push(data);
         }
     }

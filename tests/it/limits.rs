@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support;
-use crate::support::{HttpConnection, SseReader, TestApp, WAIT};
+use crate::support::{Handoff, HttpConnection, Instance, SseReader, TestApp, WAIT, eventually};
 
 async fn open_from(app: &TestApp, id: &str, forwarded_for: &str) -> SseReader {
     let response = app
@@ -106,7 +105,10 @@ async fn with_the_defaults_one_address_holds_at_most_64_streams() {
     let id = app.job_id().await;
     let mut open = Vec::new();
     for _ in 0..handoff::config::DEFAULT_STREAMS_PER_CLIENT {
-        open.push(support::raw_connected_stream(&app.base, &id, HttpConnection::KeepAlive).await);
+        open.push(
+            app.raw_connected_stream(&id, HttpConnection::KeepAlive)
+                .await,
+        );
     }
     let (status, retry_after, body) = refused(app.stream(&id).await).await;
     assert_eq!(status, 429, "the 65th stream from one address: {body}");
@@ -166,22 +168,22 @@ async fn a_flood_of_creations_gets_503_while_a_completion_keeps_its_room_and_goe
     let mut locker = app.lock_sqlite_writes().await;
     let flood: Vec<_> = (0..FLOOD)
         .map(|_| {
-            let (client, base) = (app.client.clone(), app.base.clone());
-            tokio::spawn(async move { support::post_job(&client, &base, None).await })
+            let handoff = Handoff::clone(&app);
+            tokio::spawn(async move { handoff.post_job(None).await })
         })
         .collect();
-    let full = support::eventually(WAIT, || async {
+    let full = eventually(WAIT, || async {
         writes_waiting(&app, "create").await == ROOM as f64
     });
     assert!(full.await, "the creations fill their room");
 
     let completion = tokio::spawn({
-        let (client, base, id) = (app.client.clone(), app.base.clone(), id.clone());
-        async move { support::complete_at(&client, &base, &id, None).await }
+        let (handoff, id) = (Handoff::clone(&app), id.clone());
+        async move { handoff.complete(&id).await }
     });
-    let queued = support::eventually(WAIT, || async { writes_waiting(&app, "end").await == 1.0 });
+    let queued = eventually(WAIT, || async { writes_waiting(&app, "end").await == 1.0 });
     assert!(queued.await, "the completion waits in a room of its own");
-    let late = support::post_job(&app.client, &app.base, None).await;
+    let late = app.post_job(None).await;
     assert_eq!(late.status(), 503, "the creations' room is still full");
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
 
@@ -221,7 +223,7 @@ async fn a_job_past_its_retention_is_purged_and_answers_like_an_unknown_one() {
     let id = app.job_id().await;
     assert_eq!(app.get_job(&id).await.status(), 200, "a fresh job is kept");
     assert!(
-        support::eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(5), || async {
             app.get_job(&id).await.status() == 404
         })
         .await,
@@ -259,10 +261,9 @@ fn the_default_stream_cap_comes_from_the_open_file_limit_raised_to_the_hard_one(
     // Start it with a low soft limit: Handoff raises it to the hard one and sizes the cap from that.
     let mut command = std::process::Command::new("prlimit");
     command.args(["--nofile=256:", "--", env!("CARGO_BIN_EXE_handoff")]);
-    let (mut child, _base, log) = support::start_command(command, dir.path(), &[]);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let log = log.lock().unwrap().join("\n");
+    let mut instance = Instance::start_command(command, dir.path(), &[]);
+    instance.kill();
+    let log = instance.log_text();
     let want = format!(
         "at most {} streams, open-file limit {hard}",
         handoff::limits::default_max_streams(hard)

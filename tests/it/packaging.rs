@@ -115,7 +115,8 @@ fn debian_base() -> PathBuf {
     let _one_at_a_time = MAKING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let now = time::OffsetDateTime::now_utc();
+    let month = format!("{}-{:02}", now.year(), u8::from(now.month()));
     let tree = Path::new(CACHE).join(format!("bookworm-{month}"));
     if tree.join(".complete").exists() {
         return tree;

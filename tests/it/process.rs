@@ -4,8 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support;
-use crate::support::{SseReader, WAIT, start_binary};
+use crate::support::{Instance, WAIT};
 
 #[test]
 fn an_invalid_setting_stops_start_up_naming_the_variable() {
@@ -50,15 +49,13 @@ fn a_weak_token_stops_start_up_saying_why_without_showing_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base, _log) = start_binary(dir.path(), &[]);
-    let client = support::client();
-    let id = &support::job_id_at(&client, &base).await;
-    let stream_url = format!("{base}/sse/connect/{id}");
+    let mut instance = Instance::start(dir.path(), &[]);
+    let id = &instance.job_id().await;
     let mut streams = Vec::new();
     for _ in 0..20 {
-        streams.push(SseReader::connected(&client, &stream_url).await);
+        streams.push(instance.connected_stream(id).await);
     }
-    let started = support::sigterm(&child);
+    let started = instance.sigterm();
     for s in &mut streams {
         assert_eq!(s.next_block(Duration::from_secs(2)).await, None);
     }
@@ -67,17 +64,16 @@ async fn sigterm_ends_streams_within_a_second_and_exits_within_five() {
         "streams ended after {:?}",
         started.elapsed()
     );
-    let exited = support::exit_within(&mut child, started, Duration::from_secs(5)).await;
+    let exited = instance.exit_within(started, Duration::from_secs(5)).await;
     assert!(exited.success(), "{exited:?}");
 
     // A restart on the same file keeps the job; completing it reaches a reconnecting browser.
-    let (mut child, base, _log) = start_binary(dir.path(), &[]);
-    let mut s = SseReader::connected(&client, &format!("{base}/sse/connect/{id}")).await;
-    let completed = support::complete_at(&client, &base, id, None).await;
+    let mut restarted = Instance::start(dir.path(), &[]);
+    let mut s = restarted.connected_stream(id).await;
+    let completed = restarted.complete(id).await;
     assert_eq!(completed.status(), 200);
     assert_eq!(s.next_result(WAIT).await.unwrap()["status"], "result");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    restarted.kill();
 }
 
 #[tokio::test(flavor = "multi_thread")]

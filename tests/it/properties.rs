@@ -9,6 +9,11 @@ use url::Url;
 
 const ORIGIN: &str = "http://handoff.test/jobs/page-a";
 
+/// Whether `c` is in the URL-safe base64 alphabet (RFC 4648, section 5).
+fn url_safe(c: char) -> bool {
+    base64::alphabet::URL_SAFE.as_str().contains(c)
+}
+
 /// Asserts that `raw`, resolved as a link on page A, stays on Handoff's origin.
 fn stays_on_origin(raw: &str) -> Result<(), TestCaseError> {
     let base = Url::parse(ORIGIN).unwrap();
@@ -69,11 +74,31 @@ proptest! {
         }
     }
 
+    /// The oracle is the construction of each input, and the alphabet is base64url's as the
+    /// `base64` crate spells it, not `JobId::parse`'s own test.
     #[test]
-    fn a_job_id_is_exactly_twenty_two_url_safe_characters(raw in prop_oneof!["[A-Za-z0-9_-]{20,24}", any::<String>()]) {
-        let well_formed = raw.len() == JOB_ID_LEN
-            && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        prop_assert_eq!(JobId::parse(&raw).is_ok(), well_formed, "{:?}", raw);
+    fn a_job_id_is_exactly_twenty_two_url_safe_characters(
+        id in "[A-Za-z0-9_-]{22}",
+        cut in 0..JOB_ID_LEN,
+        more in "[A-Za-z0-9_-]{1,40}",
+        at in 0..JOB_ID_LEN,
+        intruder in any::<char>().prop_filter("outside the alphabet", |c| !url_safe(*c)),
+        anything in any::<String>(),
+    ) {
+        prop_assert!(id.chars().all(url_safe));
+        let parsed = JobId::parse(&id).map(|id| id.as_str().to_owned());
+        prop_assert_eq!(parsed, Ok(id.clone()), "22 URL-safe characters are an id, as given");
+        prop_assert!(JobId::parse(&id[..cut]).is_err(), "{} is too short", &id[..cut]);
+        let longer = format!("{id}{more}");
+        prop_assert!(JobId::parse(&longer).is_err(), "{} is too long", longer);
+        let mut chars: Vec<char> = id.chars().collect();
+        chars[at] = intruder;
+        let spoiled: String = chars.into_iter().collect();
+        prop_assert!(JobId::parse(&spoiled).is_err(), "{:?} has {:?}", spoiled, intruder);
+        if let Ok(accepted) = JobId::parse(&anything) {
+            prop_assert_eq!(accepted.as_str(), anything.as_str());
+            prop_assert!(anything.chars().count() == JOB_ID_LEN && anything.chars().all(url_safe));
+        }
     }
 
     #[test]

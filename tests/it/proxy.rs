@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::support::nginx::Nginx;
-use crate::support::{TOKEN, TestApp, WAIT, client, read_until};
+use crate::support::{TOKEN, TestApp, WAIT, client, client_builder, read_until};
 
 const SECURITY_HEADERS: [&str; 4] = [
     "content-security-policy",
@@ -26,7 +26,7 @@ const SECURITY_HEADERS: [&str; 4] = [
 
 /// A client whose connections come from `from`, a loopback address.
 fn client_from(from: &str) -> reqwest::Client {
-    reqwest::Client::builder()
+    client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .local_address(from.parse::<IpAddr>().unwrap())
         .build()

@@ -2,14 +2,11 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{SseBlock, SseReader, TestApp, WAIT};
+use crate::support::{Sse, SseReader, TestApp, WAIT};
 
 async fn watch(app: &TestApp, ids: &[&str]) -> SseReader {
-    SseReader::open(
-        &app.client,
-        &app.url(&format!("/sse/watch?ids={}", ids.join(","))),
-    )
-    .await
+    app.stream_at(&format!("/sse/watch?ids={}", ids.join(",")))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -25,7 +22,10 @@ async fn a_shared_stream_tells_each_job_apart_and_ends_when_every_job_has_ended(
     assert_eq!(stream.response_status, 200);
     assert_eq!(stream.headers["content-type"], "text/event-stream");
     assert_eq!(stream.headers["x-accel-buffering"], "no");
-    assert_eq!(stream.next_block(WAIT).await, Some(SseBlock::Retry(1000)));
+    assert_eq!(
+        stream.next_block(WAIT).await,
+        Some(Sse::default().retry(1000))
+    );
     let (event, connect) = stream.next_event(WAIT).await.unwrap();
     assert_eq!(event, "result");
     assert_eq!(
@@ -119,7 +119,10 @@ async fn a_shared_stream_counts_as_one_stream_for_the_per_client_cap() {
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let mut shared = watch(&app, &refs).await;
     assert_eq!(shared.response_status, 200);
-    assert_eq!(shared.next_block(WAIT).await, Some(SseBlock::Retry(1000)));
+    assert_eq!(
+        shared.next_block(WAIT).await,
+        Some(Sse::default().retry(1000))
+    );
     let second = watch(&app, &refs[..1]).await;
     assert_eq!(
         second.response_status, 429,

@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support;
-use crate::support::{TOKEN, TestApp, WAIT, behind_local_proxy, post_form};
+use crate::support::{Instance, TOKEN, TestApp, WAIT, behind_local_proxy, post_form};
 
 async fn login_with(app: &TestApp, token: &str, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut request = app
@@ -118,10 +117,11 @@ async fn wrong_bearer_tokens_from_one_address_are_slowed_down_like_logins_and_ot
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_from_an_untrusted_peer_log_one_warning_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base, log) = support::start_binary(dir.path(), &[]);
-    let client = support::client();
-    let warnings = |log: &support::CapturedLog| {
-        log.lock()
+    let mut instance = Instance::start(dir.path(), &[]);
+    let warnings = |instance: &Instance| {
+        instance
+            .log
+            .lock()
             .unwrap()
             .iter()
             .filter(|line| line.contains("HANDOFF_TRUSTED_PROXIES"))
@@ -129,7 +129,10 @@ async fn forwarding_headers_from_an_untrusted_peer_log_one_warning_naming_the_se
             .collect::<Vec<_>>()
     };
     let create = |forwarded: bool| {
-        let mut request = client.post(format!("{base}/api/jobs")).bearer_auth(TOKEN);
+        let mut request = instance
+            .client
+            .post(instance.url("/api/jobs"))
+            .bearer_auth(TOKEN);
         if forwarded {
             request = request.header("X-Forwarded-For", "203.0.113.7");
         }
@@ -137,16 +140,17 @@ async fn forwarding_headers_from_an_untrusted_peer_log_one_warning_naming_the_se
     };
     assert_eq!(create(false).await.unwrap().status(), 201);
     assert_eq!(
-        warnings(&log),
+        warnings(&instance),
         Vec::<String>::new(),
         "no forwarding, no warning"
     );
     for _ in 0..5 {
         assert_eq!(create(true).await.unwrap().status(), 201);
     }
-    let id = support::job_id_at(&client, &base).await;
-    let stream = client
-        .get(format!("{base}/sse/connect/{id}"))
+    let id = instance.job_id().await;
+    let stream = instance
+        .client
+        .get(instance.url(&format!("/sse/connect/{id}")))
         .header("X-Forwarded-For", "203.0.113.8")
         .send()
         .await
@@ -154,9 +158,8 @@ async fn forwarding_headers_from_an_untrusted_peer_log_one_warning_naming_the_se
     assert_eq!(stream.status(), 200);
     drop(stream);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let warned = warnings(&log);
+    instance.kill();
+    let warned = warnings(&instance);
     assert_eq!(
         warned.len(),
         1,
@@ -283,16 +286,14 @@ async fn every_answer_carries_the_security_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_never_shows_the_token_or_a_move_urls_query() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base, log) =
-        support::start_binary(dir.path(), &[("RUST_LOG", "info,handoff=debug")]);
-    let client = support::client();
+    let mut instance = Instance::start(dir.path(), &[("RUST_LOG", "info,handoff=debug")]);
     let secret = "s3cr3t-reset-code";
     let reset_url = format!("/reset?code={secret}");
-    let job = support::create_job_at(&client, &base, Some(&reset_url)).await;
+    let job = instance.create_job(Some(&reset_url)).await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let mut stream = support::SseReader::open(&client, &format!("{base}/sse/connect/{id}")).await;
+    let mut stream = instance.stream(&id).await;
     let override_url = format!("/done?code={secret}");
-    let completed = support::complete_at(&client, &base, &id, Some(&override_url)).await;
+    let completed = instance.complete_with(&id, &override_url).await;
     assert_eq!(completed.status(), 200);
     assert_eq!(stream.next_result(WAIT).await.unwrap()["status"], "connect");
     assert!(
@@ -301,25 +302,22 @@ async fn the_log_never_shows_the_token_or_a_move_urls_query() {
             .unwrap()
             .contains(secret)
     );
+    let login = instance.url("/admin/login");
     for token in ["wrong-token-attempt", TOKEN] {
-        post_form(&client, format!("{base}/admin/login"), &[("token", token)]).await;
+        post_form(&instance.client, &login, &[("token", token)]).await;
     }
-    client
-        .post(format!("{base}/api/jobs"))
+    instance
+        .client
+        .post(instance.url("/api/jobs"))
         .bearer_auth("wrong-bearer")
         .send()
         .await
         .unwrap();
-    client
-        .get(format!("{base}/test.do?id={id}"))
-        .send()
-        .await
-        .unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    instance.get(&format!("/test.do?id={id}")).await;
+    instance.kill();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let log = log.lock().unwrap().join("\n");
+    let log = instance.log_text();
     assert!(
         log.contains(&format!("job {id} completed")),
         "the log was captured:\n{log}"
@@ -332,28 +330,32 @@ async fn the_log_never_shows_the_token_or_a_move_urls_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generated_token_is_logged_once_at_start_up_and_never_again() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base, log) = support::start_binary(dir.path(), &[("HANDOFF_API_TOKEN", "")]);
-    let first = log.lock().unwrap().join("\n");
+    let mut instance = Instance::start(dir.path(), &[("HANDOFF_API_TOKEN", "")]);
+    let first = instance.log_text();
     let token = first
         .split("generated one for this run: ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("the generated token is logged at start-up:\n{first}"))
         .to_owned();
-    let client = support::client();
-    let created = client
-        .post(format!("{base}/api/jobs"))
+    let created = instance
+        .client
+        .post(instance.url("/api/jobs"))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
     assert_eq!(created.status(), 201, "the logged token works");
-    let login = post_form(&client, format!("{base}/admin/login"), &[("token", &token)]).await;
+    let login = post_form(
+        &instance.client,
+        instance.url("/admin/login"),
+        &[("token", &token)],
+    )
+    .await;
     assert_eq!(login.status(), 303);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    instance.kill();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = log.lock().unwrap().join("\n");
+    let log = instance.log_text();
     assert_eq!(
         log.matches(token.as_str()).count(),
         1,

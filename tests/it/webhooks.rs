@@ -4,7 +4,6 @@
 //! SIGKILL, and sent once by two instances sharing PostgreSQL.
 
 use std::collections::{HashSet, VecDeque};
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,8 @@ use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{self, FreshDb, TestApp, WAIT, eventually, start_binary};
+use crate::support::redis::{fresh_channel, shared_redis};
+use crate::support::{FreshDb, Handoff, Instance, TestApp, WAIT, eventually};
 
 const SECRET: &str = "whsec-test-0123456789";
 
@@ -56,15 +56,10 @@ impl Received {
         let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
         mac.update(format!("{t}.").as_bytes());
         mac.update(&self.body);
-        let expected: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let expected = hex::encode(mac.finalize().into_bytes());
         assert_eq!(v1, expected, "the signature holds");
         let sent: i64 = t.parse().expect("a numeric timestamp");
-        let now = chrono::Utc::now().timestamp();
+        let now = std::time::UNIX_EPOCH.elapsed().unwrap().as_secs() as i64;
         assert!((now - sent).abs() <= 60, "signed at {sent}, now {now}");
         let body: Value = serde_json::from_slice(&self.body).expect("a JSON body");
         assert_eq!(
@@ -204,10 +199,8 @@ pub(crate) async fn app_reporting_to(receiver: &Receiver, unclaimed_secs: u64) -
 }
 
 /// A labelled metric's value, 0 while the label has not been counted yet.
-async fn counted(client: &reqwest::Client, base: &str, name: &str) -> f64 {
-    support::metric_if_shown(client, base, name)
-        .await
-        .unwrap_or(0.0)
+async fn counted(handoff: &Handoff, name: &str) -> f64 {
+    handoff.metric_if_shown(name).await.unwrap_or(0.0)
 }
 
 const REFUSED: &str = r#"handoff_webhook_attempts_total{outcome="refused"}"#;
@@ -219,11 +212,9 @@ async fn a_job_two_tabs_watch_yields_one_signed_delivered_webhook_counting_both_
     let app = app_reporting_to(&receiver, 30).await;
     let id = app.job_id().await;
     // One tab on the job's own stream, one on a shared stream (as handoff.js opens it).
-    let shared = app.url(&format!("/sse/watch?ids={id}"));
-    let mut tabs = [
-        app.connected_stream(&id).await,
-        support::SseReader::connected(&app.client, &shared).await,
-    ];
+    let mut shared = app.stream_at(&format!("/sse/watch?ids={id}")).await;
+    shared.expect_connect().await;
+    let mut tabs = [app.connected_stream(&id).await, shared];
     assert_eq!(app.complete(&id).await.status(), 200);
     for tab in &mut tabs {
         assert_eq!(tab.next_result(WAIT).await.unwrap()["status"], "result");
@@ -360,31 +351,20 @@ async fn a_webhook_waiting_for_its_retry_when_handoff_is_sigkilled_is_sent_after
         // Long enough that the retry is still ahead at the kill, short enough for a test.
         ("HANDOFF_WEBHOOK_RETRY_MS", "2000"),
     ];
-    let (child, base, _log) = start_binary(dir.path(), &envs);
-    let mut first = Killed(child);
-    let client = support::client();
-    let id = support::job_id_at(&client, &base).await;
-    assert_eq!(
-        support::complete_at(&client, &base, &id, None)
-            .await
-            .status(),
-        200
-    );
+    let mut first = Instance::start(dir.path(), &envs);
+    let id = first.job_id().await;
+    assert_eq!(first.complete(&id).await.status(), 200);
     // The refusal is counted once the outbox holds the retry.
-    let refused = eventually(WAIT, || async {
-        counted(&client, &base, REFUSED).await == 1.0
-    });
+    let refused = eventually(WAIT, || async { counted(&first, REFUSED).await == 1.0 });
     assert!(
         refused.await,
         "the first attempt was refused: {:?}",
         receiver.all()
     );
-    first.0.kill().expect("SIGKILL");
-    first.0.wait().expect("reaped");
+    first.kill();
     assert_eq!(receiver.all().len(), 1);
 
-    let (child, base, _log) = start_binary(dir.path(), &envs);
-    let _restarted = Killed(child);
+    let restarted = Instance::start(dir.path(), &envs);
     let bodies = receiver.accepted_bodies(1, Duration::from_secs(8)).await;
     assert_eq!(bodies[0]["jobId"], id.as_str());
     assert_eq!(bodies[0]["type"], "unclaimed");
@@ -392,17 +372,7 @@ async fn a_webhook_waiting_for_its_retry_when_handoff_is_sigkilled_is_sent_after
         receiver.accepted()[0].header("handoff-webhook-attempt"),
         Some("2")
     );
-    assert_eq!(counted(&client, &base, ACCEPTED).await, 1.0);
-}
-
-/// A `handoff` process, killed when dropped, whether its test passed or not.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    assert_eq!(counted(&restarted, ACCEPTED).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -410,37 +380,27 @@ impl Drop for Killed {
 async fn two_instances_on_postgresql_send_each_webhook_once() {
     let receiver = Receiver::start(&[]).await;
     let db = FreshDb::postgres().await;
-    let channel = format!("handoff:test:{:016x}", rand::random::<u64>());
+    let (redis_url, channel) = (shared_redis().await, fresh_channel());
     let envs = [
-        ("DATABASE_URL", db.url()),
-        ("REDIS_URL", "redis://127.0.0.1:6379"),
-        ("HANDOFF_REDIS_CHANNEL", channel.as_str()),
         ("HANDOFF_WEBHOOK_URL", receiver.url.as_str()),
         ("HANDOFF_WEBHOOK_SECRET", SECRET),
         ("HANDOFF_UNCLAIMED_SECS", "2"),
     ];
-    let mut instances = Vec::new();
-    for _ in 0..2 {
-        let (child, base, _log) = start_binary(&std::env::temp_dir(), &envs);
-        instances.push((Killed(child), base));
-    }
-    let (a, b) = (&instances[0].1, &instances[1].1);
-    let client = support::client();
+    let instances = [
+        Instance::in_fleet(&db, Some(redis_url), &channel, &envs),
+        Instance::in_fleet(&db, Some(redis_url), &channel, &envs),
+    ];
+    let [a, b] = &instances;
     let mut ids = Vec::new();
     for _ in 0..12 {
-        ids.push(support::job_id_at(&client, a).await);
+        ids.push(a.job_id().await);
     }
     // One job watched on each instance; the others unwatched.
-    let mut on_b =
-        support::SseReader::connected(&client, &format!("{b}/sse/connect/{}", ids[0])).await;
-    let mut on_a =
-        support::SseReader::connected(&client, &format!("{a}/sse/connect/{}", ids[1])).await;
+    let mut on_b = b.connected_stream(&ids[0]).await;
+    let mut on_a = a.connected_stream(&ids[1]).await;
     for (i, id) in ids.iter().enumerate() {
-        let base = if i % 2 == 0 { a } else { b };
-        assert_eq!(
-            support::complete_at(&client, base, id, None).await.status(),
-            200
-        );
+        let through = if i % 2 == 0 { a } else { b };
+        assert_eq!(through.complete(id).await.status(), 200);
     }
     assert_eq!(on_b.next_result(WAIT).await.unwrap()["status"], "result");
     assert_eq!(on_a.next_result(WAIT).await.unwrap()["status"], "result");
@@ -472,8 +432,8 @@ async fn two_instances_on_postgresql_send_each_webhook_once() {
         );
     }
     let mut sent = 0.0;
-    for (_, base) in &instances {
-        sent += counted(&client, base, ACCEPTED).await;
+    for instance in &instances {
+        sent += counted(instance, ACCEPTED).await;
     }
     assert_eq!(
         sent,

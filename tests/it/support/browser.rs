@@ -99,7 +99,7 @@ impl Browser {
             driver,
             driver_port,
             session: String::new(),
-            http: reqwest::Client::new(),
+            http: super::client_builder().build().expect("client"),
             _profile: profile,
             _slot: slot,
         };

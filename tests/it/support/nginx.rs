@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, stop_process};
+use super::{Handoff, free_port, stop_process};
 
 const CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf");
 const LISTEN_HTTP: &str = "listen 80;";
@@ -122,6 +122,11 @@ impl Nginx {
     /// The site over plain HTTP/1.1 (the test-only port of the TLS server; see the module doc).
     pub fn plain_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.plain_port)
+    }
+
+    /// A client of the Handoff instances behind it, over [`plain_url`](Self::plain_url).
+    pub fn handoff(&self) -> Handoff {
+        Handoff::new(self.plain_url(""))
     }
 
     /// The shipped plain-HTTP server, which redirects to HTTPS.
