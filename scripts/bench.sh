@@ -15,7 +15,10 @@
 # once; empty = skip), REDIS_URL (redis://127.0.0.1:6379), PG_URL (postgres://postgres@127.0.0.1:5432),
 # PEERS_DIR (where start-nchan.sh lives; default ../shared/peers, then /work/shared/peers),
 # SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core), BASE_PORT (18080; each run
-# takes the next port), OUT (target/bench).
+# takes the next port), OUT (target/bench), BATCH_N (10000: N for batched completions, BATCH_SIZE=100
+# jobs a request: Handoff's POST /api/jobs/batch and Nchan's /multipub over 4 publishers, against
+# Nchan's single publishes over MANY_PUBLISHERS in the same run; empty = skip), TABLE (1: write
+# BENCHMARKS.md at the end; 0 leaves it alone, for a partial run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +40,10 @@ CAPACITY_INSTANCES=${CAPACITY_INSTANCES:-6}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 PUBLISHERS=4
+BATCH_N=${BATCH_N-10000}
+BATCH_SIZE=${BATCH_SIZE:-100}
+BATCH=0
+TABLE=${TABLE:-1}
 OUT=$(mkdir -p "${OUT:-target/bench}" && cd "${OUT:-target/bench}" && pwd)
 TOKEN=bench-token-$RANDOM$RANDOM$RANDOM$RANDOM
 if [ -z "${PEERS_DIR:-}" ]; then
@@ -156,7 +163,11 @@ target_args() { # name: the bench tool's target arguments
   case $1 in
     handoff) echo "--handoff http://127.0.0.1:$PORT --token $TOKEN" ;;
     bare-actix | bare-hyper) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
-    nchan | nchan-redis) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub?id={id}" ;;
+    nchan | nchan-redis)
+      # Batched: Nchan's multi-channel publish, one message to the batch's channels.
+      local publish=pub
+      [ "$BATCH" = 0 ] || publish=multipub
+      echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/$publish?id={id}" ;;
     python) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
     node-plain) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
     better-sse) echo "--sub-url http://127.0.0.1:$PORT/sub/{id} --pub-url http://127.0.0.1:$PORT/pub/{id}" ;;
@@ -206,9 +217,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-one_run() { # name n mode rep: the label gets -pK when PUBLISHERS is not 4
+one_run() { # name n mode rep: the label gets -pK when PUBLISHERS is not 4, -bK when BATCH is K
   local name=$1 n=$2 mode=$3 rep=$4 json label=$1
   [ "$PUBLISHERS" = 4 ] || label=$name-p$PUBLISHERS
+  [ "$BATCH" = 0 ] || label=$label-b$BATCH
   json="$OUT/json/$label-$mode-$n-$rep.json"
   server_pid=
   PORT=$((PORT + 1))
@@ -222,7 +234,7 @@ one_run() { # name n mode rep: the label gets -pK when PUBLISHERS is not 4
   fi
   # shellcheck disable=SC2046 # target_args is a list of words without spaces inside
   taskset -c "$CLIENT_CPU" "$bench_bin" $(target_args "$name") -n "$n" --mode "$mode" \
-    --publishers "$PUBLISHERS" --timeout 120 --leave-on-result --server-pid "$measure_pid" \
+    --publishers "$PUBLISHERS" --batch "$BATCH" --timeout 120 --leave-on-result --server-pid "$measure_pid" \
     --label "$label" --json "$json" ||
     echo "bench.sh: $label $mode N=$n run $rep FAILED (see the table above)" >&2
   stop_server "$name"
@@ -405,6 +417,18 @@ for rep in $(seq "$RUNS"); do
     for name in handoff nchan nchan-redis; do one_run "$name" "$MANY_N" distinct "$rep"; done
     PUBLISHERS=4
   fi
+  if [ -n "$BATCH_N" ]; then
+    BATCH=$BATCH_SIZE
+    one_run handoff "$BATCH_N" distinct "$rep"
+    one_run nchan "$BATCH_N" distinct "$rep"
+    BATCH=0
+    # The reference, in the same run even when the MANY_N runs are skipped.
+    if [ "$MANY_N" != "$BATCH_N" ] || [ "$MANY_PUBLISHERS" != 32 ]; then
+      PUBLISHERS=32
+      one_run nchan "$BATCH_N" distinct "$rep"
+      PUBLISHERS=4
+    fi
+  fi
   if [ -n "$SCALE_N" ]; then
     scale_run handoff "$SCALE_N" "$rep"
     scale_run nchan "$SCALE_N" "$rep"
@@ -421,6 +445,7 @@ done
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 [ -z "$CAPACITY_N" ] || capacity_run "$CAPACITY_N" "$CAPACITY_INSTANCES"
 
+[ "$TABLE" = 1 ] || { say "done (TABLE=0: BENCHMARKS.md left alone; figures in $OUT/json)"; exit 0; }
 say "writing BENCHMARKS.md"
 machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GB RAM, Linux $(uname -r)"
 python3 scripts/bench_table.py "$OUT/json" BENCHMARKS.md \

@@ -187,6 +187,36 @@ def main():
             w(f"| {title} | {fmt(med('completions_per_sec'))} | {ratio} | "
               f"{fmt(med('latency_ms.p50'), 3)} | {fmt(med('latency_ms.p99'), 3)} | {delivered(rs)} |")
         w("")
+    for name, n in sorted({k[0::2] for k in runs if re.fullmatch(r"handoff-b\d+", k[0])}):
+        size = name.removeprefix("handoff-b")
+        w(f"### Batched completions: {size} jobs a request, N = {n:,} distinct jobs")
+        w("")
+        w(f"Handoff's `POST /api/jobs/batch` and Nchan's multi-channel publish (`/multipub`, one "
+          f"message to every channel named), {size} jobs a request over 4 connections, against "
+          "Nchan's single publishes over 32 connections in the same run (issue 26's reference; "
+          "goal ≥ 2.0×). Completions/s counts jobs. Latency from the request, and from the "
+          "answer to the event (an event before its answer counts as 0).")
+        w("")
+        w("| server | completions/s | Handoff ÷ it | goal | latency p50 / p99, ms | "
+          "after the answer p50 / p99, ms | delivered |")
+        w("|---|---:|---:|---|---:|---:|---:|")
+        h = runs.get((name, "distinct", n), {})
+        for server, title, goal in ((name, f"Handoff, batches of {size}", ""),
+                                    (f"nchan-b{size}", f"Nchan multipub, batches of {size}", ""),
+                                    ("nchan-p32", "Nchan single, 32 connections", 2.0)):
+            rs = runs.get((server, "distinct", n), {})
+            if not rs:
+                continue
+            med = lambda key: median(figure(r, key) for r in rs.values())
+            ratio = None if server == name else per_run_ratio(h, rs, "completions_per_sec")
+            verdict = "" if not goal else (
+                "–" if ratio is None else f"≥ {goal}×: {'met' if ratio >= goal else 'not met'}")
+            w(f"| {title} | {fmt(med('completions_per_sec'))} | "
+              f"{'–' if ratio is None else fmt(ratio, 2)} | {verdict} | "
+              f"{fmt(med('latency_ms.p50'), 3)} / {fmt(med('latency_ms.p99'), 3)} | "
+              f"{fmt(med('after_answer_ms.p50'), 3)} / {fmt(med('after_answer_ms.p99'), 3)} | "
+              f"{delivered(rs)} |")
+        w("")
     floors = [(name, title) for name, title in FLOORS if any(k[0] == name for k in runs)]
     if floors:
         w("### The floors: bare actix-web and bare hyper against Nchan, same tool, same pinning")

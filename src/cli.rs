@@ -121,20 +121,20 @@ pub enum JobCommand {
         #[arg(long, value_name = "TEXT")]
         message: Option<String>,
     },
-    /// Complete a job: its open pages move on to the target.
+    /// Complete jobs: their open pages move on to the target. Several ids go in one batch call
+    /// (per 1000).
     Complete {
-        /// The job's id (it may start with `-`, as one id in 64 does).
-        #[arg(allow_hyphen_values = true)]
-        id: String,
+        #[command(flatten)]
+        ids: JobIds,
         /// Overrides the target given at creation.
         #[arg(long, value_name = "PATH")]
         move_url: Option<String>,
     },
-    /// Fail a job: its open pages move on to page B, which shows the message.
+    /// Fail jobs: their open pages move on to page B, which shows the message. Several ids go in
+    /// one batch call (per 1000).
     Fail {
-        /// The job's id (it may start with `-`, as one id in 64 does).
-        #[arg(allow_hyphen_values = true)]
-        id: String,
+        #[command(flatten)]
+        ids: JobIds,
         /// Why it failed, for the person waiting; at most 200 characters.
         #[arg(long, value_name = "TEXT")]
         message: Option<String>,
@@ -148,6 +148,25 @@ pub enum JobCommand {
         #[arg(allow_hyphen_values = true)]
         id: String,
     },
+}
+
+/// The jobs a completion or failure names: on the command line, from a file, or both.
+#[derive(Debug, Args)]
+pub struct JobIds {
+    /// The job's id (it may start with `-`, as one id in 64 does).
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "from_file",
+        allow_hyphen_values = true
+    )]
+    pub id: Option<String>,
+    /// More jobs' ids, completed or failed with it in one batch call (one that starts with `-`
+    /// goes after `--`, or in the file).
+    #[arg(value_name = "MORE")]
+    pub more: Vec<String>,
+    /// Read more ids from this file, one per line (`-`: standard input).
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<std::path::PathBuf>,
 }
 
 /// `handoff check-config`: the settings `serve` would run with, or why it would not start; or,

@@ -11,7 +11,7 @@
 //! ([`JobsError`]); the routes translate. Each change logs one line at info level; a moveUrl
 //! (which may carry secrets) is never logged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,8 @@ use crate::domain::{
 };
 pub use crate::hub::{News, Subscription, Update};
 use crate::metrics::Metrics;
-use crate::store::{EndRequest, Ended, Store, StoreError};
+pub use crate::store::EndRequest;
+use crate::store::{Ended, Store, StoreError};
 pub use crate::webhooks::Receipts;
 
 /// How often the latest progress reports are stored, and pending jobs past their deadline
@@ -76,6 +77,30 @@ fn watch_as_read(subscription: Subscription, job: Job) -> Watch {
             }
             Watch::Waiting(subscription)
         }
+    }
+}
+
+/// One operation of a batch ([`Jobs::apply_all`]).
+#[derive(Debug)]
+pub enum Operation {
+    /// Complete or fail, as [`Jobs::complete`] and [`Jobs::fail`].
+    End(EndRequest),
+    /// As [`Jobs::report_progress`].
+    Progress {
+        percent: Option<Percent>,
+        message: Option<Message>,
+    },
+}
+
+/// Waits for a task that stores and publishes: it runs on even when its caller is dropped (actix
+/// drops a handler whose client went away), since an ending on its way to the database must
+/// still be published once stored.
+async fn finish<T>(task: tokio::task::JoinHandle<Result<T, JobsError>>) -> Result<T, JobsError> {
+    match task.await {
+        Ok(done) => done,
+        // Only when the runtime shuts down (a panic in the task would be a bug, and says so).
+        Err(err) if err.is_cancelled() => Err(StoreError::ShuttingDown.into()),
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
     }
 }
 
@@ -253,33 +278,118 @@ impl Jobs {
     async fn end(&self, id: &JobId, request: EndRequest) -> Result<Job, JobsError> {
         let this = self.clone();
         let id = id.clone();
-        let task = tokio::spawn(async move {
+        finish(tokio::spawn(async move {
             let status = request.status;
-            let (job, first) = match this.store.end_job(&id, request).await? {
-                Ended::Now(job) => (job, true),
-                Ended::Already(job) => (job, false),
-                Ended::Conflict(job) => return Err(JobsError::Ended(job.status)),
-                Ended::NotFound => return Err(JobsError::NotFound),
-            };
-            if let Some(ending) = job.ending() {
-                let reached = this.delivery.publish(&id, ending).await;
-                if first {
-                    let (counter, done) = match status {
-                        JobStatus::Failed => (&this.metrics.jobs_failed, "failed"),
-                        _ => (&this.metrics.jobs_completed, "completed"),
-                    };
-                    counter.inc();
-                    log::info!("job {id} {done}; {reached} stream(s) here notified");
+            let ended = this.store.end_job(&id, request).await;
+            this.announce(&id, status, ended).await
+        }))
+        .await
+    }
+
+    /// [`Jobs::end`] for several jobs at once: every ending is handed to the store together, so
+    /// that they share its commits; each is published once its own commit is done. Each answer in
+    /// the order of `endings`; a job named twice is handled in that order.
+    pub async fn end_many(&self, endings: Vec<(JobId, EndRequest)>) -> Vec<Result<Job, JobsError>> {
+        let this = self.clone();
+        let count = endings.len();
+        let task = tokio::spawn(async move {
+            let asked: Vec<(JobId, JobStatus)> = endings
+                .iter()
+                .map(|(id, request)| (id.clone(), request.status))
+                .collect();
+            let answers = this.store.end_jobs(endings).await;
+            let announced = asked
+                .iter()
+                .zip(answers)
+                .map(|((id, status), ended)| this.announce(id, *status, ended));
+            // Together, so that a slow Redis delays the batch once, not once per job.
+            Ok(futures_util::future::join_all(announced).await)
+        });
+        // The task itself never fails: only the runtime's shutdown stops it.
+        finish(task).await.unwrap_or_else(|_| {
+            (0..count)
+                .map(|_| Err(StoreError::ShuttingDown.into()))
+                .collect()
+        })
+    }
+
+    /// Applies `operations` in their order, as the single calls would one after another; each
+    /// answer in that order. Consecutive endings go to the store together; a progress report on
+    /// a job with an ending among them waits for that ending first.
+    pub async fn apply_all(
+        &self,
+        operations: Vec<(JobId, Operation)>,
+    ) -> Vec<Result<Job, JobsError>> {
+        let mut answers: Vec<Option<Result<Job, JobsError>>> =
+            operations.iter().map(|_| None).collect();
+        let mut endings: Vec<(usize, JobId, EndRequest)> = Vec::new();
+        let mut ending: HashSet<JobId> = HashSet::new();
+        for (at, (id, operation)) in operations.into_iter().enumerate() {
+            match operation {
+                Operation::End(request) => {
+                    ending.insert(id.clone());
+                    endings.push((at, id, request));
+                }
+                Operation::Progress { percent, message } => {
+                    if ending.contains(&id) {
+                        ending.clear();
+                        self.end_queued(&mut endings, &mut answers).await;
+                    }
+                    answers[at] = Some(self.report_progress(&id, percent, message).await);
                 }
             }
-            Ok(job)
-        });
-        match task.await {
-            Ok(done) => done,
-            // Only when the runtime shuts down (a panic in the task would be a bug, and says so).
-            Err(err) if err.is_cancelled() => Err(StoreError::ShuttingDown.into()),
-            Err(err) => std::panic::resume_unwind(err.into_panic()),
         }
+        self.end_queued(&mut endings, &mut answers).await;
+        answers
+            .into_iter()
+            .map(|answer| answer.expect("every operation is answered"))
+            .collect()
+    }
+
+    /// Ends the queued `endings` together, answering each at its place in `answers`.
+    async fn end_queued(
+        &self,
+        endings: &mut Vec<(usize, JobId, EndRequest)>,
+        answers: &mut [Option<Result<Job, JobsError>>],
+    ) {
+        if endings.is_empty() {
+            return;
+        }
+        let (places, endings): (Vec<usize>, Vec<(JobId, EndRequest)>) = std::mem::take(endings)
+            .into_iter()
+            .map(|(at, id, request)| (at, (id, request)))
+            .unzip();
+        for (at, answer) in places.into_iter().zip(self.end_many(endings).await) {
+            answers[at] = Some(answer);
+        }
+    }
+
+    /// After the store answered an ending: publishes it (once more when it had ended this way
+    /// already), and counts and logs a first ending.
+    async fn announce(
+        &self,
+        id: &JobId,
+        status: JobStatus,
+        ended: Result<Ended, StoreError>,
+    ) -> Result<Job, JobsError> {
+        let (job, first) = match ended? {
+            Ended::Now(job) => (job, true),
+            Ended::Already(job) => (job, false),
+            Ended::Conflict(job) => return Err(JobsError::Ended(job.status)),
+            Ended::NotFound => return Err(JobsError::NotFound),
+        };
+        if let Some(ending) = job.ending() {
+            let reached = self.delivery.publish(id, ending).await;
+            if first {
+                let (counter, done) = match status {
+                    JobStatus::Failed => (&self.metrics.jobs_failed, "failed"),
+                    _ => (&self.metrics.jobs_completed, "completed"),
+                };
+                counter.inc();
+                log::info!("job {id} {done}; {reached} stream(s) here notified");
+            }
+        }
+        Ok(job)
     }
 
     /// The job as stored.

@@ -221,6 +221,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/sse/watch").get(sse::watch))
         .service(web::resource("/api/openapi.json").get(openapi::document))
         .service(web::resource("/api/jobs").post(api::create))
+        .service(web::resource("/api/jobs/batch").post(api::batch))
         .service(web::resource("/api/jobs/{id}").get(api::show))
         .service(web::resource("/api/jobs/{id}/complete").post(api::complete))
         .service(web::resource("/api/jobs/{id}/progress").post(api::progress))
@@ -265,6 +266,12 @@ pub fn explain_errors<B: 'static>() -> ErrorHandlers<B> {
             with_message(res, format!("method not allowed here; allowed: {allow}"))
         })
         .handler(StatusCode::PAYLOAD_TOO_LARGE, |res| {
+            // A handler's own 413 (a batch over its limits) says why already.
+            if res.response().headers().get(header::CONTENT_TYPE)
+                == Some(&header::HeaderValue::from_static("application/json"))
+            {
+                return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+            }
             with_message(res, AppError::PayloadTooLarge.to_string())
         })
 }

@@ -211,6 +211,15 @@ impl Store {
         self.lanes.end(id, request).await
     }
 
+    /// Ends several jobs together: in the same write batch, so in as few commits as its
+    /// statements allow. Each answer in the order of `endings`.
+    pub async fn end_jobs(
+        &self,
+        endings: Vec<(JobId, EndRequest)>,
+    ) -> Vec<Result<Ended, StoreError>> {
+        self.lanes.end_many(endings).await
+    }
+
     /// Stores the latest progress report of each job, for those still pending: one statement,
     /// so one commit, per 64 jobs.
     pub async fn save_progress(&self, reports: Vec<(JobId, Progress)>) -> Result<(), StoreError> {

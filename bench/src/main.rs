@@ -104,6 +104,12 @@ struct Args {
     progress_rate: usize,
     #[arg(long, default_value_t = 5)]
     progress_secs: u64,
+    /// Complete the jobs in batches of this many, each batch one request: Handoff's
+    /// `POST /api/jobs/batch`, or a generic target's multi-channel publish, whose --pub-url then
+    /// gets the batch's ids comma-joined for {id} (Nchan's `/multipub?id={id}`). Latency counts
+    /// from the batch's request. 0: one request per job.
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
     /// The servers' pids, comma-separated (for Nchan: the workers'), to read their resident
     /// memory; a fleet's is the sum.
     #[arg(long, value_delimiter = ',')]
@@ -250,6 +256,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
         connect_concurrency: args.connect_concurrency,
         publishers: args.publishers,
         leave_on_result: args.leave_on_result,
+        batch: args.batch,
         expected: streams,
         ..Report::default()
     };
@@ -257,7 +264,8 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
         Mode::Distinct | Mode::OneByOne => streams,
         Mode::Single => 1,
     };
-    let ids = match channel_ids(target, args.publishers, channels, Instant::now() + phase).await {
+    let deadline = Instant::now() + phase;
+    let ids = match channel_ids(target, args.publishers, channels, args.batch, deadline).await {
         Ok(ids) => Arc::new(ids),
         Err(why) => {
             report.errors.push(why);
@@ -345,10 +353,12 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
     }
 
     // Complete every job and wait for the events.
-    let outcomes = complete_all(targets, args.publishers, &ids, Instant::now() + phase).await;
+    let deadline = Instant::now() + phase;
+    let outcomes = complete_all(targets, args.publishers, args.batch, &ids, deadline).await;
     let mut first_sent: Option<Instant> = None;
     let mut last_done: Option<Instant> = None;
     let mut sent_at = Vec::with_capacity(channels);
+    let mut answered_at = Vec::with_capacity(channels);
     for outcome in &outcomes {
         match outcome {
             Some(o) if matches!(&o.result, Ok((status, _)) if status.is_success()) => {
@@ -356,6 +366,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
                 first_sent = Some(first_sent.map_or(o.sent_at, |t| t.min(o.sent_at)));
                 last_done = Some(last_done.map_or(o.done_at, |t| t.max(o.done_at)));
                 sent_at.push(Some(o.sent_at));
+                answered_at.push(Some(o.done_at));
             }
             other => {
                 report.completion_failures += 1;
@@ -371,6 +382,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
                 };
                 note(&mut report.errors, why);
                 sent_at.push(None);
+                answered_at.push(None);
             }
         }
     }
@@ -396,6 +408,16 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
     if args.part.is_some() {
         report.latency_samples_ms = millis(&latencies);
     }
+    let arrivals: Vec<(Instant, Instant)> = (0..streams)
+        .filter_map(|i| Some((board.arrival(i)?, answered_at[i % channels]?)))
+        .collect();
+    report.before_answer = arrivals.iter().filter(|(at, answer)| at < answer).count();
+    report.after_answer_ms = Percentiles::of(
+        arrivals
+            .iter()
+            .map(|(at, answer)| at.saturating_duration_since(*answer))
+            .collect(),
+    );
     report.latency_ms = Percentiles::of(latencies);
     conclude(&mut report);
     report
@@ -480,6 +502,7 @@ async fn channel_ids(
     target: &Target,
     publishers: usize,
     count: usize,
+    batch: usize,
     deadline: Instant,
 ) -> Result<Vec<String>, String> {
     let (Some(token), Some(create)) = (target.handoff_token.clone(), target.create.clone()) else {
@@ -487,6 +510,12 @@ async fn channel_ids(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
         let pid = std::process::id();
+        if batch > 0 {
+            // Nchan caps a multi-channel publish's whole id at 1,024 characters: a batch of 100
+            // ids needs them at most 9 long.
+            let tag = (run as u32 ^ pid) & 0xffff;
+            return Ok((0..count).map(|i| format!("{tag:04x}{i:x}")).collect());
+        }
         return Ok((0..count).map(|i| format!("b{run:x}-{pid}-{i}")).collect());
     };
     let path = create.path("");
@@ -520,11 +549,13 @@ async fn channel_ids(
 }
 
 /// Completes (publishes) every id once, over `publishers` keep-alive connections to each
-/// instance. Job i goes to instance (i / k) mod k: each instance gets an equal share, and since
-/// stream i is on instance i mod k, k − 1 in k completions must cross to another instance.
+/// instance, one request per job or (`batch` > 0) per batch of that many. Job i goes to instance
+/// (i / k) mod k: each instance gets an equal share, and since stream i is on instance i mod k,
+/// k − 1 in k completions must cross to another instance. A batch's outcome is each of its jobs'.
 async fn complete_all(
     targets: &[Target],
     publishers: usize,
+    batch: usize,
     ids: &Arc<Vec<String>>,
     deadline: Instant,
 ) -> Vec<Option<http::Outcome>> {
@@ -535,44 +566,78 @@ async fn complete_all(
     }
     let mut drives = tokio::task::JoinSet::new();
     for (target, share) in targets.iter().zip(shares) {
-        let share = Arc::new(share);
-        let (ids, publish, token) = (
-            ids.clone(),
-            target.publish.clone(),
-            target.handoff_token.clone(),
-        );
-        let jobs = share.clone();
-        let make = Arc::new(move |n: usize| {
-            let id = &ids[jobs[n]];
-            let path = publish.path(id);
-            match &token {
-                Some(token) => http::request("POST", &publish.host, &path, Some(token)),
-                None => http::request_with_body(
-                    "POST",
-                    &publish.host,
-                    &path,
-                    None,
-                    Bytes::from(format!(
-                        r#"{{"status":"result","moveUrl":"/done?id={id}"}}"#
-                    )),
-                ),
-            }
-        });
+        let groups: Arc<Vec<Vec<usize>>> =
+            Arc::new(share.chunks(batch.max(1)).map(<[usize]>::to_vec).collect());
         let addr = target.publish.addr;
+        let (ids, target) = (ids.clone(), target.clone());
+        let jobs = groups.clone();
+        let make = Arc::new(move |n: usize| {
+            let group: Vec<&str> = jobs[n].iter().map(|&i| ids[i].as_str()).collect();
+            publish_request(&target, batch > 0, &group)
+        });
         drives.spawn(async move {
-            let outcomes = http::drive(addr, publishers, share.len(), deadline, make).await;
-            (share, outcomes)
+            let outcomes = http::drive(addr, publishers, groups.len(), deadline, make).await;
+            (groups, outcomes)
         });
     }
     let mut all = vec![None; ids.len()];
     while let Some(done) = drives.join_next().await {
-        if let Ok((share, outcomes)) = done {
-            for (&i, outcome) in share.iter().zip(outcomes) {
-                all[i] = outcome;
+        if let Ok((groups, outcomes)) = done {
+            for (group, outcome) in groups.iter().zip(outcomes) {
+                for (place, &i) in group.iter().enumerate() {
+                    all[i] = outcome.as_ref().map(|o| batch_member(o, batch > 0, place));
+                }
             }
         }
     }
     all
+}
+
+/// The request that completes `group`: one job's completion or publish, or a batch's.
+fn publish_request(target: &Target, batched: bool, group: &[&str]) -> hyper::Request<http::Body> {
+    let publish = &target.publish;
+    let data = |id: &str| format!(r#"{{"status":"result","moveUrl":"/done?id={id}"}}"#);
+    match (&target.handoff_token, &target.batch) {
+        (Some(token), Some(endpoint)) if batched => {
+            let operations: Vec<serde_json::Value> = group
+                .iter()
+                .map(|id| serde_json::json!({ "op": "complete", "id": id }))
+                .collect();
+            let body = serde_json::json!({ "operations": operations }).to_string();
+            http::request_with_body(
+                "POST",
+                &endpoint.host,
+                &endpoint.path(""),
+                Some(token),
+                Bytes::from(body),
+            )
+        }
+        (Some(token), _) => {
+            http::request("POST", &publish.host, &publish.path(group[0]), Some(token))
+        }
+        // One message for the whole batch: what a multi-channel publish carries.
+        (None, _) => http::request_with_body(
+            "POST",
+            &publish.host,
+            &publish.path(&group.join(",")),
+            None,
+            Bytes::from(data(if batched { "batch" } else { group[0] })),
+        ),
+    }
+}
+
+/// A batch's outcome as its `place`-th job's: Handoff answers each job apart, in order.
+fn batch_member(outcome: &http::Outcome, batched: bool, place: usize) -> http::Outcome {
+    let mut member = outcome.clone();
+    if let (true, Ok((status, body))) = (batched, &outcome.result)
+        && status.is_success()
+        && let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body)
+        && let Some(result) = answer["results"].get(place)
+        && result["status"] != 200
+    {
+        member.result = Err(format!("batch result: {result}"));
+    }
+    member
 }
 
 fn millis(samples: &[Duration]) -> Vec<f64> {

@@ -40,6 +40,7 @@ pub async fn run(args: &Args, targets: &[Target]) -> Report {
         &targets[0],
         args.publishers,
         args.streams,
+        0,
         Instant::now() + phase,
     )
     .await

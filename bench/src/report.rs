@@ -60,6 +60,9 @@ pub struct Report {
     pub streams: usize,
     pub connect_concurrency: usize,
     pub publishers: usize,
+    /// Jobs per completion request; 0 for one request per job.
+    #[serde(default)]
+    pub batch: usize,
     pub leave_on_result: bool,
     pub opened: usize,
     pub connect_failures: usize,
@@ -74,6 +77,13 @@ pub struct Report {
     pub delivered: usize,
     pub duplicates: usize,
     pub latency_ms: Option<Percentiles>,
+    /// From the completion's answer (a batch's, for a batch) to the event; an event that came
+    /// before its answer counts as 0.
+    #[serde(default)]
+    pub after_answer_ms: Option<Percentiles>,
+    /// Events that arrived before their completion's answer.
+    #[serde(default)]
+    pub before_answer: usize,
     /// One-by-one runs: from sending each completion to its `200` having been read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer_ms: Option<Percentiles>,
@@ -166,6 +176,14 @@ impl Report {
             ),
             ("latency", pct(&self.latency_ms)),
             ("answered", pct(&self.answer_ms)),
+            (
+                "after answer",
+                format!(
+                    "{} ({} events before their answer)",
+                    pct(&self.after_answer_ms),
+                    self.before_answer
+                ),
+            ),
             (
                 "server RSS",
                 format!(

@@ -77,6 +77,8 @@ pub struct Target {
     pub publish: UrlTemplate,
     /// Handoff's progress endpoint.
     pub progress: Option<UrlTemplate>,
+    /// Handoff's batch endpoint.
+    pub batch: Option<UrlTemplate>,
 }
 
 impl Target {
@@ -90,6 +92,7 @@ impl Target {
             progress: Some(UrlTemplate::parse_with_id(&format!(
                 "{base}/api/jobs/{{id}}/progress"
             ))?),
+            batch: Some(UrlTemplate::parse(&format!("{base}/api/jobs/batch"))?),
         })
     }
 
@@ -124,6 +127,7 @@ impl Target {
             subscribe: UrlTemplate::parse_with_id(sub_url)?,
             publish: UrlTemplate::parse_with_id(pub_url)?,
             progress: None,
+            batch: None,
         })
     }
 }

@@ -1,4 +1,5 @@
-//! `handoff job …`: the job runner's calls to a running Handoff, over its HTTP API, with the
+//! `handoff job …`: the job runner's calls to a running Handoff, over its HTTP API (several ids to
+//! complete or fail go in batch calls), with the
 //! one HTTP client ([`crate::http_client`]) in its blocking form: nothing here needs the server's
 //! async runtime.
 //!
@@ -12,7 +13,10 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use url::Url;
 
-use super::{EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, JobArgs, JobCommand};
+use super::{EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, JobArgs, JobCommand, JobIds};
+
+/// At most this many operations in one batch call, the server's limit.
+const BATCH_MAX: usize = 1000;
 
 /// How long one call may take, connecting included: the API answers in milliseconds, so
 /// anything near this is a server or network in trouble, and a job runner should hear of it.
@@ -27,13 +31,15 @@ enum Failure {
     Refused { status: String, message: String },
     /// No answer came.
     Unreachable(String),
+    /// A batch went through, but the server refused some of its jobs (each named on stderr).
+    Partly { refused: usize, of: usize },
 }
 
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
             Self::Usage(_) => EXIT_USAGE,
-            Self::Refused { .. } => EXIT_REFUSED,
+            Self::Refused { .. } | Self::Partly { .. } => EXIT_REFUSED,
             Self::Unreachable(_) => EXIT_UNREACHABLE,
         }
     }
@@ -45,6 +51,12 @@ impl std::fmt::Display for Failure {
             Self::Usage(message) | Self::Unreachable(message) => f.write_str(message),
             Self::Refused { status, message } => {
                 write!(f, "the server answered {status}: {message}")
+            }
+            Self::Partly { refused, of } => {
+                write!(
+                    f,
+                    "the server refused {refused} of {of} job(s), each named above"
+                )
             }
         }
     }
@@ -81,7 +93,9 @@ impl Request {
     }
 }
 
-fn request_for(command: &JobCommand) -> Request {
+/// `id`, or for a completion or failure its first id (the only one when it is sent alone).
+fn request_for(command: &JobCommand, ids: &[String]) -> Request {
+    let first = ids.first().map_or("", String::as_str);
     let text = |value: &Option<String>| value.as_ref().map(|v| json!(v));
     match command {
         JobCommand::Create { move_url, deadline } => Request::post(
@@ -102,16 +116,14 @@ fn request_for(command: &JobCommand) -> Request {
                 ("message", text(message)),
             ],
         ),
-        JobCommand::Complete { id, move_url } => Request::post(
-            &["api", "jobs", id, "complete"],
+        JobCommand::Complete { move_url, .. } => Request::post(
+            &["api", "jobs", first, "complete"],
             &[("moveUrl", text(move_url))],
         ),
         JobCommand::Fail {
-            id,
-            message,
-            move_url,
+            message, move_url, ..
         } => Request::post(
-            &["api", "jobs", id, "fail"],
+            &["api", "jobs", first, "fail"],
             &[("message", text(message)), ("moveUrl", text(move_url))],
         ),
         JobCommand::Show { id } => Request {
@@ -123,14 +135,41 @@ fn request_for(command: &JobCommand) -> Request {
 
 fn call(args: &JobArgs) -> Result<(), Failure> {
     let base = base_url(&args.url)?;
-    let request = request_for(&args.command);
-    let url = endpoint(&base, request.path.iter().map(String::as_str));
+    let ids = ending_ids(&args.command)?;
+    if ids.len() > 1 {
+        return call_batch(&base, args, &ids);
+    }
+    let request = request_for(&args.command, &ids);
+    let (text, parsed) = send(&base, &request)?;
+    match (args.json, parsed) {
+        (false, Some(job)) => {
+            let lines = listing(&job, &base);
+            let width = lines
+                .iter()
+                .map(|(label, _)| label.len())
+                .max()
+                .unwrap_or(0);
+            for (label, value) in lines {
+                println!("{label:<width$}  {value}");
+            }
+        }
+        // The answer as it came: for scripts (and for a success that is not JSON, which no
+        // Handoff sends, but a proxy in front of one might).
+        _ => println!("{}", text.trim_end()),
+    }
+    Ok(())
+}
+
+/// Sends `request`: the answer's text and, when it is JSON, its value. An error status is a
+/// refusal with the server's message.
+fn send(base: &Url, request: &Request) -> Result<(String, Option<Value>), Failure> {
+    let url = endpoint(base, request.path.iter().map(String::as_str));
     // A usage error is reported before anything is set up.
     let token = match request.body {
         Some(_) => Some(token()?),
         None => None,
     };
-    let client = client(&base, TIMEOUT).map_err(|why| {
+    let client = client(base, TIMEOUT).map_err(|why| {
         Failure::Unreachable(format!("cannot set up the HTTP client for {base}: {why}"))
     })?;
     let mut call = match &request.body {
@@ -161,21 +200,101 @@ fn call(args: &JobArgs) -> Result<(), Failure> {
             message: error_message(parsed.as_ref(), &text),
         });
     }
-    match (args.json, parsed) {
-        (false, Some(job)) => {
-            let lines = listing(&job, &base);
-            let width = lines
-                .iter()
-                .map(|(label, _)| label.len())
-                .max()
-                .unwrap_or(0);
-            for (label, value) in lines {
-                println!("{label:<width$}  {value}");
+    Ok((text, parsed))
+}
+
+/// The ids a completion or failure names, those on the command line first, then the file's;
+/// none for the other commands.
+fn ending_ids(command: &JobCommand) -> Result<Vec<String>, Failure> {
+    let (JobCommand::Complete { ids, .. } | JobCommand::Fail { ids, .. }) = command else {
+        return Ok(Vec::new());
+    };
+    let JobIds {
+        id,
+        more,
+        from_file,
+    } = ids;
+    let mut all: Vec<String> = id.iter().chain(more).cloned().collect();
+    if let Some(path) = from_file {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(path)
+        }
+        .map_err(|err| Failure::Usage(format!("cannot read ids from {}: {err}", path.display())))?;
+        all.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    if all.is_empty() {
+        return Err(Failure::Usage("no job ids given".into()));
+    }
+    Ok(all)
+}
+
+/// Completes or fails several jobs with `POST /api/jobs/batch`, [`BATCH_MAX`] per call. Prints
+/// a line per job (with `--json`, each call's answer as it came); each refused job goes to
+/// stderr with the server's status and message.
+fn call_batch(base: &Url, args: &JobArgs, ids: &[String]) -> Result<(), Failure> {
+    let (op, fields) = match &args.command {
+        JobCommand::Complete { move_url, .. } => ("complete", vec![("moveUrl", move_url)]),
+        JobCommand::Fail {
+            message, move_url, ..
+        } => ("fail", vec![("message", message), ("moveUrl", move_url)]),
+        _ => unreachable!("only completions and failures name several jobs"),
+    };
+    let mut refused = 0;
+    for chunk in ids.chunks(BATCH_MAX) {
+        let operations: Vec<Value> = chunk
+            .iter()
+            .map(|id| {
+                let mut operation = Map::new();
+                operation.insert("op".into(), json!(op));
+                operation.insert("id".into(), json!(id));
+                for (name, value) in &fields {
+                    if let Some(value) = value {
+                        operation.insert((*name).into(), json!(value));
+                    }
+                }
+                Value::Object(operation)
+            })
+            .collect();
+        let request = Request {
+            path: vec!["api".into(), "jobs".into(), "batch".into()],
+            body: Some(json!({ "operations": operations })),
+        };
+        let (text, parsed) = send(base, &request)?;
+        if args.json {
+            println!("{}", text.trim_end());
+        }
+        let results = parsed
+            .as_ref()
+            .and_then(|answer| answer["results"].as_array())
+            .ok_or_else(|| Failure::Refused {
+                status: "200 OK".into(),
+                message: format!("not a batch answer: {}", error_message(None, &text)),
+            })?;
+        for result in results {
+            let id = result["id"].as_str().unwrap_or_default();
+            if let Some(status) = result["job"]["status"].as_str() {
+                if !args.json {
+                    println!("{id}  {status}");
+                }
+            } else {
+                refused += 1;
+                let error = result["error"].as_str().unwrap_or("(no message)");
+                eprintln!("handoff: {id}: {} {error}", result["status"]);
             }
         }
-        // The answer as it came: for scripts (and for a success that is not JSON, which no
-        // Handoff sends, but a proxy in front of one might).
-        _ => println!("{}", text.trim_end()),
+    }
+    if refused > 0 {
+        return Err(Failure::Partly {
+            refused,
+            of: ids.len(),
+        });
     }
     Ok(())
 }

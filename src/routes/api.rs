@@ -1,6 +1,6 @@
 //! The JSON API: `GET /api/jobs/{id}` for anyone holding the id (the polling fallback), and
 //! token-protected `POST /api/jobs`, `…/{id}/progress`, `…/{id}/complete` and `…/{id}/fail`
-//! for the job runner.
+//! for the job runner, and `POST /api/jobs/batch` for many of the last three at once.
 //!
 //! The request and answer types derive `ToSchema` and each handler carries `#[utoipa::path]`, so
 //! the OpenAPI document ([`super::openapi`]) is made from the very types the handlers read and
@@ -16,7 +16,8 @@ use utoipa::{IntoResponses, ToSchema};
 
 use super::error::{AppError, ErrorBody};
 use super::{AppState, job_id};
-use crate::domain::{Job, JobStatus, Message, MoveUrl, Percent, rfc3339};
+use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Percent, rfc3339};
+use crate::jobs::{EndRequest, Operation};
 
 /// A job's latest progress report, as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -382,4 +383,239 @@ pub async fn fail(
     let target = move_url(request.move_url.as_deref())?;
     let job = state.jobs.fail(&id, text, target).await?;
     Ok(HttpResponse::Ok().json(JobView::from(&job)))
+}
+
+/// At most this many operations in one batch.
+pub const BATCH_MAX: usize = 1000;
+/// Largest batch body we read: a thousand completions with their moveUrls fit many times over.
+pub const BATCH_BODY_LIMIT: usize = 1024 * 1024;
+
+/// One operation of a batch: the body of a single call, with its `op` and its job's `id`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub(super) enum BatchOperation {
+    /// As `POST /api/jobs/{id}/complete`.
+    Complete {
+        #[schema(example = "Xf3kQ9vB2mLp7TzR4wYc1A")]
+        id: String,
+        /// Overrides the job's target, with the same rules as at creation.
+        #[serde(rename = "moveUrl")]
+        move_url: Option<String>,
+    },
+    /// As `POST /api/jobs/{id}/fail`.
+    Fail {
+        id: String,
+        /// Why it failed, shown on page B: no control characters.
+        #[schema(max_length = 200)]
+        message: Option<String>,
+        /// Where page A sends the user; page B of the job when absent.
+        #[serde(rename = "moveUrl")]
+        move_url: Option<String>,
+    },
+    /// As `POST /api/jobs/{id}/progress`.
+    Progress {
+        id: String,
+        /// 0 to 100.
+        #[schema(minimum = 0, maximum = 100)]
+        percent: Option<f64>,
+        /// For the person watching page A: no control characters.
+        #[schema(max_length = 200)]
+        message: Option<String>,
+    },
+}
+
+/// The body of `POST /api/jobs/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(super) struct BatchRequest {
+    /// 1 to 1000 operations, applied in this order.
+    #[schema(min_items = 1, max_items = 1000)]
+    operations: Vec<BatchOperation>,
+}
+
+/// Only counts the operations, whatever they are: tells a list too long from a bad one.
+#[derive(Deserialize)]
+struct BatchCount {
+    operations: Vec<serde::de::IgnoredAny>,
+}
+
+/// What one operation of a batch did: what its single call would have answered.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchResult {
+    /// Done: the job as the single call answers it.
+    Done {
+        id: String,
+        /// `200`.
+        #[schema(minimum = 200, maximum = 200)]
+        status: u16,
+        job: Box<JobView>,
+    },
+    /// Refused, with the single call's status and text: `400` (a malformed id, a refused
+    /// moveUrl, percent or message), `404` (no such job), `409` (the job's end state does not
+    /// allow it), `503` (the database did not take it: send that operation again).
+    Refused {
+        /// As sent.
+        id: String,
+        #[schema(minimum = 400, maximum = 599)]
+        status: u16,
+        error: String,
+    },
+}
+
+/// The answer to a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchAnswer {
+    /// One per operation, in their order.
+    results: Vec<BatchResult>,
+}
+
+/// The answer to a batch that is refused as a whole.
+fn batch_refused(status: actix_web::http::StatusCode, why: String) -> HttpResponse {
+    HttpResponse::build(status).json(ErrorBody::new(why))
+}
+
+/// An operation checked as its single call checks its path and body.
+fn batch_operation(operation: BatchOperation) -> (String, Result<(JobId, Operation), AppError>) {
+    match operation {
+        BatchOperation::Complete { id, move_url: url } => {
+            let checked = (|| {
+                let request = EndRequest {
+                    status: JobStatus::Complete,
+                    move_url: move_url(url.as_deref())?,
+                    message: None,
+                };
+                Ok((job_id(&id)?, Operation::End(request)))
+            })();
+            (id, checked)
+        }
+        BatchOperation::Fail {
+            id,
+            message: text,
+            move_url: url,
+        } => {
+            let checked = (|| {
+                let request = EndRequest {
+                    status: JobStatus::Failed,
+                    message: message(text.as_deref())?,
+                    move_url: move_url(url.as_deref())?,
+                };
+                Ok((job_id(&id)?, Operation::End(request)))
+            })();
+            (id, checked)
+        }
+        BatchOperation::Progress {
+            id,
+            percent,
+            message: text,
+        } => {
+            let checked = (|| {
+                let percent = percent
+                    .map(Percent::parse)
+                    .transpose()
+                    .map_err(|err| AppError::BadRequest(err.to_string()))?;
+                let message = message(text.as_deref())?;
+                Ok((job_id(&id)?, Operation::Progress { percent, message }))
+            })();
+            (id, checked)
+        }
+    }
+}
+
+/// Several completions, failures and progress reports in one request, applied in their order:
+/// what a job runner ending many jobs at once sends instead of one call per job. All endings
+/// are stored before the answer, together in as few commits as the write lane allows, and each
+/// is published once stored.
+#[utoipa::path(
+    post,
+    path = "/api/jobs/batch",
+    tag = "jobs",
+    request_body(content = BatchRequest, description = "1 to 1000 operations, at most 1 MiB."),
+    responses(
+        (status = 200, description = "Each operation's result, in order; each says its own status.", body = BatchAnswer),
+        (status = 400, description = "The body is not such JSON, the list is empty, or an `op` is unknown; the text says why, and nothing was applied.", body = ErrorBody),
+        (status = 413, description = "More than 1000 operations, or a body over 1 MiB; nothing was applied.", body = ErrorBody),
+        RunnerRefusals,
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn batch(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    authorize(&req, &state)?;
+    let Ok(raw) = payload.to_bytes_limited(BATCH_BODY_LIMIT).await else {
+        return Ok(batch_refused(
+            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the batch body is larger than the limit of {BATCH_BODY_LIMIT} bytes"),
+        ));
+    };
+    let raw = raw?;
+    let shape = r#"{"operations":[{"op":"complete","id":"…"}]}"#;
+    let too_many = format!("a batch holds at most {BATCH_MAX} operations");
+    let request: BatchRequest = match serde_json::from_slice(&raw) {
+        Ok(request) => request,
+        Err(err) => {
+            let counted = serde_json::from_slice::<BatchCount>(&raw);
+            if counted.is_ok_and(|count| count.operations.len() > BATCH_MAX) {
+                return Ok(batch_refused(
+                    actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    too_many,
+                ));
+            }
+            return Err(AppError::BadRequest(format!(
+                "the body must be JSON like {shape}, each op one of complete, fail, progress: {err}"
+            ))
+            .into());
+        }
+    };
+    match request.operations.len() {
+        0 => return Err(AppError::BadRequest("the batch has no operations".into()).into()),
+        n if n > BATCH_MAX => {
+            return Ok(batch_refused(
+                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                too_many,
+            ));
+        }
+        _ => {}
+    }
+    let mut valid = Vec::with_capacity(request.operations.len());
+    let checked: Vec<(String, Result<(), AppError>)> = request
+        .operations
+        .into_iter()
+        .map(batch_operation)
+        .map(|(id, checked)| (id, checked.map(|operation| valid.push(operation))))
+        .collect();
+    let mut applied = state.jobs.apply_all(valid).await.into_iter();
+    let mut logged = false;
+    let results = checked
+        .into_iter()
+        .map(|(id, checked)| {
+            let done = checked.and_then(|_| {
+                let answer = applied.next().expect("one answer per valid operation");
+                answer.map_err(AppError::from)
+            });
+            match done {
+                Ok(job) => BatchResult::Done {
+                    id,
+                    status: 200,
+                    job: Box::new(JobView::from(&job)),
+                },
+                Err(err) => {
+                    let status = actix_web::ResponseError::status_code(&err);
+                    // One line for a batch the database refused, not one per operation.
+                    if status.is_server_error() && !logged {
+                        logged = true;
+                        err.log();
+                    }
+                    BatchResult::Refused {
+                        id,
+                        status: status.as_u16(),
+                        error: err.to_string(),
+                    }
+                }
+            }
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(BatchAnswer { results }))
 }

@@ -21,13 +21,22 @@ use super::error::ErrorBody;
             ended. These are the job runner's calls (token-protected) and the polling fallback. \
             Every error answer is JSON `{\"error\": \"…\"}`.",
     ),
-    paths(api::create, api::show, api::progress, api::complete, api::fail),
+    paths(
+        api::create,
+        api::show,
+        api::progress,
+        api::complete,
+        api::fail,
+        api::batch
+    ),
     components(schemas(
         ErrorBody,
         api::CreateRequest,
         api::CompleteRequest,
         api::ProgressRequest,
-        api::FailRequest
+        api::FailRequest,
+        api::BatchRequest,
+        api::BatchAnswer
     )),
     modifiers(&BearerToken),
     tags((name = "jobs", description = "A job's life: create, report progress, complete or fail, read.")),
@@ -78,6 +87,17 @@ mod tests {
                 message["maxLength"], MESSAGE_MAX_CHARS,
                 "{schema}: {message}"
             );
+        }
+        let operations = document["components"]["schemas"]["BatchOperation"]["oneOf"]
+            .as_array()
+            .expect("the batch's operations are a oneOf");
+        let with_message: Vec<&serde_json::Value> = operations
+            .iter()
+            .filter_map(|op| op["properties"].get("message"))
+            .collect();
+        assert_eq!(with_message.len(), 2, "fail and progress: {operations:?}");
+        for message in with_message {
+            assert_eq!(message["maxLength"], MESSAGE_MAX_CHARS, "{message}");
         }
     }
 }

@@ -107,6 +107,40 @@ impl<R: Batch> Queue<R> {
             state.waiting.push(request);
             state.worker.take()
         };
+        self.start(idle_worker);
+        Ok(())
+    }
+
+    /// Queues all of `requests` at once, so that they are answered in the same batch; or none
+    /// of them, when one's class has not room for its share. A share larger than its class's
+    /// whole room is let in when nothing of its class is waiting, so that it is not refused
+    /// forever.
+    pub(super) fn push_many(self: &Arc<Self>, requests: Vec<R>) -> Result<(), Full> {
+        let last = self.bounds.len() - 1;
+        let mut adding = vec![0; self.bounds.len()];
+        for request in &requests {
+            adding[request.class().min(last)] += 1;
+        }
+        let idle_worker = {
+            let mut state = self.state.lock();
+            for (class, &n) in adding.iter().enumerate() {
+                let bound = self.bounds[class];
+                if n > 0 && state.counts[class] + n > bound.max(n) {
+                    return Err(Full { bound });
+                }
+            }
+            for (count, n) in state.counts.iter_mut().zip(&adding) {
+                *count += n;
+            }
+            state.waiting.extend(requests);
+            state.worker.take()
+        };
+        self.start(idle_worker);
+        Ok(())
+    }
+
+    /// Starts a runner with the worker a push found idle.
+    fn start(self: &Arc<Self>, idle_worker: Option<R::Worker>) {
         if let Some(worker) = idle_worker {
             tokio::spawn(
                 Runner {
@@ -117,7 +151,6 @@ impl<R: Batch> Queue<R> {
                 .run(),
             );
         }
-        Ok(())
     }
 }
 
@@ -216,6 +249,37 @@ mod tests {
 
     /// actix stops an idle worker's runtime at once at shutdown, with a runner on it that other
     /// workers' requests wait behind: the queue's own runtime must take them over.
+    #[tokio::test]
+    async fn requests_pushed_together_share_a_batch_and_a_share_over_the_room_waits_alone() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let queue = Queue::<Gated>::new(Arc::clone(&gate), &[2]);
+        let group = |n: usize| {
+            let (requests, answers): (Vec<_>, Vec<_>) = (0..n)
+                .map(|_| {
+                    let (reply, answer) = oneshot::channel();
+                    (Gated { class: 0, reply }, answer)
+                })
+                .unzip();
+            queue.push_many(requests).map(|()| answers)
+        };
+        // Three over a room of two: let in, since nothing of its class waits.
+        let first = group(3).expect("a share over the room, alone");
+        while queue.waiting() != [0] {
+            tokio::task::yield_now().await;
+        }
+        let second = group(2).expect("fits the room");
+        assert_eq!(
+            group(1).unwrap_err(),
+            Full { bound: 2 },
+            "nothing of it queued"
+        );
+        assert_eq!(queue.waiting(), [2]);
+        gate.add_permits(2);
+        for answer in first.into_iter().chain(second) {
+            answer.await.expect("answered");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_runner_dropped_with_its_runtime_hands_its_queue_to_the_queue_runtime() {
         let queue = Queue::<Double>::new(0, &[]);

@@ -207,6 +207,39 @@ impl Lanes {
         self.write(|reply| Write::End { id, request, reply }).await
     }
 
+    /// Ends several jobs, queued together so that they share the write lane's next batch (and
+    /// its statements, a statement's worth of distinct jobs per status at a time); each answer in
+    /// the order of `endings`. A job named twice is ended by its first request, which the later
+    /// ones find, as if they had come later. Refused as a whole when the endings' room is full.
+    pub(super) async fn end_many(
+        &self,
+        endings: Vec<(JobId, EndRequest)>,
+    ) -> Vec<Result<Ended, StoreError>> {
+        let (writes, answers): (Vec<Write>, Vec<_>) = endings
+            .into_iter()
+            .map(|(id, request)| {
+                let (reply, rx) = oneshot::channel();
+                (Write::End { id, request, reply }, rx)
+            })
+            .unzip();
+        if let Err(Full { bound }) = self.writes.push_many(writes) {
+            return answers
+                .iter()
+                .map(|_| {
+                    Err(StoreError::Busy {
+                        what: WriteClass::End.what(),
+                        waiting: bound,
+                    })
+                })
+                .collect();
+        }
+        let mut ended = Vec::with_capacity(answers.len());
+        for rx in answers {
+            ended.push(answer(rx).await);
+        }
+        ended
+    }
+
     pub(super) async fn save_progress(
         &self,
         reports: Vec<(JobId, Progress)>,

@@ -379,3 +379,73 @@ async fn serve_runs_the_server_as_no_command_does() {
     let status = instance.exit_within(std::time::Instant::now(), WAIT).await;
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_ids_from_the_command_line_a_file_and_stdin_go_in_a_batch() {
+    let app = TestApp::spawn().await;
+    let ids = crate::batch::job_ids(&app, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ids.txt");
+    std::fs::write(&file, format!("{}\n\n  {}  \n", ids[2], ids[3])).unwrap();
+    let done = job(
+        &app,
+        &[
+            "complete",
+            &ids[0],
+            &ids[1],
+            "--from-file",
+            file.to_str().unwrap(),
+            "--move-url",
+            "/orders/7",
+        ],
+    )
+    .await;
+    let lines: Vec<&str> = done.stdout.lines().collect();
+    let expected: Vec<String> = ids[..4]
+        .iter()
+        .map(|id| format!("{id}  complete"))
+        .collect();
+    assert_eq!(
+        (done.code, lines),
+        (0, expected.iter().map(String::as_str).collect())
+    );
+    for id in &ids[..4] {
+        assert_eq!(app.job(id).await["moveUrl"], "/orders/7");
+    }
+
+    // From stdin, with refusals named on stderr and exit 1; the others still fail.
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff"));
+    command
+        .env("HANDOFF_URL", app.base.as_str())
+        .env("HANDOFF_API_TOKEN", TOKEN)
+        .args(["job", "fail", "--from-file", "-", "--message", "disk full"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().expect("run handoff");
+    let unknown = "AAAAAAAAAAAAAAAAAAAAAA";
+    let input = format!("{}\n{unknown}\n{}\n", ids[4], ids[0]);
+    tokio::io::AsyncWriteExt::write_all(&mut child.stdin.take().unwrap(), input.as_bytes())
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("done in time")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stdout.trim(), format!("{}  failed", ids[4]));
+    assert!(
+        stderr.contains(&format!("{unknown}: 404 no job with this id")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{}: 409 the job is complete already", ids[0])),
+        "{stderr}"
+    );
+    assert!(stderr.contains("refused 2 of 3 job(s)"), "{stderr}");
+    assert_eq!(app.job(&ids[4]).await["message"], "disk full");
+}

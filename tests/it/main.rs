@@ -6,6 +6,7 @@
 
 mod admin;
 mod architecture;
+mod batch;
 mod browser;
 mod cli;
 mod clients;

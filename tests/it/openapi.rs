@@ -218,6 +218,34 @@ async fn every_answer_of_the_api_matches_its_openapi_document() {
     let (status, failed) = contract.call(&app, RUNNER, failed).await;
     assert_eq!((status, &failed["status"]), (200, &json!("failed")));
 
+    // A batch: each result checked against the document, a done one and a refused one.
+    let batch = "/api/jobs/batch";
+    let batched = app.job_id().await;
+    let operations = json!({ "operations": [
+        { "op": "progress", "id": batched, "percent": 10, "message": "Starting" },
+        { "op": "complete", "id": batched, "moveUrl": "/orders/43" },
+        { "op": "fail", "id": UNKNOWN, "message": "gone" },
+    ] });
+    let call = Call::post(batch, "").valid(&contract, operations);
+    let (status, answer) = contract.call(&app, RUNNER, call).await;
+    let statuses: Vec<&Value> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["status"])
+        .collect();
+    assert_eq!(
+        (status, statuses),
+        (200, vec![&json!(200), &json!(200), &json!(404)])
+    );
+    let empty = Call::post(batch, "").raw(json!({ "operations": [] }).to_string());
+    assert_eq!(contract.call(&app, RUNNER, empty).await.0, 400);
+    let many: Vec<Value> = (0..1001)
+        .map(|_| json!({ "op": "complete", "id": UNKNOWN }))
+        .collect();
+    let many = Call::post(batch, "").raw(json!({ "operations": many }).to_string());
+    assert_eq!(contract.call(&app, RUNNER, many).await.0, 413);
+
     // 400: a malformed id, a refused moveUrl, a body that is not JSON, a percent out of range.
     let malformed = Call::get(job, "not-an-id");
     let evil = Call::post(jobs, "").raw(json!({ "moveUrl": "https://evil.example" }).to_string());
@@ -252,7 +280,7 @@ async fn every_answer_of_the_api_matches_its_openapi_document() {
     assert_eq!(contract.call(&app, RUNNER, huge).await.0, 413);
 
     // 401 without a token and with wrong ones on every protected operation, until 429.
-    let protected = [jobs, progress, complete, fail];
+    let protected = [jobs, progress, complete, fail, batch];
     for template in protected {
         let call = Call::post(template, &id);
         assert_eq!(contract.call(&app, (GUESSER, None), call).await.0, 401);
@@ -260,7 +288,7 @@ async fn every_answer_of_the_api_matches_its_openapi_document() {
     let mut status = 401;
     for guess in 0..10 {
         let wrong = format!("wrong-token-guess-{guess}");
-        let call = Call::post(protected[guess % 4], &id);
+        let call = Call::post(protected[guess % protected.len()], &id);
         status = contract.call(&app, (GUESSER, Some(&wrong)), call).await.0;
         if status != 401 {
             break;
@@ -316,6 +344,7 @@ async fn the_document_names_the_bearer_scheme_on_exactly_the_token_protected_ope
         ("/api/jobs/{id}/progress", "post"),
         ("/api/jobs/{id}/complete", "post"),
         ("/api/jobs/{id}/fail", "post"),
+        ("/api/jobs/batch", "post"),
     ] {
         assert_eq!(
             paths[path][method]["security"],

@@ -21,7 +21,7 @@ const SECRET: &str = "whsec-test-0123456789";
 
 /// One webhook as the receiver got it.
 #[derive(Debug, Clone)]
-struct Received {
+pub(crate) struct Received {
     /// Header names in lower case, as they came.
     headers: Vec<(String, String)>,
     body: Vec<u8>,
@@ -74,14 +74,14 @@ impl Received {
 
 /// A webhook receiver on 127.0.0.1:<port 0>: a minimal HTTP/1.1 server that records every
 /// request and answers each with the next status of its script (200 once the script is done).
-struct Receiver {
+pub(crate) struct Receiver {
     url: String,
     got: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Receiver {
-    async fn start(script: &[u16]) -> Self {
+    pub(crate) async fn start(script: &[u16]) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!(
             "http://{}/hooks/handoff?from=test",
@@ -99,7 +99,7 @@ impl Receiver {
         Self { url, got, task }
     }
 
-    fn all(&self) -> Vec<Received> {
+    pub(crate) fn all(&self) -> Vec<Received> {
         self.got.lock().unwrap().clone()
     }
 
@@ -112,7 +112,7 @@ impl Receiver {
 
     /// The bodies of the accepted webhooks once there are `n` of them, their signatures checked;
     /// panics after `within`.
-    async fn accepted_bodies(&self, n: usize, within: Duration) -> Vec<Value> {
+    pub(crate) async fn accepted_bodies(&self, n: usize, within: Duration) -> Vec<Value> {
         let arrived = eventually(within, || async { self.accepted().len() >= n }).await;
         assert!(
             arrived,
@@ -193,7 +193,7 @@ fn webhook_config(receiver: &Receiver, unclaimed_secs: u64) -> WebhookConfig {
 }
 
 /// A Handoff on SQLite sending webhooks to `receiver`, unclaimed after `unclaimed_secs`.
-async fn app_reporting_to(receiver: &Receiver, unclaimed_secs: u64) -> TestApp {
+pub(crate) async fn app_reporting_to(receiver: &Receiver, unclaimed_secs: u64) -> TestApp {
     let hooks = webhook_config(receiver, unclaimed_secs);
     TestApp::spawn_with(move |config: &mut Config| config.webhook = Some(hooks)).await
 }
