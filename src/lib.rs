@@ -16,7 +16,7 @@
 //! - [`domain`]: job ids, redirect targets, statuses, endings; parsed, never re-checked.
 //! - Beside them: [`auth`] (API token, admin session, CSRF), [`limits`] (stream caps, client
 //!   address, token-guess throttle, demo jobs per address, open-file limit), [`metrics`]
-//!   (`/metrics`).
+//!   (`/metrics`), [`logging`] (the log's text or JSON lines).
 
 pub mod auth;
 pub mod cli;
@@ -27,6 +27,7 @@ pub mod fanout;
 pub mod hub;
 pub mod jobs;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod routes;
 pub mod sessions;

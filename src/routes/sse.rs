@@ -50,7 +50,7 @@ pub async fn connect(
     let id = job_id(&path)?;
     let permit = admit(&req, &state)?;
     let watch = state.jobs.watch(&id).await?;
-    log::debug!("stream opened on job {id} from {:?}", req.peer_addr());
+    log::debug!(job:% = id; "stream opened on job {id} from {:?}", req.peer_addr());
     let watched = Watched::One {
         job: WatchedJob::new(id, Some(watch)),
     };
