@@ -111,7 +111,7 @@ settings! {
         /// on SIGTERM, how long the instance goes on serving while `/readyz` answers `503`, so
         /// that a load balancer polling it sends new streams and writes elsewhere first; then it
         /// stops accepting, ends its streams (browsers reconnect after `retry`), finishes what
-        /// is in flight and exits. `0` stops at once (see Deploying: draining)
+        /// is in flight and exits. `0` stops at once (see Draining and rolling restarts)
         pub drain_secs: u32 = HANDOFF_DRAIN_SECS, Between(0, 300), default "0";
         /// `text`: env_logger's lines; `json`: one JSON object per line with `time`, `level`,
         /// `target`, `message`, `instance` and the line's fields, such as `job` (see Monitoring)
