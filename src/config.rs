@@ -19,6 +19,7 @@ use self::kinds::{Between, Count, CountOrOff, Link, OnOff, Parsed, STRONG, Secre
 pub use self::kinds::{MIN_TOKEN_DISTINCT_CHARS, MIN_TOKEN_LEN, SECRET_SET, origin_only};
 use self::setting::{Env, Setting, settings};
 use crate::limits::TrustedProxies;
+use crate::logging::LogFormat;
 
 /// `HANDOFF_DB_POOL`'s default: the read and write lanes hold one connection each, and the rest
 /// serve page loads, sessions and resyncs.
@@ -119,6 +120,14 @@ settings! {
             advice: " (e.g. `openssl rand -base64 32`); unset it to derive one from \
                      HANDOFF_API_TOKEN",
         }, unset "derived from `HANDOFF_API_TOKEN`";
+        /// on SIGTERM, how long the instance goes on serving while `/readyz` answers `503`, so
+        /// that a load balancer polling it sends new streams and writes elsewhere first; then it
+        /// stops accepting, ends its streams (browsers reconnect after `retry`), finishes what
+        /// is in flight and exits. `0` stops at once (see Draining and rolling restarts)
+        pub drain_secs: u32 = HANDOFF_DRAIN_SECS, Between(0, 300), default "0";
+        /// `text`: env_logger's lines; `json`: one JSON object per line with `time`, `level`,
+        /// `target`, `message`, `instance` and the line's fields, such as `job` (see Monitoring)
+        pub log_format: LogFormat = HANDOFF_LOG_FORMAT, Parsed, default "text";
         group webhook: WebhookConfig when HANDOFF_WEBHOOK_URL else "unset: webhooks off";
     }
 }
@@ -395,6 +404,30 @@ mod tests {
         );
         let err = with(&[("HANDOFF_WRITE_QUEUE", "0")]).unwrap_err();
         assert_eq!(err.var, "HANDOFF_WRITE_QUEUE");
+    }
+
+    #[test]
+    fn draining_is_off_by_default_and_at_most_five_minutes() {
+        assert_eq!(with(&[]).unwrap().drain_secs, 0);
+        assert_eq!(with(&[("HANDOFF_DRAIN_SECS", "0")]).unwrap().drain_secs, 0);
+        assert_eq!(
+            with(&[("HANDOFF_DRAIN_SECS", "10")]).unwrap().drain_secs,
+            10
+        );
+        for bad in ["301", "-1", "soon"] {
+            let err = with(&[("HANDOFF_DRAIN_SECS", bad)]).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_DRAIN_SECS", "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_log_is_text_unless_json_is_asked_for() {
+        assert_eq!(with(&[]).unwrap().log_format, LogFormat::Text);
+        let json = with(&[("HANDOFF_LOG_FORMAT", "json")]).unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
+        let err = with(&[("HANDOFF_LOG_FORMAT", "xml")]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_LOG_FORMAT");
+        assert!(err.reason.contains("text or json"), "{err}");
     }
 
     #[test]

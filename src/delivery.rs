@@ -161,6 +161,11 @@ impl Delivery {
         }
     }
 
+    /// This process's id, in the messages it publishes (and its JSON log lines).
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
+    }
+
     pub fn hub(&self) -> &Hub {
         &self.inner.hub
     }
@@ -196,7 +201,7 @@ impl Delivery {
         if let (Some(fanout), Some(payload)) = (fanout, payload)
             && let Err(err) = fanout.broadcast(id, &payload).await
         {
-            log::warn!(
+            log::warn!(job:% = id;
                 "job {id}: update not published to Redis ({err}); instances deliver an ending \
                  when they re-read the store"
             );

@@ -190,7 +190,7 @@ impl Jobs {
         let deadline_at = now_millis().saturating_add(millis(deadline));
         let job = self.store.create_job(move_url, deadline_at).await?;
         self.metrics.jobs_created.inc();
-        log::info!("job {} created", job.id);
+        log::info!(job:% = job.id; "job {} created", job.id);
         Ok(job)
     }
 
@@ -236,7 +236,7 @@ impl Jobs {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
             if let Err(err) = jobs.complete(&id, None).await {
-                log::info!("demo job {id} not completed: {err}");
+                log::info!(job:% = id; "demo job {id} not completed: {err}");
             }
         });
     }
@@ -386,7 +386,7 @@ impl Jobs {
                     _ => (&self.metrics.jobs_completed, "completed"),
                 };
                 counter.inc();
-                log::info!("job {id} {done}; {reached} stream(s) here notified");
+                log::info!(job:% = id, streams = reached; "job {id} {done}; {reached} stream(s) here notified");
             }
         }
         Ok(job)
@@ -555,7 +555,7 @@ impl Jobs {
                         self.metrics.jobs_expired.inc();
                         Some(async move {
                             let reached = self.delivery.publish(&job.id, ending).await;
-                            log::info!("job {} expired; {reached} stream(s) here notified", job.id);
+                            log::info!(job:% = job.id, streams = reached; "job {} expired; {reached} stream(s) here notified", job.id);
                         })
                     });
                     futures_util::future::join_all(published).await;

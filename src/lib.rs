@@ -16,7 +16,8 @@
 //! - [`domain`]: job ids, redirect targets, statuses, endings; parsed, never re-checked.
 //! - Beside them: [`auth`] (API token, admin session, CSRF), [`limits`] (stream caps, client
 //!   address, token-guess throttle, demo jobs per address, open-file limit), [`metrics`]
-//!   (`/metrics`), [`http_client`] (the one outgoing HTTP client: webhooks, job commands).
+//!   (`/metrics`), [`http_client`] (the one outgoing HTTP client: webhooks, job commands),
+//!   [`logging`] (the log's text or JSON lines).
 
 pub mod auth;
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod http_client;
 pub mod hub;
 pub mod jobs;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod routes;
 pub mod sessions;

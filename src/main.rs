@@ -1,11 +1,13 @@
 //! `handoff`: runs the server (`handoff` or `handoff serve`) with settings from the environment
-//! until SIGTERM or Ctrl-C; the other commands are in [`handoff::cli`].
+//! until SIGTERM or Ctrl-C, then drains and stops ([`handoff::startup::Stopper`]); the other
+//! commands are in [`handoff::cli`].
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use handoff::cli::{self, Cli, Command};
 use handoff::config::{self, Config};
+use handoff::logging;
 use handoff::startup::Application;
 
 #[global_allocator]
@@ -22,8 +24,6 @@ fn main() -> ExitCode {
 }
 
 fn serve() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(config::LOG_FILTER))
-        .init();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
@@ -31,6 +31,7 @@ fn serve() -> ExitCode {
             return ExitCode::from(cli::EXIT_USAGE);
         }
     };
+    logging::init(config.log_format, config::LOG_FILTER);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,12 +56,12 @@ async fn run(config: Config) -> ExitCode {
     // Listening now: a `Type=notify` unit counts as started only from here. Without systemd
     // (no NOTIFY_SOCKET) this does nothing.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let shutdown = app.shutdown_token();
+    let stopper = app.stopper();
     tokio::spawn(async move {
         wait_for_signal().await;
-        log::info!("shutting down: ending open streams");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        shutdown.cancel();
+        // A second signal cuts the drain short.
+        stopper.drain_then_stop(wait_for_signal()).await;
     });
     match app.run_until_stopped().await {
         Ok(()) => ExitCode::SUCCESS,

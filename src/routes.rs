@@ -51,6 +51,9 @@ pub struct AppState {
     pub demo: Option<DemoJobLimit>,
     /// The unknown job ids each client address may ask about.
     pub lookups: LookupBudget,
+    /// Set when the instance starts draining before it stops: `/readyz` answers `503` from
+    /// then on, so a load balancer sends new streams and writes elsewhere.
+    pub draining: AtomicBool,
 }
 
 impl AppState {
@@ -233,6 +236,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/admin/jobs/{id}/complete").post(admin::complete))
         .service(web::resource("/admin/jobs/{id}/fail").post(admin::fail))
         .service(web::resource("/healthz").get(ops::healthz))
+        .service(web::resource("/readyz").get(ops::readyz))
         .service(web::resource("/metrics").get(ops::metrics))
         .default_service(web::to(not_found));
 }

@@ -1,8 +1,11 @@
 //! Builds the application: the store, the hub, the routes and the HTTP server on its own listener.
 //!
 //! [`Application::build`] binds before it returns and reports the real port, so tests run the real
-//! app on port 0. Stopping goes through one [`CancellationToken`]: it ends every open stream at
-//! once (browsers reconnect elsewhere) and then stops the server.
+//! app on port 0. Stopping goes through one [`CancellationToken`]: the server stops accepting,
+//! every open stream ends at once (browsers reconnect elsewhere), what is in flight finishes, and
+//! the timers run their last round. On a signal, [`Stopper`] first drains: `/readyz` answers
+//! `503` while the instance serves on for `HANDOFF_DRAIN_SECS`, so that a load balancer polling
+//! it moves new streams and writes elsewhere before any stream is cut.
 //!
 //! The server is assembled from actix-server and actix-http rather than actix-web's
 //! `HttpServer`, whose sockets cannot be wrapped: each connection's socket is a
@@ -12,8 +15,10 @@ mod deadlines;
 /// How long a client may take to send a request and to read its answer (README, Limits).
 pub use deadlines::{TIMING, Timing};
 
+use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix_http::{HttpService, KeepAlive};
@@ -31,6 +36,7 @@ use crate::fanout::{Fanout, FanoutConfig};
 use crate::hub::Hub;
 use crate::jobs::{Jobs, Lifetimes};
 use crate::limits::{self, DemoJobLimit, GuessThrottle, LookupBudget, StreamLimits};
+use crate::logging;
 use crate::metrics::Metrics;
 use crate::routes::sse::SseSettings;
 use crate::routes::{self, AppState};
@@ -40,6 +46,10 @@ use crate::webhooks::{Receipts, Sender, WebhookError};
 
 /// How long the server waits for connections after the streams were told to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How long the timers' last round may take once the server has stopped (its writes wait in the
+/// write lane like any other, and a database that is down must not hold the exit for ever).
+const LAST_ROUND_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -61,8 +71,13 @@ pub struct Application {
     /// With `HANDOFF_WEBHOOK_URL`: sends the outbox's webhooks.
     webhooks: Option<Sender>,
     retention: Duration,
-    /// Cancelled to shut down: every open stream ends, then the server stops.
+    /// Cancelled to shut down: the server stops accepting, every open stream ends, then the
+    /// server stops.
     shutdown: CancellationToken,
+    /// What the handlers share: its `draining` flag turns `/readyz` to `503`.
+    state: web::Data<AppState>,
+    /// `HANDOFF_DRAIN_SECS`.
+    drain: Duration,
 }
 
 impl Application {
@@ -77,7 +92,7 @@ impl Application {
         let listener = TcpListener::bind(config.addr)?;
         let port = listener.local_addr()?.port();
         let jobs = state.jobs.clone();
-        let server = serve(listener, state, config.workers)?;
+        let server = serve(listener, state.clone(), config.workers)?;
         log::info!(
             "Handoff listening on http://{}:{port} ({summary})",
             config.addr.ip()
@@ -89,6 +104,8 @@ impl Application {
             webhooks,
             retention: config.retention,
             shutdown,
+            state,
+            drain: Duration::from_secs(config.drain_secs.into()),
         })
     }
 
@@ -101,24 +118,79 @@ impl Application {
         self.shutdown.clone()
     }
 
-    /// Runs until the shutdown token is cancelled and the server has stopped.
+    /// What a signal handler calls to drain, then shut down.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            state: self.state.clone(),
+            drain: self.drain,
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Runs until the shutdown token is cancelled and the server has stopped: it stops
+    /// accepting (the listener closes, so a proxy's next connection is refused and goes to
+    /// another instance), ends every stream (each has had its `retry:`), lets the requests in
+    /// flight finish within [`SHUTDOWN_GRACE`] (a completion is stored and published before it
+    /// is answered), then runs the timers' last round.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let (jobs, retention, shutdown) =
             (self.jobs.clone(), self.retention, self.shutdown.clone());
         tokio::spawn(async move { jobs.purge_old_jobs(retention, shutdown).await });
-        let (jobs, shutdown) = (self.jobs.clone(), self.shutdown.clone());
-        tokio::spawn(async move { jobs.run_timers(shutdown).await });
+        // The timers stop after the server, so that their last round stores the progress and
+        // receipts of the requests and streams that ended while it stopped.
+        let server_stopped = CancellationToken::new();
+        let (jobs, stopped) = (self.jobs.clone(), server_stopped.clone());
+        let timers = tokio::spawn(async move { jobs.run_timers(stopped).await });
         if let Some(sender) = self.webhooks {
             tokio::spawn(sender.run(self.shutdown.clone()));
         }
         let (jobs, shutdown) = (self.jobs, self.shutdown);
         tokio::spawn(async move {
             shutdown.cancelled().await;
+            // Sent at once: the listener closes before any stream ends.
+            let stopping = handle.stop(true);
             jobs.close_streams();
-            handle.stop(true).await;
+            stopping.await;
         });
-        self.server.await
+        let served = self.server.await;
+        server_stopped.cancel();
+        if tokio::time::timeout(LAST_ROUND_GRACE, timers)
+            .await
+            .is_err()
+        {
+            log::warn!("the timers' last round did not finish within {LAST_ROUND_GRACE:?}");
+        }
+        served
+    }
+}
+
+/// Drains, then shuts down: see [`Stopper::drain_then_stop`].
+pub struct Stopper {
+    state: web::Data<AppState>,
+    drain: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Stopper {
+    /// `/readyz` answers `503` from now on; the instance serves on, streams and completions as
+    /// usual, for `HANDOFF_DRAIN_SECS` (or until `sooner`, e.g. a second signal), then shuts
+    /// down. With no drain it shuts down at once, as it always did.
+    pub async fn drain_then_stop(self, sooner: impl Future<Output = ()>) {
+        self.state.draining.store(true, Ordering::Relaxed);
+        if !self.drain.is_zero() {
+            log::info!(
+                "draining: /readyz answers 503; serving on for {} s, then stopping",
+                self.drain.as_secs()
+            );
+            tokio::select! {
+                () = tokio::time::sleep(self.drain) => {}
+                () = sooner => log::info!("asked again: stopping now"),
+                () = self.shutdown.cancelled() => {}
+            }
+        }
+        log::info!("shutting down: ending open streams");
+        self.shutdown.cancel();
     }
 }
 
@@ -166,6 +238,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
         .unwrap_or_else(|| limits::default_max_streams(open_files));
     let metrics = Metrics::new();
     let delivery = Delivery::new(Hub::new(), fanout, store.clone(), metrics.clone());
+    logging::name_instance(delivery.instance());
     // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
     delivery.spawn_fan_in(config.resync_interval, shutdown.clone());
     let fan_out = match delivery.fanout() {
@@ -208,6 +281,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
         untrusted_forwarding_warned: Default::default(),
         demo: config.demo.then(DemoJobLimit::default),
         lookups: LookupBudget::default(),
+        draining: Default::default(),
     };
     let hooks = match &webhooks {
         Some(sender) => format!("to {}", sender.host()),

@@ -301,12 +301,12 @@ impl Sender {
                     .webhooks_sent
                     .get_or_create(&[("type", kind)])
                     .inc();
-                log::info!(
+                log::info!(job:% = job, webhook:% = id;
                     "webhook {id} ({kind}, job {job}) accepted by {} at attempt {attempt}",
                     self.host
                 );
             }
-            Settled::Retry { due, error } => log::warn!(
+            Settled::Retry { due, error } => log::warn!(job:% = job, webhook:% = id;
                 "webhook {id} ({kind}, job {job}) attempt {attempt} of {} to {} failed: {error}; \
                  next attempt in {} ms",
                 self.attempts,
@@ -317,7 +317,7 @@ impl Sender {
                 if kept {
                     self.metrics.webhooks_given_up.inc();
                 }
-                log::error!(
+                log::error!(job:% = job, webhook:% = id;
                     "webhook {id} ({kind}, job {job}) given up after attempt {attempt}: {error}"
                 );
             }

@@ -1,6 +1,8 @@
-//! What an operator polls: `/healthz` and `/metrics`.
+//! What an operator polls: `/healthz` (alive, and what is down), `/readyz` (ready for new
+//! streams and writes) and `/metrics`.
 
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
 use actix_web::{HttpResponse, web};
 
@@ -31,6 +33,33 @@ pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
         HttpResponse::Ok()
     } else {
         HttpResponse::ServiceUnavailable()
+    };
+    response
+        .content_type("text/plain; charset=utf-8")
+        .body(body)
+}
+
+/// `200` `ready` while this instance can take new streams and writes; `503` while its database
+/// does not answer (or its writes fail), or while it drains before stopping. Redis does not
+/// count: without it streams still get their results (from the store, at the next resync), and
+/// a Redis outage would otherwise take every instance out of the load balancer at once.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let not_ready = if state.draining.load(Ordering::Relaxed) {
+        Some("draining: this instance is stopping".to_owned())
+    } else {
+        let health = state.jobs.health().await;
+        let kind = health.database_kind;
+        health
+            .database
+            .err()
+            .map(|why| format!("database: {why} ({kind})"))
+    };
+    let (mut response, body) = match not_ready {
+        None => (HttpResponse::Ok(), "ready\n".to_owned()),
+        Some(why) => (
+            HttpResponse::ServiceUnavailable(),
+            format!("not ready\n{why}\n"),
+        ),
     };
     response
         .content_type("text/plain; charset=utf-8")

@@ -56,7 +56,7 @@ pub async fn connect(
             state.missed(client, 1);
         }
     })?;
-    log::debug!("stream opened on job {id} from {:?}", req.peer_addr());
+    log::debug!(job:% = id; "stream opened on job {id} from {:?}", req.peer_addr());
     let watched = Watched::One {
         job: WatchedJob::new(id, Some(watch)),
     };

@@ -240,7 +240,7 @@ pin_project! {
     impl PinnedDrop for EventStream {
         fn drop(this: Pin<&mut Self>) {
             match &this.watched {
-                Watched::One { job } => log::debug!("stream closed on job {}", job.id),
+                Watched::One { job } => log::debug!(job:% = job.id; "stream closed on job {}", job.id),
                 Watched::Many { jobs } => {
                     log::debug!("shared stream closed, {} job(s) still waited on", jobs.len());
                 }
