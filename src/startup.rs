@@ -186,6 +186,10 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
             .public_url
             .as_ref()
             .is_some_and(|url| url.scheme() == "https"),
+        public_origin: config
+            .public_url
+            .as_ref()
+            .map(|url| url.origin().ascii_serialization()),
         sse: SseSettings {
             timeout: config.sse_timeout,
             retry: config.sse_retry,
@@ -194,6 +198,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
         limits: StreamLimits::new(max_streams, config.max_streams_per_client),
         proxies: config.trusted_proxies.clone(),
         token_guesses: GuessThrottle::default(),
+        login_guesses: GuessThrottle::default(),
         untrusted_forwarding_warned: Default::default(),
         demo: config.demo.then(DemoJobLimit::default),
     };

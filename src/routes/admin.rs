@@ -170,14 +170,15 @@ pub async fn login(
     form: web::Form<LoginForm>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
+    from_this_site(&state, &req)?;
     let client = state.client_addr(&req);
     // While an address must wait, its attempts are not even checked: guessing gains nothing.
-    if let Err(wait) = state.token_guesses.check(client) {
+    if let Err(wait) = state.login_guesses.check(client) {
         return Ok(too_many_logins(wait));
     }
     if !state.secrets.token_matches(&form.token) {
         log::info!("admin login refused from {client:?}");
-        let problem = match state.token_guesses.failed(client) {
+        let problem = match state.login_guesses.failed(client) {
             Some(wait) => format!(
                 "That token is not right. Too many wrong tokens from your address: \
                  wait {} s before the next try.",
@@ -192,7 +193,7 @@ pub async fn login(
             },
         ));
     }
-    state.token_guesses.succeeded(client);
+    state.login_guesses.succeeded(client);
     let session = state.sessions.start().await.map_err(AppError::from)?;
     let cookie = session_cookie(&state, &req, &session);
     Ok(with_cookie(see_other("/admin"), &cookie))
@@ -234,13 +235,26 @@ fn filled(raw: &str) -> Option<&str> {
     Some(raw.trim()).filter(|s| !s.is_empty())
 }
 
-/// The admin session, if the request has a live one and its form echoes the session's CSRF
-/// token.
+/// `403` for a form post from a page that is not this site's own ([`AppState::foreign_post`]):
+/// checked first, so that a forged post neither counts as a guess nor touches a session.
+fn from_this_site(state: &AppState, req: &HttpRequest) -> Result<(), PageError> {
+    if state.foreign_post(req) {
+        return Err(AppError::Forbidden(
+            "admin forms can only be sent from this site's own admin page, not from another site",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The admin session, if the form comes from this site's page, the request has a live session
+/// and its form echoes the session's CSRF token.
 async fn checked_session(
     req: &HttpRequest,
     state: &AppState,
     form: &AdminForm,
 ) -> Result<Checked, PageError> {
+    from_this_site(state, req)?;
     let checked = admin_session(state, req)
         .await?
         .ok_or(AppError::Forbidden("not logged in: log in on /admin first"))?;

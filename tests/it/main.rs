@@ -22,6 +22,7 @@ mod properties;
 mod proxy;
 mod scale_out;
 mod shared_stream;
+mod strangers;
 mod support;
 mod surface;
 mod webhooks;
