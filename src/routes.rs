@@ -106,8 +106,9 @@ impl AppState {
         }
     }
 
-    /// Checks `req`'s `Authorization: Bearer <token>`. A wrong token counts as a guess from the
-    /// client's address; while the address must wait, no token is even checked (`429`). A
+    /// Checks `req`'s `Authorization: Bearer <token>` against the named API tokens; a right one
+    /// is logged and counted by its name (never the token). A wrong token counts as a guess from
+    /// the client's address; while the address must wait, no token is even checked (`429`). A
     /// request with no bearer token at all guesses nothing and is simply refused.
     fn authorize_bearer(&self, req: &HttpRequest) -> Result<(), AppError> {
         let Some(token) = req
@@ -122,8 +123,13 @@ impl AppState {
         self.token_guesses
             .check(client)
             .map_err(AppError::TooManyGuesses)?;
-        if self.secrets.token_matches(token) {
+        if let Some(name) = self.secrets.token_name(token) {
             self.token_guesses.succeeded(client);
+            self.metrics
+                .api_calls
+                .get_or_create(&[("token", name.to_owned())])
+                .inc();
+            log::info!("{} {} by API token {name}", req.method(), req.path());
             Ok(())
         } else {
             self.token_guesses.failed(client);

@@ -331,6 +331,25 @@ async fn the_log_never_shows_the_token_or_a_move_urls_query() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_names_the_api_token_of_each_call_and_never_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ci = "ci-token-0123456789abcdef";
+    let (mut child, base, log) =
+        support::start_binary(dir.path(), &[("HANDOFF_API_TOKENS", &format!("ci:{ci}"))]);
+    let create = support::client()
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth(ci);
+    assert_eq!(create.send().await.unwrap().status(), 201);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = log.lock().unwrap().join("\n");
+    assert!(log.contains("POST /api/jobs by API token ci"), "{log}");
+    assert!(log.contains("also serves as the admin password"), "{log}");
+    assert!(!log.contains(ci), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generated_token_is_logged_once_at_start_up_and_never_again() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, base, log) = support::start_binary(dir.path(), &[("HANDOFF_API_TOKEN", "")]);
