@@ -1,22 +1,28 @@
-//! Who may change jobs: API callers with the token, and admins with a session cookie and a CSRF
-//! token. Every secret comparison runs in constant time. Also [`HmacKey`], the one HMAC type
-//! (the fan-out's messages and the webhooks are signed with it), and the key that signs the
-//! messages between instances when no key of its own is set, derived from the token they share.
+//! Who may change jobs: job runners with one of the named API tokens, and admins with a session
+//! cookie and a CSRF token, who logged in with the admin password (an argon2id hash), or, while
+//! none is set, with an API token. Every token comparison runs in constant time. Also the keys
+//! derived from the deployment's root secret, one per purpose: the session cookie's and the one
+//! that signs the messages between instances when no key of its own is set.
+//! [`HmacKey`] is the one HMAC type: the fan-out's messages, the webhooks and the derived keys.
 //!
-//! A session cookie is encrypted and authenticated with a key derived from the token, and says
-//! which session it stands for, when it started and when it was last used: it proves nothing once
-//! it is older than [`SESSION_MILLIS`] or unused for the idle time. Whether the session is still
-//! live (not logged out) is the store's to say; see [`crate::sessions`].
+//! A session cookie is encrypted and authenticated with the derived key, and says which session
+//! it stands for, when it started and when it was last used: it proves nothing once it is older
+//! than [`SESSION_MILLIS`] or unused for the idle time. Whether the session is still live (not
+//! logged out) is the store's to say; see [`crate::sessions`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::cookie::{Cookie, CookieJar, Key, SameSite, time::Duration as CookieDuration};
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac as _};
 use rand::RngCore as _;
-use sha2::{Digest as _, Sha256, Sha512};
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
+use tokio::sync::Semaphore;
 
 /// Name of the admin session cookie.
 pub const SESSION_COOKIE: &str = "handoff_admin";
@@ -54,11 +60,26 @@ impl HmacKey {
     }
 }
 
-/// The API token and what is derived from it. Instances that share the token share admin sessions.
+/// Password checks that may run at once. An argon2id check with the default costs takes 19 MiB
+/// and tens of milliseconds of one core: a flood of logins waits its turn instead of taking the
+/// machine's memory.
+const PASSWORD_CHECKS_AT_ONCE: usize = 2;
+
+/// The API tokens by name, the admin password and the session key. Instances with the same root
+/// secret share admin sessions, whatever their tokens.
 #[derive(Clone)]
 pub struct Secrets {
-    token_digest: [u8; 32],
+    /// Each token's name and the digest of the token.
+    tokens: Vec<(String, [u8; 32])>,
+    admin: Option<AdminPassword>,
     session_key: Key,
+}
+
+/// The admin password's PHC hash, and the permits its checks take.
+#[derive(Clone)]
+struct AdminPassword {
+    phc: Arc<str>,
+    checks: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -97,11 +118,36 @@ pub fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The secret that signs the messages between instances when `HANDOFF_FANOUT_KEY` is not set:
-/// derived from the API token, which every instance of a deployment shares. Knowing it tells
-/// nothing about the token or the session key.
-pub fn fanout_secret(api_token: &str) -> [u8; 32] {
-    HmacKey::new(api_token.as_bytes()).tag(&[b"handoff fan-out key v1"])
+/// The key for `purpose`, derived from the deployment's root secret (`HANDOFF_SECRET_KEY`, or
+/// `HANDOFF_API_TOKEN`): HMAC-SHA256 keyed by the root, over the purpose's label. Knowing one
+/// purpose's key tells nothing about the root or another purpose's key.
+fn purpose_key(root: &[u8], purpose: &str) -> [u8; 32] {
+    HmacKey::new(root).tag(&[purpose.as_bytes()])
+}
+
+/// The secret that signs the messages between instances when `HANDOFF_FANOUT_KEY` is not set.
+/// Its label is the one it had when it was derived from the API token, so a root secret equal to
+/// the old token keeps it.
+pub fn fanout_secret(root: &[u8]) -> [u8; 32] {
+    purpose_key(root, "handoff fan-out key v1")
+}
+
+/// The argon2id hash of `password` in PHC format, with argon2's default costs and a random salt.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt)?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+/// Whether `password` is the one `phc` (an argon2 PHC string) is the hash of, with the costs the
+/// hash names. Takes tens of milliseconds: call it off the async runtime.
+pub fn verify_password(phc: &str, password: &str) -> bool {
+    PasswordHash::new(phc)
+        .and_then(|hash| Argon2::default().verify_password(password.as_bytes(), &hash))
+        .is_ok()
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -109,19 +155,66 @@ fn digest(s: &str) -> [u8; 32] {
 }
 
 impl Secrets {
-    pub fn new(api_token: &str) -> Self {
-        let mut hasher = Sha512::new();
-        hasher.update(b"handoff admin session key v1\0");
-        hasher.update(api_token.as_bytes());
+    /// `tokens` by name; `admin_password_hash` (PHC) when the admin has a password of its own;
+    /// the keys derived from `root`.
+    pub fn new<'a>(
+        tokens: impl IntoIterator<Item = (&'a str, &'a str)>,
+        admin_password_hash: Option<&str>,
+        root: &[u8],
+    ) -> Self {
+        let mut session_key = [0u8; 64];
+        for (half, purpose) in session_key.chunks_mut(32).zip([
+            "handoff admin session key v2 a",
+            "handoff admin session key v2 b",
+        ]) {
+            half.copy_from_slice(&purpose_key(root, purpose));
+        }
         Self {
-            token_digest: digest(api_token),
-            session_key: Key::from(&hasher.finalize()),
+            tokens: tokens
+                .into_iter()
+                .map(|(name, token)| (name.to_owned(), digest(token)))
+                .collect(),
+            admin: admin_password_hash.map(|phc| AdminPassword {
+                phc: phc.into(),
+                checks: Arc::new(Semaphore::new(PASSWORD_CHECKS_AT_ONCE)),
+            }),
+            session_key: Key::from(&session_key),
         }
     }
 
-    /// Constant-time comparison (of digests, so the length leaks nothing either).
-    pub fn token_matches(&self, presented: &str) -> bool {
-        digest(presented).ct_eq(&self.token_digest).into()
+    /// The name of the API token `presented` is, if any. Every token is compared, in constant
+    /// time (of digests, so the length leaks nothing either), whichever matches.
+    pub fn token_name(&self, presented: &str) -> Option<&str> {
+        let presented = digest(presented);
+        let mut found = None;
+        for (name, token) in &self.tokens {
+            if bool::from(presented.ct_eq(token)) {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+
+    /// Whether the admin has a password of its own (`HANDOFF_ADMIN_PASSWORD_HASH`); without one,
+    /// any API token logs in.
+    pub fn has_admin_password(&self) -> bool {
+        self.admin.is_some()
+    }
+
+    /// Whether `presented` opens `/admin`: the admin password when there is one, else any API
+    /// token. A password check runs on the blocking pool, [`PASSWORD_CHECKS_AT_ONCE`] at most.
+    pub async fn admin_login_matches(&self, presented: &str) -> bool {
+        let Some(admin) = &self.admin else {
+            return self.token_name(presented).is_some();
+        };
+        // The semaphore is never closed.
+        let Ok(_permit) = admin.checks.acquire().await else {
+            return false;
+        };
+        let (phc, presented) = (admin.phc.clone(), presented.to_owned());
+        tokio::task::spawn_blocking(move || verify_password(&phc, &presented))
+            .await
+            .unwrap_or(false)
     }
 
     /// The encrypted cookie that stands for `session`; the browser keeps it for `idle`.
@@ -213,15 +306,39 @@ fn session_cookie(value: String, secure: bool, max_age: CookieDuration) -> Cooki
 mod tests {
     use super::*;
 
+    fn secrets(root: &str) -> Secrets {
+        Secrets::new([("default", "sesame")], None, root.as_bytes())
+    }
+
     #[test]
-    fn only_the_exact_token_matches() {
-        let s = Secrets::new("sesame");
-        assert!(s.token_matches("sesame"));
-        assert!(!s.token_matches("sesam"));
-        assert!(!s.token_matches(""));
+    fn only_an_exact_token_matches_and_it_is_known_by_its_name() {
+        let s = Secrets::new(
+            [("ci", "sesame-ci"), ("deploy", "sesame-deploy")],
+            None,
+            b"root",
+        );
+        assert_eq!(s.token_name("sesame-ci"), Some("ci"));
+        assert_eq!(s.token_name("sesame-deploy"), Some("deploy"));
+        assert_eq!(s.token_name("sesame-c"), None);
+        assert_eq!(s.token_name(""), None);
         assert_eq!(bearer_token("Bearer sesame"), Some("sesame"));
         assert_eq!(bearer_token("sesame"), None);
         assert_eq!(bearer_token("Basic c2VzYW1l"), None);
+    }
+
+    #[tokio::test]
+    async fn with_an_admin_password_only_the_password_logs_in() {
+        let phc = hash_password("correct horse battery").unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$"), "{phc}");
+        let tokens = [("default", "sesame-token")];
+        let with = Secrets::new(tokens, Some(&phc), b"root");
+        assert!(with.admin_login_matches("correct horse battery").await);
+        assert!(!with.admin_login_matches("sesame-token").await);
+        assert!(!with.admin_login_matches("correct horse batter").await);
+        assert_eq!(with.token_name("sesame-token"), Some("default"));
+        let without = Secrets::new(tokens, None, b"root");
+        assert!(without.admin_login_matches("sesame-token").await);
+        assert!(!without.admin_login_matches("correct horse battery").await);
     }
 
     const IDLE: Duration = Duration::from_secs(30 * 60);
@@ -229,7 +346,7 @@ mod tests {
 
     #[test]
     fn a_session_cookie_round_trips_and_a_forged_one_does_not() {
-        let s = Secrets::new("sesame");
+        let s = secrets("root");
         let session = new_session(1_000_000);
         let cookie = s.session_cookie(&session, false, IDLE);
         assert!(cookie.http_only().unwrap_or(false));
@@ -242,7 +359,13 @@ mod tests {
         assert!(session.csrf_matches(&session.csrf.clone()));
         assert!(!session.csrf_matches("nope"));
 
-        let other = Secrets::new("other");
+        let rotated = Secrets::new([("new-runner", "another-token")], None, b"root");
+        assert_eq!(
+            rotated.session(Some(cookie.clone()), 1_000_001, IDLE),
+            Some(session.clone()),
+            "the same root secret with other tokens opens the cookie"
+        );
+        let other = secrets("other");
         assert_eq!(other.session(Some(cookie), 1_000_001, IDLE), None);
         let plain = format!("{}.{}.{}.{}", session.id, session.csrf, i64::MAX, i64::MAX);
         let forged = Cookie::new(SESSION_COOKIE, plain);
@@ -251,7 +374,7 @@ mod tests {
 
     #[test]
     fn a_session_ends_after_the_idle_time_unless_used_and_after_eight_hours_regardless() {
-        let s = Secrets::new("sesame");
+        let s = secrets("root");
         let start = 1_000_000;
         let mut session = new_session(start);
         let cookie = s.session_cookie(&session, false, IDLE);
@@ -285,9 +408,22 @@ mod tests {
     }
 
     #[test]
-    fn every_instance_with_the_token_derives_the_same_fanout_secret_and_it_is_not_the_token_s() {
-        assert_eq!(fanout_secret("sesame"), fanout_secret("sesame"));
-        assert_ne!(fanout_secret("sesame"), fanout_secret("sesamf"));
-        assert_ne!(fanout_secret("sesame"), digest("sesame"));
+    fn every_instance_with_the_root_derives_the_same_fanout_secret_and_it_is_not_the_root_s() {
+        assert_eq!(fanout_secret(b"sesame"), fanout_secret(b"sesame"));
+        assert_ne!(fanout_secret(b"sesame"), fanout_secret(b"sesamf"));
+        assert_ne!(fanout_secret(b"sesame"), digest("sesame"));
+        // The derivation it had from the API token, so that such a root keeps it on upgrade.
+        let mut old = Hmac::<Sha256>::new_from_slice(b"sesame").unwrap();
+        old.update(b"handoff fan-out key v1");
+        assert_eq!(
+            fanout_secret(b"sesame"),
+            <[u8; 32]>::from(old.finalize().into_bytes())
+        );
+        let keys = [
+            fanout_secret(b"sesame"),
+            purpose_key(b"sesame", "handoff admin session key v2 a"),
+            purpose_key(b"sesame", "handoff admin session key v2 b"),
+        ];
+        assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
     }
 }

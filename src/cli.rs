@@ -1,13 +1,14 @@
 //! The command line: `handoff` (or `handoff serve`) runs the server; `handoff job …` calls a
 //! running instance's API as a job runner does; `handoff check-config` checks the environment as
-//! `serve` would; `handoff token` prints a new API token; `handoff health` asks a running instance's
-//! `/healthz`, for probes. Parsing is clap's; serving stays in `main.rs`, which owns the process.
+//! `serve` would; `handoff token` prints a new API token; `handoff hash-password` hashes the admin
+//! password; `handoff health` asks a running instance's `/healthz`, for probes. Parsing is clap's; serving stays in `main.rs`, which owns the process.
 //!
 //! Exit codes, the same for every command: 0 done; 1 the server refused (its message on stderr);
 //! 2 a usage error or an invalid setting (nothing was sent); 3 the server could not be reached.
 
 pub mod health;
 pub mod job;
+pub mod password;
 
 use std::process::ExitCode;
 
@@ -44,8 +45,12 @@ pub enum Command {
     /// Check the environment as `serve` would and print the effective settings, secrets masked;
     /// exit 2 with the reason when a setting is invalid.
     CheckConfig(CheckConfigArgs),
-    /// Print a new random API token (256 bits, URL-safe), e.g. for HANDOFF_API_TOKEN.
+    /// Print a new random API token (256 bits, URL-safe), e.g. for HANDOFF_API_TOKENS or
+    /// HANDOFF_SECRET_KEY.
     Token,
+    /// Read the admin password on standard input (at least 12 characters) and print its argon2id
+    /// hash, for HANDOFF_ADMIN_PASSWORD_HASH.
+    HashPassword,
     /// Ask a running Handoff's /healthz, for container health checks and probes: exit 0 when it
     /// answers 200, 1 otherwise (unreachable, 503, a malformed URL).
     Health(HealthArgs),
@@ -188,6 +193,9 @@ pub fn check_config(args: &CheckConfigArgs) -> ExitCode {
             println!("The configuration is valid. Effective settings:");
             for (var, value) in settings {
                 println!("  {var:<width$}  {value}");
+            }
+            for warning in config.warnings() {
+                eprintln!("handoff: warning: {warning}");
             }
             ExitCode::SUCCESS
         }

@@ -15,8 +15,12 @@ use std::time::Duration;
 pub use secrecy::{ExposeSecret, SecretString};
 
 use self::kinds::Unit::{Millis, Secs};
-use self::kinds::{Between, Count, CountOrOff, Link, OnOff, Parsed, STRONG, Secret, With};
-pub use self::kinds::{MIN_TOKEN_DISTINCT_CHARS, MIN_TOKEN_LEN, SECRET_SET, origin_only};
+use self::kinds::{
+    Between, Count, CountOrOff, Link, OnOff, Parsed, PhcHash, STRONG, Secret, TokenList, With,
+};
+pub use self::kinds::{
+    MIN_TOKEN_DISTINCT_CHARS, MIN_TOKEN_LEN, NamedTokens, SECRET_SET, origin_only,
+};
 use self::setting::{Env, Setting, settings};
 use crate::limits::TrustedProxies;
 use crate::logging::LogFormat;
@@ -56,12 +60,31 @@ settings! {
         /// before routing lose nothing during a rolling upgrade; set `off` once every instance
         /// runs this release (see Upgrading)
         pub fanout_legacy_channel: bool = HANDOFF_FANOUT_LEGACY_CHANNEL, OnOff, default "on";
-        /// bearer token for the API and the admin login; at least 16 characters, at least 8 of
-        /// them different (start-up refuses `aaaa…` or `1212…` and says why)
+        /// a bearer token for the API (named `default`) and, unless
+        /// `HANDOFF_ADMIN_PASSWORD_HASH` is set, the admin password; at least 16 characters, at
+        /// least 8 of them different (start-up refuses `aaaa…` or `1212…` and says why). Kept
+        /// for existing setups: prefer `HANDOFF_API_TOKENS` (see Security, rotating tokens)
         pub api_token: Option<SecretString> = HANDOFF_API_TOKEN, Secret {
             advice: "; unset it to get a random one",
             ..STRONG
-        }, unset "generated at start and logged";
+        }, unset "generated at start and logged, unless `HANDOFF_API_TOKENS` is set";
+        /// job runners' bearer tokens, several at once so that they can be rotated:
+        /// `name:token,name2:token2`, each token under `HANDOFF_API_TOKEN`'s rule, each name of
+        /// `a-z`, `0-9`, `_` and `-`. The name shows in the log and in
+        /// `handoff_api_calls_total{token="name"}`, the token never
+        pub api_tokens: Option<NamedTokens> = HANDOFF_API_TOKENS, TokenList, unset "unset";
+        /// the admin password's argon2id hash in PHC format, from `handoff hash-password`; once
+        /// set, only that password opens `/admin`, and no API token does
+        pub admin_password_hash: Option<SecretString> = HANDOFF_ADMIN_PASSWORD_HASH, PhcHash,
+            unset "the API tokens open `/admin`";
+        /// the secret (`handoff token` makes one; the same on every instance) from which the
+        /// admin cookie key and the default fan-out key derive, one key per purpose, so that
+        /// rotating API tokens changes neither. To switch from a `HANDOFF_API_TOKEN`, set it to
+        /// that token's value: every key stays as it was
+        pub secret_key: Option<SecretString> = HANDOFF_SECRET_KEY, Secret {
+            advice: " (e.g. `handoff token`)",
+            ..STRONG
+        }, unset "`HANDOFF_API_TOKEN` serves, else random at each start";
         /// a stream ends cleanly after this long; the browser reconnects
         pub sse_timeout: Duration = HANDOFF_SSE_TIMEOUT_SECS, Secs, default "60";
         /// the `retry:` the browser waits before reconnecting
@@ -112,14 +135,14 @@ settings! {
         /// every instance fits the server's `max_connections` (100 by default)
         pub db_pool: u32 = HANDOFF_DB_POOL, Between(2, 1000), default "16";
         /// with `REDIS_URL`: the secret (at least 32 characters, the same on every instance)
-        /// that signs the messages between instances; `REDIS_URL` with neither it nor
-        /// `HANDOFF_API_TOKEN` set stops start-up
+        /// that signs the messages between instances; `REDIS_URL` with none of it,
+        /// `HANDOFF_SECRET_KEY` and `HANDOFF_API_TOKEN` set stops start-up
         pub fanout_key: Option<SecretString> = HANDOFF_FANOUT_KEY, Secret {
             min_len: 32,
             min_distinct: 0,
             advice: " (e.g. `openssl rand -base64 32`); unset it to derive one from \
-                     HANDOFF_API_TOKEN",
-        }, unset "derived from `HANDOFF_API_TOKEN`";
+                     HANDOFF_SECRET_KEY",
+        }, unset "derived from `HANDOFF_SECRET_KEY`";
         /// on SIGTERM, how long the instance goes on serving while `/readyz` answers `503`, so
         /// that a load balancer polling it sends new streams and writes elsewhere first; then it
         /// stops accepting, ends its streams (browsers reconnect after `retry`), finishes what
@@ -196,15 +219,33 @@ impl Config {
     /// Reads settings through `lookup`, so tests can supply their own environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let config = Self::read(&Env(&lookup))?;
-        if config.redis_url.is_some() && config.api_token.is_none() && config.fanout_key.is_none() {
+        if config.redis_url.is_some()
+            && config.root_secret().is_none()
+            && config.fanout_key.is_none()
+        {
             return Err(ConfigError {
                 var: HANDOFF_FANOUT_KEY.var,
                 value: String::new(),
                 reason: "REDIS_URL is set, so instances sign the messages between them: set \
-                         HANDOFF_FANOUT_KEY, or HANDOFF_API_TOKEN, to the same secret on every \
-                         instance (a token generated at start is this instance's alone)"
+                         HANDOFF_FANOUT_KEY, or HANDOFF_SECRET_KEY, to the same secret on every \
+                         instance (a key generated at start is this instance's alone)"
                     .into(),
             });
+        }
+        if let (Some(single), Some(NamedTokens(named))) = (&config.api_token, &config.api_tokens) {
+            let clash = named.iter().find(|(name, token)| {
+                name == DEFAULT_TOKEN_NAME || token.expose_secret() == single.expose_secret()
+            });
+            if let Some((name, _)) = clash {
+                return Err(ConfigError {
+                    var: HANDOFF_API_TOKENS.var,
+                    value: "(not shown)".into(),
+                    reason: format!(
+                        "{name}: HANDOFF_API_TOKEN is the token named {DEFAULT_TOKEN_NAME}; give \
+                         every token its own name and value"
+                    ),
+                });
+            }
         }
         // An unclaimed webhook falls due `unclaimed` after the ending; past `max_age` none is sent.
         if let Some(hook) = &config.webhook
@@ -222,7 +263,57 @@ impl Config {
         }
         Ok(config)
     }
+
+    /// The secret the derived keys come from ([`crate::auth`]): `HANDOFF_SECRET_KEY`, or else
+    /// `HANDOFF_API_TOKEN` (as before there was a key of its own, so an upgrade changes no key);
+    /// `None`: a random one at each start.
+    pub fn root_secret(&self) -> Option<&SecretString> {
+        self.secret_key.as_ref().or(self.api_token.as_ref())
+    }
+
+    /// Valid but unwise settings, for `check-config` and the start-up log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.admin_password_hash.is_none() {
+            let tokens = match (&self.api_token, &self.api_tokens) {
+                (Some(_), Some(_)) => {
+                    Some("HANDOFF_API_TOKEN and every token of HANDOFF_API_TOKENS")
+                }
+                (Some(_), None) => Some("HANDOFF_API_TOKEN"),
+                (None, Some(_)) => Some("every token of HANDOFF_API_TOKENS"),
+                (None, None) => None,
+            };
+            if let Some(tokens) = tokens {
+                warnings.push(format!(
+                    "{tokens} also serves as the admin password: every job runner that holds \
+                     one can use /admin. Set HANDOFF_ADMIN_PASSWORD_HASH (`handoff \
+                     hash-password`) to give the admin a password of its own"
+                ));
+            }
+        }
+        if self.secret_key.is_none() {
+            if self.api_token.is_some() {
+                warnings.push(
+                    "the admin cookie key and the fan-out key derive from HANDOFF_API_TOKEN: \
+                     before rotating it, set HANDOFF_SECRET_KEY to its current value (README, \
+                     Security)"
+                        .into(),
+                );
+            } else if self.api_tokens.is_some() {
+                warnings.push(
+                    "HANDOFF_SECRET_KEY is not set: admin sessions end when this instance \
+                     restarts and hold on this instance only; set it, the same on every \
+                     instance (`handoff token`)"
+                        .into(),
+                );
+            }
+        }
+        warnings
+    }
 }
+
+/// The name `HANDOFF_API_TOKEN` goes by in the log and in `handoff_api_calls_total`.
+pub const DEFAULT_TOKEN_NAME: &str = "default";
 
 #[cfg(test)]
 mod tests {
@@ -488,6 +579,102 @@ mod tests {
         assert!(!format!("{c:?}").contains(key), "{c:?}");
     }
 
+    const PHC: &str = "$argon2id$v=19$m=19456,t=2,p=1$t7zXCruHGnHUl5ub3tHGKg$nlTmlK1GJ2uMfHbFbnyab9tlTpmEX5nwGoxysNIbfpM";
+
+    #[test]
+    fn several_named_tokens_are_read_and_listed_by_name_only() {
+        let c = with(&[(
+            "HANDOFF_API_TOKENS",
+            "ci:ci-token-0123456789, deploy-2:deploy-token-0123456789",
+        )])
+        .unwrap();
+        let tokens = c.api_tokens.as_ref().unwrap();
+        let names: Vec<&str> = tokens.0.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["ci", "deploy-2"]);
+        assert_eq!(tokens.0[1].1.expose_secret(), "deploy-token-0123456789");
+        let listed = format!("{c:?}");
+        assert!(
+            listed.contains("ci, deploy-2 (tokens not shown)"),
+            "{listed}"
+        );
+        assert!(!listed.contains("ci-token"), "{listed}");
+        for (bad, why) in [
+            ("ci", "is not name:token"),
+            ("CI:ci-token-0123456789", "a-z, 0-9, _ and -"),
+            (":ci-token-0123456789", "a-z, 0-9, _ and -"),
+            (
+                "ci:ci-token-0123456789,ci:other-token-0123456789",
+                "ci is given twice",
+            ),
+            (
+                "a:ci-token-0123456789,b:ci-token-0123456789",
+                "token of b is given twice",
+            ),
+            ("ci:short-secret", "ci must be at least 16 characters"),
+            ("ci:abababababababababab", "8 different characters"),
+        ] {
+            let err = with(&[("HANDOFF_API_TOKENS", bad)]).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_API_TOKENS", "{bad}");
+            assert!(err.reason.contains(why), "{bad}: {err}");
+            for secret in ["ci-token", "short-secret", "abab"] {
+                assert!(!err.to_string().contains(secret), "{err}");
+            }
+        }
+        let single = ("HANDOFF_API_TOKEN", "ci-token-0123456789");
+        for clash in ["default:other-token-0123456789", "ci:ci-token-0123456789"] {
+            let err = with(&[single, ("HANDOFF_API_TOKENS", clash)]).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_API_TOKENS", "{clash}");
+            assert!(!err.to_string().contains("token-0123456789"), "{err}");
+        }
+        assert!(with(&[single, ("HANDOFF_API_TOKENS", "ci:other-token-0123456789")]).is_ok());
+    }
+
+    #[test]
+    fn the_admin_password_hash_must_be_argon2id_and_is_never_shown() {
+        let c = with(&[("HANDOFF_ADMIN_PASSWORD_HASH", PHC)]).unwrap();
+        assert_eq!(c.admin_password_hash.as_ref().unwrap().expose_secret(), PHC);
+        assert!(!format!("{c:?}").contains("nlTmlK1G"), "{c:?}");
+        for bad in [
+            "hunter2",
+            "$argon2i$v=19$m=19456,t=2,p=1$t7zXCruHGnHUl5ub3tHGKg$nlTmlK1GJ2uMfHbFbnyab9tlTpmEX5nwGoxysNIbfpM",
+            "$argon2id$v=19$m=19456,t=2,p=1$t7zXCruHGnHUl5ub3tHGKg",
+        ] {
+            let err = with(&[("HANDOFF_ADMIN_PASSWORD_HASH", bad)]).unwrap_err();
+            assert_eq!(err.var, "HANDOFF_ADMIN_PASSWORD_HASH", "{bad}");
+            assert!(err.reason.contains("hash-password"), "{err}");
+        }
+    }
+
+    #[test]
+    fn check_config_warns_while_a_token_is_the_admin_password_or_the_root_of_the_keys() {
+        let single = ("HANDOFF_API_TOKEN", "ci-token-0123456789");
+        let named = ("HANDOFF_API_TOKENS", "ci:other-token-0123456789");
+        let hash = ("HANDOFF_ADMIN_PASSWORD_HASH", PHC);
+        let key = ("HANDOFF_SECRET_KEY", "a-secret-key-0123456789");
+        let warned = |pairs: &[(&str, &str)]| with(pairs).unwrap().warnings().join("\n");
+        assert!(
+            warned(&[]).is_empty(),
+            "a generated token warns at start-up instead"
+        );
+        let legacy = warned(&[single]);
+        assert!(
+            legacy.contains("HANDOFF_API_TOKEN also serves as the admin password"),
+            "{legacy}"
+        );
+        assert!(
+            legacy.contains("set HANDOFF_SECRET_KEY to its current value"),
+            "{legacy}"
+        );
+        assert!(warned(&[single, hash, key]).is_empty());
+        let rotating = warned(&[named, hash]);
+        assert!(
+            rotating.contains("HANDOFF_SECRET_KEY is not set"),
+            "{rotating}"
+        );
+        assert!(warned(&[named, key]).contains("every token of HANDOFF_API_TOKENS"));
+        assert!(warned(&[named, hash, key]).is_empty());
+    }
+
     #[test]
     fn the_readme_settings_table_is_the_declaration() {
         let readme = include_str!("../README.md");
@@ -642,8 +829,11 @@ mod tests {
         let redis = ("REDIS_URL", "redis://127.0.0.1:6379");
         let err = with(&[redis]).unwrap_err();
         assert_eq!(err.var, "HANDOFF_FANOUT_KEY");
-        assert!(err.reason.contains("HANDOFF_API_TOKEN"), "{err}");
+        assert!(err.reason.contains("HANDOFF_SECRET_KEY"), "{err}");
         assert!(with(&[redis, ("HANDOFF_API_TOKEN", "a-shared-token-0123")]).is_ok());
+        assert!(with(&[redis, ("HANDOFF_SECRET_KEY", "a-shared-key-0123")]).is_ok());
+        let named = ("HANDOFF_API_TOKENS", "ci:a-shared-token-0123");
+        assert!(with(&[redis, named]).is_err(), "runner tokens are no key");
         let key = (
             "HANDOFF_FANOUT_KEY",
             "a-fanout-key-of-at-least-32-characters",

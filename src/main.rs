@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Job(args) => cli::job::run(args),
         Command::CheckConfig(args) => cli::check_config(&args),
         Command::Token => cli::token(),
+        Command::HashPassword => cli::password::run(),
         Command::Health(args) => cli::health::run(args),
     }
 }

@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Webhooks accepted by the receiver, by `type`: `delivered`, `unclaimed`.
     pub webhooks_sent: Family<[(&'static str, &'static str); 1], Counter>,
     pub webhooks_given_up: Counter,
+    /// API calls with a right bearer token, by the `token`'s name (never the token).
+    pub api_calls: Family<[(&'static str, String); 1], Counter>,
 }
 
 impl Default for Metrics {
@@ -66,6 +68,7 @@ impl Metrics {
             webhook_attempts: Family::default(),
             webhooks_sent: Family::default(),
             webhooks_given_up: Counter::default(),
+            api_calls: Family::default(),
         };
         registry.register(
             "open_streams",
@@ -157,6 +160,11 @@ impl Metrics {
             "webhooks_given_up",
             "Webhooks given up after their last attempt, or too old to send",
             metrics.webhooks_given_up.clone(),
+        );
+        registry.register(
+            "api_calls",
+            "API calls with a right bearer token, by the token's name",
+            metrics.api_calls.clone(),
         );
         Self {
             registry: Arc::new(registry),

@@ -37,13 +37,20 @@ pub struct AppState {
     pub sessions: AdminSessions,
     /// `HANDOFF_PUBLIC_URL` is `https`: browsers only ever reach us over TLS.
     pub public_https: bool,
+    /// `HANDOFF_PUBLIC_URL`'s origin (`https://example.com`): the only page a browser's form
+    /// post is taken from, when it is set.
+    pub public_origin: Option<String>,
     pub sse: SseSettings,
     /// Stream caps and counts; [`sse`] takes a permit per stream.
     pub limits: StreamLimits,
     /// Whose `X-Forwarded-For` names the client.
     pub proxies: TrustedProxies,
-    /// Wrong API tokens per client address, on the admin login and as bearer tokens alike.
+    /// Wrong bearer tokens per client address.
     pub token_guesses: GuessThrottle,
+    /// Wrong passwords on the admin login form per client address: a record apart from the
+    /// bearer tokens', so that a page that makes its visitors' browsers post wrong passwords
+    /// cannot lock a job runner at the same address out of the API.
+    pub login_guesses: GuessThrottle,
     /// Whether the warning about forwarding headers from an untrusted peer was logged: once per
     /// app, or a flood of such requests would flood the log.
     pub untrusted_forwarding_warned: AtomicBool,
@@ -130,8 +137,9 @@ impl AppState {
         }
     }
 
-    /// Checks `req`'s `Authorization: Bearer <token>`. A wrong token counts as a guess from the
-    /// client's address; while the address must wait, no token is even checked (`429`). A
+    /// Checks `req`'s `Authorization: Bearer <token>` against the named API tokens; a right one
+    /// is logged and counted by its name (never the token). A wrong token counts as a guess from
+    /// the client's address; while the address must wait, no token is even checked (`429`). A
     /// request with no bearer token at all guesses nothing and is simply refused.
     fn authorize_bearer(&self, req: &HttpRequest) -> Result<(), AppError> {
         let Some(token) = req
@@ -146,8 +154,13 @@ impl AppState {
         self.token_guesses
             .check(client)
             .map_err(AppError::TooManyGuesses)?;
-        if self.secrets.token_matches(token) {
+        if let Some(name) = self.secrets.token_name(token) {
             self.token_guesses.succeeded(client);
+            self.metrics
+                .api_calls
+                .get_or_create(&[("token", name.to_owned())])
+                .inc();
+            log::info!("{} {} by API token {name}", req.method(), req.path());
             Ok(())
         } else {
             self.token_guesses.failed(client);
@@ -162,37 +175,56 @@ impl AppState {
     }
 }
 
-/// Whether a browser sent `req` from another site's page, as a forged form post is.
-///
-/// `Sec-Fetch-Site` (sent by every current browser) must say `same-origin`, or `none` (typed,
-/// bookmarked). Without it, from an older browser, an `Origin` must name the host the request
-/// was sent to; `Origin: null` (a sandboxed or privacy-hidden page) does not. The ports are not
-/// compared, because a proxy may pass on `Host` without its port (the shipped nginx.conf does).
-/// A request with neither header is not a browser's cross-site request (browsers send `Origin`
-/// on every cross-site POST): it is a script's own, from its own address, which per-address
-/// limits count.
-fn cross_site(req: &HttpRequest) -> bool {
-    let headers = req.headers();
-    if let Some(site) = headers.get("sec-fetch-site") {
-        return !matches!(site.as_bytes(), b"same-origin" | b"none");
-    }
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return false;
-    };
-    let origin_host = origin
-        .to_str()
-        .ok()
-        .and_then(|o| o.parse::<actix_web::http::Uri>().ok())
-        .and_then(|uri| uri.host().map(str::to_owned));
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.parse::<actix_web::http::uri::Authority>().ok())
-        .map(|authority| authority.host().to_owned())
-        .or_else(|| req.uri().host().map(str::to_owned));
-    match (origin_host, host) {
-        (Some(origin), Some(host)) => !origin.eq_ignore_ascii_case(&host),
-        _ => true,
+impl AppState {
+    /// Whether a browser sent the form post `req` from a page that is not this site's own: a
+    /// forged post from another site, or a page served under another host name that resolves
+    /// to us (DNS rebinding). Every form post (the demo form and every admin form, the login
+    /// included) is refused when it is.
+    ///
+    /// `Sec-Fetch-Site` (sent by every current browser) must say `same-origin`, or `none` (typed,
+    /// bookmarked); that is enough unless `HANDOFF_PUBLIC_URL` is set. The page's origin is
+    /// `Origin`, or the `Referer`'s when there is no `Origin` (older browsers); `Origin: null` (a
+    /// sandboxed or privacy-hidden page) is no origin of ours. With `HANDOFF_PUBLIC_URL` set,
+    /// that origin must be the public URL's: a rebound host name is same-origin to the browser,
+    /// so only the configured origin tells it apart. Without it, the origin's host must be the
+    /// host the request was sent to (checked for browsers without `Sec-Fetch-Site`); the
+    /// ports are not compared, because a proxy may pass on `Host` without its port (the shipped
+    /// nginx.conf does). A request that names no page at all is not a browser's cross-site
+    /// request (browsers send `Origin` on every cross-site POST): it is a script's own, from its
+    /// own address, which per-address limits count.
+    fn foreign_post(&self, req: &HttpRequest) -> bool {
+        let headers = req.headers();
+        if let Some(site) = headers.get("sec-fetch-site") {
+            if !matches!(site.as_bytes(), b"same-origin" | b"none") {
+                return true;
+            }
+            if self.public_origin.is_none() {
+                return false;
+            }
+        }
+        let page = headers
+            .get(header::ORIGIN)
+            .or_else(|| headers.get(header::REFERER))
+            .map(|value| value.to_str().ok().and_then(|v| url::Url::parse(v).ok()));
+        let Some(page) = page else {
+            return false;
+        };
+        let Some(page) = page.filter(|url| url.has_host()) else {
+            return true;
+        };
+        if let Some(public) = &self.public_origin {
+            return page.origin().ascii_serialization() != *public;
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<actix_web::http::uri::Authority>().ok())
+            .map(|authority| authority.host().to_owned())
+            .or_else(|| req.uri().host().map(str::to_owned));
+        match (page.host_str(), host) {
+            (Some(page), Some(host)) => !page.eq_ignore_ascii_case(&host),
+            _ => true,
+        }
     }
 }
 

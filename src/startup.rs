@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{HmacKey, Secrets, fanout_secret, random_token};
-use crate::config::{Config, ExposeSecret};
+use crate::config::{Config, DEFAULT_TOKEN_NAME, ExposeSecret, SecretString};
 use crate::delivery::Delivery;
 use crate::fanout::{Fanout, FanoutConfig};
 use crate::hub::Hub;
@@ -215,12 +215,16 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
         unclaimed,
     )
     .await?;
-    let token = api_token(config);
+    for warning in config.warnings() {
+        log::warn!("{warning}");
+    }
+    let tokens = api_tokens(config);
+    let root = root_secret(config);
     let fanout = match &config.redis_url {
         Some(url) => {
             let key = match &config.fanout_key {
                 Some(key) => HmacKey::new(key.expose_secret().as_bytes()),
-                None => HmacKey::new(&fanout_secret(&token)),
+                None => HmacKey::new(&fanout_secret(&root)),
             };
             let fanout = FanoutConfig {
                 url,
@@ -260,7 +264,16 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
         lifetimes(config),
         receipts,
     );
-    let secrets = Secrets::new(&token);
+    let secrets = Secrets::new(
+        tokens
+            .iter()
+            .map(|(name, token)| (name.as_str(), token.expose_secret())),
+        config
+            .admin_password_hash
+            .as_ref()
+            .map(ExposeSecret::expose_secret),
+        &root,
+    );
     let state = AppState {
         jobs,
         metrics,
@@ -270,6 +283,10 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
             .public_url
             .as_ref()
             .is_some_and(|url| url.scheme() == "https"),
+        public_origin: config
+            .public_url
+            .as_ref()
+            .map(|url| url.origin().ascii_serialization()),
         sse: SseSettings {
             timeout: config.sse_timeout,
             retry: config.sse_retry,
@@ -278,6 +295,7 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
         limits: StreamLimits::new(max_streams, config.max_streams_per_client),
         proxies: config.trusted_proxies.clone(),
         token_guesses: GuessThrottle::default(),
+        login_guesses: GuessThrottle::default(),
         untrusted_forwarding_warned: Default::default(),
         demo: config.demo.then(DemoJobLimit::default),
         lookups: LookupBudget::default(),
@@ -299,17 +317,33 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
     })
 }
 
-/// `HANDOFF_API_TOKEN`, or a random one for this run.
-fn api_token(config: &Config) -> String {
-    if let Some(token) = &config.api_token {
-        return token.expose_secret().to_owned();
+/// The job runners' tokens by name: `HANDOFF_API_TOKEN` as `default`, then
+/// `HANDOFF_API_TOKENS`; with neither, a random `default` for this run, logged once.
+fn api_tokens(config: &Config) -> Vec<(String, SecretString)> {
+    let single = config
+        .api_token
+        .clone()
+        .map(|token| (DEFAULT_TOKEN_NAME.to_owned(), token));
+    let named = config.api_tokens.iter().flat_map(|tokens| tokens.0.clone());
+    let tokens: Vec<_> = single.into_iter().chain(named).collect();
+    if !tokens.is_empty() {
+        return tokens;
     }
     let token = random_token();
     log::warn!(
         "HANDOFF_API_TOKEN is not set; generated one for this run: {token} \
          (set HANDOFF_API_TOKEN to keep a token across restarts)"
     );
-    token
+    vec![(DEFAULT_TOKEN_NAME.to_owned(), token.into())]
+}
+
+/// The secret the cookie key and the default fan-out key derive from ([`Config::root_secret`]),
+/// or a random one for this run: sessions then end at restart and hold on this instance only.
+fn root_secret(config: &Config) -> Vec<u8> {
+    match config.root_secret() {
+        Some(secret) => secret.expose_secret().as_bytes().to_vec(),
+        None => random_token().into_bytes(),
+    }
 }
 
 /// The jobs' default deadline and retention.

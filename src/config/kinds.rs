@@ -6,7 +6,7 @@ use std::fmt::Display;
 use std::str::FromStr;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 
 /// How a secret shows in `check-config`'s listing: whether it is set, never what it is.
 pub const SECRET_SET: &str = "(set, not shown)";
@@ -281,6 +281,91 @@ impl Kind<SecretString> for Secret {
             return Ok(raw.into());
         };
         Err(format!("{weakness}{}", self.advice))
+    }
+    fn show(&self, _: &SecretString) -> String {
+        SECRET_SET.into()
+    }
+    fn mask(&self, _: &str) -> String {
+        "(not shown)".into()
+    }
+}
+
+/// Job runners' bearer tokens by name (`HANDOFF_API_TOKENS`), in the order given.
+#[derive(Clone)]
+pub struct NamedTokens(pub Vec<(String, SecretString)>);
+
+/// The longest token name: it is a label in `/metrics` and a word in the log.
+const MAX_TOKEN_NAME: usize = 32;
+
+/// `name:token,name2:token2`: each name of `a-z`, `0-9`, `_` and `-`, used once; each token
+/// under [`STRONG`]'s rule. Listed by names only; a refusal names the entry, never its token.
+pub struct TokenList;
+
+impl Kind<NamedTokens> for TokenList {
+    fn parse(&self, raw: &str) -> Result<NamedTokens, String> {
+        let mut tokens: Vec<(String, SecretString)> = Vec::new();
+        for (n, entry) in raw.split(',').map(str::trim).enumerate() {
+            let Some((name, token)) = entry.split_once(':') else {
+                return Err(format!(
+                    "entry {} is not name:token (e.g. runner-a:TOKEN,runner-b:TOKEN2)",
+                    n + 1
+                ));
+            };
+            let name = name.trim();
+            if name.is_empty()
+                || name.len() > MAX_TOKEN_NAME
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            {
+                return Err(format!(
+                    "entry {}: a token's name is 1 to {MAX_TOKEN_NAME} of a-z, 0-9, _ and -",
+                    n + 1
+                ));
+            }
+            if tokens.iter().any(|(seen, _)| seen == name) {
+                return Err(format!("the name {name} is given twice"));
+            }
+            let token = STRONG
+                .parse(token.trim())
+                .map_err(|weakness| format!("the token of {name} {weakness}"))?;
+            if tokens
+                .iter()
+                .any(|(_, seen)| seen.expose_secret() == token.expose_secret())
+            {
+                return Err(format!("the token of {name} is given twice"));
+            }
+            tokens.push((name.to_owned(), token));
+        }
+        Ok(NamedTokens(tokens))
+    }
+    fn show(&self, value: &NamedTokens) -> String {
+        let names: Vec<&str> = value.0.iter().map(|(name, _)| name.as_str()).collect();
+        format!("{} (tokens not shown)", names.join(", "))
+    }
+    fn mask(&self, _: &str) -> String {
+        "(not shown)".into()
+    }
+}
+
+/// An argon2id hash in PHC format (`$argon2id$v=19$m=…,t=…,p=…$salt$hash`), as
+/// `handoff hash-password` prints it. Not shown: it allows guessing the password offline.
+pub struct PhcHash;
+
+impl Kind<SecretString> for PhcHash {
+    fn parse(&self, raw: &str) -> Result<SecretString, String> {
+        let hash = argon2::PasswordHash::new(raw).map_err(|err| {
+            format!("expected an argon2id hash in PHC format, as `handoff hash-password` prints it: {err}")
+        })?;
+        if hash.algorithm.as_str() != "argon2id" || hash.hash.is_none() {
+            return Err(
+                "expected an argon2id hash ($argon2id$…), as `handoff hash-password` prints it"
+                    .into(),
+            );
+        }
+        argon2::Params::try_from(&hash)
+            .map_err(|err| format!("its argon2 parameters are invalid: {err}"))?;
+        Ok(raw.into())
     }
     fn show(&self, _: &SecretString) -> String {
         SECRET_SET.into()

@@ -1,6 +1,6 @@
-//! How fast one address may guess the API token, wherever it presents it: on the admin login
-//! form or as an API bearer token. Both count against one record per address, since both guess
-//! the same secret.
+//! How fast one address may guess a secret. Each secret has a throttle of its own (the admin
+//! login form's, the API bearer tokens'), so that wrong passwords typed in a browser never slow
+//! down a job runner's right token from the same address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,7 +15,7 @@ pub(super) const FREE_GUESSES: u32 = 5;
 /// The first wait; each further wrong token doubles it, up to [`MAX_WAIT`].
 const FIRST_WAIT: Duration = Duration::from_secs(1);
 const MAX_WAIT: Duration = Duration::from_secs(15 * 60);
-/// Addresses remembered at most; beyond it, those no longer waiting are forgotten first.
+/// Addresses remembered at most; beyond it, those never made to wait are forgotten first.
 const MAX_REMEMBERED_ADDRESSES: usize = 10_000;
 
 /// Slows down token guessing per client address: after [`FREE_GUESSES`] wrong tokens, each
@@ -50,16 +50,19 @@ impl GuessThrottle {
         let now = Instant::now();
         let mut failures = self.failures.lock();
         if failures.len() >= MAX_REMEMBERED_ADDRESSES && !failures.contains_key(&ip) {
-            failures.retain(|_, f| f.blocked_until.is_some_and(|until| until > now));
-            // Still full (every address is waiting): forget the one whose wait ends first, so
-            // the map never grows past its cap.
+            // An escalated address (one made to wait) keeps its count even after its wait ended:
+            // forgetting it would let whoever controls many addresses fill the map and so reset
+            // every guesser's wait. Those still within their free guesses lose little.
+            failures.retain(|_, f| f.blocked_until.is_some());
+            // Still full (every address escalated): forget the least escalated, so the map never
+            // grows past its cap.
             if failures.len() >= MAX_REMEMBERED_ADDRESSES
-                && let Some(soonest) = failures
+                && let Some(least) = failures
                     .iter()
-                    .min_by_key(|(_, f)| f.blocked_until)
+                    .min_by_key(|(_, f)| (f.count, f.blocked_until))
                     .map(|(ip, _)| *ip)
             {
-                failures.remove(&soonest);
+                failures.remove(&least);
             }
         }
         let entry = failures.entry(ip).or_insert(Failures {
@@ -102,6 +105,34 @@ mod tests {
             throttle
                 .check(blocked(u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap()))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_full_map_forgets_addresses_within_their_free_guesses_before_an_escalated_one() {
+        let throttle = GuessThrottle::default();
+        let guesser = ip("192.0.2.1");
+        for _ in 0..FREE_GUESSES + 3 {
+            throttle.failed(guesser);
+        }
+        // Its last wait has ended: it may try again, but its count stands.
+        if let Some(f) = throttle
+            .failures
+            .lock()
+            .get_mut(&client_key(guesser.unwrap()))
+        {
+            f.blocked_until = Some(Instant::now());
+        }
+        assert!(throttle.check(guesser).is_ok());
+        let other = |n: u32| Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)));
+        for n in 0..2 * u32::try_from(MAX_REMEMBERED_ADDRESSES).unwrap() {
+            throttle.failed(other(n));
+        }
+        assert!(throttle.failures.lock().len() <= MAX_REMEMBERED_ADDRESSES);
+        assert_eq!(
+            throttle.failed(guesser),
+            Some(Duration::from_secs(16)),
+            "the guesser's next wrong token doubles its wait, as if no one had flooded the map"
         );
     }
 

@@ -1,6 +1,7 @@
 //! The admin page: recent jobs with their state, progress, deadline and open streams, Complete and
-//! Fail buttons per pending job, and a form to create one. Logging in takes the API token; every
-//! admin form carries the session's CSRF token. Every answer to a logged-in admin renews the
+//! Fail buttons per pending job, and a form to create one. Logging in takes the admin password
+//! (or, while none is set, an API token); every admin form comes from this site's own page and
+//! carries the session's CSRF token. Every answer to a logged-in admin renews the
 //! session cookie (the idle timeout counts from the last admin request); logging out ends the
 //! session on every instance.
 
@@ -53,6 +54,17 @@ fn session_cookie(state: &AppState, req: &HttpRequest, session: &AdminSession) -
 #[template(path = "login.html")]
 struct LoginPage {
     problem: Option<String>,
+    /// The admin has a password of its own: the form asks for it rather than an API token.
+    password: bool,
+}
+
+impl LoginPage {
+    fn new(state: &AppState, problem: Option<String>) -> Self {
+        Self {
+            problem,
+            password: state.secrets.has_admin_password(),
+        }
+    }
 }
 
 struct Row {
@@ -110,7 +122,7 @@ pub async fn page(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
     let Some(Checked { session, cookie }) = admin_session(&state, &req).await? else {
-        return Ok(html(StatusCode::OK, &LoginPage { problem: None }));
+        return Ok(html(StatusCode::OK, &LoginPage::new(&state, None)));
     };
     let total = state.jobs.count().await.map_err(AppError::from)?;
     let pages = ((total + PAGE_SIZE - 1) / PAGE_SIZE).max(1);
@@ -170,44 +182,49 @@ pub async fn login(
     form: web::Form<LoginForm>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
+    from_this_site(&state, &req)?;
     let client = state.client_addr(&req);
     // While an address must wait, its attempts are not even checked: guessing gains nothing.
-    if let Err(wait) = state.token_guesses.check(client) {
-        return Ok(too_many_logins(wait));
+    if let Err(wait) = state.login_guesses.check(client) {
+        return Ok(too_many_logins(&state, wait));
     }
-    if !state.secrets.token_matches(&form.token) {
+    if !state.secrets.admin_login_matches(&form.token).await {
         log::info!("admin login refused from {client:?}");
-        let problem = match state.token_guesses.failed(client) {
+        let what = if state.secrets.has_admin_password() {
+            "password"
+        } else {
+            "token"
+        };
+        let problem = match state.login_guesses.failed(client) {
             Some(wait) => format!(
-                "That token is not right. Too many wrong tokens from your address: \
+                "That {what} is not right. Too many wrong tries from your address: \
                  wait {} s before the next try.",
                 wait.as_secs().max(1)
             ),
-            None => "That token is not right.".to_owned(),
+            None => format!("That {what} is not right."),
         };
         return Ok(html(
             StatusCode::UNAUTHORIZED,
-            &LoginPage {
-                problem: Some(problem),
-            },
+            &LoginPage::new(&state, Some(problem)),
         ));
     }
-    state.token_guesses.succeeded(client);
+    state.login_guesses.succeeded(client);
     let session = state.sessions.start().await.map_err(AppError::from)?;
     let cookie = session_cookie(&state, &req, &session);
     Ok(with_cookie(see_other("/admin"), &cookie))
 }
 
 /// `429` with `Retry-After`: this address guessed wrong too often.
-fn too_many_logins(wait: std::time::Duration) -> HttpResponse {
+fn too_many_logins(state: &AppState, wait: std::time::Duration) -> HttpResponse {
     let secs = whole_secs(wait);
     let mut response = html(
         StatusCode::TOO_MANY_REQUESTS,
-        &LoginPage {
-            problem: Some(format!(
+        &LoginPage::new(
+            state,
+            Some(format!(
                 "Too many wrong tokens from your address: try again in {secs} s."
             )),
-        },
+        ),
     );
     response.headers_mut().insert(
         actix_web::http::header::RETRY_AFTER,
@@ -234,13 +251,26 @@ fn filled(raw: &str) -> Option<&str> {
     Some(raw.trim()).filter(|s| !s.is_empty())
 }
 
-/// The admin session, if the request has a live one and its form echoes the session's CSRF
-/// token.
+/// `403` for a form post from a page that is not this site's own ([`AppState::foreign_post`]):
+/// checked first, so that a forged post neither counts as a guess nor touches a session.
+fn from_this_site(state: &AppState, req: &HttpRequest) -> Result<(), PageError> {
+    if state.foreign_post(req) {
+        return Err(AppError::Forbidden(
+            "admin forms can only be sent from this site's own admin page, not from another site",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The admin session, if the form comes from this site's page, the request has a live session
+/// and its form echoes the session's CSRF token.
 async fn checked_session(
     req: &HttpRequest,
     state: &AppState,
     form: &AdminForm,
 ) -> Result<Checked, PageError> {
+    from_this_site(state, req)?;
     let checked = admin_session(state, req)
         .await?
         .ok_or(AppError::Forbidden("not logged in: log in on /admin first"))?;

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::error::AppError;
 use super::sse::MAX_WATCHED;
-use super::{AppState, cross_site, job_id};
+use super::{AppState, job_id};
 use crate::domain::{JobId, JobStatus, rfc3339};
 
 /// An [`AppError`] answered as an HTML page rather than JSON.
@@ -109,7 +109,7 @@ pub async fn create_demo_job(
 ) -> Result<HttpResponse, PageError> {
     let limit = state.demo.as_ref().ok_or(AppError::DemoOff)?;
     // Before the allowance: a forged post must not use up the visitor's.
-    if cross_site(&req) {
+    if state.foreign_post(&req) {
         return Err(AppError::Forbidden(
             "a demo job can only be started from this site's own page, not from another site",
         )

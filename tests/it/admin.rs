@@ -262,3 +262,34 @@ async fn the_admin_page_shows_state_progress_and_deadline_and_fails_a_job_with_a
         "no Fail button on an ended job: {row}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_named_tokens_work_at_once_and_each_is_counted_by_its_name() {
+    let ci = "ci-token-0123456789abcdef";
+    let next = "next-ci-token-0123456789";
+    let app = TestApp::spawn_with(|c| {
+        c.api_tokens = Some(handoff::config::NamedTokens(vec![
+            ("ci".into(), ci.into()),
+            ("ci-next".into(), next.into()),
+        ]));
+    })
+    .await;
+    for token in [ci, next, next, TOKEN] {
+        let created = app
+            .client
+            .post(app.url("/api/jobs"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+    }
+    for (name, calls) in [("ci", 1.0), ("ci-next", 2.0), ("default", 1.0)] {
+        let metric = format!("handoff_api_calls_total{{token=\"{name}\"}}");
+        let counted = app.metric(&metric).await;
+        assert_eq!(
+            counted, calls,
+            "{name} (HANDOFF_API_TOKEN is named default)"
+        );
+    }
+}

@@ -343,6 +343,7 @@ async fn every_command_has_help() {
         &["serve"],
         &["check-config"],
         &["token"],
+        &["hash-password"],
         &["health"],
         &["job"],
         &["job", "create"],
@@ -448,4 +449,71 @@ async fn several_ids_from_the_command_line_a_file_and_stdin_go_in_a_batch() {
     );
     assert!(stderr.contains("refused 2 of 3 job(s)"), "{stderr}");
     assert_eq!(app.job(&ids[4]).await["message"], "disk full");
+}
+
+/// `handoff hash-password` with `input` on standard input.
+fn hash_password(input: &str) -> Run {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run handoff hash-password");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(input.as_bytes())
+        .expect("write the password");
+    drop(stdin);
+    let out = child.wait_with_output().expect("its output");
+    Run {
+        code: out.status.code().expect("an exit code, not a signal"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hash_password_prints_a_hash_that_logs_the_admin_in_where_the_api_token_no_longer_does() {
+    let password = "a long admin password";
+    let run = hash_password(&format!("{password}\n"));
+    assert_eq!(run.code, 0, "{run:?}");
+    let hash = run.stdout.trim().to_owned();
+    assert!(hash.starts_with("$argon2id$v=19$"), "{run:?}");
+    assert!(!run.stdout.contains(password) && !run.stderr.contains(password));
+    hash_password("too short\n").failed(2, "at least 12 characters");
+
+    let app = TestApp::spawn_with(|c| c.admin_password_hash = Some(hash.clone().into())).await;
+    let login = app.url("/admin/login");
+    let with_token = support::post_form(&app.client, &login, &[("token", TOKEN)]).await;
+    assert_eq!(
+        with_token.status(),
+        401,
+        "the API token opens /admin no more"
+    );
+    let with_password = support::post_form(&app.client, &login, &[("token", password)]).await;
+    assert_eq!(with_password.status(), 303);
+    let created = app.api_post("/api/jobs", None).await;
+    assert_eq!(created.status(), 201, "and still calls the API");
+    let page = support::page_text(&app.client, app.url("/admin")).await;
+    assert!(page.contains("HANDOFF_ADMIN_PASSWORD_HASH"), "{page}");
+
+    let checked = handoff(
+        &[
+            ("HANDOFF_API_TOKEN", TOKEN),
+            ("HANDOFF_ADMIN_PASSWORD_HASH", &hash),
+        ],
+        &["check-config"],
+    )
+    .await;
+    assert!(!checked.stderr.contains("admin password"), "{checked:?}");
+    let legacy = handoff(&[("HANDOFF_API_TOKEN", TOKEN)], &["check-config"]).await;
+    assert_eq!(legacy.code, 0, "{legacy:?}");
+    assert!(
+        legacy
+            .stderr
+            .contains("warning: HANDOFF_API_TOKEN also serves as the admin password"),
+        "{legacy:?}"
+    );
 }

@@ -26,6 +26,7 @@ mod proxy;
 mod rolling;
 mod scale_out;
 mod shared_stream;
+mod strangers;
 mod support;
 mod surface;
 mod webhooks;
