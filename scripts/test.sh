@@ -16,6 +16,7 @@ command -v curl >/dev/null || packages+=(curl)
 [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || packages+=(libnginx-mod-nchan)
 command -v psql >/dev/null || packages+=(postgresql)
 command -v redis-server >/dev/null || packages+=(redis-server)
+command -v prometheus >/dev/null || packages+=(prometheus)
 if [ ${#packages[@]} -gt 0 ]; then
   say "installing ${packages[*]}"
   apt-get update -qq

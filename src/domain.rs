@@ -308,6 +308,11 @@ pub fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Microseconds since the Unix epoch: how a fan-out message carries its ending's commit time.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
 /// A duration in the stored unit (milliseconds), saturating: added to a clock reading it never
 /// overflows.
 pub fn millis(d: std::time::Duration) -> i64 {

@@ -67,11 +67,13 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         // Webhooks off: endings write nothing more than they ever did.
         let unclaimed = config.webhook.as_ref().map(|webhook| webhook.unclaimed);
+        let metrics = Metrics::new();
         let store = Store::connect_with(
             &config.database_url,
             config.write_queue,
             config.db_pool,
             unclaimed,
+            metrics.store.clone(),
         )
         .await?;
         let token = match &config.api_token {
@@ -99,7 +101,6 @@ impl Application {
         let max_streams = config
             .max_streams
             .unwrap_or_else(|| limits::default_max_streams(open_files));
-        let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
         let delivery = Delivery::new(Hub::new(), fanout, store.clone(), metrics.clone());
         // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
@@ -151,6 +152,7 @@ impl Application {
             token_guesses: GuessThrottle::default(),
             untrusted_forwarding_warned: Default::default(),
             demo: config.demo.then(DemoJobLimit::default),
+            draining: Default::default(),
         }));
         let listener = TcpListener::bind(config.addr)?;
         let local = listener.local_addr()?;
@@ -168,6 +170,7 @@ impl Application {
             .listen("handoff", listener, move || {
                 let app = App::new()
                     .app_data(server_state.clone())
+                    .wrap(from_fn(routes::timed))
                     .wrap(routes::explain_errors())
                     .wrap(from_fn(deadlines::track))
                     .wrap(security_headers());

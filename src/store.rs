@@ -15,6 +15,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Progress, now_millis};
+use crate::metrics::StoreTimings;
 
 mod batch;
 mod db;
@@ -93,17 +94,26 @@ impl Store {
     /// `write_room`: how many creations, and apart from them how many endings, may wait for the
     /// write lane; beyond it they are refused with [`StoreError::Busy`].
     pub async fn connect(url: &str, write_room: usize) -> Result<Self, StoreError> {
-        Self::connect_with(url, write_room, crate::config::DEFAULT_DB_POOL, None).await
+        Self::connect_with(
+            url,
+            write_room,
+            crate::config::DEFAULT_DB_POOL,
+            None,
+            StoreTimings::default(),
+        )
+        .await
     }
 
     /// [`Store::connect`] with at most `pg_pool` PostgreSQL connections and, given `unclaimed`,
     /// webhooks on: every job that ends gets a webhook outbox row in the same transaction as its
-    /// ending, due `unclaimed` later unless a stream takes the ending.
+    /// ending, due `unclaimed` later unless a stream takes the ending. The lanes' statements are
+    /// timed into `timings`.
     pub async fn connect_with(
         url: &str,
         write_room: usize,
         pg_pool: u32,
         unclaimed: Option<Duration>,
+        timings: StoreTimings,
     ) -> Result<Self, StoreError> {
         let outbox = unclaimed.map(crate::domain::millis);
         let (pool, lane_conns) = if url.starts_with("sqlite:") {
@@ -148,6 +158,7 @@ impl Store {
                 Arc::clone(&writes_failing),
                 write_room,
                 outbox,
+                timings,
             ),
             writes_failing,
             outbox: outbox.is_some(),
@@ -160,8 +171,9 @@ impl Store {
     }
 
     /// Write requests waiting for the write lane's next batch, by kind: `create`, `end`
-    /// (completions and failures) and `upkeep` (the timers' progress and expiry writes).
-    pub fn writes_waiting(&self) -> [(&'static str, usize); 3] {
+    /// (completions and failures) and `upkeep` (the timers' progress and expiry writes); each
+    /// with its room, how many may wait before the next is refused.
+    pub fn writes_waiting(&self) -> [(&'static str, usize, usize); 3] {
         self.lanes.writes_waiting()
     }
 

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::WebhookConfig;
 use crate::domain::{JobId, millis, now_millis, rfc3339};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::store::{DueWebhook, Settled, Store};
 
 /// How long after the first stream took an ending its `delivered` webhook waits, so that the
@@ -336,7 +336,7 @@ impl Sender {
             let error = "too old to send (HANDOFF_WEBHOOK_MAX_AGE_SECS)".to_owned();
             return (None, self.give_up(error));
         }
-        let answer = self.post(webhook, &id).await;
+        let answer = metrics::timed(&self.metrics.webhook_send, self.post(webhook, &id)).await;
         let now = now_millis();
         match answer {
             Ok(status) if status.is_success() => (Some("accepted"), Settled::Sent { at: now }),

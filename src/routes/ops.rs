@@ -1,6 +1,8 @@
-//! What an operator polls: `/healthz` and `/metrics`.
+//! What an operator polls: `/healthz` (alive, and what is down), `/readyz` (ready for new
+//! streams and writes) and `/metrics`.
 
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
 use actix_web::{HttpResponse, web};
 
@@ -37,17 +39,46 @@ pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
         .body(body)
 }
 
+/// `200` `ready` while this instance can take new streams and writes; `503` while its database
+/// does not answer (or its writes fail), or while it drains before stopping. Redis does not
+/// count: without it streams still get their results (from the store, at the next resync), and
+/// a Redis outage would otherwise take every instance out of the load balancer at once.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let not_ready = if state.draining.load(Ordering::Relaxed) {
+        Some("draining: this instance is stopping".to_owned())
+    } else {
+        let health = state.jobs.health().await;
+        let kind = health.database_kind;
+        health
+            .database
+            .err()
+            .map(|why| format!("database: {why} ({kind})"))
+    };
+    let (mut response, body) = match not_ready {
+        None => (HttpResponse::Ok(), "ready\n".to_owned()),
+        Some(why) => (
+            HttpResponse::ServiceUnavailable(),
+            format!("not ready\n{why}\n"),
+        ),
+    };
+    response
+        .content_type("text/plain; charset=utf-8")
+        .body(body)
+}
+
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     state
         .metrics
         .watched_jobs
         .set(state.jobs.watched_jobs() as i64);
-    for (kind, waiting) in state.jobs.writes_waiting() {
-        state
-            .metrics
+    for (kind, waiting, room) in state.jobs.writes_waiting() {
+        let kind = [("kind", kind)];
+        let metrics = &state.metrics;
+        metrics
             .writes_waiting
-            .get_or_create(&[("kind", kind)])
+            .get_or_create(&kind)
             .set(waiting as i64);
+        metrics.write_room.get_or_create(&kind).set(room as i64);
     }
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")

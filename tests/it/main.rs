@@ -14,6 +14,7 @@ mod faults;
 mod hostile_input;
 mod job_life;
 mod limits;
+mod monitoring;
 mod openapi;
 mod process;
 mod properties;

@@ -79,14 +79,14 @@ impl Received {
 
 /// A webhook receiver on 127.0.0.1:<port 0>: a minimal HTTP/1.1 server that records every
 /// request and answers each with the next status of its script (200 once the script is done).
-struct Receiver {
-    url: String,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
     got: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Receiver {
-    async fn start(script: &[u16]) -> Self {
+    pub(crate) async fn start(script: &[u16]) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!(
             "http://{}/hooks/handoff?from=test",
@@ -117,7 +117,7 @@ impl Receiver {
 
     /// The bodies of the accepted webhooks once there are `n` of them, their signatures checked;
     /// panics after `within`.
-    async fn accepted_bodies(&self, n: usize, within: Duration) -> Vec<Value> {
+    pub(crate) async fn accepted_bodies(&self, n: usize, within: Duration) -> Vec<Value> {
         let arrived = eventually(within, || async { self.accepted().len() >= n }).await;
         assert!(
             arrived,
@@ -395,8 +395,8 @@ async fn a_webhook_waiting_for_its_retry_when_handoff_is_sigkilled_is_sent_after
     assert_eq!(counted(&client, &base, ACCEPTED).await, 1.0);
 }
 
-/// A `handoff` process, killed when dropped, whether its test passed or not.
-struct Killed(Child);
+/// A child process (`handoff`, `prometheus`), killed when dropped, whether its test passed or not.
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -405,10 +405,12 @@ impl Drop for Killed {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn two_instances_on_postgresql_send_each_webhook_once() {
-    let receiver = Receiver::start(&[]).await;
+/// Two `handoff` processes on a fresh PostgreSQL database and a Redis channel of their own,
+/// sending webhooks to `receiver` (unclaimed after `unclaimed_secs`); with their base URLs.
+pub(crate) async fn two_instances_reporting_to(
+    receiver: &Receiver,
+    unclaimed_secs: &str,
+) -> (FreshDb, Vec<(Killed, String)>) {
     let db = FreshDb::postgres().await;
     let channel = format!("handoff:test:{:016x}", rand::random::<u64>());
     let envs = [
@@ -417,13 +419,21 @@ async fn two_instances_on_postgresql_send_each_webhook_once() {
         ("HANDOFF_REDIS_CHANNEL", channel.as_str()),
         ("HANDOFF_WEBHOOK_URL", receiver.url.as_str()),
         ("HANDOFF_WEBHOOK_SECRET", SECRET),
-        ("HANDOFF_UNCLAIMED_SECS", "2"),
+        ("HANDOFF_UNCLAIMED_SECS", unclaimed_secs),
     ];
     let mut instances = Vec::new();
     for _ in 0..2 {
         let (child, base, _log) = start_binary(&std::env::temp_dir(), &envs);
         instances.push((Killed(child), base));
     }
+    (db, instances)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn two_instances_on_postgresql_send_each_webhook_once() {
+    let receiver = Receiver::start(&[]).await;
+    let (_db, instances) = two_instances_reporting_to(&receiver, "2").await;
     let (a, b) = (&instances[0].1, &instances[1].1);
     let client = support::client();
     let mut ids = Vec::new();
