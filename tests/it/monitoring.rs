@@ -1,8 +1,8 @@
-//! The monitoring Handoff ships (`deploy/`), checked against a real Prometheus: `promtool` checks
-//! the scrape config and the alert rules and runs their unit tests; then Prometheus scrapes two
-//! real `handoff` processes (PostgreSQL, Redis, webhooks on) while the test drives jobs and
-//! streams through them, and every expression of the Grafana dashboard is evaluated through
-//! Prometheus's HTTP API. A renamed metric breaks this test, not the dashboard.
+//! What `/metrics` measures, and the monitoring Handoff ships (`deploy/`), checked against a real
+//! Prometheus: `promtool` checks the scrape config and the alert rules and runs their unit tests;
+//! then Prometheus scrapes two real `handoff` processes (PostgreSQL, Redis, webhooks on) while the
+//! test drives jobs and streams through them, and every expression of the Grafana dashboard is
+//! evaluated through Prometheus's HTTP API. A renamed metric breaks this test, not the dashboard.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{self, SseReader, WAIT, eventually, free_port};
+use crate::support::{self, SseReader, TestApp, WAIT, eventually, free_port};
 use crate::webhooks::{Killed, Receiver, two_instances_reporting_to};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
@@ -21,6 +21,61 @@ const SCRAPE_EVERY: &str = "1s";
 /// Grafana's own variables, as the dashboard's expressions use them, and what Prometheus gets
 /// in their place.
 const GRAFANA_VARIABLES: [(&str, &str); 1] = [("$__rate_interval", "1m")];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_histogram_counts_what_it_measures_under_route_templates_never_ids() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    let mut stream = app.connected_stream(&id).await;
+    assert_eq!(app.complete(&id).await.status(), 200);
+    stream.next_result(WAIT).await.expect("the result");
+    drop(stream);
+    let local = r#"handoff_delivery_seconds_count{path="local"}"#;
+    assert_eq!(app.metric(local).await, 1.0, "one stream took the ending");
+    // An ending the stream finds at connect is no delivery.
+    let ended = app.job_id().await;
+    assert_eq!(app.complete(&ended).await.status(), 200);
+    let mut late = app.stream(&ended).await;
+    late.expect_connect_result_end(WAIT).await;
+    assert_eq!(
+        app.metric(local).await,
+        1.0,
+        "a connect-and-send is not timed"
+    );
+    for path in ["redis", "catchup"] {
+        let name = format!(r#"handoff_delivery_seconds_count{{path="{path}"}}"#);
+        assert_eq!(
+            app.metric(&name).await,
+            0.0,
+            "{path} is shown before it is taken"
+        );
+    }
+    let streams = "handoff_stream_duration_seconds_count";
+    assert!(
+        eventually(WAIT, || async { app.metric(streams).await == 2.0 }).await,
+        "each stream's lifetime is recorded when it ends"
+    );
+    let ends = r#"handoff_store_commit_seconds_count{lane="write",kind="end"}"#;
+    assert_eq!(
+        app.metric(ends).await,
+        2.0,
+        "one commit per completion here"
+    );
+    let rows = r#"handoff_store_batch_rows_sum{lane="write",kind="end"}"#;
+    assert_eq!(app.metric(rows).await, 2.0);
+    let completions = r#"handoff_http_request_duration_seconds_count{route="/api/jobs/{id}/complete",status="2xx"}"#;
+    assert_eq!(app.metric(completions).await, 2.0);
+    app.get("/api/jobs/AAAAAAAAAAAAAAAAAAAAAA").await;
+    app.get(&format!("/nothing/{id}")).await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    for line in [
+        r#"handoff_http_request_duration_seconds_count{route="/api/jobs/{id}",status="4xx"} 1"#,
+        r#"handoff_http_request_duration_seconds_count{route="unmatched",status="4xx"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    assert!(!text.contains(&id), "no job id in /metrics");
+}
 
 /// Runs `promtool` with `args` in `deploy/prometheus`, failing with its output unless it succeeds.
 fn promtool(args: &[&str]) {
@@ -206,8 +261,10 @@ async fn every_dashboard_expression_returns_series_from_a_real_prometheus_scrapi
     let seen = eventually(Duration::from_secs(30), || async {
         let redis = r#"handoff_delivery_seconds_count{path="redis"}"#;
         let webhooks = r#"handoff_webhook_attempts_total{outcome="accepted"}"#;
+        let sent = "handoff_webhook_send_seconds_count";
         prometheus.sum(redis).await >= (jobs / 2) as f64
             && prometheus.sum(webhooks).await > jobs as f64
+            && prometheus.sum(sent).await > jobs as f64
     })
     .await;
     assert!(seen, "prometheus scraped the deliveries and the webhooks");
