@@ -268,12 +268,13 @@ pub async fn timed(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();
-    let route = req.match_pattern();
     let answer = next.call(req).await;
     if let Some(state) = state {
-        let status = match &answer {
-            Ok(answer) => answer.status(),
-            Err(err) => err.as_response_error().status_code(),
+        // Read once routed, when actix knows the resource and need not match the path again.
+        let (route, status) = match &answer {
+            Ok(answer) => (answer.request().match_pattern(), answer.status()),
+            // Handlers' and extractors' errors arrive as answers; this is what is left.
+            Err(err) => (None, err.as_response_error().status_code()),
         };
         let took = started.elapsed();
         state.metrics.request_answered(route, status.as_u16(), took);
