@@ -24,6 +24,8 @@ command -v debootstrap >/dev/null || packages+=(debootstrap)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v dpkg-shlibdeps >/dev/null || packages+=(dpkg-dev)
 command -v strip >/dev/null || packages+=(binutils)
+# The monitoring test (tests/it/monitoring.rs): a real Prometheus and promtool.
+command -v prometheus >/dev/null || packages+=(prometheus)
 if [ ${#packages[@]} -gt 0 ]; then
   say "installing ${packages[*]}"
   apt-get update -qq

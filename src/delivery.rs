@@ -6,17 +6,31 @@
 //! is stored a moment later, and the next report replaces a lost one). The instance that publishes
 //! delivers locally first, for the lowest latency here, and recognises its own message when Redis
 //! echoes it back, by the instance id the message carries.
+//!
+//! Each ending handed to the hub carries when it was committed, so that the streams can time its
+//! delivery (`handoff_delivery_seconds`): this instance's monotonic clock for its own endings; for
+//! another instance's, the commit time its message carries, read off that instance's wall clock,
+//! so a skew between the two clocks adds to (or takes from) the figure; for the catch-up, the
+//! stored end time.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::domain::{Ending, JobId, Message as DomainMessage, MoveUrl, Percent, Progress};
+use crate::domain::{
+    Ending, JobId, Message as DomainMessage, MoveUrl, Percent, Progress, now_micros,
+};
 use crate::fanout::{Fanout, Listener};
 use crate::hub::{Hub, News, Update};
-use crate::metrics::Metrics;
+use crate::metrics::{Committed, DeliveryPath, Metrics};
 use crate::store::Store;
 
 /// One update on a Redis channel: `{"id":"…","kind":"complete","moveUrl":"…","from":"…",
 /// "routed":true}`, with `message` for a failure, and `percent`, `message` and `at` for progress.
+/// `committedUs` for an ending (the committing instance's clock, for the delivery histogram).
+///
+/// Fields are only ever added, each optional: serde skips fields it does not know, so an older
+/// instance reads a newer one's messages, and a newer one reads an older one's (without
+/// `committedUs`, such a delivery is not timed).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Message {
     id: String,
@@ -30,6 +44,14 @@ struct Message {
     percent: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     at: Option<i64>,
+    /// An ending's commit, in microseconds since the Unix epoch on the publishing instance's
+    /// clock.
+    #[serde(
+        rename = "committedUs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    committed_us: Option<i64>,
     /// The publishing instance.
     from: String,
     /// Published to the job's own channel too (the releases before routing leave it out): a
@@ -48,6 +70,7 @@ impl Message {
         };
         match update {
             Update::End(ending) => {
+                message.committed_us = Some(now_micros());
                 message.kind = ending.status().as_str().to_owned();
                 message.move_url = Some(ending.target().as_str().to_owned());
                 if let Ending::Failed {
@@ -69,7 +92,9 @@ impl Message {
     }
 
     /// Parses what another instance published; anything malformed is refused, not delivered.
-    fn parse(payload: &[u8]) -> Result<(Sender, JobId, Update), String> {
+    /// Returns the sender, the job, the update and, for an ending, how long ago it was committed
+    /// by the sender's clock.
+    fn parse(payload: &[u8]) -> Result<(Sender, JobId, Update, Option<Duration>), String> {
         let message: Message =
             serde_json::from_slice(payload).map_err(|e| format!("not an update: {e}"))?;
         let id = JobId::parse(&message.id).map_err(|e| e.to_string())?;
@@ -101,6 +126,10 @@ impl Message {
             }),
             other => return Err(format!("unknown kind {other:?}")),
         };
+        let age = message
+            .committed_us
+            .filter(|_| matches!(update, Update::End(_)))
+            .map(micros_ago);
         Ok((
             Sender {
                 instance: message.from,
@@ -108,8 +137,14 @@ impl Message {
             },
             id,
             update,
+            age,
         ))
     }
+}
+
+/// How long ago `micros` (since the Unix epoch) was; nothing for a time ahead of this clock.
+fn micros_ago(micros: i64) -> Duration {
+    Duration::from_micros(u64::try_from(now_micros().saturating_sub(micros)).unwrap_or(0))
 }
 
 /// Who published a message.
@@ -174,6 +209,10 @@ impl Delivery {
         self.inner.fanout.as_ref()
     }
 
+    fn committed(&self, path: DeliveryPath, age: Duration) -> Committed {
+        self.inner.metrics.committed(path, age)
+    }
+
     /// Delivers a stored ending to every stream waiting for it, here and (with Redis) on every
     /// other instance. A failed Redis publish is only logged: the other instances' catch-up
     /// finds the ending in the store. Returns how many streams here got it.
@@ -192,12 +231,15 @@ impl Delivery {
             hub,
             fanout,
             instance,
+            metrics,
             ..
         } = &*self.inner;
         let payload = fanout
             .as_ref()
             .map(|_| Message::encode(instance, id, &update));
-        let reached = hub.deliver(id, &News::new(update));
+        let committed = matches!(update, Update::End(_))
+            .then(|| metrics.committed(DeliveryPath::Local, Duration::ZERO));
+        let reached = hub.deliver(id, &News::timed(update, committed));
         if let (Some(fanout), Some(payload)) = (fanout, payload)
             && let Err(err) = fanout.broadcast(id, &payload).await
         {
@@ -235,12 +277,13 @@ impl Listener for Delivery {
     fn receive(&self, payload: &[u8], legacy: bool) {
         match Message::parse(payload) {
             // Delivered here when it was published.
-            Ok((from, _, _)) if from.instance == self.inner.instance => {}
+            Ok((from, ..)) if from.instance == self.inner.instance => {}
             // Its copy on the job's channel reaches this instance when a stream here watches the
             // job: subscribed before the stream read the job.
-            Ok((from, _, _)) if legacy && from.routed => {}
-            Ok((_, id, update)) => {
-                self.inner.hub.deliver(&id, &News::new(update));
+            Ok((from, ..)) if legacy && from.routed => {}
+            Ok((_, id, update, age)) => {
+                let committed = age.map(|age| self.committed(DeliveryPath::Redis, age));
+                self.inner.hub.deliver(&id, &News::timed(update, committed));
             }
             Err(err) => log::warn!("ignoring a message on the Redis channel: {err}"),
         }
@@ -275,7 +318,10 @@ impl Listener for Delivery {
             .map_err(|e| e.to_string())?
         {
             if let Some(ending) = job.ending() {
-                delivered += hub.deliver(&job.id, &News::ended(ending));
+                let committed = job.ended_at.map(|at| {
+                    self.committed(DeliveryPath::CatchUp, micros_ago(at.saturating_mul(1000)))
+                });
+                delivered += hub.deliver(&job.id, &News::timed(Update::End(ending), committed));
             }
         }
         if delivered > 0 {
@@ -314,18 +360,53 @@ mod tests {
             }),
         ] {
             let payload = Message::encode("me", &id, &update);
+            let (from, parsed_id, parsed, age) = Message::parse(&payload).unwrap();
             assert_eq!(
-                Message::parse(&payload).unwrap(),
+                (from, parsed_id, &parsed),
                 (
                     Sender {
                         instance: "me".to_owned(),
                         routed: true
                     },
                     id.clone(),
-                    update
+                    &update
                 )
             );
+            // An ending carries its commit time, a moment ago; progress carries none.
+            match update {
+                Update::End(_) => assert!(age.is_some_and(|age| age < Duration::from_secs(5))),
+                Update::Progress(_) => assert_eq!(age, None),
+            }
         }
+    }
+
+    #[test]
+    fn messages_with_fields_added_or_without_the_commit_time_still_parse() {
+        let id = JobId::generate();
+        // An older instance's ending: delivered, not timed.
+        let old = format!(r#"{{"id":"{id}","kind":"complete","moveUrl":"/x","from":"a"}}"#);
+        let (_, _, update, age) = Message::parse(old.as_bytes()).unwrap();
+        assert!(matches!(update, Update::End(_)));
+        assert_eq!(age, None);
+        // A newer instance's, with a field this one does not know: the field is skipped.
+        let newer = format!(
+            r#"{{"id":"{id}","kind":"failed","moveUrl":"/x","from":"a","committedUs":1,"later":[1]}}"#
+        );
+        let (_, _, update, age) = Message::parse(newer.as_bytes()).unwrap();
+        assert!(matches!(update, Update::End(Ending::Failed { .. })));
+        assert!(
+            age.is_some_and(|age| age > Duration::from_secs(3600)),
+            "{age:?}"
+        );
+        // A commit time ahead of this clock (skew) counts as no time at all.
+        let ahead = format!(
+            r#"{{"id":"{id}","kind":"expired","moveUrl":"/x","from":"a","committedUs":{}}}"#,
+            now_micros() + 60_000_000
+        );
+        assert_eq!(
+            Message::parse(ahead.as_bytes()).unwrap().3,
+            Some(Duration::ZERO)
+        );
     }
 
     #[test]

@@ -325,6 +325,13 @@ pub fn now_millis() -> i64 {
         .map_or(0, millis)
 }
 
+/// Microseconds since the Unix epoch: how a fan-out message carries its ending's commit time.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 /// A duration in the stored unit (milliseconds), saturating: added to a clock reading it never
 /// overflows.
 pub fn millis(d: std::time::Duration) -> i64 {

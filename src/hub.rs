@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
 use crate::domain::{Ending, JobId, Progress};
+use crate::metrics::Committed;
 
 /// What happened to a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,13 +39,21 @@ pub struct News {
     /// The news as the streams' transport writes it, encoded by the first stream that sends it
     /// and reused by every other: a job watched by thousands of tabs is encoded once.
     encoded: OnceLock<ByteString>,
+    /// For an ending delivered to waiting streams: when it was committed, to time its delivery.
+    committed: Option<Committed>,
 }
 
 impl News {
     pub fn new(update: Update) -> Arc<Self> {
+        Self::timed(update, None)
+    }
+
+    /// News whose delivery each waiting stream records, from `committed`.
+    pub fn timed(update: Update, committed: Option<Committed>) -> Arc<Self> {
         Arc::new(Self {
             update,
             encoded: OnceLock::new(),
+            committed,
         })
     }
 
@@ -255,6 +264,10 @@ impl Subscription {
             }
             if let Some(news) = this.slot.ending.get() {
                 *this.done = true;
+                // The stream writes what it is handed at once: its delivery ends here.
+                if let Some(committed) = &news.committed {
+                    committed.delivered();
+                }
                 return Poll::Ready(Some(Arc::clone(news)));
             }
             if this.registry.closed.load(Ordering::Acquire) {

@@ -471,7 +471,7 @@ impl Jobs {
 
     /// How many writes of each kind wait for the store's write lane (beyond its room for them
     /// they are refused).
-    pub fn writes_waiting(&self) -> [(&'static str, usize); 3] {
+    pub fn writes_waiting(&self) -> [(&'static str, usize, usize); 3] {
         self.store.writes_waiting()
     }
 

@@ -12,12 +12,14 @@ pub mod sse;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use actix_web::dev::ServiceResponse;
+use actix_web::body::{self, EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::error::UrlencodedError;
-use actix_web::http::{StatusCode, header};
-use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::http::{Method, StatusCode, header};
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers, Next, from_fn};
+use actix_web::{FromRequest, Handler, HttpRequest, HttpResponse, Responder, Route, guard, web};
 
 use crate::auth::{self, Secrets};
 use crate::domain::JobId;
@@ -247,30 +249,92 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .app_data(web::PathConfig::default().error_handler(|_, _| {
             AppError::BadRequest("the path is not valid UTF-8".into()).into()
         }))
-        .service(web::resource("/").get(pages::index))
+        .service(web::resource("/").route(read(pages::index)))
         .service(web::resource("/jobs").post(pages::create_demo_job))
-        .service(web::resource("/jobs/{id}").get(pages::wait))
-        .service(web::resource("/test.do").get(pages::result))
-        .service(web::resource("/static/{file}").get(pages::static_file))
-        .service(web::resource("/sse/connect/{id}").get(sse::connect))
-        .service(web::resource("/sse/watch").get(sse::watch))
-        .service(web::resource("/api/openapi.json").get(openapi::document))
+        .service(web::resource("/jobs/{id}").route(read(pages::wait)))
+        .service(web::resource("/test.do").route(read(pages::result)))
+        .service(web::resource("/static/{file}").route(read(pages::static_file)))
+        .service(
+            web::resource("/sse/connect/{id}")
+                .route(read(sse::connect))
+                .wrap(from_fn(head_without_stream)),
+        )
+        .service(
+            web::resource("/sse/watch")
+                .route(read(sse::watch))
+                .wrap(from_fn(head_without_stream)),
+        )
+        .service(web::resource("/api/openapi.json").route(read(openapi::document)))
         .service(web::resource("/api/jobs").post(api::create))
         .service(web::resource("/api/jobs/batch").post(api::batch))
-        .service(web::resource("/api/jobs/{id}").get(api::show))
+        .service(web::resource("/api/jobs/{id}").route(read(api::show)))
         .service(web::resource("/api/jobs/{id}/complete").post(api::complete))
         .service(web::resource("/api/jobs/{id}/progress").post(api::progress))
         .service(web::resource("/api/jobs/{id}/fail").post(api::fail))
-        .service(web::resource("/admin").get(admin::page))
+        .service(web::resource("/admin").route(read(admin::page)))
         .service(web::resource("/admin/login").post(admin::login))
         .service(web::resource("/admin/logout").post(admin::logout))
         .service(web::resource("/admin/jobs").post(admin::create))
         .service(web::resource("/admin/jobs/{id}/complete").post(admin::complete))
         .service(web::resource("/admin/jobs/{id}/fail").post(admin::fail))
-        .service(web::resource("/healthz").get(ops::healthz))
-        .service(web::resource("/readyz").get(ops::readyz))
-        .service(web::resource("/metrics").get(ops::metrics))
+        .service(web::resource("/healthz").route(read(ops::healthz)))
+        .service(web::resource("/readyz").route(read(ops::readyz)))
+        .service(web::resource("/metrics").route(read(ops::metrics)))
         .default_service(web::to(not_found));
+}
+
+/// A `GET` route that answers `HEAD` too, as `GET` would: the same status and headers, and (as
+/// actix-http writes every answer to a `HEAD`) no body.
+fn read<F, Args>(handler: F) -> Route
+where
+    F: Handler<Args>,
+    Args: FromRequest + 'static,
+    F::Output: Responder + 'static,
+{
+    web::route()
+        .guard(guard::Any(guard::Get()).or(guard::Head()))
+        .to(handler)
+}
+
+/// An event stream asked for with `HEAD` gets the stream's status and headers, and ends there
+/// (a refusal, whose body has a length, is left to actix-http).
+/// actix-http leaves out a `HEAD` answer's body but still runs it to its end, which for a stream
+/// is its timeout: the connection, the stream's place and its hub entry would be held that long.
+async fn head_without_stream(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody, body::None>>, actix_web::Error> {
+    let head = req.method() == Method::HEAD;
+    let answer = next.call(req).await?;
+    let streamed = matches!(answer.response().body().size(), body::BodySize::Stream);
+    Ok(if head && streamed {
+        answer.map_body(|_, _| EitherBody::right(body::None::new()))
+    } else {
+        answer.map_into_left_body()
+    })
+}
+
+/// Times every request for `handoff_http_request_duration_seconds`, under its route's template
+/// (never the path itself, which holds job ids): until its answer's head is ready, which for an
+/// event stream is when the stream starts.
+pub async fn timed(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let answer = next.call(req).await;
+    if let Some(state) = state {
+        // Read once routed, when actix knows the resource and need not match the path again.
+        let (route, status) = match &answer {
+            Ok(answer) => (answer.request().match_pattern(), answer.status()),
+            // Handlers' and extractors' errors arrive as answers; this is what is left.
+            Err(err) => (None, err.as_response_error().status_code()),
+        };
+        let took = started.elapsed();
+        state.metrics.request_answered(route, status.as_u16(), took);
+    }
+    answer
 }
 
 /// Unknown paths: JSON under `/api/` and `/sse/`, whose clients read JSON errors; a page elsewhere.

@@ -208,11 +208,13 @@ struct Wired {
 async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, StartError> {
     // Webhooks off: endings write nothing more than they ever did.
     let unclaimed = config.webhook.as_ref().map(|webhook| webhook.unclaimed);
+    let metrics = Metrics::new();
     let store = Store::connect_with(
         &config.database_url,
         (config.write_queue, config.read_queue),
         config.db_pool,
         unclaimed,
+        metrics.store.clone(),
     )
     .await?;
     for warning in config.warnings() {
@@ -240,7 +242,6 @@ async fn wire(config: &Config, shutdown: &CancellationToken) -> Result<Wired, St
     let max_streams = config
         .max_streams
         .unwrap_or_else(|| limits::default_max_streams(open_files));
-    let metrics = Metrics::new();
     let delivery = Delivery::new(Hub::new(), fanout, store.clone(), metrics.clone());
     logging::name_instance(delivery.instance());
     // Ends with the shutdown token; it holds no stream open, so nothing waits for it.
@@ -380,6 +381,7 @@ fn serve(
         .listen("handoff", listener, move || {
             let app = App::new()
                 .app_data(state.clone())
+                .wrap(from_fn(routes::timed))
                 .wrap(routes::explain_errors())
                 .wrap(from_fn(deadlines::track))
                 .wrap(security_headers());

@@ -15,6 +15,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Progress, now_millis};
+use crate::metrics::StoreTimings;
 
 mod batch;
 mod db;
@@ -94,18 +95,27 @@ impl Store {
     /// write lane, and how many reads for the read lane; beyond it they are refused with
     /// [`StoreError::Busy`].
     pub async fn connect(url: &str, room: usize) -> Result<Self, StoreError> {
-        Self::connect_with(url, (room, room), crate::config::DEFAULT_DB_POOL, None).await
+        Self::connect_with(
+            url,
+            (room, room),
+            crate::config::DEFAULT_DB_POOL,
+            None,
+            StoreTimings::default(),
+        )
+        .await
     }
 
     /// [`Store::connect`] with rooms of their own for writes and reads (`(write_room,
     /// read_room)`), at most `pg_pool` PostgreSQL connections and, given `unclaimed`,
     /// webhooks on: every job that ends gets a webhook outbox row in the same transaction as its
-    /// ending, due `unclaimed` later unless a stream takes the ending.
+    /// ending, due `unclaimed` later unless a stream takes the ending. The lanes' statements are
+    /// timed into `timings`.
     pub async fn connect_with(
         url: &str,
         rooms: (usize, usize),
         pg_pool: u32,
         unclaimed: Option<Duration>,
+        timings: StoreTimings,
     ) -> Result<Self, StoreError> {
         let outbox = unclaimed.map(crate::domain::millis);
         let (pool, lane_conns) = if url.starts_with("sqlite:") {
@@ -144,7 +154,14 @@ impl Store {
         let (reader, writer) = lane_conns;
         Ok(Self {
             pool,
-            lanes: Lanes::new(reader, writer, Arc::clone(&writes_failing), rooms, outbox),
+            lanes: Lanes::new(
+                reader,
+                writer,
+                Arc::clone(&writes_failing),
+                rooms,
+                outbox,
+                timings,
+            ),
             writes_failing,
             outbox: outbox.is_some(),
         })
@@ -156,8 +173,9 @@ impl Store {
     }
 
     /// Write requests waiting for the write lane's next batch, by kind: `create`, `end`
-    /// (completions and failures) and `upkeep` (the timers' progress and expiry writes).
-    pub fn writes_waiting(&self) -> [(&'static str, usize); 3] {
+    /// (completions and failures) and `upkeep` (the timers' progress and expiry writes); each
+    /// with its room, how many may wait before the next is refused.
+    pub fn writes_waiting(&self) -> [(&'static str, usize, usize); 3] {
         self.lanes.writes_waiting()
     }
 

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::HmacKey;
 use crate::config::{ExposeSecret, WebhookConfig};
 use crate::domain::{JobId, millis, now_millis, rfc3339};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::store::{DueWebhook, Settled, Store};
 
 /// How long after the first stream took an ending its `delivered` webhook waits, so that the
@@ -258,7 +258,7 @@ impl Sender {
             let error = "too old to send (HANDOFF_WEBHOOK_MAX_AGE_SECS)".to_owned();
             return (None, self.give_up(error));
         }
-        let answer = self.post(webhook, &id).await;
+        let answer = metrics::timed(&self.metrics.webhook_send, self.post(webhook, &id)).await;
         let now = now_millis();
         match answer {
             Ok(status) if status.is_success() => (Some("accepted"), Settled::Sent { at: now }),

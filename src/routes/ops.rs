@@ -71,12 +71,14 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .metrics
         .watched_jobs
         .set(state.jobs.watched_jobs() as i64);
-    for (kind, waiting) in state.jobs.writes_waiting() {
-        state
-            .metrics
+    for (kind, waiting, room) in state.jobs.writes_waiting() {
+        let kind = [("kind", kind)];
+        let metrics = &state.metrics;
+        metrics
             .writes_waiting
-            .get_or_create(&[("kind", kind)])
+            .get_or_create(&kind)
             .set(waiting as i64);
+        metrics.write_room.get_or_create(&kind).set(room as i64);
     }
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")

@@ -24,6 +24,7 @@ use super::db::LaneConn;
 use super::sql::{self, EndItem, MAX_BATCH, Rows};
 use super::{EndRequest, Ended, StoreError};
 use crate::domain::{Job, JobId, JobStatus, Progress};
+use crate::metrics::{StoreTimings, statement};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -107,9 +108,16 @@ impl Write {
     }
 }
 
+/// The read lane's connection.
+struct Reader {
+    conn: LaneConn,
+    timings: StoreTimings,
+}
+
 /// The write lane's connection, and the flag `/healthz` reads.
 struct Writer {
     conn: LaneConn,
+    timings: StoreTimings,
     /// Set after a failed write, cleared after one that went through.
     failing: Arc<AtomicBool>,
     /// With webhooks on, how long a webhook waits for a stream (ms): endings and expiries then
@@ -123,6 +131,8 @@ struct Writer {
 pub(super) struct Lanes {
     reads: Arc<Queue<Read>>,
     writes: Arc<Queue<Write>>,
+    /// The write lane's room per [`WriteClass`].
+    rooms: [usize; 3],
 }
 
 impl std::fmt::Debug for Lanes {
@@ -146,29 +156,41 @@ impl Lanes {
         writes_failing: Arc<AtomicBool>,
         (write_room, read_room): (usize, usize),
         outbox: Option<i64>,
+        timings: StoreTimings,
     ) -> Self {
         let mut bounds = [0; 3];
         bounds[WriteClass::Create as usize] = write_room;
         bounds[WriteClass::End as usize] = write_room;
         bounds[WriteClass::Upkeep as usize] = UPKEEP_ROOM;
         Self {
-            reads: Queue::new(reader, &[read_room]),
+            reads: Queue::new(
+                Reader {
+                    conn: reader,
+                    timings: timings.clone(),
+                },
+                &[read_room],
+            ),
             writes: Queue::new(
                 Writer {
                     conn: writer,
+                    timings,
                     failing: writes_failing,
                     outbox,
                 },
                 &bounds,
             ),
+            rooms: bounds,
         }
     }
 
     /// Write requests waiting for the write lane's next batch, by kind (`create`, `end`,
-    /// `upkeep`).
-    pub(super) fn writes_waiting(&self) -> [(&'static str, usize); 3] {
+    /// `upkeep`), each with its room: how many may wait.
+    pub(super) fn writes_waiting(&self) -> [(&'static str, usize, usize); 3] {
         let waiting = self.writes.waiting();
-        WriteClass::ALL.map(|class| (class.name(), waiting[class as usize]))
+        WriteClass::ALL.map(|class| {
+            let i = class as usize;
+            (class.name(), waiting[i], self.rooms[i])
+        })
     }
 
     /// The stored jobs among `ids`, in no particular order; unknown ids are left out. Refused
@@ -268,9 +290,9 @@ impl Lanes {
 }
 
 impl Batch for Read {
-    type Worker = LaneConn;
+    type Worker = Reader;
 
-    async fn serve(conn: &mut LaneConn, mut batch: Vec<Self>) {
+    async fn serve(reader: &mut Reader, mut batch: Vec<Self>) {
         // Nobody waits for these answers any more: their reads would cost the database for
         // nothing (a flood that hangs up at once would otherwise still be read in full).
         batch.retain(|read| !read.reply.is_closed());
@@ -278,7 +300,8 @@ impl Batch for Read {
             return;
         }
         let ids: Vec<JobId> = batch.iter().flat_map(|read| read.ids.clone()).collect();
-        match sql::select_many(conn, &ids).await {
+        let read = sql::select_many(&mut reader.conn, &ids);
+        match reader.timings.time(statement::READ, ids.len(), read).await {
             Ok(rows) => {
                 for read in batch {
                     let jobs = read
@@ -293,8 +316,8 @@ impl Batch for Read {
         }
     }
 
-    fn interrupted(conn: &mut LaneConn) {
-        conn.forget();
+    fn interrupted(reader: &mut Reader) {
+        reader.conn.forget();
     }
 }
 
@@ -375,7 +398,11 @@ async fn create_all(writer: &mut Writer, mut creates: Vec<CreateRequest>) {
     while !creates.is_empty() {
         let chunk = take_chunk(&mut creates);
         let jobs: Vec<&Job> = chunk.iter().map(|(job, _)| job).collect();
-        let written = sql::insert_many(&mut writer.conn, &jobs).await;
+        let insert = sql::insert_many(&mut writer.conn, &jobs);
+        let written = writer
+            .timings
+            .time(statement::CREATE, jobs.len(), insert)
+            .await;
         writer.failing.store(written.is_err(), Ordering::Relaxed);
         match written {
             Ok(()) => {
@@ -416,7 +443,7 @@ async fn save_progress(writer: &mut Writer, reports: Vec<(JobId, Progress)>, rep
         writer,
         reports,
         reply,
-        "storing progress of",
+        ("storing progress of", statement::PROGRESS),
         async |conn, chunk| {
             let items: Vec<(&JobId, &Progress)> = chunk.iter().map(|(id, p)| (id, p)).collect();
             sql::progress_many(conn, &items).await
@@ -427,7 +454,8 @@ async fn save_progress(writer: &mut Writer, reports: Vec<(JobId, Progress)>, rep
 
 /// Expires the pending jobs past their deadline at `now`, answering with those it expired.
 async fn expire(writer: &mut Writer, now: i64, reply: Reply<Vec<Job>>) {
-    let expired = sql::expire_due(&mut writer.conn, now, writer.outbox).await;
+    let sweep = sql::expire_due(&mut writer.conn, now, writer.outbox);
+    let expired = writer.timings.time(statement::EXPIRE, 1, sweep).await;
     writer.failing.store(expired.is_err(), Ordering::Relaxed);
     match expired {
         Ok(rows) => {
@@ -459,7 +487,7 @@ async fn record_receipts(
         writer,
         taken,
         reply,
-        "recording the streams of",
+        ("recording the streams of", statement::RECEIPTS),
         async move |conn, chunk| {
             let items: Vec<(&JobId, i64)> = chunk.iter().map(|(id, n)| (id, *n)).collect();
             sql::receipts_many(conn, &items, now, due).await
@@ -469,17 +497,21 @@ async fn record_receipts(
 }
 
 /// Writes `items` a statement's worth ([`MAX_BATCH`]) at a time, stopping at the first failure;
-/// then answers `reply` whether they went through, and notes that for `/healthz`.
+/// then answers `reply` whether they went through, and notes that for `/healthz`. `doing` names
+/// the write for the log and the metrics.
 async fn in_chunks<T>(
     writer: &mut Writer,
     mut items: Vec<T>,
     reply: Reply<()>,
-    doing: &str,
+    (doing, labels): (&str, statement::Labels),
     mut write: impl AsyncFnMut(&mut LaneConn, Vec<T>) -> Result<(), sqlx::Error>,
 ) {
     let mut written = Ok(());
     while !items.is_empty() && written.is_ok() {
-        written = write(&mut writer.conn, take_chunk(&mut items)).await;
+        let chunk = take_chunk(&mut items);
+        let rows = chunk.len();
+        let statement = write(&mut writer.conn, chunk);
+        written = writer.timings.time(labels, rows, statement).await;
     }
     writer.failing.store(written.is_err(), Ordering::Relaxed);
     match written {
@@ -520,7 +552,8 @@ async fn end_round(writer: &mut Writer, status: JobStatus, round: Vec<EndingRequ
             message: request.message.as_ref(),
         })
         .collect();
-    let written = sql::end_many(&mut writer.conn, status, &items, writer.outbox).await;
+    let end = sql::end_many(&mut writer.conn, status, &items, writer.outbox);
+    let written = writer.timings.time(statement::END, items.len(), end).await;
     writer.failing.store(written.is_err(), Ordering::Relaxed);
     let done = match written {
         Ok(done) => done,

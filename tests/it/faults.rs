@@ -109,6 +109,9 @@ async fn postgres_cut_off_answers_503_keeps_streams_open_and_recovers_without_lo
         let health = app.get("/healthz").await;
         assert_eq!(health.status(), 503);
         assert!(health.text().await.unwrap().contains("database: down"));
+        let ready = app.get("/readyz").await;
+        assert_eq!(ready.status(), 503, "not ready while the database is away");
+        assert!(ready.text().await.unwrap().contains("database: down"));
         // The open stream keeps running: keep-alives still arrive.
         stream.expect_keep_alive(WAIT).await;
         stream.expect_keep_alive(WAIT).await;
@@ -125,6 +128,7 @@ async fn postgres_cut_off_answers_503_keeps_streams_open_and_recovers_without_lo
             .await,
             "health recovers by itself"
         );
+        assert_eq!(app.get("/readyz").await.status(), 200, "and readiness");
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::SeqCst);
     };

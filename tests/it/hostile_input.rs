@@ -12,14 +12,14 @@ use crate::support::{TOKEN, TestApp, WAIT, read_until};
 
 /// A response as read off the wire.
 #[derive(Debug)]
-struct Raw {
-    status: u16,
+pub(crate) struct Raw {
+    pub(crate) status: u16,
     head: String,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.head.lines().find_map(|line| {
             let (n, v) = line.split_once(':')?;
             n.eq_ignore_ascii_case(name).then(|| v.trim())
@@ -28,7 +28,7 @@ impl Raw {
 }
 
 /// Sends one request exactly as given (`Connection: close`) and reads the whole answer.
-async fn raw(
+pub(crate) async fn raw(
     app: &TestApp,
     method: &str,
     target: &str,
@@ -305,16 +305,17 @@ async fn wrong_methods_get_405_with_allow_and_a_json_reason() {
     let id = app.job_id().await;
     let cases = [
         ("PUT", "/api/jobs".to_owned(), "POST"),
-        ("DELETE", format!("/api/jobs/{id}"), "GET"),
+        ("DELETE", format!("/api/jobs/{id}"), "GET, HEAD"),
         ("GET", format!("/api/jobs/{id}/complete"), "POST"),
-        ("POST", format!("/sse/connect/{id}"), "GET"),
-        ("PATCH", format!("/jobs/{id}"), "GET"),
+        ("POST", format!("/sse/connect/{id}"), "GET, HEAD"),
+        ("PATCH", format!("/jobs/{id}"), "GET, HEAD"),
         ("GET", "/jobs".to_owned(), "POST"),
-        ("POST", "/".to_owned(), "GET"),
+        ("POST", "/".to_owned(), "GET, HEAD"),
         ("GET", "/admin/login".to_owned(), "POST"),
-        ("DELETE", "/admin".to_owned(), "GET"),
-        ("POST", "/healthz".to_owned(), "GET"),
-        ("PUT", "/metrics".to_owned(), "GET"),
+        ("DELETE", "/admin".to_owned(), "GET, HEAD"),
+        ("POST", "/healthz".to_owned(), "GET, HEAD"),
+        ("POST", "/readyz".to_owned(), "GET, HEAD"),
+        ("PUT", "/metrics".to_owned(), "GET, HEAD"),
     ];
     for (method, target, allowed) in cases {
         let answer = raw(&app, method, &target, &[], b"").await;

@@ -18,6 +18,7 @@ mod hostile_input;
 mod job_life;
 mod limits;
 mod logs;
+mod monitoring;
 mod openapi;
 mod packaging;
 mod process;

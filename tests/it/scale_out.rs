@@ -87,6 +87,19 @@ async fn a_completion_through_either_instance_reaches_a_stream_on_the_other() {
             instance.metric("handoff_resync_deliveries_total").await,
             0.0
         );
+        // And each was timed once, on the Redis path, from the other instance's commit.
+        assert_eq!(
+            instance
+                .metric(r#"handoff_delivery_seconds_count{path="redis"}"#)
+                .await,
+            1.0
+        );
+        assert_eq!(
+            instance
+                .metric(r#"handoff_delivery_seconds_count{path="local"}"#)
+                .await,
+            0.0
+        );
     }
 }
 
@@ -320,6 +333,12 @@ async fn a_completion_whose_publish_failed_reaches_a_subscribed_instance_at_its_
         one.metric("handoff_redis_reconnects_total").await,
         0.0,
         "the link never dropped: the periodic resync brought it"
+    );
+    assert_eq!(
+        one.metric(r#"handoff_delivery_seconds_count{path="catchup"}"#)
+            .await,
+        1.0,
+        "timed on the catch-up path"
     );
 }
 

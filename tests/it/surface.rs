@@ -1,5 +1,6 @@
 //! The admin and API surface under attack: token guessing, forged forwarding headers, security
-//! headers on every answer, and what the log may never show.
+//! headers on every answer, and what the log may never show; and the HTTP conventions a checker
+//! relies on (`HEAD` on every `GET` route, `/healthz` and `/readyz`).
 
 use std::time::Duration;
 
@@ -236,6 +237,102 @@ async fn a_flood_of_health_checks_asks_the_database_at_most_once_a_second() {
     );
 }
 
+/// Every `GET` route of `routes::configure`, with a path that reaches it, and the two streams.
+fn get_routes(id: &str) -> Vec<String> {
+    [
+        "/",
+        "/jobs/{id}",
+        "/test.do?id={id}",
+        "/static/handoff.js",
+        "/sse/connect/{id}",
+        "/sse/watch?ids={id}",
+        "/api/openapi.json",
+        "/api/jobs/{id}",
+        "/admin",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        // Refusals too: a malformed id, an unknown job, a missing file.
+        "/api/jobs/not-an-id",
+        "/sse/connect/AAAAAAAAAAAAAAAAAAAAAA",
+        "/static/nothing.js",
+    ]
+    .iter()
+    .map(|path| path.replace("{id}", id))
+    .collect()
+}
+
+#[tokio::test]
+async fn head_on_every_get_route_answers_as_get_would_without_a_body() {
+    let app = TestApp::spawn().await;
+    let id = app.job_id().await;
+    for path in get_routes(&id) {
+        let get = app.client.get(app.url(&path)).send().await.unwrap();
+        let head = app.client.head(app.url(&path)).send().await.unwrap();
+        assert_eq!(head.status(), get.status(), "HEAD {path}");
+        // The same headers, but those that change between two answers (the date, and the
+        // length of /metrics, whose counts just moved).
+        let names = |r: &reqwest::Response| {
+            let mut names: Vec<String> = r
+                .headers()
+                .keys()
+                .map(|n| n.as_str().to_owned())
+                .filter(|n| n != "date" && n != "transfer-encoding")
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(&head), names(&get), "HEAD {path}");
+        for same in [
+            "content-type",
+            "cache-control",
+            "x-accel-buffering",
+            "allow",
+        ] {
+            assert_eq!(
+                head.headers().get(same),
+                get.headers().get(same),
+                "{same}: HEAD {path}"
+            );
+        }
+        if path != "/metrics" {
+            assert_eq!(
+                head.headers().get("content-length"),
+                get.headers().get("content-length"),
+                "HEAD {path}"
+            );
+        }
+        let status = get.status().as_u16();
+        drop(get);
+        // Over a raw socket: nothing after the head, and the answer ends at once even for a
+        // stream (whose GET would run to its 60 s timeout).
+        let started = std::time::Instant::now();
+        let raw = crate::hostile_input::raw(&app, "HEAD", &path, &[], b"").await;
+        assert_eq!(raw.status, status, "raw HEAD {path}");
+        assert_eq!(raw.body, "", "HEAD {path} has no body");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "HEAD {path} ended at once"
+        );
+    }
+    assert!(
+        app.metric_reaches("handoff_open_streams", 0.0, WAIT).await,
+        "a HEAD on a stream holds no stream open"
+    );
+}
+
+#[tokio::test]
+async fn healthz_says_alive_and_readyz_says_ready_for_streams_and_writes() {
+    let app = TestApp::spawn().await;
+    let health = app.get("/healthz").await;
+    assert_eq!(health.status(), 200);
+    assert!(health.text().await.unwrap().starts_with("ok\n"));
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(ready.text().await.unwrap(), "ready\n");
+}
+
 #[tokio::test]
 async fn every_answer_carries_the_security_headers() {
     let app = TestApp::spawn().await;
@@ -248,6 +345,8 @@ async fn every_answer_carries_the_security_headers() {
         ("GET", "/static/handoff.js".to_owned()),
         ("GET", format!("/api/jobs/{id}")),
         ("GET", "/healthz".to_owned()),
+        ("GET", "/readyz".to_owned()),
+        ("HEAD", "/".to_owned()),
         ("GET", "/metrics".to_owned()),
         ("GET", "/nothing/here".to_owned()),
         ("GET", "/jobs/not-an-id".to_owned()),

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::support::redis::{fresh_channel, shared_redis};
 use crate::support::{FreshDb, Handoff, Instance, TestApp, WAIT, eventually};
 
-const SECRET: &str = "whsec-test-0123456789";
+pub(crate) const SECRET: &str = "whsec-test-0123456789";
 
 /// One webhook as the receiver got it.
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl Received {
 /// A webhook receiver on 127.0.0.1:<port 0>: a minimal HTTP/1.1 server that records every
 /// request and answers each with the next status of its script (200 once the script is done).
 pub(crate) struct Receiver {
-    url: String,
+    pub(crate) url: String,
     got: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
