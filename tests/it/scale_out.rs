@@ -408,6 +408,98 @@ async fn forged_messages_on_the_channel_move_no_browser_and_are_counted() {
     );
 }
 
+/// A message really published by an instance, captured on the job's channel and published again
+/// later, does not turn a stream's progress back; a message signed with the fleet's key but sent
+/// more than five minutes ago (a replay of a captured ending, say) moves no browser and is counted.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn replayed_and_stale_signed_messages_neither_turn_progress_back_nor_move_a_browser() {
+    let redis_url = shared_redis().await;
+    let db = FreshDb::postgres().await;
+    let channel = fresh_channel();
+    let key = "a-fanout-key-of-at-least-32-characters-for-replays";
+    let signing = [("HANDOFF_FANOUT_KEY", key)];
+    let one = Instance::in_fleet(&db, Some(redis_url), &channel, &signing);
+    let two = Instance::in_fleet(&db, Some(redis_url), &channel, &signing);
+    one.wait_healthy().await;
+    two.wait_healthy().await;
+    let id = one.job_id().await;
+    let mut waiting = two.connected_stream(&id).await;
+    let job_channel = format!("{channel}:{{{id}}}");
+    let client = redis::Client::open(redis_url).expect("a Redis URL");
+    let mut eavesdropper = client.get_async_pubsub().await.expect("a subscriber");
+    eavesdropper
+        .subscribe(&job_channel)
+        .await
+        .expect("SUBSCRIBE");
+
+    let mut report = async |percent: u32| {
+        let body = serde_json::json!({ "percent": percent });
+        let path = format!("/api/jobs/{id}/progress");
+        assert_eq!(one.api_post(&path, Some(body)).await.status(), 200);
+        let (event, data) = waiting.next_event(WAIT).await.expect("the report");
+        assert_eq!(
+            (event.as_str(), &data["percent"]),
+            ("progress", &serde_json::json!(f64::from(percent)))
+        );
+    };
+    report(40).await;
+    let captured = first_message_on(&mut eavesdropper, WAIT)
+        .await
+        .expect("instance one's report on the job's channel");
+    assert!(captured.contains(r#""percent":40"#), "{captured}");
+    // A later millisecond for the newer report.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    report(60).await;
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    let six_minutes_ago = now - 6 * 60 * 1000;
+    let stale = format!(
+        r#"{{"id":"{id}","kind":"complete","moveUrl":"/jobs/stale","from":"replayer","routed":true,"sentAt":{six_minutes_ago}}}"#
+    );
+    for message in [captured, signed_with(key.as_bytes(), &job_channel, &stale)] {
+        assert_eq!(
+            publish_with_redis_cli(&job_channel, &message),
+            2,
+            "instance two and the eavesdropper got {message}"
+        );
+    }
+    // Instance two's subscriber handles messages in order: once the stale one is counted, the
+    // replay is behind it too. (Asserted at the end, so that a build that acts on the stale
+    // message fails on what a browser sees.)
+    let counted = two
+        .metric_reaches("handoff_fanout_stale_total", 1.0, WAIT)
+        .await;
+    assert_eq!(
+        two.metric("handoff_fanout_rejected_total").await,
+        0.0,
+        "both were signed"
+    );
+    let mut joining = two.connected_stream(&id).await;
+    let (event, data) = joining.next_event(WAIT).await.expect("the latest report");
+    assert_eq!(
+        (event.as_str(), &data["percent"]),
+        ("progress", &serde_json::json!(60.0)),
+        "the hub kept the newer report: {data}"
+    );
+
+    assert_eq!(one.complete(&id).await.status(), 200);
+    for stream in [&mut waiting, &mut joining] {
+        let (event, data) = stream.next_event(WAIT).await.expect("the result");
+        assert_eq!(event, "result", "no report after 60 %: {data}");
+        assert_eq!(
+            data["moveUrl"],
+            format!("/test.do?id={id}"),
+            "the real result, not the stale one: {data}"
+        );
+    }
+    assert!(counted, "the stale message is counted");
+    assert_eq!(two.metric("handoff_fanout_stale_total").await, 1.0);
+}
+
 /// Polls both instances' `/metrics` until exactly one holds the one open stream; returns its index.
 async fn instance_holding_the_stream(instances: &[Instance; 2]) -> usize {
     let deadline = Instant::now() + WAIT;
