@@ -408,25 +408,49 @@ async fn forged_messages_on_the_channel_move_no_browser_and_are_counted() {
     );
 }
 
+/// A fresh database and a channel of its own on the shared Redis, for instances that sign with a
+/// fan-out key the test knows (so that it can sign as they do).
+struct KeyedFleet {
+    redis_url: &'static str,
+    db: FreshDb,
+    channel: String,
+    key: &'static str,
+}
+
+impl KeyedFleet {
+    async fn new(key: &'static str) -> Self {
+        Self {
+            redis_url: shared_redis().await,
+            db: FreshDb::postgres().await,
+            channel: fresh_channel(),
+            key,
+        }
+    }
+
+    /// A healthy instance of the fleet, with `more` settings.
+    async fn instance(&self, more: &[(&str, &str)]) -> Instance {
+        let mut settings = vec![("HANDOFF_FANOUT_KEY", self.key)];
+        settings.extend_from_slice(more);
+        let instance = Instance::in_fleet(&self.db, Some(self.redis_url), &self.channel, &settings);
+        instance.wait_healthy().await;
+        instance
+    }
+}
+
 /// A message really published by an instance, captured on the job's channel and published again
 /// later, does not turn a stream's progress back; a message signed with the fleet's key but sent
 /// more than five minutes ago (a replay of a captured ending, say) moves no browser and is counted.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
 async fn replayed_and_stale_signed_messages_neither_turn_progress_back_nor_move_a_browser() {
-    let redis_url = shared_redis().await;
-    let db = FreshDb::postgres().await;
-    let channel = fresh_channel();
-    let key = "a-fanout-key-of-at-least-32-characters-for-replays";
-    let signing = [("HANDOFF_FANOUT_KEY", key)];
-    let one = Instance::in_fleet(&db, Some(redis_url), &channel, &signing);
-    let two = Instance::in_fleet(&db, Some(redis_url), &channel, &signing);
-    one.wait_healthy().await;
-    two.wait_healthy().await;
+    let fleet = KeyedFleet::new("a-fanout-key-of-at-least-32-characters-for-replays").await;
+    let (channel, key) = (&fleet.channel, fleet.key);
+    let one = fleet.instance(&[]).await;
+    let two = fleet.instance(&[]).await;
     let id = one.job_id().await;
     let mut waiting = two.connected_stream(&id).await;
     let job_channel = format!("{channel}:{{{id}}}");
-    let client = redis::Client::open(redis_url).expect("a Redis URL");
+    let client = redis::Client::open(fleet.redis_url).expect("a Redis URL");
     let mut eavesdropper = client.get_async_pubsub().await.expect("a subscriber");
     eavesdropper
         .subscribe(&job_channel)
@@ -799,14 +823,10 @@ async fn first_message_on(pubsub: &mut redis::aio::PubSub, within: Duration) -> 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs PostgreSQL and Redis: run by scripts/test.sh"]
 async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() {
-    let redis_url = shared_redis().await;
-    let db = FreshDb::postgres().await;
-    let channel = fresh_channel();
-    let key = "a-fanout-key-of-at-least-32-characters-for-upgrades";
-    let signing = [("HANDOFF_FANOUT_KEY", key)];
+    let fleet = KeyedFleet::new("a-fanout-key-of-at-least-32-characters-for-upgrades").await;
+    let (redis_url, channel, key) = (fleet.redis_url, fleet.channel.clone(), fleet.key);
     // A routed instance with the default: the single channel on.
-    let routed = Instance::in_fleet(&db, Some(redis_url), &channel, &signing);
-    routed.wait_healthy().await;
+    let routed = fleet.instance(&[]).await;
     // An instance of the releases before routing listens on the single channel only.
     let client = redis::Client::open(redis_url).expect("a Redis URL");
     let mut old = client.get_async_pubsub().await.expect("a subscriber");
@@ -844,13 +864,9 @@ async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() 
     assert_eq!(routed.metric("handoff_resync_deliveries_total").await, 0.0);
 
     // Once the fleet is upgraded and the single channel is off, nothing goes there any more.
-    let upgraded = Instance::in_fleet(
-        &db,
-        Some(redis_url),
-        &channel,
-        &[signing[0], ("HANDOFF_FANOUT_LEGACY_CHANNEL", "off")],
-    );
-    upgraded.wait_healthy().await;
+    let upgraded = fleet
+        .instance(&[("HANDOFF_FANOUT_LEGACY_CHANNEL", "off")])
+        .await;
     let id = upgraded.job_id().await;
     assert_eq!(upgraded.complete(&id).await.status(), 200);
     // (The old-format message published above is still queued for this subscriber.)
