@@ -13,20 +13,37 @@
 //! so a skew between the two clocks adds to (or takes from) the figure; for the catch-up, the
 //! stored end time.
 
+//!
+//! A message carries the time it was sent (`sentAt`), inside the signed bytes: a receiver drops
+//! one sent more than [`MAX_MESSAGE_AGE`] before (or after) its own clock, so a message captured
+//! on the channel can be replayed for a few minutes at most, and then only to no effect: an
+//! ending repeats one really stored, and the hub never takes a progress report older than the one
+//! it has.
+
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::domain::{
-    Ending, JobId, Message as DomainMessage, MoveUrl, Percent, Progress, now_micros,
+    Ending, JobId, Message as DomainMessage, MoveUrl, Percent, Progress, now_micros, now_millis,
 };
 use crate::fanout::{Fanout, Listener};
 use crate::hub::{Hub, News, Update};
 use crate::metrics::{Committed, DeliveryPath, Metrics};
 use crate::store::Store;
 
+/// How far a message's `sentAt` may lie from the receiver's clock, either way: past it, the
+/// message is a replay (or the instances' clocks disagree) and is dropped. Well above any delay
+/// of Redis Pub/Sub, which delivers at once or never.
+const MAX_MESSAGE_AGE: Duration = Duration::from_secs(5 * 60);
+/// At most one warning about stale messages per this long (each one is counted).
+const STALE_WARNING_EVERY: Duration = Duration::from_secs(60);
+
 /// One update on a Redis channel: `{"id":"…","kind":"complete","moveUrl":"…","from":"…",
-/// "routed":true}`, with `message` for a failure, and `percent`, `message` and `at` for progress.
-/// `committedUs` for an ending (the committing instance's clock, for the delivery histogram).
+/// "routed":true,"sentAt":…}`, with `message` for a failure, and `percent`, `message` and `at`
+/// for progress, and `committedUs` for an ending (the committing instance's clock, for the
+/// delivery histogram).
 ///
 /// Fields are only ever added, each optional: serde skips fields it does not know, so an older
 /// instance reads a newer one's messages, and a newer one reads an older one's (without
@@ -58,14 +75,19 @@ struct Message {
     /// copy on the single channel is for them, and a routed instance ignores it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     routed: bool,
+    /// When it was published, in milliseconds since the Unix epoch by the publisher's clock.
+    /// The release before leaves it out; such a message is still taken, for this release only.
+    #[serde(rename = "sentAt", default, skip_serializing_if = "Option::is_none")]
+    sent_at: Option<i64>,
 }
 
 impl Message {
-    fn encode(instance: &str, id: &JobId, update: &Update) -> Vec<u8> {
+    fn encode(instance: &str, id: &JobId, update: &Update, sent_at: i64) -> Vec<u8> {
         let mut message = Message {
             id: id.as_str().to_owned(),
             from: instance.to_owned(),
             routed: true,
+            sent_at: Some(sent_at),
             ..Message::default()
         };
         match update {
@@ -134,6 +156,7 @@ impl Message {
             Sender {
                 instance: message.from,
                 routed: message.routed,
+                sent_at: message.sent_at,
             },
             id,
             update,
@@ -153,6 +176,25 @@ struct Sender {
     instance: String,
     /// It published to the job's channel as well.
     routed: bool,
+    /// When, by its clock (`None` from the release before).
+    sent_at: Option<i64>,
+}
+
+impl Sender {
+    /// Why a message sent then is not taken at `now`: sent more than [`MAX_MESSAGE_AGE`] ago or
+    /// ahead. A message without its time passes (see [`Message::sent_at`]).
+    fn stale(&self, now: i64) -> Option<String> {
+        let sent_at = self.sent_at?;
+        let bound = i64::try_from(MAX_MESSAGE_AGE.as_millis()).unwrap_or(i64::MAX);
+        let age = now.saturating_sub(sent_at);
+        if age > bound {
+            Some(format!("sent {} s ago", age / 1000))
+        } else if age < -bound {
+            Some(format!("sent {} s ahead of this clock", -age / 1000))
+        } else {
+            None
+        }
+    }
 }
 
 /// Local delivery and the fan-out, as one; cheap to clone.
@@ -171,6 +213,8 @@ struct Inner {
     metrics: Metrics,
     /// This process, in the messages it publishes.
     instance: String,
+    /// When a stale message was last logged.
+    stale_warned: Mutex<Option<Instant>>,
 }
 
 impl Delivery {
@@ -192,6 +236,7 @@ impl Delivery {
                 store,
                 metrics,
                 instance: JobId::generate().to_string(),
+                stale_warned: Mutex::new(None),
             }),
         }
     }
@@ -236,7 +281,7 @@ impl Delivery {
         } = &*self.inner;
         let payload = fanout
             .as_ref()
-            .map(|_| Message::encode(instance, id, &update));
+            .map(|_| Message::encode(instance, id, &update, now_millis()));
         let committed = matches!(update, Update::End(_))
             .then(|| metrics.committed(DeliveryPath::Local, Duration::ZERO));
         let reached = hub.deliver(id, &News::timed(update, committed));
@@ -273,6 +318,25 @@ impl Delivery {
     }
 }
 
+impl Delivery {
+    /// Counts a message dropped for its time, and says so at most once a minute.
+    fn stale(&self, id: &JobId, why: &str) {
+        self.inner.metrics.fanout_stale.inc();
+        let mut warned = self.inner.stale_warned.lock();
+        if warned.is_none_or(|at| at.elapsed() >= STALE_WARNING_EVERY) {
+            *warned = Some(Instant::now());
+            drop(warned);
+            log::warn!(job:% = id;
+                "dropped a signed message on the Redis channel about job {id}, {why}: a replay \
+                 of a captured message, or an instance whose clock is more than {} min off \
+                 (keep the instances' clocks synchronised); counted in \
+                 handoff_fanout_stale_total, warned at most once a minute",
+                MAX_MESSAGE_AGE.as_secs() / 60
+            );
+        }
+    }
+}
+
 impl Listener for Delivery {
     fn receive(&self, payload: &[u8], legacy: bool) {
         match Message::parse(payload) {
@@ -281,10 +345,13 @@ impl Listener for Delivery {
             // Its copy on the job's channel reaches this instance when a stream here watches the
             // job: subscribed before the stream read the job.
             Ok((from, ..)) if legacy && from.routed => {}
-            Ok((_, id, update, age)) => {
-                let committed = age.map(|age| self.committed(DeliveryPath::Redis, age));
-                self.inner.hub.deliver(&id, &News::timed(update, committed));
-            }
+            Ok((from, id, update, age)) => match from.stale(now_millis()) {
+                Some(why) => self.stale(&id, &why),
+                None => {
+                    let committed = age.map(|age| self.committed(DeliveryPath::Redis, age));
+                    self.inner.hub.deliver(&id, &News::timed(update, committed));
+                }
+            },
             Err(err) => log::warn!("ignoring a message on the Redis channel: {err}"),
         }
     }
@@ -359,14 +426,15 @@ mod tests {
                 at: 17,
             }),
         ] {
-            let payload = Message::encode("me", &id, &update);
+            let payload = Message::encode("me", &id, &update, 1_764_583_200_000);
             let (from, parsed_id, parsed, age) = Message::parse(&payload).unwrap();
             assert_eq!(
                 (from, parsed_id, &parsed),
                 (
                     Sender {
                         instance: "me".to_owned(),
-                        routed: true
+                        routed: true,
+                        sent_at: Some(1_764_583_200_000),
                     },
                     id.clone(),
                     &update
@@ -425,5 +493,36 @@ mod tests {
         ] {
             assert!(Message::parse(payload.as_bytes()).is_err(), "{payload}");
         }
+    }
+
+    #[test]
+    fn a_message_sent_beyond_the_bound_either_way_is_stale_and_one_without_its_time_is_not() {
+        let bound = i64::try_from(MAX_MESSAGE_AGE.as_millis()).unwrap();
+        let now = 1_764_583_200_000;
+        let sent = |sent_at| Sender {
+            instance: "another".to_owned(),
+            routed: true,
+            sent_at,
+        };
+        for fresh in [now, now - bound, now + bound, now - 1_000, now + 1_000] {
+            assert_eq!(sent(Some(fresh)).stale(now), None, "{}", now - fresh);
+        }
+        for stale in [now - bound - 1, now + bound + 1, 0, i64::MIN, i64::MAX] {
+            assert!(sent(Some(stale)).stale(now).is_some(), "{stale}");
+        }
+        assert_eq!(sent(None).stale(now), None, "from the release before");
+        let payload = Message::encode(
+            "me",
+            &JobId::generate(),
+            &Update::End(Ending::Expired {
+                target: MoveUrl::parse("/x").unwrap(),
+            }),
+            now - bound - 1,
+        );
+        let (sender, ..) = Message::parse(&payload).unwrap();
+        assert!(
+            sender.stale(now).is_some(),
+            "the time travels in the message"
+        );
     }
 }

@@ -65,6 +65,14 @@ impl News {
         Self::new(Update::Progress(progress))
     }
 
+    /// When a progress report was made (`None` for an ending).
+    fn reported_at(&self) -> Option<i64> {
+        match &self.update {
+            Update::Progress(progress) => Some(progress.at),
+            Update::End(_) => None,
+        }
+    }
+
     /// The encoded news; `encode` runs for the first caller only. There is one transport (the
     /// event stream), so one encoding.
     pub fn encoded(&self, encode: impl FnOnce(&Update) -> ByteString) -> ByteString {
@@ -189,11 +197,21 @@ pin_project! {
 }
 
 impl Slot {
-    /// Keeps `news` as the latest progress, unless the job has ended here; `only_first` keeps
-    /// it only when no report has reached the slot yet.
+    /// Keeps `news` as the latest progress, unless the job has ended here or the slot holds a
+    /// report made later (a replayed or overtaken message must not turn the bar back; of two
+    /// made in the same millisecond, the one that arrived last is kept, as one instance hands
+    /// them on in the order they were made); `only_first` keeps it only when no report has
+    /// reached the slot yet.
     fn set_progress(&self, news: &Arc<News>, only_first: bool) -> bool {
         let mut progress = self.progress.lock();
         if self.ending.get().is_some() || (only_first && progress.0 > 0) {
+            return false;
+        }
+        if let (Some(latest), Some(offered)) = (
+            progress.1.as_deref().and_then(News::reported_at),
+            news.reported_at(),
+        ) && offered < latest
+        {
             return false;
         }
         *progress = (progress.0 + 1, Some(Arc::clone(news)));
@@ -399,10 +417,14 @@ mod tests {
     }
 
     fn progress(percent: f64) -> Arc<News> {
+        progress_at(percent, 0)
+    }
+
+    fn progress_at(percent: f64, at: i64) -> Arc<News> {
         News::progress(Progress {
             percent: Some(crate::domain::Percent::parse(percent).unwrap()),
             message: None,
-            at: 0,
+            at,
         })
     }
 
@@ -521,6 +543,34 @@ mod tests {
         let mut second = Box::pin(hub.subscribe(&id));
         second.offer_stored_progress(&progress(10.0));
         assert_eq!(percent_of(&second.next().await.unwrap()), 20.0);
+    }
+
+    /// A replayed message, or one overtaken on its way, carries a report older than the one the
+    /// streams have: it changes nothing, for a stream waiting now or one joining later.
+    #[tokio::test]
+    async fn an_older_report_never_replaces_a_newer_one() {
+        use futures_util::FutureExt as _;
+        let hub = Hub::new();
+        let id = JobId::generate();
+        let mut waiting = Box::pin(hub.subscribe(&id));
+        hub.deliver(&id, &progress_at(60.0, 2_000));
+        hub.deliver(&id, &progress_at(40.0, 1_000));
+        assert_eq!(percent_of(&waiting.next().await.unwrap()), 60.0);
+        hub.deliver(&id, &progress_at(40.0, 1_000));
+        assert!(
+            waiting.next().now_or_never().is_none(),
+            "the older report wakes no stream"
+        );
+        let mut joining = Box::pin(hub.subscribe(&id));
+        assert_eq!(percent_of(&joining.next().await.unwrap()), 60.0);
+        hub.deliver(&id, &progress_at(65.0, 2_000));
+        assert_eq!(
+            percent_of(&waiting.next().await.unwrap()),
+            65.0,
+            "of two reports of the same millisecond, the later arrival"
+        );
+        hub.deliver(&id, &progress_at(80.0, 3_000));
+        assert_eq!(percent_of(&waiting.next().await.unwrap()), 80.0);
     }
 
     /// Every stream of the job encodes what its subscription hands it: the ones waiting when

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub streams_refused: Counter,
     pub health_checks: Counter,
     pub fanout_rejected: Counter,
+    pub fanout_stale: Counter,
     pub fanout_received: Counter,
     /// Webhook attempts by `outcome`: `accepted` (2xx), `refused` (any other status), `failed`
     /// (no answer: connection refused, timeout, TLS).
@@ -124,6 +125,7 @@ impl Metrics {
             streams_refused: Counter::default(),
             health_checks: Counter::default(),
             fanout_rejected: Counter::default(),
+            fanout_stale: Counter::default(),
             fanout_received: Counter::default(),
             webhook_attempts: Family::default(),
             webhooks_sent: Family::default(),
@@ -226,6 +228,12 @@ impl Metrics {
             "fanout_rejected",
             "Messages on the Redis channel dropped for not being signed with this deployment's key",
             metrics.fanout_rejected.clone(),
+        );
+        registry.register(
+            "fanout_stale",
+            "Signed messages on the Redis channel dropped for being sent more than 5 minutes \
+             before or after this instance's clock (replays, or clocks out of step)",
+            metrics.fanout_stale.clone(),
         );
         registry.register(
             "fanout_messages_received",

@@ -427,6 +427,122 @@ async fn forged_messages_on_the_channel_move_no_browser_and_are_counted() {
     );
 }
 
+/// A fresh database and a channel of its own on the shared Redis, for instances that sign with a
+/// fan-out key the test knows (so that it can sign as they do).
+struct KeyedFleet {
+    redis_url: &'static str,
+    db: FreshDb,
+    channel: String,
+    key: &'static str,
+}
+
+impl KeyedFleet {
+    async fn new(key: &'static str) -> Self {
+        Self {
+            redis_url: shared_redis().await,
+            db: FreshDb::postgres().await,
+            channel: fresh_channel(),
+            key,
+        }
+    }
+
+    /// A healthy instance of the fleet, with `more` settings.
+    async fn instance(&self, more: &[(&str, &str)]) -> Instance {
+        let mut settings = vec![("HANDOFF_FANOUT_KEY", self.key)];
+        settings.extend_from_slice(more);
+        let instance = Instance::in_fleet(&self.db, Some(self.redis_url), &self.channel, &settings);
+        instance.wait_healthy().await;
+        instance
+    }
+}
+
+/// A message really published by an instance, captured on the job's channel and published again
+/// later, does not turn a stream's progress back; a message signed with the fleet's key but sent
+/// more than five minutes ago (a replay of a captured ending, say) moves no browser and is counted.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn replayed_and_stale_signed_messages_neither_turn_progress_back_nor_move_a_browser() {
+    let fleet = KeyedFleet::new("a-fanout-key-of-at-least-32-characters-for-replays").await;
+    let (channel, key) = (&fleet.channel, fleet.key);
+    let one = fleet.instance(&[]).await;
+    let two = fleet.instance(&[]).await;
+    let id = one.job_id().await;
+    let mut waiting = two.connected_stream(&id).await;
+    let job_channel = format!("{channel}:{{{id}}}");
+    let client = redis::Client::open(fleet.redis_url).expect("a Redis URL");
+    let mut eavesdropper = client.get_async_pubsub().await.expect("a subscriber");
+    eavesdropper
+        .subscribe(&job_channel)
+        .await
+        .expect("SUBSCRIBE");
+
+    let mut report = async |percent: u32| {
+        let body = serde_json::json!({ "percent": percent });
+        let path = format!("/api/jobs/{id}/progress");
+        assert_eq!(one.api_post(&path, Some(body)).await.status(), 200);
+        let (event, data) = waiting.next_event(WAIT).await.expect("the report");
+        assert_eq!(
+            (event.as_str(), &data["percent"]),
+            ("progress", &serde_json::json!(f64::from(percent)))
+        );
+    };
+    report(40).await;
+    let captured = first_message_on(&mut eavesdropper, WAIT)
+        .await
+        .expect("instance one's report on the job's channel");
+    assert!(captured.contains(r#""percent":40"#), "{captured}");
+    // A later millisecond for the newer report.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    report(60).await;
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    let six_minutes_ago = now - 6 * 60 * 1000;
+    let stale = format!(
+        r#"{{"id":"{id}","kind":"complete","moveUrl":"/jobs/stale","from":"replayer","routed":true,"sentAt":{six_minutes_ago}}}"#
+    );
+    for message in [captured, signed_with(key.as_bytes(), &job_channel, &stale)] {
+        assert_eq!(
+            publish_with_redis_cli(&job_channel, &message),
+            2,
+            "instance two and the eavesdropper got {message}"
+        );
+    }
+    // Instance two's subscriber handles messages in order: once the stale one is counted, the
+    // replay is behind it too. (Asserted at the end, so that a build that acts on the stale
+    // message fails on what a browser sees.)
+    let counted = two
+        .metric_reaches("handoff_fanout_stale_total", 1.0, WAIT)
+        .await;
+    assert_eq!(
+        two.metric("handoff_fanout_rejected_total").await,
+        0.0,
+        "both were signed"
+    );
+    let mut joining = two.connected_stream(&id).await;
+    let (event, data) = joining.next_event(WAIT).await.expect("the latest report");
+    assert_eq!(
+        (event.as_str(), &data["percent"]),
+        ("progress", &serde_json::json!(60.0)),
+        "the hub kept the newer report: {data}"
+    );
+
+    assert_eq!(one.complete(&id).await.status(), 200);
+    for stream in [&mut waiting, &mut joining] {
+        let (event, data) = stream.next_event(WAIT).await.expect("the result");
+        assert_eq!(event, "result", "no report after 60 %: {data}");
+        assert_eq!(
+            data["moveUrl"],
+            format!("/test.do?id={id}"),
+            "the real result, not the stale one: {data}"
+        );
+    }
+    assert!(counted, "the stale message is counted");
+    assert_eq!(two.metric("handoff_fanout_stale_total").await, 1.0);
+}
+
 /// Polls both instances' `/metrics` until exactly one holds the one open stream; returns its index.
 async fn instance_holding_the_stream(instances: &[Instance; 2]) -> usize {
     let deadline = Instant::now() + WAIT;
@@ -726,14 +842,10 @@ async fn first_message_on(pubsub: &mut redis::aio::PubSub, within: Duration) -> 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs PostgreSQL and Redis: run by scripts/test.sh"]
 async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() {
-    let redis_url = shared_redis().await;
-    let db = FreshDb::postgres().await;
-    let channel = fresh_channel();
-    let key = "a-fanout-key-of-at-least-32-characters-for-upgrades";
-    let signing = [("HANDOFF_FANOUT_KEY", key)];
+    let fleet = KeyedFleet::new("a-fanout-key-of-at-least-32-characters-for-upgrades").await;
+    let (redis_url, channel, key) = (fleet.redis_url, fleet.channel.clone(), fleet.key);
     // A routed instance with the default: the single channel on.
-    let routed = Instance::in_fleet(&db, Some(redis_url), &channel, &signing);
-    routed.wait_healthy().await;
+    let routed = fleet.instance(&[]).await;
     // An instance of the releases before routing listens on the single channel only.
     let client = redis::Client::open(redis_url).expect("a Redis URL");
     let mut old = client.get_async_pubsub().await.expect("a subscriber");
@@ -771,13 +883,9 @@ async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() 
     assert_eq!(routed.metric("handoff_resync_deliveries_total").await, 0.0);
 
     // Once the fleet is upgraded and the single channel is off, nothing goes there any more.
-    let upgraded = Instance::in_fleet(
-        &db,
-        Some(redis_url),
-        &channel,
-        &[signing[0], ("HANDOFF_FANOUT_LEGACY_CHANNEL", "off")],
-    );
-    upgraded.wait_healthy().await;
+    let upgraded = fleet
+        .instance(&[("HANDOFF_FANOUT_LEGACY_CHANNEL", "off")])
+        .await;
     let id = upgraded.job_id().await;
     assert_eq!(upgraded.complete(&id).await.status(), 200);
     // (The old-format message published above is still queued for this subscriber.)
