@@ -25,9 +25,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::domain::{
-    Ending, JobId, Message as DomainMessage, MoveUrl, Percent, Progress, now_micros, now_millis,
-};
+use crate::domain::{Ending, JobId, Message, MoveUrl, Percent, Progress, now_micros, now_millis};
 use crate::fanout::{Fanout, Listener};
 use crate::hub::{Hub, News, Update};
 use crate::metrics::{Committed, DeliveryPath, Metrics};
@@ -40,7 +38,8 @@ const MAX_MESSAGE_AGE: Duration = Duration::from_secs(5 * 60);
 /// At most one warning about stale messages per this long (each one is counted).
 const STALE_WARNING_EVERY: Duration = Duration::from_secs(60);
 
-/// One update on a Redis channel: `{"id":"…","kind":"complete","moveUrl":"…","from":"…",
+/// The envelope of one update on a Redis channel (apart from the user's `domain::Message` it
+/// may carry): `{"id":"…","kind":"complete","moveUrl":"…","from":"…",
 /// "routed":true,"sentAt":…}`, with `message` for a failure, and `percent`, `message` and `at`
 /// for progress, and `committedUs` for an ending (the committing instance's clock, for the
 /// delivery histogram).
@@ -49,7 +48,7 @@ const STALE_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// instance reads a newer one's messages, and a newer one reads an older one's (without
 /// `committedUs`, such a delivery is not timed).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct Message {
+struct Envelope {
     id: String,
     /// `complete`, `failed`, `expired` or `progress`.
     kind: String,
@@ -81,14 +80,14 @@ struct Message {
     sent_at: Option<i64>,
 }
 
-impl Message {
+impl Envelope {
     fn encode(instance: &str, id: &JobId, update: &Update, sent_at: i64) -> Vec<u8> {
-        let mut message = Message {
+        let mut message = Envelope {
             id: id.as_str().to_owned(),
             from: instance.to_owned(),
             routed: true,
             sent_at: Some(sent_at),
-            ..Message::default()
+            ..Envelope::default()
         };
         match update {
             Update::End(ending) => {
@@ -117,13 +116,13 @@ impl Message {
     /// Returns the sender, the job, the update and, for an ending, how long ago it was committed
     /// by the sender's clock.
     fn parse(payload: &[u8]) -> Result<(Sender, JobId, Update, Option<Duration>), String> {
-        let message: Message =
+        let message: Envelope =
             serde_json::from_slice(payload).map_err(|e| format!("not an update: {e}"))?;
         let id = JobId::parse(&message.id).map_err(|e| e.to_string())?;
         let text = message
             .message
             .as_deref()
-            .map(DomainMessage::parse)
+            .map(Message::parse)
             .transpose()
             .map_err(|e| e.to_string())?;
         let target = || {
@@ -182,7 +181,7 @@ struct Sender {
 
 impl Sender {
     /// Why a message sent then is not taken at `now`: sent more than [`MAX_MESSAGE_AGE`] ago or
-    /// ahead. A message without its time passes (see [`Message::sent_at`]).
+    /// ahead. A message without its time passes (see [`Envelope::sent_at`]).
     fn stale(&self, now: i64) -> Option<String> {
         let sent_at = self.sent_at?;
         let bound = i64::try_from(MAX_MESSAGE_AGE.as_millis()).unwrap_or(i64::MAX);
@@ -281,7 +280,7 @@ impl Delivery {
         } = &*self.inner;
         let payload = fanout
             .as_ref()
-            .map(|_| Message::encode(instance, id, &update, now_millis()));
+            .map(|_| Envelope::encode(instance, id, &update, now_millis()));
         let committed = matches!(update, Update::End(_))
             .then(|| metrics.committed(DeliveryPath::Local, Duration::ZERO));
         let reached = hub.deliver(id, &News::timed(update, committed));
@@ -339,7 +338,7 @@ impl Delivery {
 
 impl Listener for Delivery {
     fn receive(&self, payload: &[u8], legacy: bool) {
-        match Message::parse(payload) {
+        match Envelope::parse(payload) {
             // Delivered here when it was published.
             Ok((from, ..)) if from.instance == self.inner.instance => {}
             // Its copy on the job's channel reaches this instance when a stream here watches the
@@ -417,17 +416,17 @@ mod tests {
             }),
             Update::End(Ending::Failed {
                 target: target.clone(),
-                message: Some(DomainMessage::parse("disk full").unwrap()),
+                message: Some(Message::parse("disk full").unwrap()),
             }),
             Update::End(Ending::Expired { target }),
             Update::Progress(Progress {
                 percent: Some(Percent::parse(40.0).unwrap()),
-                message: Some(DomainMessage::parse("page 3 of 7").unwrap()),
+                message: Some(Message::parse("page 3 of 7").unwrap()),
                 at: 17,
             }),
         ] {
-            let payload = Message::encode("me", &id, &update, 1_764_583_200_000);
-            let (from, parsed_id, parsed, age) = Message::parse(&payload).unwrap();
+            let payload = Envelope::encode("me", &id, &update, 1_764_583_200_000);
+            let (from, parsed_id, parsed, age) = Envelope::parse(&payload).unwrap();
             assert_eq!(
                 (from, parsed_id, &parsed),
                 (
@@ -453,14 +452,14 @@ mod tests {
         let id = JobId::generate();
         // An older instance's ending: delivered, not timed.
         let old = format!(r#"{{"id":"{id}","kind":"complete","moveUrl":"/x","from":"a"}}"#);
-        let (_, _, update, age) = Message::parse(old.as_bytes()).unwrap();
+        let (_, _, update, age) = Envelope::parse(old.as_bytes()).unwrap();
         assert!(matches!(update, Update::End(_)));
         assert_eq!(age, None);
         // A newer instance's, with a field this one does not know: the field is skipped.
         let newer = format!(
             r#"{{"id":"{id}","kind":"failed","moveUrl":"/x","from":"a","committedUs":1,"later":[1]}}"#
         );
-        let (_, _, update, age) = Message::parse(newer.as_bytes()).unwrap();
+        let (_, _, update, age) = Envelope::parse(newer.as_bytes()).unwrap();
         assert!(matches!(update, Update::End(Ending::Failed { .. })));
         assert!(
             age.is_some_and(|age| age > Duration::from_secs(3600)),
@@ -472,7 +471,7 @@ mod tests {
             now_micros() + 60_000_000
         );
         assert_eq!(
-            Message::parse(ahead.as_bytes()).unwrap().3,
+            Envelope::parse(ahead.as_bytes()).unwrap().3,
             Some(Duration::ZERO)
         );
     }
@@ -491,7 +490,7 @@ mod tests {
             format!(r#"{{"id":"{id}","kind":"unheard-of","moveUrl":"/x","from":"x"}}"#),
             format!(r#"{{"id":"{id}","moveUrl":"/x","from":"x"}}"#),
         ] {
-            assert!(Message::parse(payload.as_bytes()).is_err(), "{payload}");
+            assert!(Envelope::parse(payload.as_bytes()).is_err(), "{payload}");
         }
     }
 
@@ -511,7 +510,7 @@ mod tests {
             assert!(sent(Some(stale)).stale(now).is_some(), "{stale}");
         }
         assert_eq!(sent(None).stale(now), None, "from the release before");
-        let payload = Message::encode(
+        let payload = Envelope::encode(
             "me",
             &JobId::generate(),
             &Update::End(Ending::Expired {
@@ -519,7 +518,7 @@ mod tests {
             }),
             now - bound - 1,
         );
-        let (sender, ..) = Message::parse(&payload).unwrap();
+        let (sender, ..) = Envelope::parse(&payload).unwrap();
         assert!(
             sender.stale(now).is_some(),
             "the time travels in the message"
