@@ -648,25 +648,13 @@ impl<L: Listener> Subscriber<L> {
                     }
                 }
                 () = self.fanout.routes.wanted.notified() => {
-                    if let Err(err) = self.flush_and_catch_up(&mut link).await {
-                        if matches!(link, Link::Single(_)) {
-                            return err;
-                        }
-                        log::warn!("Redis Cluster: {err}; subscribing again");
-                        self.fanout.subscribed.store(false, Ordering::Release);
-                        self.unconfirm_wanted();
-                        repairing = true;
+                    if let Some(err) = self.flush_or_repair(&mut link, &mut repairing).await {
+                        return err;
                     }
                 }
                 _ = unsubscribe.tick() => {
-                    if let Err(err) = self.flush_and_catch_up(&mut link).await {
-                        if matches!(link, Link::Single(_)) {
-                            return err;
-                        }
-                        log::warn!("Redis Cluster: {err}; subscribing again");
-                        self.fanout.subscribed.store(false, Ordering::Release);
-                        self.unconfirm_wanted();
-                        repairing = true;
+                    if let Some(err) = self.flush_or_repair(&mut link, &mut repairing).await {
+                        return err;
                     }
                 }
                 _ = resync.tick() => {
@@ -705,6 +693,21 @@ impl<L: Listener> Subscriber<L> {
         self.fanout.subscribed.store(true, Ordering::Release);
         log::info!("Redis Cluster: subscribed again and caught up");
         true
+    }
+
+    /// [`Subscriber::flush_and_catch_up`]; a failure ends a single Redis's link (its error is
+    /// returned), while a cluster's link stays and is repaired: every watched channel is
+    /// subscribed again.
+    async fn flush_or_repair(&self, link: &mut Link, repairing: &mut bool) -> Option<String> {
+        let err = self.flush_and_catch_up(link).await.err()?;
+        if matches!(link, Link::Single(_)) {
+            return Some(err);
+        }
+        log::warn!("Redis Cluster: {err}; subscribing again");
+        self.fanout.subscribed.store(false, Ordering::Release);
+        self.unconfirm_wanted();
+        *repairing = true;
+        None
     }
 
     async fn flush_and_catch_up(&self, link: &mut Link) -> Result<(), String> {

@@ -2,8 +2,6 @@
 //! instance watching nothing hears nothing, a master's failover loses nothing, forged messages
 //! on a job's channel move no browser.
 
-use std::time::Duration;
-
 use futures_util::{StreamExt, stream};
 
 use crate::support::redis_cluster::RedisCluster;
@@ -42,16 +40,7 @@ async fn watch_all<'a>(
         .buffer_unordered(50)
         .collect()
         .await;
-    streams
-        .into_iter()
-        .map(|(id, mut stream)| {
-            tokio::spawn(async move {
-                let result = stream.next_result(Duration::from_secs(60)).await;
-                result.and_then(|r| r["moveUrl"].as_str().map(str::to_owned))
-                    == Some(format!("/test.do?id={id}"))
-            })
-        })
-        .collect()
+    crate::support::sse::default_results(streams)
 }
 
 async fn all_arrived(readers: Vec<tokio::task::JoinHandle<bool>>) -> usize {

@@ -12,9 +12,8 @@ use serde_json::Value;
 
 use std::process::Child;
 
-use crate::support::redis::{fresh_channel, shared_redis};
-use crate::support::{self, FreshDb, Instance, TestApp, WAIT, eventually, free_port};
-use crate::webhooks::{Receiver, SECRET};
+use crate::support::{self, TestApp, WAIT, eventually, free_port};
+use crate::webhooks::{Receiver, two_instances_reporting_to};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
@@ -220,17 +219,7 @@ async fn every_dashboard_expression_returns_series_from_a_real_prometheus_scrapi
     // Two instances on one PostgreSQL and Redis, so that deliveries take both the local path and
     // the Redis one, and webhooks on, so that the webhook panels have something to show.
     let receiver = Receiver::start(&[]).await;
-    let db = FreshDb::postgres().await;
-    let (redis_url, channel) = (shared_redis().await, fresh_channel());
-    let envs = [
-        ("HANDOFF_WEBHOOK_URL", receiver.url.as_str()),
-        ("HANDOFF_WEBHOOK_SECRET", SECRET),
-        ("HANDOFF_UNCLAIMED_SECS", "1"),
-    ];
-    let instances = [
-        Instance::in_fleet(&db, Some(redis_url), &channel, &envs),
-        Instance::in_fleet(&db, Some(redis_url), &channel, &envs),
-    ];
+    let (_db, instances) = two_instances_reporting_to(&receiver, "1").await;
     let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
     let prometheus = Prometheus::start(&bases).await;
     let [a, b] = &instances;

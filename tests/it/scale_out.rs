@@ -214,16 +214,7 @@ async fn a_thousand_streams_over_two_instances_all_get_their_results() {
     );
 
     let ids: Vec<String> = streams.iter().map(|(id, _)| id.clone()).collect();
-    let readers: Vec<_> = streams
-        .into_iter()
-        .map(|(id, mut stream)| {
-            tokio::spawn(async move {
-                let result = stream.next_result(Duration::from_secs(60)).await;
-                result.and_then(|r| r["moveUrl"].as_str().map(str::to_owned))
-                    == Some(format!("/test.do?id={id}"))
-            })
-        })
-        .collect();
+    let readers = crate::support::sse::default_results(streams);
     let completing = Instant::now();
     let statuses: Vec<u16> = stream::iter(&ids)
         .map(|id| async { two.complete(id).await.status().as_u16() })

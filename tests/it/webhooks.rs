@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::support::redis::{fresh_channel, shared_redis};
 use crate::support::{FreshDb, Handoff, Instance, TestApp, WAIT, eventually};
 
-pub(crate) const SECRET: &str = "whsec-test-0123456789";
+const SECRET: &str = "whsec-test-0123456789";
 
 /// One webhook as the receiver got it.
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl Received {
 /// A webhook receiver on 127.0.0.1:<port 0>: a minimal HTTP/1.1 server that records every
 /// request and answers each with the next status of its script (200 once the script is done).
 pub(crate) struct Receiver {
-    pub(crate) url: String,
+    url: String,
     got: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -375,21 +375,31 @@ async fn a_webhook_waiting_for_its_retry_when_handoff_is_sigkilled_is_sent_after
     assert_eq!(counted(&restarted, ACCEPTED).await, 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn two_instances_on_postgresql_send_each_webhook_once() {
-    let receiver = Receiver::start(&[]).await;
+/// Two instances on a fresh PostgreSQL database and a Redis channel of their own, sending
+/// webhooks to `receiver` (unclaimed after `unclaimed_secs`).
+pub(crate) async fn two_instances_reporting_to(
+    receiver: &Receiver,
+    unclaimed_secs: &str,
+) -> (FreshDb, [Instance; 2]) {
     let db = FreshDb::postgres().await;
     let (redis_url, channel) = (shared_redis().await, fresh_channel());
     let envs = [
         ("HANDOFF_WEBHOOK_URL", receiver.url.as_str()),
         ("HANDOFF_WEBHOOK_SECRET", SECRET),
-        ("HANDOFF_UNCLAIMED_SECS", "2"),
+        ("HANDOFF_UNCLAIMED_SECS", unclaimed_secs),
     ];
     let instances = [
         Instance::in_fleet(&db, Some(redis_url), &channel, &envs),
         Instance::in_fleet(&db, Some(redis_url), &channel, &envs),
     ];
+    (db, instances)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
+async fn two_instances_on_postgresql_send_each_webhook_once() {
+    let receiver = Receiver::start(&[]).await;
+    let (_db, instances) = two_instances_reporting_to(&receiver, "2").await;
     let [a, b] = &instances;
     let mut ids = Vec::new();
     for _ in 0..12 {

@@ -286,3 +286,18 @@ impl EventSource {
         }
     }
 }
+
+/// A task per `(job id, stream)` that says whether the stream's result sends its browser to the
+/// job's own page B (`/test.do?id=…`, the default target) within a minute.
+pub fn default_results(streams: Vec<(String, SseReader)>) -> Vec<tokio::task::JoinHandle<bool>> {
+    streams
+        .into_iter()
+        .map(|(id, mut stream)| {
+            tokio::spawn(async move {
+                let result = stream.next_result(Duration::from_secs(60)).await;
+                result.and_then(|r| r["moveUrl"].as_str().map(str::to_owned))
+                    == Some(format!("/test.do?id={id}"))
+            })
+        })
+        .collect()
+}
