@@ -122,7 +122,7 @@ impl Envelope {
         let text = message
             .message
             .as_deref()
-            .map(Message::parse)
+            .map(Message::stored)
             .transpose()
             .map_err(|e| e.to_string())?;
         let target = || {

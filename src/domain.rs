@@ -198,6 +198,17 @@ impl Message {
         Ok(Self(raw.into()))
     }
 
+    /// A message as a release before the check above stored it (or sent it over Redis): read
+    /// with its invisible format characters left out, rather than refused, so that such a job
+    /// stays readable and its text still cannot reorder what page B shows.
+    pub fn stored(raw: &str) -> Result<Self, MessageError> {
+        let visible: String = raw
+            .chars()
+            .filter(|c| c.general_category() != GeneralCategory::Format)
+            .collect();
+        Self::parse(&visible)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -352,6 +363,20 @@ pub fn rfc3339(millis: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_message_from_before_the_format_check_is_read_without_those_characters() {
+        assert!(Message::parse("paid \u{202e}gnp.exe").is_err());
+        assert_eq!(
+            Message::stored("paid \u{202e}gnp.exe").unwrap().as_str(),
+            "paid gnp.exe"
+        );
+        assert!(
+            Message::stored("line\nbreak").is_err(),
+            "control characters stay refused"
+        );
+    }
+
     use proptest::prelude::*;
 
     #[test]

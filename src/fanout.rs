@@ -742,7 +742,7 @@ impl<L: Listener> Subscriber<L> {
                     log::warn!(
                         "dropped a message on the Redis channel {channel} that is not signed \
                          with this deployment's key (HANDOFF_FANOUT_KEY, or one derived from \
-                         HANDOFF_API_TOKEN): someone else publishes there, or an instance has \
+                         HANDOFF_SECRET_KEY or HANDOFF_API_TOKEN): someone else publishes there, or an instance has \
                          another key; counted in handoff_fanout_rejected_total, warned at most \
                          once a minute"
                     );

@@ -4,8 +4,9 @@
 //! site attaches with `log`'s key-values (`log::info!(job:% = id; "…")`).
 //!
 //! A field is a name the shipper can index on (every line about one job, from every instance),
-//! so call sites attach the ids they already print; never a secret, which no line carries in
-//! either format.
+//! so call sites attach the ids they already print; never a secret. The one secret a line ever
+//! carries is the API token generated at start when none is set, logged once so that the operator
+//! can use it (`HANDOFF_API_TOKEN` or `HANDOFF_API_TOKENS` set means there is none to log).
 
 use std::fmt;
 use std::io::Write as _;

@@ -111,8 +111,10 @@ pub(super) struct JobRow {
     message: Option<String>,
 }
 
-/// The columns of [`JobRow`], in its order.
-pub(super) const JOB_COLUMNS: &str = "id, status, move_url, created_at, ended_at, deadline, \
+/// The columns of [`JobRow`], in its order. The end time keeps the column name it was created
+/// with, read as `ended_at`: renaming the column would break the instances of the release before
+/// during a rolling upgrade.
+pub(super) const JOB_COLUMNS: &str = "id, status, move_url, created_at, completed_at AS ended_at, deadline, \
      progress_percent, progress_message, progress_at, message";
 
 impl TryFrom<JobRow> for Job {
@@ -127,7 +129,7 @@ impl TryFrom<JobRow> for Job {
         };
         let message = |raw: &Option<String>| {
             raw.as_deref()
-                .map(Message::parse)
+                .map(Message::stored)
                 .transpose()
                 .map_err(|_| corrupt("invalid message"))
         };

@@ -174,7 +174,7 @@ pub(super) async fn end_many(
         rows: n,
     };
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = $1, ended_at = $2, move_url = COALESCE({}, move_url), \
+        "UPDATE jobs SET status = $1, completed_at = $2, move_url = COALESCE({}, move_url), \
          message = {} WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
         rows.case(1),
         rows.case(2),
@@ -242,7 +242,7 @@ pub(super) async fn expire_due(
     // At most EXPIRE_BATCH a round, the earliest first, so one round after a long outage stays
     // short; the outer `status = 'pending'` keeps each job to one instance on PostgreSQL too.
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = 'expired', ended_at = $1 WHERE status = 'pending' AND id IN \
+        "UPDATE jobs SET status = 'expired', completed_at = $1 WHERE status = 'pending' AND id IN \
          (SELECT id FROM jobs WHERE status = 'pending' AND deadline <= $1 ORDER BY deadline \
          LIMIT {EXPIRE_BATCH}) RETURNING {JOB_COLUMNS}"
     ));
