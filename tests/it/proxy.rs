@@ -355,19 +355,15 @@ async fn nginx_counts_an_ipv6_client_by_its_64_as_handoff_does() {
     let dir = tempfile::tempdir().unwrap();
     let port = crate::support::free_port();
     let conf = format!(
-        "daemon off; master_process off; pid {dir}/nginx.pid; error_log {dir}/error.log;\n\
+        "master_process off;\n\
          events {{}}\n\
          http {{\n access_log off;\n{map}\n \
          server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"$client\"; }} }}\n}}\n",
-        dir = dir.path().display(),
         map = client_map_from_query(),
     );
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let mut nginx = Command::new(crate::support::nginx::nginx_binary())
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(dir.path().join("nginx.conf"))
+    let binary = crate::support::nginx::nginx_binary();
+    let mut nginx = crate::support::nginx::nginx_command(&binary, dir.path())
         .spawn()
         .unwrap();
     let client = client();

@@ -157,7 +157,7 @@ impl Drop for Nginx {
 
 /// nginx with this run's folder (`-p`), config, error log and pid file; in the foreground, so the
 /// test owns the master process.
-fn nginx_command(binary: &Path, dir: &Path) -> Command {
+pub fn nginx_command(binary: &Path, dir: &Path) -> Command {
     let mut cmd = Command::new(binary);
     cmd.arg("-p")
         .arg(dir)
