@@ -102,7 +102,7 @@ impl AppState {
     }
 
     /// Lets a lookup of jobs by `req`'s client in while its budget for unknown ids lasts
-    /// (`429` past it); the answer names the client, for [`AppState::missed`].
+    /// (`429` past it); the answer names the client, for [`LookupBudget::missed`].
     fn lookup(&self, req: &HttpRequest) -> Result<Option<IpAddr>, AppError> {
         let client = self.client_addr(req);
         self.lookups
@@ -111,17 +111,12 @@ impl AppState {
         Ok(client)
     }
 
-    /// Spends `unknown` ids, found missing, from `client`'s lookup budget.
-    fn missed(&self, client: Option<IpAddr>, unknown: usize) {
-        self.lookups.missed(client, unknown);
-    }
-
     /// Looks up one job for `req`'s client, under its lookup budget.
     async fn look_up(&self, req: &HttpRequest, id: &JobId) -> Result<crate::domain::Job, AppError> {
         let client = self.lookup(req)?;
         self.jobs.get(id).await.map_err(|err| {
             if matches!(err, crate::jobs::JobsError::NotFound) {
-                self.missed(client, 1);
+                self.lookups.missed(client, 1);
             }
             AppError::from(err)
         })

@@ -53,7 +53,7 @@ pub async fn connect(
     let permit = admit(&req, &state)?;
     let watch = state.jobs.watch(&id).await.inspect_err(|err| {
         if matches!(err, JobsError::NotFound) {
-            state.missed(client, 1);
+            state.lookups.missed(client, 1);
         }
     })?;
     log::debug!(job:% = id; "stream opened on job {id} from {:?}", req.peer_addr());
@@ -74,7 +74,7 @@ pub async fn watch(
     let client = state.lookup(&req)?;
     let permit = admit(&req, &state)?;
     let watches = state.jobs.watch_many(&ids).await?;
-    state.missed(
+    state.lookups.missed(
         client,
         watches.iter().filter(|watch| watch.is_none()).count(),
     );
