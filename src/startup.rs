@@ -90,6 +90,11 @@ impl Application {
             summary,
         } = wire(&config, &shutdown).await?;
         let listener = TcpListener::bind(config.addr)?;
+        // std listens with a queue of 128, and actix's `backlog` applies only to the sockets it
+        // binds itself: a burst of connects (every tab reconnecting through nginx after a
+        // restart) then overflows it, the kernel drops SYNs, and each drop costs a client (or
+        // nginx's 2 s proxy_connect_timeout) a second or more. Listening again sets the queue.
+        socket2::SockRef::from(&listener).listen(ACCEPT_QUEUE.into())?;
         let port = listener.local_addr()?.port();
         let jobs = state.jobs.clone();
         let server = serve(listener, state.clone(), config.workers)?;
@@ -361,6 +366,9 @@ fn lifetimes(config: &Config) -> Lifetimes {
     }
 }
 
+/// Connections the kernel may hold for the server before it accepts them.
+const ACCEPT_QUEUE: u16 = 4096;
+
 /// The server on `listener`, serving `state` on `workers` threads (default: one per core); it
 /// runs once awaited.
 fn serve(
@@ -370,7 +378,6 @@ fn serve(
 ) -> std::io::Result<Server> {
     let local = listener.local_addr()?;
     let mut builder = Server::build()
-        .backlog(4096)
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
         .disable_signals();
     if let Some(workers) = workers {

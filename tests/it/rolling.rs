@@ -14,7 +14,7 @@ use futures_util::{StreamExt as _, stream};
 use crate::support::instance::Instance;
 use crate::support::nginx::Nginx;
 use crate::support::redis::{fresh_channel, shared_redis};
-use crate::support::{FreshDb, Handoff, Sse, TOKEN, WAIT, eventually, result_of};
+use crate::support::{FreshDb, Handoff, Sse, TOKEN, WAIT, client_builder, eventually, result_of};
 
 const CLIENTS: usize = 1000;
 /// Completions a second, through nginx, from before the first restart to after the last.
@@ -42,11 +42,12 @@ struct Seen {
 /// An `EventSource` on `url` from the loopback address `from`: it honours `retry:`, reconnects
 /// whenever its stream ends, and stops at the result (a `200` other than an event stream, or
 /// any other status, is recorded and ends it, as a browser gives up then).
-async fn browser(from: IpAddr, url: String, seen: Arc<Mutex<Seen>>, connected: Arc<AtomicUsize>) {
-    let client = reqwest::Client::builder()
-        .local_address(from)
-        .build()
-        .expect("a client");
+async fn browser(
+    client: reqwest::Client,
+    url: String,
+    seen: Arc<Mutex<Seen>>,
+    connected: Arc<AtomicUsize>,
+) {
     let mut retry = Duration::from_secs(3);
     let mut first = true;
     loop {
@@ -58,7 +59,10 @@ async fn browser(from: IpAddr, url: String, seen: Arc<Mutex<Seen>>, connected: A
         {
             Ok(response) => response,
             Err(err) => {
-                seen.lock().unwrap().errors.push(format!("request: {err}"));
+                seen.lock()
+                    .unwrap()
+                    .errors
+                    .push(format!("request: {err:?}"));
                 return;
             }
         };
@@ -224,6 +228,17 @@ async fn a_rolling_restart_behind_nginx_loses_no_result_no_completion_and_shows_
         .buffer_unordered(32)
         .collect()
         .await;
+    // Built before the browsers start: a thousand builds (each sets up TLS) inside the browsers'
+    // tasks kept the runtime from writing the requests on a loaded machine, and nginx closed the
+    // silent connections (its client_header_timeout is 10 s) before any stream opened.
+    let clients: Vec<reqwest::Client> = (0..CLIENTS)
+        .map(|i| {
+            client_builder()
+                .local_address(address(i))
+                .build()
+                .expect("a client")
+        })
+        .collect();
     let connected = Arc::new(AtomicUsize::new(0));
     let seen: Vec<Arc<Mutex<Seen>>> = (0..CLIENTS).map(|_| Arc::default()).collect();
     let browsers: Vec<_> = ids
@@ -231,7 +246,7 @@ async fn a_rolling_restart_behind_nginx_loses_no_result_no_completion_and_shows_
         .enumerate()
         .map(|(i, id)| {
             tokio::spawn(browser(
-                address(i),
+                clients[i].clone(),
                 nginx.plain_url(&format!("/sse/connect/{id}")),
                 Arc::clone(&seen[i]),
                 Arc::clone(&connected),
@@ -241,11 +256,26 @@ async fn a_rolling_restart_behind_nginx_loses_no_result_no_completion_and_shows_
     let all_connected = eventually(Duration::from_secs(20), || async {
         connected.load(Ordering::Relaxed) == CLIENTS
     });
-    assert!(
-        all_connected.await,
-        "{} of {CLIENTS} browsers connected",
-        connected.load(Ordering::Relaxed)
-    );
+    if !all_connected.await {
+        let errors: Vec<String> = seen
+            .iter()
+            .flat_map(|seen| seen.lock().unwrap().errors.clone())
+            .take(3)
+            .collect();
+        panic!(
+            "{} of {CLIENTS} browsers connected ({} opened); first errors: {errors:?}; nginx's log: {}",
+            connected.load(Ordering::Relaxed),
+            seen.iter()
+                .map(|seen| seen.lock().unwrap().opened)
+                .sum::<usize>(),
+            nginx
+                .error_log()
+                .lines()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     let (on_a, on_b) = (
         a.metric("handoff_open_streams").await,
         b.metric("handoff_open_streams").await,
