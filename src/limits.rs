@@ -1,5 +1,6 @@
 //! Admission limits, one topic per child: the open-file limit the stream cap depends on
-//! (`open_files`), which address a request comes from (`client`), the stream caps (`streams`),
+//! (`open_files`), which address a request comes from (`client`), the stream caps and a stream's
+//! latest end (`streams`),
 //! the throttle on guessing the API token (`throttle`), the demo jobs one address may start
 //! (`demo_jobs`) and the unknown job ids it may ask about (`lookups`), the last two token
 //! buckets (`buckets`).
@@ -16,7 +17,7 @@ pub use client::{TrustedProxies, client_key};
 pub use demo_jobs::{DEMO_BURST, DEMO_REFILL, DemoJobLimit};
 pub use lookups::{LOOKUP_BURST, LOOKUP_REFILL, LookupBudget};
 pub use open_files::{default_max_streams, raise_open_file_limit};
-pub use streams::{Refusal, StreamLimits, StreamPermit};
+pub use streams::{Refusal, StreamEnds, StreamLimits, StreamPermit};
 pub use throttle::GuessThrottle;
 
 #[cfg(test)]

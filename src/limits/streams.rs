@@ -1,4 +1,5 @@
-//! The stream caps: how many event streams may be open at once, in all and per client.
+//! The stream caps: how many event streams may be open at once, in all and per client; and how
+//! long one may hold its place ([`StreamEnds`]).
 //!
 //! Every open stream holds a [`StreamPermit`]; dropping it (however the stream ends) gives the
 //! place back, so the counts cannot drift the way a periodic sweep could.
@@ -8,8 +9,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use super::client::client_key;
+
+/// When an event stream ends at the latest: its timeout. Its route leaves it in the request's
+/// extensions for the connection (`startup`): once the client stops reading and the socket is
+/// full, actix-http stops polling the stream, whose own timer then cannot end it, so the
+/// connection closes at this instant instead, and the stream's place goes with it.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamEnds(pub Instant);
 
 /// Why a stream was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

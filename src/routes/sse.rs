@@ -19,14 +19,14 @@ mod wire;
 
 use std::time::Duration;
 
-use actix_web::{HttpRequest, Responder, web};
+use actix_web::{HttpMessage as _, HttpRequest, Responder, web};
 use actix_web_lab::sse::Sse;
 
 use super::error::AppError;
 use super::{AppState, job_id};
 use crate::domain::JobId;
 use crate::jobs::JobsError;
-use crate::limits::StreamPermit;
+use crate::limits::{StreamEnds, StreamPermit};
 use pacing::Ticker;
 use stream::{EventStream, StreamAccounting, Watched, WatchedJob};
 use wire::Greeting;
@@ -60,7 +60,7 @@ pub async fn connect(
     let watched = Watched::One {
         job: WatchedJob::new(id, Some(watch)),
     };
-    Ok(respond(Greeting::Job, watched, permit, &state))
+    Ok(respond(&req, Greeting::Job, watched, permit, &state))
 }
 
 /// `GET /sse/watch?ids=…`: one stream for several jobs. It ends once every watched job has ended
@@ -81,7 +81,7 @@ pub async fn watch(
     log::debug!("shared stream opened on {} job(s)", ids.len());
     let jobs = ids.into_iter().zip(watches);
     let watched = Watched::new(jobs.map(|(id, watch)| WatchedJob::new(id, watch)).collect());
-    Ok(respond(Greeting::Watch, watched, permit, &state))
+    Ok(respond(&req, Greeting::Watch, watched, permit, &state))
 }
 
 /// Takes a place under the stream caps for `req`'s client, or says which cap is reached.
@@ -95,15 +95,19 @@ fn admit(req: &HttpRequest, state: &AppState) -> Result<StreamPermit, AppError> 
         })?)
 }
 
-/// The stream of `watched`, with the headers and `retry:` every stream is answered with.
+/// The stream of `watched`, with the headers and `retry:` every stream is answered with; `req`
+/// is told when it ends ([`StreamEnds`]).
 fn respond(
+    req: &HttpRequest,
     greeting: Greeting,
     watched: Watched,
     permit: StreamPermit,
     state: &AppState,
 ) -> impl Responder + use<> {
     let accounting = StreamAccounting::new(permit, state);
-    let events = EventStream::new(greeting, watched, accounting, Ticker::new(state.sse));
+    let ticker = Ticker::new(state.sse);
+    req.extensions_mut().insert(StreamEnds(ticker.deadline()));
+    let events = EventStream::new(greeting, watched, accounting, ticker);
     Sse::from_infallible_stream(events)
         .with_retry_duration(state.sse.retry)
         .customize()

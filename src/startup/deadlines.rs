@@ -2,11 +2,12 @@
 //! byte, every body within `.body` of its head, and an idle connection closed after `.keep_alive`.
 //! Once a request is complete, nothing here limits how long its answer lasts (an event stream
 //! legitimately receives nothing from its client for minutes), only how long the client may
-//! leave it unread: a connection whose writes make no progress for `.write` is closed.
+//! leave it unread: a connection whose writes make no progress for `.write` is closed, and so is
+//! one whose writes are stalled when its event stream's timeout passes ([`StreamEnds`]).
 //!
-//! That last deadline is what ends a stream whose client stopped reading: once the socket's
-//! buffers are full, actix-http stops polling the answer's body, so the stream's own timeout
-//! never runs; the socket is the one place that still sees the stalled writes.
+//! Those deadlines are what end a stream whose client stopped reading: once the socket's buffers
+//! are full, actix-http stops polling the answer's body, so the stream's own timeout never runs;
+//! the socket is the one place that still sees the stalled writes.
 //!
 //! actix-http 3 (its `h1/dispatcher.rs`) offers less than that, hence this module:
 //! - its head timer (`client_request_timeout`) runs for a connection's *first* request only: it is
@@ -38,7 +39,7 @@ use actix_web::http::header::ContentType;
 use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::web::Bytes;
-use actix_web::{Error, HttpResponse};
+use actix_web::{Error, HttpMessage as _, HttpResponse};
 use futures_util::Stream;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -46,6 +47,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::SECURITY_HEADERS;
+use crate::limits::StreamEnds;
 
 /// How long a client may take; see the module documentation.
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +59,7 @@ pub struct Timing {
     /// From the end of a head to the end of its body. Bodies are at most 16 KiB.
     pub body: Duration,
     /// How long writes may find the socket full without a byte going out before the connection
-    /// is closed.
+    /// is closed; an event stream's connection is closed sooner when its timeout passes first.
     pub write: Duration,
 }
 
@@ -78,8 +80,10 @@ enum Phase {
     Waiting { deadline: Instant },
     /// The first bytes of a head arrived; the rest must be in by `deadline`.
     Head { deadline: Instant },
-    /// A complete request is being served: its body has its own deadline, its answer none.
-    Serving,
+    /// A complete request is being served: its body has its own deadline, its answer none but
+    /// the one that holds while the client reads nothing: the write deadline, or `ends`, when
+    /// an event stream ends at the latest, whichever comes first.
+    Serving { ends: Option<Instant> },
 }
 
 /// A connection's phase, shared by its [`Conn`] and the requests on it (as connection data).
@@ -97,7 +101,15 @@ impl ConnPhase {
     fn deadline(&self) -> Option<Instant> {
         match self.0.get() {
             Phase::Waiting { deadline } | Phase::Head { deadline } => Some(deadline),
-            Phase::Serving => None,
+            Phase::Serving { .. } => None,
+        }
+    }
+
+    /// When the answer being served ends at the latest, if it says.
+    fn answer_ends(&self) -> Option<Instant> {
+        match self.0.get() {
+            Phase::Serving { ends } => ends,
+            Phase::Waiting { .. } | Phase::Head { .. } => None,
         }
     }
 
@@ -109,7 +121,14 @@ impl ConnPhase {
     }
 
     fn request_started(&self) {
-        self.0.set(Phase::Serving);
+        self.0.set(Phase::Serving { ends: None });
+    }
+
+    /// The answer being served is an event stream that ends by `at`.
+    fn stream_ends(&self, at: Instant) {
+        if let Phase::Serving { .. } = self.0.get() {
+            self.0.set(Phase::Serving { ends: Some(at) });
+        }
     }
 
     fn answered(&self) {
@@ -160,8 +179,9 @@ impl Conn {
     }
 
     /// Passes on a write's outcome, unless writes have found the socket full for
-    /// [`TIMING`]`.write`: then the write fails, and the dispatcher drops the connection (and
-    /// with it the answer's body, a stream's place and its subscriptions).
+    /// [`TIMING`]`.write`, or found it full when the event stream being written was to end:
+    /// then the write fails, and the dispatcher drops the connection (and with it the answer's
+    /// body, a stream's place and its subscriptions).
     fn timed(
         &mut self,
         poll: Poll<io::Result<usize>>,
@@ -171,7 +191,11 @@ impl Conn {
             self.write_stalled = None;
             return poll;
         }
-        let deadline = *self.write_stalled.get_or_insert_with(Instant::now) + TIMING.write;
+        let unread = *self.write_stalled.get_or_insert_with(Instant::now) + TIMING.write;
+        let deadline = self
+            .phase
+            .answer_ends()
+            .map_or(unread, |ends| ends.min(unread));
         let timer = self
             .write_timer
             .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
@@ -183,7 +207,7 @@ impl Conn {
         }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            "the client read nothing for the write deadline",
+            "the client stopped reading its answer",
         )))
     }
 }
@@ -287,9 +311,9 @@ fn late_body(part: &str, limit: Duration) -> String {
     )
 }
 
-/// Middleware: marks the connection as serving while a request is handled and as waiting again
-/// once its answer is written, and gives the request's body a deadline. A body still arriving
-/// at its deadline gets `408` and the connection closes.
+/// Middleware: marks the connection as serving while a request is handled (until when, for an
+/// event stream) and as waiting again once its answer is written, and gives the request's body
+/// a deadline. A body still arriving at its deadline gets `408` and the connection closes.
 pub async fn track(
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -322,6 +346,10 @@ pub async fn track(
             return Err(err);
         }
     };
+    let ends = res.request().extensions().get::<StreamEnds>().copied();
+    if let (Some(phase), Some(StreamEnds(at))) = (&phase, ends) {
+        phase.stream_ends(at);
+    }
     let res = if late.is_some_and(|late| late.get()) {
         // Whatever the handler made of the failed body, the client is told what happened.
         let mut response = HttpResponse::build(StatusCode::REQUEST_TIMEOUT)
@@ -406,40 +434,71 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt as _;
 
-    /// A client that never reads: once the socket's buffers are full, the writer's next write
-    /// fails within the write deadline instead of waiting for ever.
-    #[tokio::test]
-    async fn writes_that_make_no_progress_fail_at_the_write_deadline() {
+    /// A connection accepted from a client that never reads, with a receive buffer as small as
+    /// the kernel allows, so that the socket's buffers fill after a few writes.
+    async fn unread_connection() -> (Conn, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpSocket::new_v4().unwrap();
         client.set_recv_buffer_size(4096).unwrap();
-        let _client = client
+        let client = client
             .connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let mut conn = Conn::new(server);
+        (Conn::new(server), client)
+    }
+
+    /// Writes to `conn` until a write fails; the error, and when the last write that went
+    /// through at once was made (about when the socket filled).
+    async fn write_until_failed(conn: &mut Conn) -> (io::Error, Instant) {
         let chunk = vec![b'x'; 64 * 1024];
-        let started = tokio::time::Instant::now();
-        let mut stalled_at = started;
-        let failed = tokio::time::timeout(TIMING.write * 3, async {
-            loop {
-                let before = tokio::time::Instant::now();
-                if let Err(err) = conn.write_all(&chunk).await {
-                    return err;
-                }
-                if before.elapsed() < Duration::from_millis(100) {
-                    stalled_at = tokio::time::Instant::now();
-                }
+        let mut stalled_at = Instant::now();
+        loop {
+            let before = Instant::now();
+            if let Err(err) = conn.write_all(&chunk).await {
+                return (err, stalled_at);
             }
-        })
-        .await
-        .expect("the stalled write fails, not waits");
+            if before.elapsed() < Duration::from_millis(100) {
+                stalled_at = Instant::now();
+            }
+        }
+    }
+
+    /// A client that never reads: once the socket's buffers are full, the writer's next write
+    /// fails within the write deadline instead of waiting for ever.
+    #[tokio::test]
+    async fn writes_that_make_no_progress_fail_at_the_write_deadline() {
+        let (mut conn, _client) = unread_connection().await;
+        let (failed, stalled_at) =
+            tokio::time::timeout(TIMING.write * 3, write_until_failed(&mut conn))
+                .await
+                .expect("the stalled write fails, not waits");
         assert_eq!(failed.kind(), io::ErrorKind::TimedOut);
         let waited = stalled_at.elapsed();
         assert!(
             waited >= TIMING.write - Duration::from_millis(200) && waited < TIMING.write * 2,
             "failed {waited:?} after the socket filled"
+        );
+    }
+
+    /// An event stream whose client stopped reading ends at its timeout when that comes before
+    /// the write deadline: the stalled write fails then, not 15 s after the socket filled.
+    #[tokio::test]
+    async fn stalled_writes_of_an_event_stream_fail_when_the_stream_is_to_end() {
+        let (mut conn, _client) = unread_connection().await;
+        let phase = conn.phase();
+        phase.request_started();
+        let ends = Instant::now() + Duration::from_secs(1);
+        phase.stream_ends(ends);
+        let (failed, _) = tokio::time::timeout(TIMING.write / 2, write_until_failed(&mut conn))
+            .await
+            .expect("the stalled write fails at the stream's end, not at the write deadline");
+        assert_eq!(failed.kind(), io::ErrorKind::TimedOut);
+        let now = Instant::now();
+        assert!(
+            now >= ends && now - ends < Duration::from_millis(500),
+            "failed {:?} after the stream's end",
+            now.saturating_duration_since(ends)
         );
     }
 }

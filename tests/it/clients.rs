@@ -8,7 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::support::HttpConnection::KeepAlive;
-use crate::support::{Handoff, Instance, TestApp, WAIT, eventually};
+use crate::support::{Handoff, Instance, TestApp, WAIT, eventually, read_until_closed};
 
 async fn drained(handoff: &Handoff, within: Duration) -> bool {
     eventually(within, || async {
@@ -58,6 +58,161 @@ async fn a_client_that_never_reads_delays_no_one_and_is_dropped_at_the_stream_ti
     // The non-readers' streams end (result sent, or timed out) though their sockets stay open.
     assert!(drained(&app, Duration::from_secs(4)).await);
     drop(idle);
+}
+
+/// Jobs whose runner reports progress on each of them every 50 ms, twice as often as a stream
+/// writes a job's progress (the rest are coalesced), each report with a message as long in
+/// bytes as the API takes (200 characters of 4 bytes): the fastest a stream's socket fills.
+struct BusyJobs {
+    ids: Vec<String>,
+    runner: tokio::task::JoinHandle<()>,
+}
+
+impl BusyJobs {
+    async fn start(app: &TestApp, n: usize) -> Self {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(app.job_id().await);
+        }
+        let (handoff, reported) = (Handoff::clone(app), ids.clone());
+        let runner = tokio::spawn(async move {
+            let message = "\u{1F600}".repeat(200);
+            for round in 0u64.. {
+                let operations: Vec<_> = reported
+                    .iter()
+                    .map(|id| {
+                        serde_json::json!({
+                            "op": "progress", "id": id, "percent": round % 101, "message": message,
+                        })
+                    })
+                    .collect();
+                let body = serde_json::json!({ "operations": operations });
+                let answer = handoff.api_post("/api/jobs/batch", Some(body)).await;
+                assert_eq!(answer.status(), 200, "reporting progress");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Self { ids, runner }
+    }
+
+    /// `/sse/watch` on every job.
+    fn watch_path(&self) -> String {
+        format!("/sse/watch?ids={}", self.ids.join(","))
+    }
+}
+
+impl Drop for BusyJobs {
+    fn drop(&mut self) {
+        self.runner.abort();
+    }
+}
+
+/// A client watching 32 busy jobs that never reads, once its socket is full.
+struct Unread {
+    socket: TcpStream,
+    jobs: BusyJobs,
+    /// When it sent its request.
+    opened: Instant,
+    /// When the server last sent it an event: about when its socket was full.
+    full: Instant,
+}
+
+impl Unread {
+    /// Opens the watch and waits until `handoff_events_sent_total` has not grown for a second
+    /// while the jobs go on reporting: the socket is full, and actix-http no longer polls the
+    /// stream. Panics if that has not happened within `within` of the request.
+    async fn until_full(app: &TestApp, within: Duration) -> Self {
+        let jobs = BusyJobs::start(app, 32).await;
+        let opened = Instant::now();
+        let socket = app.unread_stream_at(&jobs.watch_path()).await;
+        assert!(app.metric_reaches("handoff_open_streams", 1.0, WAIT).await);
+        let mut sent = app.metric("handoff_events_sent_total").await;
+        let mut full = Instant::now();
+        while full.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = app.metric("handoff_events_sent_total").await;
+            if now != sent {
+                (sent, full) = (now, Instant::now());
+            }
+            assert!(
+                opened.elapsed() < within,
+                "the unread stream's socket was not full within {within:?}: {sent} events \
+                 sent, the last {:?} ago",
+                full.elapsed()
+            );
+        }
+        eprintln!(
+            "the socket was full {:?} after the request, after {sent} events",
+            full - opened
+        );
+        Self {
+            socket,
+            jobs,
+            opened,
+            full,
+        }
+    }
+
+    /// Stops the jobs' reports, reads the socket to its end, which must come within [`WAIT`],
+    /// and checks that the server cut the stream rather than ended it (an ended stream's answer
+    /// ends with the empty last chunk).
+    async fn cut_off(self) {
+        let Self {
+            mut socket, jobs, ..
+        } = self;
+        drop(jobs);
+        let (took, read) = read_until_closed(&mut socket, WAIT).await;
+        assert!(
+            !read.ends_with("\r\n0\r\n\r\n"),
+            "the stream ended cleanly: its socket was never full"
+        );
+        eprintln!("{} bytes were still queued, read in {took:?}", read.len());
+    }
+}
+
+/// Waits until no stream is open; when that was seen.
+async fn no_stream_left(app: &TestApp, within: Duration) -> Instant {
+    let gone = eventually(within, || async {
+        app.metric("handoff_open_streams").await == 0.0
+    });
+    assert!(
+        gone.await,
+        "the unread stream is still open after {within:?}"
+    );
+    Instant::now()
+}
+
+#[tokio::test]
+async fn a_watch_whose_client_never_reads_ends_at_its_timeout_though_its_socket_is_full() {
+    // Long enough for the socket to fill first, and far shorter than the write deadline.
+    let timeout = Duration::from_secs(5);
+    let app = TestApp::spawn_with(|c| c.sse_timeout = timeout).await;
+    let unread = Unread::until_full(&app, timeout - Duration::from_millis(500)).await;
+    let lived = no_stream_left(&app, timeout + Duration::from_secs(5)).await - unread.opened;
+    eprintln!("the stream lived {lived:?} (timeout {timeout:?})");
+    assert!(
+        lived < timeout + Duration::from_millis(1500),
+        "the unread stream lived {lived:?}, its timeout being {timeout:?}"
+    );
+    unread.cut_off().await;
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_stops_reading_is_closed_at_the_write_deadline() {
+    let write_deadline = handoff::startup::TIMING.write;
+    let app = TestApp::spawn_with(|c| c.sse_timeout = write_deadline * 4).await;
+    let unread = Unread::until_full(&app, write_deadline).await;
+    let after = no_stream_left(&app, write_deadline + Duration::from_secs(5)).await - unread.full;
+    eprintln!("the stream ended {after:?} after its socket was full");
+    // Writes stalled a little before the last event went in (actix-http buffers up to 32 KiB
+    // past a full socket): never much later than the deadline, never much earlier.
+    assert!(
+        after > write_deadline - Duration::from_secs(2)
+            && after < write_deadline + Duration::from_secs(2),
+        "the stream ended {after:?} after its socket filled; the write deadline is \
+         {write_deadline:?}"
+    );
+    unread.cut_off().await;
 }
 
 /// Connect/disconnect cycle number `i`, in one of three manners by turns.

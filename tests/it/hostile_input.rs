@@ -8,7 +8,7 @@ use handoff::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{TOKEN, TestApp, WAIT, read_until};
+use crate::support::{TOKEN, TestApp, WAIT, read_until, read_until_closed};
 
 /// A response as read off the wire.
 #[derive(Debug)]
@@ -385,27 +385,6 @@ async fn a_slow_loris_sending_headers_byte_by_byte_is_cut_off() {
     eprintln!("slow loris cut off after {:?}", started.elapsed());
     let health = app.get("/healthz").await;
     assert_eq!(health.status(), 200);
-}
-
-/// Reads `socket` until the server closes it; returns how long that took and what was read.
-/// Panics if it is still open after `limit`.
-async fn read_until_closed(socket: &mut TcpStream, limit: Duration) -> (Duration, String) {
-    let started = Instant::now();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = limit.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, socket.read(&mut buf)).await {
-            Err(_) => panic!(
-                "still open after {limit:?}; read: {}",
-                String::from_utf8_lossy(&seen)
-            ),
-            Ok(Ok(0) | Err(_)) => {
-                return (started.elapsed(), String::from_utf8_lossy(&seen).into());
-            }
-            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 /// A keep-alive connection that has had one complete request answered.

@@ -394,3 +394,111 @@ async fn an_address_scanning_for_job_ids_gets_429_while_another_is_served() {
          (8 connections, {served} watches served, {refused} refused): median {fm:?} p99 {f99:?}"
     );
 }
+
+/// Ids the read lane has read so far (`handoff_store_batch_rows` of the read statement).
+async fn ids_read(app: &TestApp) -> f64 {
+    app.metric_if_shown(r#"handoff_store_batch_rows_sum{lane="read",kind="read"}"#)
+        .await
+        .unwrap_or(0.0)
+}
+
+/// `GET /api/jobs/{id}` from a client that gives up after `patience`: its status, or `None`
+/// when it hung up first.
+async fn lookup_with_patience(app: &TestApp, id: &str, patience: Duration) -> Option<u16> {
+    let request = app.client.get(app.url(&format!("/api/jobs/{id}")));
+    match request.timeout(patience).send().await {
+        Ok(answer) => Some(answer.status().as_u16()),
+        Err(err) if err.is_timeout() => None,
+        Err(err) => panic!("lookup: {err}"),
+    }
+}
+
+/// Waits until `n` reads on the database at `url` wait for a lock.
+async fn reads_waiting_for_a_lock(url: &str, n: i64) {
+    use sqlx::Connection as _;
+    let mut watcher = sqlx::PgConnection::connect(url).await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'SELECT%'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting == n {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{waiting} reads wait for the lock, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The read lane's queue is bounded, so a flood of lookups waiting for a slow database gets
+/// `503` instead of memory; and a lookup whose client hung up while it waited costs no read.
+/// The database is held slow by a transaction of the test's own that locks the job table.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL at 127.0.0.1:5432; scripts/test.sh starts it"]
+async fn a_full_read_queue_answers_503_and_a_read_whose_client_hung_up_is_skipped() {
+    use sqlx::Connection as _;
+    const ROOM: usize = 4;
+    let db = crate::support::FreshDb::postgres().await;
+    let app = TestApp::spawn_on(db.url(), |c| c.read_queue = ROOM).await;
+    let id = app.job_id().await;
+    let before = ids_read(&app).await;
+    let mut locker = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let patience = Duration::from_secs(1);
+    // The first lookup's read is taken by the lane and waits for the lock; the next ones fill
+    // the queue behind it, and the one after them finds it full.
+    let behind_the_first = async {
+        reads_waiting_for_a_lock(db.url(), 1).await;
+        let queued = (0..ROOM).map(|_| lookup_with_patience(&app, &id, patience));
+        tokio::join!(futures_util::future::join_all(queued), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let request = app.client.get(app.url(&format!("/api/jobs/{id}")));
+            request.timeout(WAIT).send().await
+        })
+    };
+    let (first, (queued, refused)) =
+        tokio::join!(lookup_with_patience(&app, &id, patience), behind_the_first);
+    let refused = refused.expect("a lookup beyond the read queue's room is answered at once");
+    assert_eq!(
+        refused.status(),
+        503,
+        "a lookup beyond the read queue's room"
+    );
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let why: Value = refused.json().await.unwrap();
+    assert_eq!(
+        why["error"],
+        format!("{ROOM} job reads are waiting for the database, the limit; try again shortly")
+    );
+    assert!(
+        queued.iter().all(Option::is_none),
+        "the queued lookups waited for the lock: {queued:?}"
+    );
+    assert_eq!(
+        first, None,
+        "the first lookup waited for the lock and hung up too"
+    );
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    // Once the lane has caught up, a lookup is read again; of the hung-up ones, only the read
+    // already under way was.
+    assert!(
+        eventually(WAIT, || async { app.get_job(&id).await.status() == 200 }).await,
+        "the read lane caught up"
+    );
+    assert_eq!(
+        ids_read(&app).await - before,
+        2.0,
+        "ids read: the first lookup's and the last one's, not the {ROOM} whose clients had gone"
+    );
+}

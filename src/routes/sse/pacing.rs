@@ -44,6 +44,11 @@ impl Ticker {
         }
     }
 
+    /// When the stream ends at the latest.
+    pub(super) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// Makes the timer fire by `at` (to send a report a [`ProgressPace`] held back); what it
     /// fires for then is a keep-alive, which is harmless.
     pub(super) fn wake_by(self: Pin<&mut Self>, at: Instant) {

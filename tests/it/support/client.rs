@@ -209,19 +209,30 @@ impl Handoff {
     /// no HTTP library would be, one that never reads, or closes or resets at will.
     pub async fn raw_stream(&self, id: &str, connection: HttpConnection) -> TcpStream {
         let addr = self.base.trim_start_matches("http://");
-        let mut socket = TcpStream::connect(addr).await.expect("connect");
-        let close = match connection {
-            HttpConnection::KeepAlive => "",
-            HttpConnection::Close => "Connection: close\r\n",
-        };
-        let request = format!(
-            "GET /sse/connect/{id} HTTP/1.1\r\nHost: handoff.test\r\nAccept: text/event-stream\r\n{close}\r\n"
-        );
-        socket
-            .write_all(request.as_bytes())
+        let socket = TcpStream::connect(addr).await.expect("connect");
+        request_stream(socket, &format!("/sse/connect/{id}"), connection).await
+    }
+
+    /// Sends `GET path` (an event stream) and returns the socket unread: a client that stopped
+    /// reading. Its receive buffer is as small as the kernel allows, and its segments as large
+    /// as over Ethernet (1460 bytes), not loopback's 64 KiB: the server's kernel sizes the send
+    /// buffer by segments, and would otherwise take megabytes before the socket is full.
+    pub async fn unread_stream_at(&self, path: &str) -> TcpStream {
+        let addr: std::net::SocketAddr = self
+            .base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("an address");
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("a socket");
+        socket.set_recv_buffer_size(1).expect("SO_RCVBUF");
+        socket.set_tcp_mss(1460).expect("TCP_MAXSEG");
+        socket.set_nonblocking(true).expect("non-blocking");
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into())
+            .connect(addr)
             .await
-            .expect("send request");
-        socket
+            .expect("connect");
+        request_stream(socket, path, HttpConnection::KeepAlive).await
     }
 
     /// [`raw_stream`](Self::raw_stream), read until its connect event arrived after a `200`.
@@ -231,6 +242,26 @@ impl Handoff {
         assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
         socket
     }
+}
+
+/// Sends `GET path` for an event stream on `socket`; the socket, unread.
+async fn request_stream(
+    mut socket: TcpStream,
+    path: &str,
+    connection: HttpConnection,
+) -> TcpStream {
+    let close = match connection {
+        HttpConnection::KeepAlive => "",
+        HttpConnection::Close => "Connection: close\r\n",
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: handoff.test\r\nAccept: text/event-stream\r\n{close}\r\n"
+    );
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    socket
 }
 
 fn move_url_body(move_url: Option<&str>) -> Option<Value> {
@@ -269,6 +300,27 @@ pub async fn read_until(socket: &mut TcpStream, marker: &str) -> String {
         seen.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Reads `socket` until the server closes it; returns how long that took and what was read.
+/// Panics if it is still open after `limit`.
+pub async fn read_until_closed(socket: &mut TcpStream, limit: Duration) -> (Duration, String) {
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, socket.read(&mut buf)).await {
+            Err(_) => panic!(
+                "still open after {limit:?}; read: {}",
+                String::from_utf8_lossy(&seen)
+            ),
+            Ok(Ok(0) | Err(_)) => {
+                return (started.elapsed(), String::from_utf8_lossy(&seen).into());
+            }
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// reqwest's builder, for every client of the tests. The server's reqwest brings rustls without a

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use client::{
     Handoff, HttpConnection, client, client_builder, cookie_client, page_text, post_form,
-    read_until,
+    read_until, read_until_closed,
 };
 pub use instance::Instance;
 pub use sse::{Sse, SseReader, result_of};
