@@ -1,11 +1,12 @@
 //! Routed fan-out on a real Redis Cluster (sharded Pub/Sub): results cross instances, an
-//! instance watching nothing hears nothing, a master's failover loses nothing, forged messages
-//! on a job's channel move no browser.
+//! instance watching nothing hears nothing, a master's failover loses nothing. (The scale-out
+//! scenarios of `tests/it/scale_out.rs`, forged messages on a job's channel among them, run on a
+//! cluster too.)
 
 use futures_util::{StreamExt, stream};
 
 use crate::support::redis_cluster::RedisCluster;
-use crate::support::{FreshDb, Instance, SseReader, WAIT, eventually};
+use crate::support::{FreshDb, Instance, SseReader};
 
 const KEY: &str = "a-fanout-key-of-at-least-32-characters-for-the-cluster";
 
@@ -150,33 +151,4 @@ async fn a_master_killed_and_its_replica_promoted_while_jobs_complete_loses_noth
         "every result arrives, by message or by the resync; the watching instance logged:\n{}",
         two.log_text()
     );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and redis-server (cluster mode): run by scripts/test.sh"]
-async fn forged_messages_on_a_jobs_sharded_channel_are_rejected() {
-    let cluster = RedisCluster::start().await;
-    let db = FreshDb::postgres().await;
-    let one = start(&db, &cluster, &[]).await;
-    let id = one.job_id().await;
-    let mut waiting = one.connected_stream(&id).await;
-    let channel = format!("handoff:completions:{{{id}}}");
-    let forged =
-        format!(r#"{{"id":"{id}","kind":"complete","moveUrl":"/jobs/elsewhere","from":"forger"}}"#);
-    assert_eq!(
-        cluster.spublish(&channel, &forged),
-        1,
-        "the instance is subscribed"
-    );
-    assert_eq!(
-        cluster.spublish(&channel, &format!("v1.{}.{forged}", "A".repeat(43))),
-        1
-    );
-    let counted = eventually(WAIT, || async {
-        one.metric("handoff_fanout_rejected_total").await == 2.0
-    });
-    assert!(counted.await, "both forgeries are counted");
-    assert_eq!(one.complete(&id).await.status(), 200);
-    let result = waiting.next_result(WAIT).await.expect("a result");
-    assert_eq!(result["moveUrl"], format!("/test.do?id={id}"), "{result}");
 }

@@ -48,35 +48,13 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_node_port();
-            let folder = dir.path().join(port.to_string());
-            std::fs::create_dir(&folder).expect("node folder");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&folder)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot run redis-server ({e}): run scripts/test.sh, or apt-get install redis-server")
-                });
-            nodes.push(Node {
-                port,
-                child: Some(child),
-            });
+            std::fs::create_dir(dir.path().join(port.to_string())).expect("node folder");
+            nodes.push(Node { port, child: None });
         }
-        for node in &nodes {
-            let port = node.port;
-            let up = eventually(Duration::from_secs(10), || async move {
-                Command::new("redis-cli")
-                    .args(["-p", &port.to_string(), "PING"])
-                    .output()
-                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
-            });
-            assert!(up.await, "redis-server on port {port} did not answer");
-        }
-        let addresses: Vec<String> = nodes
+        let mut cluster = Self { nodes, _dir: dir };
+        cluster.start_nodes().await;
+        let addresses: Vec<String> = cluster
+            .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
@@ -88,9 +66,53 @@ impl RedisCluster {
             .output()
             .expect("redis-cli --cluster create");
         assert!(created.status.success(), "cluster create: {created:?}");
-        let cluster = Self { nodes, _dir: dir };
         cluster.wait_ok().await;
         cluster
+    }
+
+    /// Starts every node that is not running, in its own folder (where its `nodes.conf` keeps
+    /// its place in the cluster), and waits until each answers.
+    async fn start_nodes(&mut self) {
+        for node in self.nodes.iter_mut().filter(|n| n.child.is_none()) {
+            let port = node.port;
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(self._dir.path().join(port.to_string()))
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run redis-server ({e}): run scripts/test.sh, or apt-get install redis-server")
+                });
+            node.child = Some(child);
+        }
+        for node in &self.nodes {
+            let port = node.port;
+            let up = eventually(Duration::from_secs(10), || async move {
+                Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "PING"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+            });
+            assert!(up.await, "redis-server on port {port} did not answer");
+        }
+    }
+
+    /// SIGKILLs every node: the whole cluster is down, and every client's links break at once.
+    pub fn stop(&mut self) {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        for port in ports {
+            self.kill(port);
+        }
+    }
+
+    /// Starts every stopped node again on its port, with the cluster configuration it saved,
+    /// and waits until the cluster serves every slot.
+    pub async fn restart(&mut self) {
+        self.start_nodes().await;
+        self.wait_ok().await;
     }
 
     /// `REDIS_URL` for `HANDOFF_REDIS_CLUSTER=on`: every node as a seed.
@@ -113,12 +135,7 @@ impl RedisCluster {
 
     /// Waits until every live node says `cluster_state:ok`.
     pub async fn wait_ok(&self) {
-        let ports: Vec<u16> = self
-            .nodes
-            .iter()
-            .filter(|n| n.child.is_some())
-            .map(|n| n.port)
-            .collect();
+        let ports = self.live_ports();
         let ok = eventually(SETTLE, || {
             let ports = ports.clone();
             async move {
@@ -179,6 +196,29 @@ impl RedisCluster {
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("SPUBLISH answered {answer:?}"))
+    }
+
+    /// `CLIENT KILL TYPE pubsub` on every live node: every subscribing link breaks (the node
+    /// stays up); how many links were cut.
+    pub fn kill_subscriber_links(&self) -> u64 {
+        self.live_ports()
+            .iter()
+            .map(|&port| {
+                let killed = redis_cli(port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+                killed
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or_else(|_| panic!("CLIENT KILL on {port} answered {killed:?}"))
+            })
+            .sum()
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
     }
 }
 
