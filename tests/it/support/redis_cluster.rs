@@ -1,5 +1,7 @@
 //! A real Redis Cluster for the tests: 3 masters and 3 replicas, each `redis-server` on a
-//! loopback port in a temp folder of its own, joined by `redis-cli --cluster create`.
+//! loopback port in a temp folder of its own, joined by `redis-cli --cluster create`. A test may
+//! kill a node (its replica takes over), stop and restart them all, cut the subscribers' links,
+//! or start a planned failover.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,6 +41,29 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): run scripts/test.sh"));
     assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The port of a replica of the master on `port`, as that master's `CLUSTER NODES` lists it.
+fn replica_port(port: u16) -> Option<u16> {
+    let nodes = redis_cli(port, &["CLUSTER", "NODES"]);
+    let master_id = nodes
+        .lines()
+        .find(|line| line.contains("myself"))?
+        .split(' ')
+        .next()?;
+    nodes
+        .lines()
+        .map(|line| line.split(' ').collect::<Vec<_>>())
+        .find(|fields| fields.len() > 3 && fields[2].contains("slave") && fields[3] == master_id)
+        .and_then(|fields| {
+            fields[1]
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
 }
 
 impl RedisCluster {
@@ -211,6 +236,43 @@ impl RedisCluster {
                     .unwrap_or_else(|_| panic!("CLIENT KILL on {port} answered {killed:?}"))
             })
             .sum()
+    }
+
+    /// A planned failover, as an operator starts one for maintenance: `CLUSTER FAILOVER` on a
+    /// replica of the master on `port`, which takes over its slots while the old master stays
+    /// up as its replica (no link drops). Returns the new master's port once it is done: every
+    /// node sees the new master, and the new master counts the old one as its replica (and so
+    /// passes the shard's messages on to it again).
+    pub async fn fail_over(&self, port: u16) -> u16 {
+        let replica = self.replica_of(port).await;
+        let answer = redis_cli(replica, &["CLUSTER", "FAILOVER"]);
+        assert_eq!(answer.trim(), "OK", "CLUSTER FAILOVER on {replica}");
+        let done = eventually(SETTLE, || async move {
+            let promoted = self.live_ports().iter().all(|&p| {
+                redis_cli(p, &["CLUSTER", "NODES"])
+                    .lines()
+                    .any(|l| l.contains(&format!(":{replica}@")) && l.contains("master"))
+            });
+            promoted && replica_port(replica) == Some(port)
+        });
+        assert!(
+            done.await,
+            "{replica} took over from {port}, which became its replica"
+        );
+        self.wait_ok().await;
+        replica
+    }
+
+    /// The port of the replica of the master on `port`, once it has linked to its master (and
+    /// so could take over: a failover needs a replica that has the data).
+    pub async fn replica_of(&self, port: u16) -> u16 {
+        let linked = eventually(SETTLE, || async move {
+            replica_port(port).is_some_and(|replica| {
+                redis_cli(replica, &["INFO", "replication"]).contains("master_link_status:up")
+            })
+        });
+        assert!(linked.await, "the master on {port} has no linked replica");
+        replica_port(port).expect("the replica found above")
     }
 
     fn live_ports(&self) -> Vec<u16> {
