@@ -50,6 +50,10 @@ const REJECTED_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// reconnects within `HANDOFF_SSE_RETRY_MS`, and a storm of connects and disconnects then costs
 /// no command at all. Unsubscribes go out in batches, at most one batch per this long.
 const LINGER: Duration = Duration::from_secs(5);
+/// How many times in a row the subscriber tries to subscribe again on a cluster link that lost a
+/// node before it opens a new link: the old link's slot map may still name a master that died,
+/// and the client reconnects to that node but never re-reads the slots; a new link does.
+const REPAIRS_BEFORE_NEW_LINK: u32 = 3;
 /// Channels per `SUBSCRIBE`/`UNSUBSCRIBE` on a single Redis (a cluster takes one per command,
 /// since the channels of one command must share a slot).
 const BATCH: usize = 512;
@@ -121,8 +125,11 @@ enum Server {
 enum Publisher {
     /// Reconnects by itself, but the first command after a drop fails: hence one retry.
     Single(ConnectionManager),
-    /// Made at the first publish (a cluster connection cannot be made lazily).
-    Cluster(Arc<tokio::sync::OnceCell<ClusterConnection>>),
+    /// Made at the first publish (a cluster connection cannot be made lazily), and made anew
+    /// after a failed attempt: a cluster connection whose slot map still names a master that
+    /// died keeps sending that master's slots to it (the client reconnects to the node but does
+    /// not re-read the slots), while a new one reads the topology afresh.
+    Cluster(Arc<Mutex<Arc<tokio::sync::OnceCell<ClusterConnection>>>>),
 }
 
 /// One job channel this instance subscribes to, or is about to drop.
@@ -264,30 +271,33 @@ impl Fanout {
         command.arg(channel).arg(sign(&self.key, channel, payload));
         let mut last_error = String::new();
         for _attempt in 0..2 {
-            let sent = tokio::time::timeout(ATTEMPT_TIMEOUT, async {
-                match &self.publisher {
-                    Publisher::Single(manager) => {
-                        command.query_async::<usize>(&mut manager.clone()).await
-                    }
-                    Publisher::Cluster(cell) => {
-                        let Server::Cluster(client) = &self.server else {
-                            unreachable!("a cluster publisher goes with a cluster")
-                        };
-                        let connection = cell
-                            .get_or_try_init(|| client.get_async_connection())
-                            .await?;
-                        command.query_async::<usize>(&mut connection.clone()).await
-                    }
-                }
-            })
-            .await;
-            match sent {
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, self.send(&command)).await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(err)) => last_error = err.to_string(),
                 Err(_) => last_error = format!("no answer within {ATTEMPT_TIMEOUT:?}"),
             }
+            if let Publisher::Cluster(current) = &self.publisher {
+                // The next attempt goes out on a new connection (see `Publisher::Cluster`).
+                *current.lock() = Arc::default();
+            }
         }
         Err(last_error)
+    }
+
+    async fn send(&self, command: &redis::Cmd) -> redis::RedisResult<usize> {
+        match &self.publisher {
+            Publisher::Single(manager) => command.query_async(&mut manager.clone()).await,
+            Publisher::Cluster(current) => {
+                let Server::Cluster(client) = &self.server else {
+                    unreachable!("a cluster publisher goes with a cluster")
+                };
+                let cell = current.lock().clone();
+                let connection = cell
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await?;
+                command.query_async(&mut connection.clone()).await
+            }
+        }
     }
 
     /// `Ok` when the subscriber is subscribed and Redis answers a PING; otherwise what is wrong.
@@ -613,14 +623,21 @@ impl<L: Listener> Subscriber<L> {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unsubscribe = tokio::time::interval(LINGER);
         unsubscribe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A cluster node's link dropped: subscribe again and re-read, retried until it works.
+        // A cluster node's link dropped, or a node gave up a watched channel's slot: subscribe
+        // again and re-read, retried a few times, then on a new link.
         let mut repairing = false;
+        let mut failed_repairs = 0;
         let mut repair = tokio::time::interval(MIN_BACKOFF * 5);
         repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let was_repairing = repairing;
             tokio::select! {
                 _ = repair.tick(), if repairing => {
                     repairing = !self.repair(&mut link).await;
+                    failed_repairs = if repairing { failed_repairs + 1 } else { 0 };
+                    if failed_repairs >= REPAIRS_BEFORE_NEW_LINK {
+                        return "the channels of a lost node could not be subscribed again".into();
+                    }
                 }
                 push = pushes.recv() => {
                     let Some(push) = push else { return "connection closed".into() };
@@ -629,15 +646,28 @@ impl<L: Listener> Subscriber<L> {
                             return "disconnected".into();
                         }
                         PushKind::Disconnection => {
-                            // The cluster client repairs a node's link by itself, and a new
-                            // cluster connection would wait for the dead node: keep this one,
-                            // subscribe again to what the dropped link carried, then re-read.
+                            // The cluster client repairs a node's link by itself (a node
+                            // restarted, or its link cut): keep this link, subscribe again to
+                            // what the dropped node link carried, then re-read. When that keeps
+                            // failing (the node died and its slots moved), a new link.
                             log::warn!(
                                 "a Redis Cluster node link dropped; subscribing again to the \
                                  channels of the jobs watched here"
                             );
                             self.fanout.subscribed.store(false, Ordering::Release);
                             self.unconfirm_wanted();
+                            repairing = true;
+                        }
+                        PushKind::SUnsubscribe if self.moved(&push.data) => {
+                            // The node gave up the channel's slot (a planned failover, a slot
+                            // migrated) and dropped its subscribers, with no link lost: subscribe
+                            // again, which finds the slot's new node, then re-read.
+                            if !repairing {
+                                log::warn!(
+                                    "a Redis Cluster node dropped the channels of jobs watched \
+                                     here (their slots moved); subscribing again"
+                                );
+                            }
                             repairing = true;
                         }
                         PushKind::Message | PushKind::SMessage => {
@@ -665,6 +695,35 @@ impl<L: Listener> Subscriber<L> {
                     }
                 }
             }
+            if repairing && !was_repairing {
+                // A failover drops many channels at once, one push each: the first repair
+                // waits a moment so that it takes them all.
+                repair.reset();
+            }
+        }
+    }
+
+    /// Whether a `sunsubscribe` push (its data: the channel, then the count) took a job channel
+    /// this instance still holds as subscribed: then the node dropped it, since our own
+    /// unsubscribes take the channel out of the routes first. Marks it not subscribed.
+    fn moved(&self, data: &[Value]) -> bool {
+        let Some(Value::BulkString(channel)) = data.first() else {
+            return false;
+        };
+        let prefix = format!("{}:{{", self.fanout.channel);
+        let Some(id) = std::str::from_utf8(channel)
+            .ok()
+            .and_then(|c| c.strip_prefix(&prefix)?.strip_suffix('}'))
+            .and_then(|id| JobId::parse(id).ok())
+        else {
+            return false;
+        };
+        match self.fanout.routes.lock().get(&id) {
+            Some(route) if route.wanted && *route.confirmed.borrow() => {
+                route.confirmed.send_replace(false);
+                true
+            }
+            _ => false,
         }
     }
 

@@ -6,9 +6,12 @@
 //! creation, is passed on when an instance dies after reading it. Messages on the channel that
 //! no instance signed (published with `redis-cli`) move no browser.
 //!
-//! The outage tests run their own `redis-server` on a free port, so killing or restarting it
-//! disturbs nobody else; the others use the shared Redis at 127.0.0.1:6379 on a channel of
-//! their own.
+//! The scenarios that involve Redis (results crossing, cut links, an outage, a thousand streams,
+//! the periodic resync, forged messages, progress and failure, expiry) run twice, as the tests
+//! `single_redis` and `redis_cluster` of a module named after the scenario: on a `redis-server`
+//! of their own and on a Redis Cluster of their own (sharded Pub/Sub), so killing, cutting or
+//! restarting it disturbs nobody else. The others use the shared Redis at 127.0.0.1:6379 on a
+//! channel of their own.
 
 use std::net::TcpListener;
 use std::process::Command;
@@ -16,11 +19,34 @@ use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, stream};
 
+use crate::support::backend::{Backend, Kind, dead_redis_url, instance_at};
 use crate::support::browser::Browser;
 use crate::support::instance::pair;
 use crate::support::nginx::Nginx;
-use crate::support::redis::{RedisServer, fresh_channel, shared_redis};
-use crate::support::{FreshDb, Instance, SseReader, WAIT, eventually, free_port};
+use crate::support::redis::{fresh_channel, shared_redis};
+use crate::support::{FreshDb, Instance, SseReader, WAIT, eventually};
+
+/// Two tests of one scenario (an `async fn` taking the [`Kind`] of Redis), in a module named
+/// after it: `single_redis` and `redis_cluster`, each on a Redis of its own.
+macro_rules! on_both_backends {
+    ($scenario:ident) => {
+        mod $scenario {
+            use crate::support::backend::Kind;
+
+            #[tokio::test(flavor = "multi_thread")]
+            #[ignore = "needs PostgreSQL and redis-server: run scripts/test.sh"]
+            async fn single_redis() {
+                super::$scenario(Kind::Single).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            #[ignore = "needs PostgreSQL and redis-server (cluster mode): run scripts/test.sh"]
+            async fn redis_cluster() {
+                super::$scenario(Kind::Cluster).await;
+            }
+        }
+    };
+}
 
 /// Jobs created through `one`, each with a connected stream, alternately on `one` and `two`.
 async fn waiting_streams<'a>(
@@ -55,12 +81,11 @@ async fn expect_results(waiting: &mut [(String, &Instance, SseReader)], within: 
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn a_completion_through_either_instance_reaches_a_stream_on_the_other() {
-    let redis = RedisServer::start().await;
+on_both_backends!(a_completion_through_either_instance_reaches_a_stream_on_the_other);
+async fn a_completion_through_either_instance_reaches_a_stream_on_the_other(kind: Kind) {
+    let redis = Backend::start(kind).await;
     let db = FreshDb::postgres().await;
-    let (one, two) = pair(&db, &redis.url(), &[]).await;
+    let (one, two) = redis.pair(&db, &[]).await;
     let (_, health) = one.health().await;
     assert!(health.starts_with("ok\n"), "{health}");
     assert!(
@@ -103,20 +128,19 @@ async fn a_completion_through_either_instance_reaches_a_stream_on_the_other() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn killing_the_subscriber_links_loses_no_result() {
-    let redis = RedisServer::start().await;
+on_both_backends!(killing_the_subscriber_links_loses_no_result);
+async fn killing_the_subscriber_links_loses_no_result(kind: Kind) {
+    let redis = Backend::start(kind).await;
     let db = FreshDb::postgres().await;
-    let (one, two) = pair(&db, &redis.url(), &[]).await;
+    let (one, two) = redis.pair(&db, &[]).await;
     let mut waiting = waiting_streams(20, &one, &two).await;
 
-    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
-    assert_eq!(
-        killed,
-        redis::Value::Int(2),
-        "one subscriber link per instance"
-    );
+    let killed = redis.kill_subscriber_links().await;
+    match kind {
+        Kind::Single => assert_eq!(killed, 2, "one subscriber link per instance"),
+        // A cluster connection subscribes through each node that serves a watched channel.
+        Kind::Cluster => assert!(killed >= 2, "at least one link per instance, cut {killed}"),
+    }
     for (id, _, _) in &waiting {
         assert_eq!(two.complete(id).await.status(), 200);
     }
@@ -125,12 +149,11 @@ async fn killing_the_subscriber_links_loses_no_result() {
     two.wait_resubscribed().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn completions_made_while_redis_is_down_arrive_after_it_restarts() {
-    let mut redis = RedisServer::start().await;
+on_both_backends!(completions_made_while_redis_is_down_arrive_after_it_restarts);
+async fn completions_made_while_redis_is_down_arrive_after_it_restarts(kind: Kind) {
+    let mut redis = Backend::start(kind).await;
     let db = FreshDb::postgres().await;
-    let (one, two) = pair(&db, &redis.url(), &[]).await;
+    let (one, two) = redis.pair(&db, &[]).await;
     let mut waiting = waiting_streams(20, &one, &two).await;
 
     redis.stop();
@@ -169,9 +192,8 @@ async fn completions_made_while_redis_is_down_arrive_after_it_restarts() {
     two.wait_resubscribed().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn a_thousand_streams_over_two_instances_all_get_their_results() {
+on_both_backends!(a_thousand_streams_over_two_instances_all_get_their_results);
+async fn a_thousand_streams_over_two_instances_all_get_their_results(kind: Kind) {
     const STREAMS: usize = 1000;
     // This process holds 1,000 client sockets and each instance 500 more; the instances inherit
     // the raised limit.
@@ -180,11 +202,11 @@ async fn a_thousand_streams_over_two_instances_all_get_their_results() {
         limit >= 4096,
         "the open-file limit is {limit}; raise the hard limit (ulimit -Hn) to 4096 or more"
     );
-    let redis_url = shared_redis().await;
+    let redis = Backend::start(kind).await;
     let db = FreshDb::postgres().await;
     // Every stream comes from this one address: lift the per-client cap.
     let uncapped = [("HANDOFF_MAX_STREAMS_PER_CLIENT", "off")];
-    let (one, two) = pair(&db, redis_url, &uncapped).await;
+    let (one, two) = redis.pair(&db, &uncapped).await;
 
     let ids: Vec<String> = stream::iter(0..STREAMS)
         .map(|_| one.job_id())
@@ -287,22 +309,19 @@ async fn instances_starting_together_on_a_fresh_database_migrate_it_once() {
     pool.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn a_completion_whose_publish_failed_reaches_a_subscribed_instance_at_its_periodic_resync() {
-    let redis_url = shared_redis().await;
+on_both_backends!(
+    a_completion_whose_publish_failed_reaches_a_subscribed_instance_at_its_periodic_resync
+);
+async fn a_completion_whose_publish_failed_reaches_a_subscribed_instance_at_its_periodic_resync(
+    kind: Kind,
+) {
+    let redis = Backend::start(kind).await;
     let db = FreshDb::postgres().await;
     let channel = fresh_channel();
-    let one = Instance::in_fleet(
-        &db,
-        Some(redis_url),
-        &channel,
-        &[("HANDOFF_RESYNC_SECS", "1")],
-    );
+    let one = redis.instance(&db, &channel, &[("HANDOFF_RESYNC_SECS", "1")]);
     // Nothing listens there: every publish from `two` fails (both tries), while `one` stays
     // subscribed to the live Redis and so has no re-subscribe that would resync.
-    let dead_redis = format!("redis://127.0.0.1:{}", free_port());
-    let two = Instance::in_fleet(&db, Some(&dead_redis), &channel, &[]);
+    let two = instance_at(kind, &dead_redis_url(), &db, &channel, &[]);
     one.wait_healthy().await;
 
     let id = two.job_id().await;
@@ -360,28 +379,30 @@ fn signed_with(key: &[u8], channel: &str, payload: &str) -> String {
     format!("v1.{tag}.{payload}")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn forged_messages_on_the_channel_move_no_browser_and_are_counted() {
-    let redis_url = shared_redis().await;
+on_both_backends!(forged_messages_on_a_jobs_channel_move_no_browser_and_are_counted);
+async fn forged_messages_on_a_jobs_channel_move_no_browser_and_are_counted(kind: Kind) {
+    let redis = Backend::start(kind).await;
     let db = FreshDb::postgres().await;
     let channel = fresh_channel();
-    let one = Instance::in_fleet(&db, Some(redis_url), &channel, &[]);
-    let two = Instance::in_fleet(&db, Some(redis_url), &channel, &[]);
+    let one = redis.instance(&db, &channel, &[]);
+    let two = redis.instance(&db, &channel, &[]);
     one.wait_healthy().await;
     two.wait_healthy().await;
     let id = one.job_id().await;
+    // A stream on each instance: both subscribe to the job's channel.
     let mut waiting = one.connected_stream(&id).await;
+    let mut waiting_on_two = two.connected_stream(&id).await;
+    let job_channel = format!("{channel}:{{{id}}}");
 
     let elsewhere = format!(r#"{{"id":"{id}","moveUrl":"/jobs/elsewhere"}}"#);
     let forged =
         format!(r#"{{"id":"{id}","kind":"complete","moveUrl":"/jobs/elsewhere","from":"forger"}}"#);
     for message in [
         elsewhere,
-        signed_with(b"a key of another deployment", &channel, &forged),
+        signed_with(b"a key of another deployment", &job_channel, &forged),
     ] {
         assert_eq!(
-            publish_with_redis_cli(&channel, &message),
+            redis.publish(&job_channel, &message).await,
             2,
             "both instances are subscribed and got {message}"
         );
@@ -399,7 +420,7 @@ async fn forged_messages_on_the_channel_move_no_browser_and_are_counted() {
     let mut joining = one.connected_stream(&id).await;
 
     assert_eq!(two.complete(&id).await.status(), 200);
-    for stream in [&mut waiting, &mut joining] {
+    for stream in [&mut waiting, &mut waiting_on_two, &mut joining] {
         let result = stream.next_result(WAIT).await.expect("a result");
         assert_eq!(
             result["moveUrl"],
@@ -748,22 +769,22 @@ async fn nginx_retries_a_completion_but_not_a_job_creation_that_an_instance_took
     assert_eq!(live.metric("handoff_jobs_completed_total").await, 10.0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell_their_tabs() {
-    let redis = RedisServer::start().await;
+on_both_backends!(
+    a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell_their_tabs
+);
+async fn a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell_their_tabs(
+    kind: Kind,
+) {
+    let redis = Backend::start(kind).await;
     let db = FreshDb::postgres().await;
-    let (one, two) = pair(&db, &redis.url(), &[]).await;
-    // This Redis serves this test alone: every channel on it is the instances' channel.
-    let mut listener = redis::Client::open(redis.url())
-        .unwrap()
-        .get_async_pubsub()
-        .await
-        .unwrap();
-    listener.psubscribe("*").await.unwrap();
-    let mut published = listener.into_on_message();
+    let channel = fresh_channel();
+    let one = redis.instance(&db, &channel, &[]);
+    let two = redis.instance(&db, &channel, &[]);
+    one.wait_healthy().await;
+    two.wait_healthy().await;
 
     let id = one.job_with_deadline(2).await;
+    let mut published = redis.listen(&format!("{channel}:{{{id}}}")).await;
     let mut on_one = one.connected_stream(&id).await;
     let mut on_two = two.connected_stream(&id).await;
     for stream in [&mut on_one, &mut on_two] {
@@ -774,11 +795,8 @@ async fn a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell
     // Both instances sweep; the conditional update gives the job to one, which publishes once.
     let mut expiries = 0;
     let quiet_for = Duration::from_secs(2);
-    while let Ok(Some(message)) = tokio::time::timeout(quiet_for, published.next()).await {
-        let payload = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
-        // On the job's own channel; while the single channel is on, a copy also goes there.
-        let on_its_channel = message.get_channel_name().ends_with(&format!("{{{id}}}"));
-        if on_its_channel && payload.contains(&id) && payload.contains("expired") {
+    while let Some(payload) = published.next(quiet_for).await {
+        if payload.contains(&id) && payload.contains("expired") {
             expiries += 1;
         }
     }
@@ -788,12 +806,11 @@ async fn a_job_past_its_deadline_expires_once_across_two_instances_and_both_tell
     assert_eq!(stored, 1.0, "one instance expired it");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs PostgreSQL and Redis: run scripts/test.sh"]
-async fn progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other() {
-    let redis = RedisServer::start().await;
+on_both_backends!(progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other);
+async fn progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other(kind: Kind) {
+    let redis = Backend::start(kind).await;
     let db = FreshDb::postgres().await;
-    let (one, two) = pair(&db, &redis.url(), &[]).await;
+    let (one, two) = redis.pair(&db, &[]).await;
     let id = one.job_id().await;
     let mut stream = two.connected_stream(&id).await;
     let api = |path: String, body: serde_json::Value| {

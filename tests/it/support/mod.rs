@@ -3,6 +3,7 @@
 //! event streams ([`SseReader`]); and the outside processes tests run beside it: Redis, nginx
 //! and Chromium.
 
+pub mod backend;
 pub mod browser;
 pub mod client;
 pub mod instance;

@@ -1,5 +1,7 @@
 //! A real Redis Cluster for the tests: 3 masters and 3 replicas, each `redis-server` on a
-//! loopback port in a temp folder of its own, joined by `redis-cli --cluster create`.
+//! loopback port in a temp folder of its own, joined by `redis-cli --cluster create`. A test may
+//! kill a node (its replica takes over), stop and restart them all, cut the subscribers' links,
+//! or start a planned failover.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -41,6 +43,29 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The port of a replica of the master on `port`, as that master's `CLUSTER NODES` lists it.
+fn replica_port(port: u16) -> Option<u16> {
+    let nodes = redis_cli(port, &["CLUSTER", "NODES"]);
+    let master_id = nodes
+        .lines()
+        .find(|line| line.contains("myself"))?
+        .split(' ')
+        .next()?;
+    nodes
+        .lines()
+        .map(|line| line.split(' ').collect::<Vec<_>>())
+        .find(|fields| fields.len() > 3 && fields[2].contains("slave") && fields[3] == master_id)
+        .and_then(|fields| {
+            fields[1]
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
 impl RedisCluster {
     /// Starts the six nodes, creates the cluster and waits until every slot is served.
     pub async fn start() -> Self {
@@ -48,35 +73,13 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_node_port();
-            let folder = dir.path().join(port.to_string());
-            std::fs::create_dir(&folder).expect("node folder");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&folder)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot run redis-server ({e}): run scripts/test.sh, or apt-get install redis-server")
-                });
-            nodes.push(Node {
-                port,
-                child: Some(child),
-            });
+            std::fs::create_dir(dir.path().join(port.to_string())).expect("node folder");
+            nodes.push(Node { port, child: None });
         }
-        for node in &nodes {
-            let port = node.port;
-            let up = eventually(Duration::from_secs(10), || async move {
-                Command::new("redis-cli")
-                    .args(["-p", &port.to_string(), "PING"])
-                    .output()
-                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
-            });
-            assert!(up.await, "redis-server on port {port} did not answer");
-        }
-        let addresses: Vec<String> = nodes
+        let mut cluster = Self { nodes, _dir: dir };
+        cluster.start_nodes().await;
+        let addresses: Vec<String> = cluster
+            .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
@@ -88,9 +91,53 @@ impl RedisCluster {
             .output()
             .expect("redis-cli --cluster create");
         assert!(created.status.success(), "cluster create: {created:?}");
-        let cluster = Self { nodes, _dir: dir };
         cluster.wait_ok().await;
         cluster
+    }
+
+    /// Starts every node that is not running, in its own folder (where its `nodes.conf` keeps
+    /// its place in the cluster), and waits until each answers.
+    async fn start_nodes(&mut self) {
+        for node in self.nodes.iter_mut().filter(|n| n.child.is_none()) {
+            let port = node.port;
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(self._dir.path().join(port.to_string()))
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run redis-server ({e}): run scripts/test.sh, or apt-get install redis-server")
+                });
+            node.child = Some(child);
+        }
+        for node in &self.nodes {
+            let port = node.port;
+            let up = eventually(Duration::from_secs(10), || async move {
+                Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "PING"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+            });
+            assert!(up.await, "redis-server on port {port} did not answer");
+        }
+    }
+
+    /// SIGKILLs every node: the whole cluster is down, and every client's links break at once.
+    pub fn stop(&mut self) {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        for port in ports {
+            self.kill(port);
+        }
+    }
+
+    /// Starts every stopped node again on its port, with the cluster configuration it saved,
+    /// and waits until the cluster serves every slot.
+    pub async fn restart(&mut self) {
+        self.start_nodes().await;
+        self.wait_ok().await;
     }
 
     /// `REDIS_URL` for `HANDOFF_REDIS_CLUSTER=on`: every node as a seed.
@@ -113,12 +160,7 @@ impl RedisCluster {
 
     /// Waits until every live node says `cluster_state:ok`.
     pub async fn wait_ok(&self) {
-        let ports: Vec<u16> = self
-            .nodes
-            .iter()
-            .filter(|n| n.child.is_some())
-            .map(|n| n.port)
-            .collect();
+        let ports = self.live_ports();
         let ok = eventually(SETTLE, || {
             let ports = ports.clone();
             async move {
@@ -179,6 +221,66 @@ impl RedisCluster {
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("SPUBLISH answered {answer:?}"))
+    }
+
+    /// `CLIENT KILL TYPE pubsub` on every live node: every subscribing link breaks (the node
+    /// stays up); how many links were cut.
+    pub fn kill_subscriber_links(&self) -> u64 {
+        self.live_ports()
+            .iter()
+            .map(|&port| {
+                let killed = redis_cli(port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+                killed
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or_else(|_| panic!("CLIENT KILL on {port} answered {killed:?}"))
+            })
+            .sum()
+    }
+
+    /// A planned failover, as an operator starts one for maintenance: `CLUSTER FAILOVER` on a
+    /// replica of the master on `port`, which takes over its slots while the old master stays
+    /// up as its replica (no link drops). Returns the new master's port once it is done: every
+    /// node sees the new master, and the new master counts the old one as its replica (and so
+    /// passes the shard's messages on to it again).
+    pub async fn fail_over(&self, port: u16) -> u16 {
+        let replica = self.replica_of(port).await;
+        let answer = redis_cli(replica, &["CLUSTER", "FAILOVER"]);
+        assert_eq!(answer.trim(), "OK", "CLUSTER FAILOVER on {replica}");
+        let done = eventually(SETTLE, || async move {
+            let promoted = self.live_ports().iter().all(|&p| {
+                redis_cli(p, &["CLUSTER", "NODES"])
+                    .lines()
+                    .any(|l| l.contains(&format!(":{replica}@")) && l.contains("master"))
+            });
+            promoted && replica_port(replica) == Some(port)
+        });
+        assert!(
+            done.await,
+            "{replica} took over from {port}, which became its replica"
+        );
+        self.wait_ok().await;
+        replica
+    }
+
+    /// The port of the replica of the master on `port`, once it has linked to its master (and
+    /// so could take over: a failover needs a replica that has the data).
+    pub async fn replica_of(&self, port: u16) -> u16 {
+        let linked = eventually(SETTLE, || async move {
+            replica_port(port).is_some_and(|replica| {
+                redis_cli(replica, &["INFO", "replication"]).contains("master_link_status:up")
+            })
+        });
+        assert!(linked.await, "the master on {port} has no linked replica");
+        replica_port(port).expect("the replica found above")
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
     }
 }
 
