@@ -121,6 +121,10 @@ struct Args {
     /// completion: e.g. to read the servers' counters, so that they cover the completions alone.
     #[arg(long)]
     on_opened: Option<String>,
+    /// Keep every latency (ms, in the jobs' order) in the JSON, for the whole distribution and
+    /// where in the run the slow ones fell.
+    #[arg(long)]
+    samples: bool,
     /// A name for this run in the table and JSON.
     #[arg(long, default_value = "run")]
     label: String,
@@ -405,7 +409,7 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
             )
         })
         .collect();
-    if args.part.is_some() {
+    if args.part.is_some() || args.samples {
         report.latency_samples_ms = millis(&latencies);
     }
     let arrivals: Vec<(Instant, Instant)> = (0..streams)

@@ -10,6 +10,9 @@ pub struct Percentiles {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
+    /// The tail past p99: at 10,000 samples, the 10th worst.
+    #[serde(default)]
+    pub p999: f64,
     pub max: f64,
 }
 
@@ -38,6 +41,7 @@ impl Percentiles {
             p50: rank(0.50),
             p90: rank(0.90),
             p99: rank(0.99),
+            p999: rank(0.999),
             max: rank(1.0),
         })
     }
@@ -97,7 +101,8 @@ pub struct Report {
     pub progress_secs: f64,
     pub rss_after_progress_kb: Option<u64>,
     /// A split run's parts hand their raw times (ms) to the whole, so that its percentiles are
-    /// taken over every sample rather than merged from the parts'.
+    /// taken over every sample rather than merged from the parts'. With `--samples`, the
+    /// latencies are kept here too, in the jobs' order, for the whole distribution.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connect_samples_ms: Vec<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -112,8 +117,8 @@ impl Report {
     pub fn table(&self) -> String {
         let pct = |p: &Option<Percentiles>| match p {
             Some(p) => format!(
-                "p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3} ms",
-                p.p50, p.p90, p.p99, p.max
+                "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3} ms",
+                p.p50, p.p90, p.p99, p.p999, p.max
             ),
             None => "-".into(),
         };
@@ -231,9 +236,12 @@ mod tests {
 
     #[test]
     fn percentiles_use_the_nearest_rank() {
-        let samples = (1..=100).map(Duration::from_millis).collect();
+        let samples = (1..=1000).map(Duration::from_millis).collect();
         let p = Percentiles::of(samples).unwrap();
-        assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.p999, p.max),
+            (500.0, 900.0, 990.0, 999.0, 1000.0)
+        );
         assert!(Percentiles::of(Vec::new()).is_none());
     }
 
