@@ -18,11 +18,13 @@ use crate::domain::{Job, JobId, JobStatus, Message, MoveUrl, Progress, now_milli
 use crate::metrics::StoreTimings;
 
 mod batch;
+mod checkpoint;
 mod db;
 mod lanes;
 mod outbox;
 mod sql;
 
+use checkpoint::Checkpoints;
 use db::{Db, JOB_COLUMNS, JobRow, LaneConn, Pool, on_db};
 use lanes::Lanes;
 pub use outbox::{DueWebhook, Settled};
@@ -138,7 +140,13 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(options.clone())
                 .await?;
-            let lanes = (LaneConn::sqlite(&options), LaneConn::sqlite(&options));
+            // The write lane never checkpoints inside a commit; `checkpoint` takes them aside.
+            let writer = options.clone().pragma("wal_autocheckpoint", "0");
+            let lanes = (
+                LaneConn::sqlite(&options),
+                LaneConn::sqlite(&writer),
+                Some(Checkpoints::start(&options)),
+            );
             (Db::Sqlite(pool), lanes)
         } else {
             let pool = PgPoolOptions::new()
@@ -146,12 +154,12 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(5))
                 .connect(url)
                 .await?;
-            let lanes = (Db::Postgres(pool.clone()), Db::Postgres(pool.clone()));
+            let lanes = (Db::Postgres(pool.clone()), Db::Postgres(pool.clone()), None);
             (Db::Postgres(pool), lanes)
         };
         on_db!(pool.executor(), p => sqlx::migrate!("./migrations").run(p).await?);
         let writes_failing = Arc::<AtomicBool>::default();
-        let (reader, writer) = lane_conns;
+        let (reader, writer, checkpoints) = lane_conns;
         Ok(Self {
             pool,
             lanes: Lanes::new(
@@ -160,6 +168,7 @@ impl Store {
                 Arc::clone(&writes_failing),
                 rooms,
                 outbox,
+                checkpoints,
                 timings,
             ),
             writes_failing,

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::oneshot;
 
 use super::batch::{Batch, Full, Queue};
-use super::db::LaneConn;
+use super::checkpoint::{self, Checkpoints};
+use super::db::{Db, LaneConn};
 use super::sql::{self, EndItem, MAX_BATCH, Rows};
 use super::{EndRequest, Ended, StoreError};
 use crate::domain::{Job, JobId, JobStatus, Progress};
@@ -123,6 +124,8 @@ struct Writer {
     /// With webhooks on, how long a webhook waits for a stream (ms): endings and expiries then
     /// write their outbox rows in their own transaction.
     outbox: Option<i64>,
+    /// On SQLite: the checkpoints taken off this lane, told of its commits.
+    checkpoints: Option<Checkpoints>,
 }
 
 /// The two lanes: reads on one connection, writes on another (SQLite in WAL mode reads on while
@@ -148,14 +151,15 @@ async fn answer<T>(answer: oneshot::Receiver<Result<T, StoreError>>) -> Result<T
 
 impl Lanes {
     /// `write_room`: how many creations, and apart from them how many endings, may wait for the
-    /// write lane at once; `read_room`: how many reads may wait for the read lane. `outbox`: see
-    /// [`Writer`].
+    /// write lane at once; `read_room`: how many reads may wait for the read lane. `outbox` and
+    /// `checkpoints`: see [`Writer`].
     pub(super) fn new(
         reader: LaneConn,
         writer: LaneConn,
         writes_failing: Arc<AtomicBool>,
         (write_room, read_room): (usize, usize),
         outbox: Option<i64>,
+        checkpoints: Option<Checkpoints>,
         timings: StoreTimings,
     ) -> Self {
         let mut bounds = [0; 3];
@@ -176,6 +180,7 @@ impl Lanes {
                     timings,
                     failing: writes_failing,
                     outbox,
+                    checkpoints,
                 },
                 &bounds,
             ),
@@ -336,6 +341,11 @@ impl Batch for Write {
             expiries,
             receipts,
         } = Sorted::from(batch);
+        // An expiry sweep alone (the timers' round, every 250 ms) mostly writes nothing.
+        let writes = !(creates.is_empty()
+            && endings.is_empty()
+            && progress.is_empty()
+            && receipts.is_empty());
         // Creations first: an ending queued behind its job's creation must find the job.
         create_all(writer, creates).await;
         end_all(writer, endings).await;
@@ -347,6 +357,9 @@ impl Batch for Write {
         }
         for (taken, now, due, reply) in receipts {
             record_receipts(writer, taken, now, due, reply).await;
+        }
+        if writes {
+            checkpoint_if_due(writer).await;
         }
     }
 
@@ -389,6 +402,28 @@ impl From<Vec<Write>> for Sorted {
             }
         }
         sorted
+    }
+}
+
+/// Tells the background checkpointer of the batch's commits; and, with every request of the batch
+/// answered, checkpoints the WAL here once it is past its bound (`checkpoint`'s module says why
+/// the background alone cannot bound it).
+async fn checkpoint_if_due(writer: &mut Writer) {
+    let Some(checkpoints) = &writer.checkpoints else {
+        return;
+    };
+    checkpoints.committed();
+    if !checkpoints.over_bound() {
+        return;
+    }
+    let done = match writer.conn.executor().await {
+        Ok(Db::Sqlite(conn)) => checkpoint::passive(conn).await.map(drop),
+        Ok(Db::Postgres(_)) => Ok(()),
+        Err(err) => Err(err),
+    };
+    match writer.conn.checked(done) {
+        Ok(()) => checkpoints.started_over(),
+        Err(err) => log::warn!("checkpointing the WAL on the write lane failed: {err}"),
     }
 }
 
