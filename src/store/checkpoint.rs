@@ -72,7 +72,8 @@ impl Checkpoints {
         self.frames.load(Ordering::Relaxed) >= LANE_BOUND
     }
 
-    /// The lane checkpointed (its next write starts the WAL over).
+    /// The lane checkpointed (its next write starts the WAL over), or tried to: it looks again
+    /// once the background has.
     pub(super) fn started_over(&self) {
         self.frames.store(0, Ordering::Relaxed);
     }

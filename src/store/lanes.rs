@@ -421,9 +421,10 @@ async fn checkpoint_if_due(writer: &mut Writer) {
         Ok(Db::Postgres(_)) => Ok(()),
         Err(err) => Err(err),
     };
-    match writer.conn.checked(done) {
-        Ok(()) => checkpoints.started_over(),
-        Err(err) => log::warn!("checkpointing the WAL on the write lane failed: {err}"),
+    // Tried again after the next background checkpoint looks, not after every batch meanwhile.
+    checkpoints.started_over();
+    if let Err(err) = writer.conn.checked(done) {
+        log::warn!("checkpointing the WAL on the write lane failed: {err}");
     }
 }
 
