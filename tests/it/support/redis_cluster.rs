@@ -24,9 +24,23 @@ pub struct RedisCluster {
 
 /// A port free for a node and for its cluster bus (the port + 10000).
 fn free_node_port() -> u16 {
+    // Below the ephemeral range (32768 and up here), with the bus port (+10,000) too: a node
+    // restarted on its port after a kill must find it free, and an ephemeral port can meanwhile
+    // become some other test's outgoing connection (it did, under load in CI: "did not answer").
+    const FIRST: u16 = 20_000;
+    const PAST: u16 = 22_768;
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        FIRST + (std::process::id() % u32::from(PAST - FIRST)) as u16,
+        std::sync::atomic::Ordering::Relaxed,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     loop {
-        let port = super::free_port();
-        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let taken = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = FIRST + taken.wrapping_sub(FIRST) % (PAST - FIRST);
+        let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free(port) && free(port + 10_000) {
             return port;
         }
     }
