@@ -11,7 +11,9 @@
 # bench/examples/bare_*.rs, and the write floor, bench/examples/store_alone.rs; empty = skip them),
 # MANY_N (10000: N for the runs with MANY_PUBLISHERS=32 publisher connections; empty = skip),
 # SCALE_N (10000: N for two Handoff instances on PostgreSQL + Redis against two Nchan on Redis;
-# empty = skip; SCALE_PUBLISHERS=4 connections to each), CAPACITY_N (100000: streams over CAPACITY_INSTANCES=6 Handoff instances, run
+# empty = skip; SCALE_PUBLISHERS=4 connections to each), FLEET_N (10000: N for the fleet runs,
+# FLEET_INSTANCES="2 4 6" instances holding the streams beside a stream-less one and one watching
+# a tenth of the jobs, single channel against routed fan-out; empty = skip), CAPACITY_N (100000: streams over CAPACITY_INSTANCES=6 Handoff instances, run
 # once; empty = skip), REDIS_URL (redis://127.0.0.1:6379), PG_URL (postgres://postgres@127.0.0.1:5432),
 # PEERS_DIR (where start-nchan.sh lives; default ../shared/peers, then /work/shared/peers),
 # SERVER_CPU (0), CLIENT_CPU (1), HANDOFF_WORKERS (1: one core), BASE_PORT (18080; each run
@@ -35,6 +37,8 @@ MANY_N=${MANY_N-10000}
 MANY_PUBLISHERS=${MANY_PUBLISHERS:-32}
 SCALE_N=${SCALE_N-10000}
 SCALE_PUBLISHERS=${SCALE_PUBLISHERS:-4}
+FLEET_N=${FLEET_N-10000}
+FLEET_INSTANCES=${FLEET_INSTANCES:-"2 4 6"}
 CAPACITY_N=${CAPACITY_N-100000}
 CAPACITY_INSTANCES=${CAPACITY_INSTANCES:-6}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -253,6 +257,32 @@ start_member() { # port database channel log [extra env...]
 
 export REDIS_URL PG_URL
 
+# Adds to a run's JSON what the counters before and after its completions say, per completion.
+add_counters() { # json
+  python3 - "$1" "$OUT/counters.before" "$OUT/counters.after" <<'PY' || true
+import json, sys
+path, before, after = sys.argv[1:]
+def counters(name):
+    return {k: int(v) for k, v in (f.split("=") for f in open(name).read().split())}
+b, a = counters(before), counters(after)
+report = json.load(open(path))
+done = max(report.get("completions") or 0, 1)
+per = lambda key: (a[key] - b[key]) / done
+report["redis_commands_per_completion"] = per("redis_commands") - 1 / done  # less the INFO itself
+report["pg_transactions_per_completion"] = per("pg_transactions") if a["pg_transactions"] else None
+report["bystander_us_per_completion"] = per("bystander_ns") / 1e3 if a["bystander_ns"] else None
+report["watcher_us_per_completion"] = per("watcher_ns") / 1e3 if a["watcher_ns"] else None
+report["bystander_received_per_completion"] = per("bystander_received") if a["bystander_ns"] else None
+report["watcher_received_per_completion"] = per("watcher_received") if a["watcher_ns"] else None
+# CPU per completion of each part of the fleet, over the completion window.
+report["fleet_us_per_completion"] = per("fleet_ns") / 1e3
+report["postgres_us_per_completion"] = per("postgres_ns") / 1e3 if a["pg_transactions"] else None
+report["redis_us_per_completion"] = per("redis_ns") / 1e3
+report["window_us_per_completion"] = per("clock_ns") / 1e3
+json.dump(report, open(path, "w"), indent=2)
+PY
+}
+
 scale_run() { # name n rep: two instances sharing one Redis (Handoff: and one PostgreSQL database)
   local name=$1 n=$2 rep=$3 json db= pids=() ports=() args bystander= i
   json="$OUT/json/scale-$name-distinct-$n-$rep.json"
@@ -294,25 +324,7 @@ scale_run() { # name n rep: two instances sharing one Redis (Handoff: and one Po
     --on-opened "bash scripts/bench_counters.sh $OUT/counters.before ${db:--} ${bystander:--} ${pids[0]},${pids[1]}" ||
     echo "bench.sh: scale-out $name N=$n run $rep FAILED (see the table above)" >&2
   bash scripts/bench_counters.sh "$OUT/counters.after" "${db:--}" "${bystander:--}" "${pids[0]},${pids[1]}"
-  python3 - "$json" "$OUT/counters.before" "$OUT/counters.after" <<'PY' || true
-import json, sys
-path, before, after = sys.argv[1:]
-def counters(name):
-    return {k: int(v) for k, v in (f.split("=") for f in open(name).read().split())}
-b, a = counters(before), counters(after)
-report = json.load(open(path))
-done = max(report.get("completions") or 0, 1)
-per = lambda key: (a[key] - b[key]) / done
-report["redis_commands_per_completion"] = per("redis_commands") - 1 / done  # less the INFO itself
-report["pg_transactions_per_completion"] = per("pg_transactions") if a["pg_transactions"] else None
-report["bystander_us_per_completion"] = per("bystander_ns") / 1e3 if a["bystander_ns"] else None
-# CPU per completion of each part of the fleet, over the completion window.
-report["fleet_us_per_completion"] = per("fleet_ns") / 1e3
-report["postgres_us_per_completion"] = per("postgres_ns") / 1e3 if a["pg_transactions"] else None
-report["redis_us_per_completion"] = per("redis_ns") / 1e3
-report["window_us_per_completion"] = per("clock_ns") / 1e3
-json.dump(report, open(path, "w"), indent=2)
-PY
+  add_counters "$json"
   if [ "$name" = handoff ]; then
     for i in 0 1 2; do stop_pid "${pids[$i]}"; done
     psql "$PG_URL/postgres" -qc "drop database $db" >/dev/null || true
@@ -322,6 +334,66 @@ PY
       rm -rf "${dirs[$i]}"
     done
   fi
+  unpin
+}
+
+# The fleet at FLEET_INSTANCES sizes: that many instances on one PostgreSQL database and one
+# Redis hold the streams and complete the jobs (as in the scale-out run), and two more are
+# watched beside them: one with no stream, and one with a stream for every tenth job that it
+# never completes. The fan-out routed (HANDOFF_FANOUT_LEGACY_CHANNEL=off, each job's news on its
+# own channel) or on the single channel every instance hears (=on, where a stream-less instance
+# hears, checks and drops every message of the fleet, as every instance did before routing).
+fleet_run() { # instances routed|single n rep
+  local k=$1 fanout=$2 n=$3 rep=$4 json db legacy=off pids=() ports=() urls= i
+  [ "$fanout" = routed ] || legacy=on
+  json="$OUT/json/fleet-$fanout-f$k-distinct-$n-$rep.json"
+  for i in $(seq 0 $((k + 1))); do ports+=($((PORT + 1 + i))); done
+  PORT=$((PORT + k + 2))
+  say "fleet: $k Handoff instances and two watched, $fanout fan-out, N=$n, run $rep"
+  pin redis-server postgres
+  rm -f "$OUT/counters.before" "$OUT/counters.after"
+  db=handoff_bench_$RANDOM$RANDOM
+  bench_dbs+=("$db")
+  psql "$PG_URL/postgres" -qc "create database $db" >/dev/null
+  for i in $(seq 0 $((k + 1))); do
+    # 8 connections each: 8 instances take at most 64 of PostgreSQL's 100.
+    pids+=("$(start_member "${ports[$i]}" "$db" "bench-$db" "$OUT/fleet.log" \
+      HANDOFF_DB_POOL=8 HANDOFF_FANOUT_LEGACY_CHANNEL=$legacy taskset -c "$SERVER_CPU")")
+  done
+  fleet_pids+=("${pids[@]}")
+  for i in $(seq 0 $((k + 1))); do wait_port "${ports[$i]}"; done
+  for i in $(seq 0 $((k - 1))); do urls+="${urls:+,}http://127.0.0.1:${ports[$i]}"; done
+  local serving bystander=${pids[k]}@${ports[k]} watcher=${pids[k + 1]}@${ports[k + 1]}
+  serving=$(IFS=,; echo "${pids[*]:0:k}")
+  bash scripts/bench_counters.sh "$OUT/counters.start" "$db" - "$serving"
+  taskset -c "$CLIENT_CPU" "$bench_bin" --handoff "$urls" --token "$TOKEN" -n "$n" --mode distinct \
+    --timeout 120 --publishers "$SCALE_PUBLISHERS" --leave-on-result --server-pid "$serving" \
+    --watcher "http://127.0.0.1:${ports[k + 1]}/sse/connect/{id}" --label "fleet-$fanout-f$k" \
+    --json "$json" \
+    --on-opened "bash scripts/bench_counters.sh $OUT/counters.before $db $bystander $serving $watcher" ||
+    echo "bench.sh: fleet of $k, $fanout, N=$n run $rep FAILED (see the table above)" >&2
+  bash scripts/bench_counters.sh "$OUT/counters.after" "$db" "$bystander" "$serving" "$watcher"
+  add_counters "$json"
+  # The subscriptions of the whole run, from before the first stream to after the last
+  # unsubscribe (an instance keeps a job's channel 5 s after its last stream left).
+  sleep 6
+  bash scripts/bench_counters.sh "$OUT/counters.settled" "$db" - "$serving"
+  python3 - "$json" "$k" "$fanout" "$OUT/counters.start" "$OUT/counters.settled" <<'PY' || true
+import json, sys
+path, k, fanout, start, settled = sys.argv[1:]
+def counters(name):
+    return {k: int(v) for k, v in (f.split("=") for f in open(name).read().split())}
+b, a = counters(start), counters(settled)
+report = json.load(open(path))
+report["instances"], report["fanout"] = int(k), fanout
+jobs = max(report.get("streams") or 0, 1)
+# (Counting the counters' own three INFO calls: 0.0003 a job at N = 10,000.)
+report["redis_commands_per_job_whole_run"] = (a["redis_commands"] - b["redis_commands"]) / jobs
+report["redis_subscriptions_per_job"] = (a["redis_subscriptions"] - b["redis_subscriptions"]) / jobs
+json.dump(report, open(path, "w"), indent=2)
+PY
+  for pid in "${pids[@]}"; do stop_pid "$pid"; done
+  psql "$PG_URL/postgres" -qc "drop database $db" >/dev/null || true
   unpin
 }
 
@@ -434,6 +506,11 @@ for rep in $(seq "$RUNS"); do
     scale_run nchan "$SCALE_N" "$rep"
     pg_floor_run 1 "$rep"
     pg_floor_run 10 "$rep"
+  fi
+  if [ -n "$FLEET_N" ]; then
+    for k in $FLEET_INSTANCES; do
+      for fanout in single routed; do fleet_run "$k" "$fanout" "$FLEET_N" "$rep"; done
+    done
   fi
   if [ "$PEERS" = 1 ]; then
     for name in python node-plain better-sse; do

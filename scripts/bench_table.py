@@ -346,6 +346,49 @@ def main():
             rate = median(r.get("completions_per_sec") for r in rs.values())
             w(f"| {rows} | {clients} | {fmt(rate)} | {fmt(1e6 / rate if rate else None, 1)} | "
               f"{fmt(pair_us, 1)} |")
+    fleets = sorted(((r0["instances"], name.split("-")[1], n), rs)
+                    for (name, _, n), rs in runs.items() if name.startswith("fleet-")
+                    for r0 in [next(iter(rs.values()))])
+    if fleets:
+        w("")
+        w(f"### The fleet: routed fan-out against the single channel, N = {fleets[0][0][2]:,} "
+          "distinct jobs")
+        w("")
+        w("k Handoff instances on one PostgreSQL database and one Redis hold the streams and "
+          "complete the jobs as in the scale-out run (k − 1 in k completions cross to another "
+          "instance); two more instances run beside them: one with no stream, and a watcher with "
+          "one stream for every tenth job, which it never completes. Everything server-side on "
+          "core 0, the client on core 1. *Single*: `HANDOFF_FANOUT_LEGACY_CHANNEL=on`, every "
+          "message also on the one channel every instance hears (what every instance heard "
+          "before routing; a routed instance drops that copy after checking it). *Routed*: "
+          "`=off`, each job's news only on its own channel, which only instances watching the job "
+          "subscribe to. Counted over the completions alone (from every stream open to the end), "
+          "except \"per job, whole run\": from before the first stream opens to after the last "
+          "unsubscribe. CPU is the process's, all threads. "
+          "The ratio is to the two-Nchan pair of the scale-out section in the same run.")
+        w("")
+        w("| k | fan-out | delivered (watcher) | completions/s | ÷ Nchan pair | "
+          "Redis commands per completion | per job, whole run | of which (un)subscribes | "
+          "messages received per completion: stream-less | "
+          "watcher | CPU µs per completion: stream-less instance | watcher | "
+          "each serving instance |")
+        w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        pair = scale.get("scale-nchan", {}) if scale else {}
+        for (k, fanout, _), rs in sorted(fleets, key=lambda f: (f[0][0], f[0][1] != "single")):
+            med = lambda key: median(figure(r, key) for r in rs.values())
+            watched = min(rs.values(), key=lambda r: r.get("watcher_delivered", 0) - r.get("watcher_expected", 0))
+            each = med("fleet_us_per_completion")
+            w(f"| {k} | {fanout} | {delivered(rs)} ({watched.get('watcher_delivered', 0):,}/"
+              f"{watched.get('watcher_expected', 0):,}) | {fmt(med('completions_per_sec'))} | "
+              f"{fmt(per_run_ratio(rs, pair, 'completions_per_sec'), 2)} | "
+              f"{fmt(med('redis_commands_per_completion'), 2)} | "
+              f"{fmt(med('redis_commands_per_job_whole_run'), 2)} | "
+              f"{fmt(med('redis_subscriptions_per_job'), 2)} | "
+              f"{fmt(med('bystander_received_per_completion'), 2)} | "
+              f"{fmt(med('watcher_received_per_completion'), 2)} | "
+              f"{fmt(med('bystander_us_per_completion'), 1)} | "
+              f"{fmt(med('watcher_us_per_completion'), 1)} | "
+              f"{fmt(each / k if each is not None else None, 1)} |")
     capacity = [(n, r) for (name, _, n), rs in runs.items() if name == "capacity-handoff"
                 for r in rs.values()]
     if capacity:
@@ -433,6 +476,44 @@ def main():
         ok = all(r["ok"] for _, r in capacity)
         w(f"| capacity: every result delivered | {max(n for n, _ in capacity):,} streams | "
           f"{'all' if ok else 'not all'} | {'yes' if ok else '**no**'} | – | – | – |")
+    batch_names = sorted({k[0] for k in runs if re.fullmatch(r"handoff-b\d+", k[0])})
+    w("")
+    w("### Goals (issue 26), one core, N = 10,000 distinct unless said")
+    w("")
+    w("Each ratio is Handoff ÷ in-memory Nchan, the median of the ratios taken in the same run "
+      "(each run's own ratio in the third column).")
+    w("")
+    w("| goal | measured | per-run ratios | met |")
+    w("|---|---:|---|---|")
+
+    def spread(a, b, key):
+        ratios = sorted(figure(x, key) / figure(runs_b_rep, key)
+                        for rep, x in a.items()
+                        for runs_b_rep in [b.get(rep)]
+                        if runs_b_rep and figure(x, key) is not None and figure(runs_b_rep, key))
+        return ratios
+
+    def goal_row(title, a, b, key, limit, way):
+        ratios = spread(a, b, key)
+        value = median(ratios)
+        met = "–" if value is None or limit is None else (
+            "yes" if (value <= limit if way == "le" else value >= limit) else "**no**")
+        cells = ", ".join(fmt(r, 2) for r in ratios) or "–"
+        w(f"| {title} | {fmt(value, 3)} × | {cells} | {met} |")
+
+    for name in batch_names:
+        size = name.removeprefix("handoff-b")
+        n_b = next(k[2] for k in runs if k[0] == name)
+        goal_row(f"completions/s, batches of {size} (N = {n_b:,}) ≥ 2.0 × Nchan's single "
+                 "publishes at 32 connections", runs.get((name, "distinct", n_b), {}),
+                 runs.get(("nchan-p32", "distinct", n_b), {}), "completions_per_sec", 2.0, "ge")
+    h, c = runs.get(("handoff", "distinct", 10000), {}), runs.get(("nchan", "distinct", 10000), {})
+    goal_row("latency p99, distinct, 4 publisher connections ≤ 2.0 × Nchan", h, c,
+             "latency_ms.p99", 2.0, "le")
+    goal_row("(no goal: latency p99.9, the same runs)", h, c, "latency_ms.p999", None, "le")
+    goal_row("memory per stream, distinct ≤ 1.0 × Nchan", h, c, "bytes_per_stream", 1.0, "le")
+    goal_row("memory per stream, single ≤ 1.0 × Nchan", runs.get(("handoff", "single", 10000), {}),
+             runs.get(("nchan", "single", 10000), {}), "bytes_per_stream", 1.0, "le")
     text = "\n".join(out)
 
     try:

@@ -121,6 +121,15 @@ struct Args {
     /// completion: e.g. to read the servers' counters, so that they cover the completions alone.
     #[arg(long)]
     on_opened: Option<String>,
+    /// An instance that watches a share of the jobs without completing any: its stream URL with
+    /// {id} (Handoff: `http://127.0.0.1:P/sse/connect/{id}`). One more stream opens there for
+    /// every `--watch-every`-th job, and each must get its result once, as the others must.
+    /// What a fleet member holding a few of the fleet's streams pays for the rest of its
+    /// completions.
+    #[arg(long)]
+    watcher: Option<String>,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    watch_every: u64,
     /// Keep every latency (ms, in the jobs' order) in the JSON, for the whole distribution and
     /// where in the run the slow ones fell.
     #[arg(long)]
@@ -162,6 +171,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let watcher = match args
+        .watcher
+        .as_deref()
+        .map(target::UrlTemplate::parse_with_id)
+    {
+        None => None,
+        Some(Ok(template)) if args.mode == Mode::Distinct && args.processes <= 1 => Some(template),
+        Some(Ok(_)) => {
+            eprintln!("handoff-bench: --watcher applies to distinct runs in one process");
+            return ExitCode::from(2);
+        }
+        Some(Err(why)) => {
+            eprintln!("handoff-bench: --watcher: {why}");
+            return ExitCode::from(2);
+        }
+    };
     if args.mode == Mode::OneByOne && args.progress_rate > 0 {
         eprintln!("handoff-bench: --progress-rate applies to distinct and single runs");
         return ExitCode::from(2);
@@ -182,7 +207,7 @@ fn main() -> ExitCode {
             Ok(runtime) if args.mode == Mode::OneByOne => {
                 runtime.block_on(one_by_one::run(&args, &targets))
             }
-            Ok(runtime) => runtime.block_on(run(&args, &targets)),
+            Ok(runtime) => runtime.block_on(run(&args, &targets, watcher)),
             Err(e) => {
                 eprintln!("handoff-bench: cannot start the runtime: {e}");
                 return ExitCode::FAILURE;
@@ -240,7 +265,7 @@ fn fleet_rss_kb(pids: &[u32], errors: &mut Vec<String>) -> Option<u64> {
     }
 }
 
-async fn run(args: &Args, targets: &[Target]) -> Report {
+async fn run(args: &Args, targets: &[Target], watcher: Option<target::UrlTemplate>) -> Report {
     let phase = Duration::from_secs(args.timeout);
     let target = &targets[0];
     let (streams, index_base) = args
@@ -319,6 +344,39 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
             None => break,
         }
     }
+    // The watcher's streams open after the fleet's, so the fleet's connect figures stay its own.
+    let every = usize::try_from(args.watch_every).unwrap_or(usize::MAX);
+    let watched = watcher.as_ref().map_or(0, |_| streams.div_ceil(every));
+    let watcher_board = Board::new(watched);
+    if let Some(template) = &watcher {
+        let ids = ids.clone();
+        let mut opened = streams::open_all(
+            std::slice::from_ref(template),
+            move |i| ids[i * every].clone(),
+            &streams::Opening {
+                streams: watched,
+                concurrency: args.connect_concurrency,
+                leave_on_result: args.leave_on_result,
+                deadline: Instant::now() + phase,
+                // Source ports apart from the fleet's streams'.
+                index_base: index_base + streams,
+                port_seed: args.port_seed.unwrap_or_else(streams::port_seed),
+            },
+            &watcher_board,
+            &stop,
+        );
+        for _ in 0..watched {
+            match opened.recv().await.map(|o| o.result) {
+                Some(Ok(_)) => report.watcher_opened += 1,
+                Some(Err(why)) => {
+                    report.connect_failures += 1;
+                    note(&mut report.errors, format!("watcher: {why}"));
+                }
+                None => break,
+            }
+        }
+        report.watcher_expected = watched;
+    }
     report.connect_secs = start.elapsed().as_secs_f64();
     report.opened = connect_times.len();
     report.connects_per_sec = report.opened as f64 / report.connect_secs;
@@ -395,11 +453,15 @@ async fn run(args: &Args, targets: &[Target]) -> Report {
         report.completions_per_sec = report.completions as f64 / report.completion_secs.max(1e-9);
     }
     board.wait_for(report.opened, Instant::now() + phase).await;
+    watcher_board
+        .wait_for(report.watcher_opened, Instant::now() + phase)
+        .await;
     tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
     stop.cancel();
 
     report.delivered = board.delivered();
-    report.duplicates = board.duplicates();
+    report.duplicates = board.duplicates() + watcher_board.duplicates();
+    report.watcher_delivered = watcher_board.delivered();
     let latencies: Vec<Duration> = (0..streams)
         .filter_map(|i| {
             Some(
@@ -486,7 +548,17 @@ fn conclude(report: &mut Report) {
             ),
         );
     }
+    if report.watcher_delivered < report.watcher_expected {
+        note(
+            &mut report.errors,
+            format!(
+                "{} of the watcher's streams never got their event",
+                report.watcher_expected - report.watcher_delivered
+            ),
+        );
+    }
     report.ok = report.delivered == report.expected
+        && report.watcher_delivered == report.watcher_expected
         && report.progress_ok == report.progress_sent
         && report.duplicates == 0
         && report.connect_failures == 0

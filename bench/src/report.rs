@@ -79,7 +79,15 @@ pub struct Report {
     pub completions_per_sec: f64,
     pub expected: usize,
     pub delivered: usize,
+    /// Duplicates on every stream, the watcher's included.
     pub duplicates: usize,
+    /// With `--watcher`: its streams, how many opened, and how many got their result.
+    #[serde(default)]
+    pub watcher_expected: usize,
+    #[serde(default)]
+    pub watcher_opened: usize,
+    #[serde(default)]
+    pub watcher_delivered: usize,
     pub latency_ms: Option<Percentiles>,
     /// From the completion's answer (a batch's, for a batch) to the event; an event that came
     /// before its answer counts as 0.
@@ -177,6 +185,13 @@ impl Report {
                 format!(
                     "{} / {} expected, {} duplicates",
                     self.delivered, self.expected, self.duplicates
+                ),
+            ),
+            (
+                "watcher",
+                format!(
+                    "{} / {} expected ({} opened)",
+                    self.watcher_delivered, self.watcher_expected, self.watcher_opened
                 ),
             ),
             ("latency", pct(&self.latency_ms)),

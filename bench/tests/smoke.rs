@@ -180,3 +180,16 @@ async fn a_progress_flood_on_one_job_is_answered_and_every_stream_still_gets_its
     assert_eq!(report["progress_ok"], 400, "{report}");
     assert_eq!(app.metric("handoff_progress_reports_total").await, 400.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_gets_every_tenth_job_once_beside_the_streams_and_counts_in_the_verdict() {
+    let app = TestApp::spawn().await;
+    let watcher = format!("{}/sse/connect/{{id}}", app.base);
+    let report = bench_with(&app, "distinct", 200, true, &["--watcher", &watcher]).await;
+    assert_every_event_arrived_once(&report, 200);
+    assert_eq!(report["watcher_expected"], 20, "{report}");
+    assert_eq!(report["watcher_opened"], 20, "{report}");
+    assert_eq!(report["watcher_delivered"], 20, "{report}");
+    // A connect event and the result on each of the 200 + 20 streams.
+    assert_eq!(app.metric("handoff_events_sent_total").await, 2.0 * 220.0);
+}

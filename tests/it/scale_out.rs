@@ -904,3 +904,73 @@ async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() 
         );
     }
 }
+
+/// "Subscribe, then check" across instances, with routed channels: instance B's link to Redis
+/// is slow (150 ms each way), so each job channel's subscription is confirmed some 300 ms after
+/// B's stream asks for it. Completions through A land at every moment of that window. B's
+/// streams read the store only once their channel's subscription is confirmed (or catch up on
+/// the job when it is), so every result arrives; the resync, set to an hour, brings none.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL and redis-server: run scripts/test.sh"]
+async fn streams_behind_a_slow_redis_link_get_the_results_completed_elsewhere_while_they_subscribe()
+{
+    use crate::support::slow_link::SlowLink;
+
+    let redis = shared_redis().await;
+    let db = FreshDb::postgres().await;
+    let channel = fresh_channel();
+    let settings = [
+        ("HANDOFF_RESYNC_SECS", "3600"),
+        ("HANDOFF_FANOUT_LEGACY_CHANNEL", "off"),
+    ];
+    let a = Instance::in_fleet(&db, Some(redis), &channel, &settings);
+    let upstream = redis
+        .trim_start_matches("redis://")
+        .parse()
+        .expect("the shared Redis's address");
+    let link = SlowLink::to(upstream, Duration::from_millis(150)).await;
+    let slow_url = format!("redis://127.0.0.1:{}", link.port);
+    let b = Instance::in_fleet(&db, Some(&slow_url), &channel, &settings);
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+
+    let rounds = 60;
+    let mut ids = Vec::new();
+    for _ in 0..rounds {
+        ids.push(a.job_id().await);
+    }
+    let (a, b) = (&a, &b);
+    let outcomes = stream::iter(ids.iter().enumerate())
+        .map(|(i, id)| async move {
+            // The completion goes 0 to 500 ms after the stream is asked for: before, during and
+            // after its subscription.
+            let complete = async {
+                tokio::time::sleep(Duration::from_millis(50 * (i % 11) as u64)).await;
+                a.complete(id).await.status()
+            };
+            let watch = async {
+                let mut stream = b.stream(id).await;
+                // The connect event says pending or, if the completion came first, the result.
+                let result = async {
+                    while let Some(event) = stream.next_result(Duration::from_secs(30)).await {
+                        if event["status"] == "result" {
+                            return event["moveUrl"] == format!("/test.do?id={id}");
+                        }
+                    }
+                    false
+                };
+                // Well before the hour-long resync: counted as lost, not a panic.
+                tokio::time::timeout(Duration::from_secs(15), result)
+                    .await
+                    .unwrap_or(false)
+            };
+            let (status, got) = tokio::join!(complete, watch);
+            assert_eq!(status, 200);
+            got
+        })
+        .buffer_unordered(rounds)
+        .collect::<Vec<bool>>()
+        .await;
+    let lost = outcomes.iter().filter(|got| !**got).count();
+    assert_eq!(lost, 0, "{lost} of {rounds} streams on B got no result");
+}

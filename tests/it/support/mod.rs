@@ -10,6 +10,7 @@ pub mod instance;
 pub mod nginx;
 pub mod redis;
 pub mod redis_cluster;
+pub mod slow_link;
 pub mod sse;
 
 use std::ops::Deref;
