@@ -344,7 +344,23 @@ async fn run(args: &Args, targets: &[Target], watcher: Option<target::UrlTemplat
             None => break,
         }
     }
-    // The watcher's streams open after the fleet's, so the fleet's connect figures stay its own.
+    report.connect_secs = start.elapsed().as_secs_f64();
+    report.opened = connect_times.len();
+    report.connects_per_sec = report.opened as f64 / report.connect_secs;
+    if args.part.is_some() {
+        report.connect_samples_ms = millis(&connect_times);
+    }
+    report.connect_ms = Percentiles::of(connect_times);
+    report.rss_after_kb = rss(&mut report);
+    if let (Some(before), Some(after)) = (report.rss_before_kb, report.rss_after_kb)
+        && report.opened > 0
+    {
+        report.bytes_per_stream =
+            Some(after.saturating_sub(before) as f64 * 1024.0 / report.opened as f64);
+    }
+
+    // The watcher's streams open after the fleet's are open and measured, so that the fleet's
+    // connect and memory figures stay its own.
     let every = usize::try_from(args.watch_every).unwrap_or(usize::MAX);
     let watched = watcher.as_ref().map_or(0, |_| streams.div_ceil(every));
     let watcher_board = Board::new(watched);
@@ -377,21 +393,6 @@ async fn run(args: &Args, targets: &[Target], watcher: Option<target::UrlTemplat
         }
         report.watcher_expected = watched;
     }
-    report.connect_secs = start.elapsed().as_secs_f64();
-    report.opened = connect_times.len();
-    report.connects_per_sec = report.opened as f64 / report.connect_secs;
-    if args.part.is_some() {
-        report.connect_samples_ms = millis(&connect_times);
-    }
-    report.connect_ms = Percentiles::of(connect_times);
-    report.rss_after_kb = rss(&mut report);
-    if let (Some(before), Some(after)) = (report.rss_before_kb, report.rss_after_kb)
-        && report.opened > 0
-    {
-        report.bytes_per_stream =
-            Some(after.saturating_sub(before) as f64 * 1024.0 / report.opened as f64);
-    }
-
     if args.part.is_some()
         && let Err(why) = split::say_and_wait(split::OPENED, report.opened, "go").await
     {
