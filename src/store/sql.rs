@@ -156,6 +156,10 @@ pub(super) struct EndItem<'a> {
 /// One statement, so one commit, for at most [`MAX_BATCH`] distinct jobs ending in `status`:
 /// the pending ones among them end (with the `moveUrl` their request names, else the one they
 /// had). Returns the rows it changed. `outbox`: see [`ending!`].
+///
+/// A `CASE id WHEN … END` picks each row's `moveUrl` and message, but costs every row a
+/// comparison with every id of the statement: it is left out when no item of the statement
+/// names one (a batch of plain completions), and the row keeps its target, with no message.
 pub(super) async fn end_many(
     conn: &mut LaneConn,
     status: JobStatus,
@@ -166,27 +170,39 @@ pub(super) async fn end_many(
     if items.is_empty() {
         return Ok(Rows::new());
     }
-    let n = padded_len(items.len());
-    // $1 status, $2 time; then per item: id, moveUrl, message.
+    let with_url = items.iter().any(|item| item.move_url.is_some());
+    let with_message = items.iter().any(|item| item.message.is_some());
+    // $1 status, $2 time; then per item: id, and its moveUrl and message when any item has one.
     let rows = PerRow {
         first: 3,
-        width: 3,
-        rows: n,
+        width: 1 + usize::from(with_url) + usize::from(with_message),
+        rows: padded_len(items.len()),
+    };
+    let move_url = if with_url {
+        format!(", move_url = COALESCE({}, move_url)", rows.case(1))
+    } else {
+        String::new()
+    };
+    let message = if with_message {
+        rows.case(1 + usize::from(with_url))
+    } else {
+        "NULL".into()
     };
     let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET status = $1, completed_at = $2, move_url = COALESCE({}, move_url), \
-         message = {} WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
-        rows.case(1),
-        rows.case(2),
+        "UPDATE jobs SET status = $1, completed_at = $2{move_url}, message = {message} \
+         WHERE status = 'pending' AND id IN ({}) RETURNING {JOB_COLUMNS}",
         rows.ids()
     ));
     let changed: Vec<JobRow> = ending!(conn, outbox, {
         let mut query = sqlx::query_as(sql).bind(status.as_str()).bind(now_millis());
         for item in padded(items) {
-            query = query
-                .bind(item.id.as_str())
-                .bind(item.move_url.map(MoveUrl::as_str))
-                .bind(item.message.map(Message::as_str));
+            query = query.bind(item.id.as_str());
+            if with_url {
+                query = query.bind(item.move_url.map(MoveUrl::as_str));
+            }
+            if with_message {
+                query = query.bind(item.message.map(Message::as_str));
+            }
         }
         query
     })?;

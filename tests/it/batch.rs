@@ -251,6 +251,55 @@ async fn every_stream_receives_its_jobs_ending_from_a_batch() {
     assert_eq!(told.len(), ids.len());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ending_without_moveurl_or_message_keeps_its_target_whether_or_not_others_name_one() {
+    let app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let created = app.create_job(Some(&format!("/orders/{n}"))).await;
+        ids.push(created["id"].as_str().expect("an id").to_owned());
+    }
+    // Nobody names a moveUrl or a message; then a batch where some do, among others that do not.
+    let plain = batch(
+        &app,
+        json!([
+            { "op": "complete", "id": ids[0] },
+            { "op": "fail", "id": ids[1] },
+        ]),
+    )
+    .await;
+    let mixed = batch(
+        &app,
+        json!([
+            { "op": "complete", "id": ids[2] },
+            { "op": "complete", "id": ids[3], "moveUrl": "/elsewhere" },
+            { "op": "fail", "id": ids[4], "message": "disk full" },
+            { "op": "fail", "id": ids[5] },
+        ]),
+    )
+    .await;
+    let expected = [
+        ("complete", "/orders/0", None),
+        ("failed", "/orders/1", None),
+        ("complete", "/orders/2", None),
+        ("complete", "/elsewhere", None),
+        ("failed", "/orders/4", Some("disk full")),
+        ("failed", "/orders/5", None),
+    ];
+    let answered = plain
+        .iter()
+        .chain(&mixed)
+        .map(|result| result["job"].clone());
+    for ((id, answered), (status, target, message)) in ids.iter().zip(answered).zip(expected) {
+        let stored = app.job(id).await;
+        for job in [&answered, &stored] {
+            assert_eq!(job["status"], status, "{job}");
+            assert_eq!(job["moveUrl"], target, "{job}");
+            assert_eq!(job["message"].as_str(), message, "{job}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_endings_acknowledged_right_before_sigkill_are_there_after_restart() {
     let dir = tempfile::tempdir().unwrap();
