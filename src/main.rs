@@ -8,10 +8,14 @@ use clap::Parser;
 use handoff::cli::{self, Cli, Command};
 use handoff::config::{self, Config};
 use handoff::logging;
-use handoff::startup::Application;
+use handoff::startup::{self, Application};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc reads its settings from this symbol when it starts; see [`startup::MALLOC_CONF`].
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8; 24] = startup::MALLOC_CONF;
 
 fn main() -> ExitCode {
     match Cli::parse().command.unwrap_or(Command::Serve) {

@@ -23,6 +23,10 @@ use tokio::sync::oneshot;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Handoff's jemalloc settings, so the floor is measured with the same allocator.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8; 24] = handoff::startup::MALLOC_CONF;
+
 /// Who waits for which id. A std `Mutex`: it is never held across an `.await`.
 #[derive(Default)]
 struct Waiting(Mutex<HashMap<String, Vec<oneshot::Sender<ByteString>>>>);
