@@ -22,6 +22,7 @@ pub use self::kinds::{
     MIN_TOKEN_DISTINCT_CHARS, MIN_TOKEN_LEN, NamedTokens, SECRET_SET, origin_only,
 };
 use self::setting::{Env, Setting, settings};
+use crate::fanout::LegacyChannel;
 use crate::limits::TrustedProxies;
 use crate::logging::LogFormat;
 
@@ -56,10 +57,11 @@ settings! {
         /// `on`: `REDIS_URL` names a Redis Cluster (7+), whose job channels are sharded
         /// (`SSUBSCRIBE`/`SPUBLISH`)
         pub redis_cluster: bool = HANDOFF_REDIS_CLUSTER, OnOff, default "off";
-        /// `on`: also publish to and listen on the single channel, so instances of the releases
-        /// before routing lose nothing during a rolling upgrade; set `off` once every instance
-        /// runs this release (see Upgrading)
-        pub fanout_legacy_channel: bool = HANDOFF_FANOUT_LEGACY_CHANNEL, OnOff, default "on";
+        /// the single channel of the releases before routing: `publish` also publishes every
+        /// message there, so that older instances hear this one; `on` listens there too, so that
+        /// this one hears older instances at once during a rolling upgrade (not at the next
+        /// resync); `off` once every instance runs this release (see Upgrading)
+        pub fanout_legacy_channel: LegacyChannel = HANDOFF_FANOUT_LEGACY_CHANNEL, Parsed, default "publish";
         /// a bearer token for the API (named `default`) and, unless
         /// `HANDOFF_ADMIN_PASSWORD_HASH` is set, the admin password; at least 16 characters, at
         /// least 8 of them different (start-up refuses `aaaa…` or `1212…` and says why). Kept
@@ -815,13 +817,20 @@ mod tests {
     #[test]
     fn routing_keeps_the_single_channel_for_the_upgrade_and_a_cluster_is_asked_for() {
         let c = with(&[]).unwrap();
-        assert!(c.fanout_legacy_channel && !c.redis_cluster);
+        assert_eq!(c.fanout_legacy_channel, LegacyChannel::Publish);
+        assert!(!c.redis_cluster);
         let c = with(&[
             ("HANDOFF_FANOUT_LEGACY_CHANNEL", "off"),
             ("HANDOFF_REDIS_CLUSTER", "on"),
         ])
         .unwrap();
-        assert!(!c.fanout_legacy_channel && c.redis_cluster);
+        assert_eq!(c.fanout_legacy_channel, LegacyChannel::Off);
+        assert!(c.redis_cluster);
+        let c = with(&[("HANDOFF_FANOUT_LEGACY_CHANNEL", "on")]).unwrap();
+        assert_eq!(c.fanout_legacy_channel, LegacyChannel::On);
+        let err = with(&[("HANDOFF_FANOUT_LEGACY_CHANNEL", "yes")]).unwrap_err();
+        assert_eq!(err.var, "HANDOFF_FANOUT_LEGACY_CHANNEL");
+        assert!(err.reason.contains("expected publish, on or off"), "{err}");
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //! a job's first stream opens and its last leaves); a job's channel stays subscribed a moment
 //! after its last stream leaves ([`LINGER`]), so a reconnecting tab costs no command. On a
 //! Redis Cluster (`HANDOFF_REDIS_CLUSTER=on`) the job channels are sharded (`SSUBSCRIBE`,
-//! `SPUBLISH`): a channel's traffic stays on the node owning its slot. During the upgrade from
-//! the single channel every message also goes to, and is heard on, the old channel
-//! (`HANDOFF_FANOUT_LEGACY_CHANNEL`).
+//! `SPUBLISH`): a channel's traffic stays on the node owning its slot. For the upgrade from the
+//! single channel, every message also goes to the old channel, and while a fleet is mixed may be
+//! heard there ([`LegacyChannel`]).
 //!
 //! It carries opaque payloads; what they mean is [`crate::delivery`]'s business. Each message is
 //! signed with the deployment's fan-out key (an [`HmacKey`]), and the subscriber hands on only
@@ -20,7 +20,9 @@
 //! failed while every subscriber stayed connected: it triggers no re-subscribe anywhere.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -161,6 +163,44 @@ impl Routes {
     }
 }
 
+/// What an instance does with the single channel of the releases before routing
+/// (`HANDOFF_FANOUT_LEGACY_CHANNEL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegacyChannel {
+    /// Nothing: every instance of the fleet runs a release with routing.
+    Off,
+    /// Every message also goes there, so that instances of older releases, which hear nothing
+    /// else, get this one's news. The default for the release that brings routing: an upgrade
+    /// that forgets the setting loses nothing, and a stream-less instance still hears nothing.
+    Publish,
+    /// Publish there and listen there too, during a rolling upgrade: a result that an older
+    /// instance publishes reaches the streams here at once, not at the next resync.
+    On,
+}
+
+impl FromStr for LegacyChannel {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        match raw {
+            "off" => Ok(Self::Off),
+            "publish" => Ok(Self::Publish),
+            "on" => Ok(Self::On),
+            _ => Err("expected publish, on or off".into()),
+        }
+    }
+}
+
+impl fmt::Display for LegacyChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Publish => "publish",
+            Self::On => "on",
+        })
+    }
+}
+
 /// The Redis link of one instance; cheap to clone.
 #[derive(Clone)]
 pub struct Fanout {
@@ -168,8 +208,8 @@ pub struct Fanout {
     publisher: Publisher,
     /// The single channel of the releases before routing, and the prefix of every job channel.
     channel: Arc<str>,
-    /// Also publish to and listen on `channel` (the upgrade from a fleet on the single channel).
-    legacy: bool,
+    /// What to do with `channel` (the upgrade from a fleet on the single channel).
+    legacy: LegacyChannel,
     /// Signs what is published, and tells authentic messages from the rest.
     key: HmacKey,
     /// True while the subscriber is subscribed; `/healthz` reports it.
@@ -196,8 +236,8 @@ pub struct FanoutConfig<'a> {
     pub cluster: bool,
     /// The single channel, and the prefix of the job channels.
     pub channel: &'a str,
-    /// Publish to and listen on the single channel too.
-    pub legacy: bool,
+    /// Publish to, or also listen on, the single channel.
+    pub legacy: LegacyChannel,
 }
 
 impl Fanout {
@@ -259,7 +299,7 @@ impl Fanout {
         let channel = self.job_channel(id);
         let sharded = matches!(self.server, Server::Cluster(_));
         let routed = self.publish(sharded, &channel, payload);
-        if !self.legacy {
+        if self.legacy == LegacyChannel::Off {
             return routed.await;
         }
         let (routed, legacy) = tokio::join!(routed, self.publish(false, &self.channel, payload));
@@ -535,7 +575,7 @@ impl<L: Listener> Subscriber<L> {
     async fn subscribe(&self) -> Result<(Link, UnboundedReceiver<PushInfo>), String> {
         let attempt = async {
             let (mut link, pushes) = Link::open(&self.fanout.server).await?;
-            if self.fanout.legacy {
+            if self.fanout.legacy == LegacyChannel::On {
                 link.subscribe_legacy(&self.fanout.channel).await?;
             }
             Ok::<_, redis::RedisError>((link, pushes))

@@ -839,6 +839,21 @@ async fn progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other
     );
 }
 
+/// How many clients of the shared Redis are subscribed to `channel` (plain Pub/Sub).
+async fn subscribers_of(client: &redis::Client, channel: &str) -> u64 {
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection to the shared Redis");
+    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut connection)
+        .await
+        .expect("PUBSUB NUMSUB");
+    counts.first().map_or(0, |(_, count)| *count)
+}
+
 /// The first message on `channel` of the shared Redis within `within`, as a plain (RESP2)
 /// subscriber such as an instance of a release before routing sees it; `None` if none came.
 async fn first_message_on(pubsub: &mut redis::aio::PubSub, within: Duration) -> Option<String> {
@@ -852,7 +867,7 @@ async fn first_message_on(pubsub: &mut redis::aio::PubSub, within: Duration) -> 
 async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() {
     let fleet = KeyedFleet::new("a-fanout-key-of-at-least-32-characters-for-upgrades").await;
     let (redis_url, channel, key) = (fleet.redis_url, fleet.channel.clone(), fleet.key);
-    // A routed instance with the default: the single channel on.
+    // A routed instance with the default, `publish`: it also publishes on the single channel.
     let routed = fleet.instance(&[]).await;
     // An instance of the releases before routing listens on the single channel only.
     let client = redis::Client::open(redis_url).expect("a Redis URL");
@@ -873,10 +888,23 @@ async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() 
     assert_eq!(message["kind"], "complete");
     assert_eq!(message["moveUrl"], format!("/test.do?id={id}"));
 
-    // Old to new: an old instance publishes only on the single channel; a stream here gets it
-    // at once (not at a resync).
-    let id = routed.job_id().await;
-    let mut stream = routed.connected_stream(&id).await;
+    // The default does not listen there: a stream-less new instance hears nothing of the old
+    // ones, whose results reach its streams at the next resync. During the rolling upgrade,
+    // `on` listens there too.
+    assert_eq!(
+        subscribers_of(&client, &channel).await,
+        1,
+        "only the old instance"
+    );
+    let listening = fleet
+        .instance(&[("HANDOFF_FANOUT_LEGACY_CHANNEL", "on")])
+        .await;
+    assert_eq!(subscribers_of(&client, &channel).await, 2, "old and `on`");
+
+    // Old to new: an old instance publishes only on the single channel; a stream on an instance
+    // with `on` gets it at once (not at a resync).
+    let id = listening.job_id().await;
+    let mut stream = listening.connected_stream(&id).await;
     let old_format =
         format!(r#"{{"id":"{id}","kind":"complete","moveUrl":"/jobs/old","from":"old-instance"}}"#);
     publish_with_redis_cli(
@@ -888,7 +916,10 @@ async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() 
         .await
         .expect("the old instance's result");
     assert_eq!(result["moveUrl"], "/jobs/old");
-    assert_eq!(routed.metric("handoff_resync_deliveries_total").await, 0.0);
+    assert_eq!(
+        listening.metric("handoff_resync_deliveries_total").await,
+        0.0
+    );
 
     // Once the fleet is upgraded and the single channel is off, nothing goes there any more.
     let upgraded = fleet
