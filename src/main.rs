@@ -8,14 +8,17 @@ use clap::Parser;
 use handoff::cli::{self, Cli, Command};
 use handoff::config::{self, Config};
 use handoff::logging;
-use handoff::startup::{self, Application};
+use handoff::startup::Application;
 
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc reads its settings from this symbol when it starts; see [`startup::MALLOC_CONF`].
+/// jemalloc reads its settings from this symbol when it starts; see
+/// [`handoff::startup::MALLOC_CONF`].
+#[cfg(not(feature = "system-alloc"))]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &[u8; 24] = startup::MALLOC_CONF;
+static MALLOC_CONF: &[u8; 24] = handoff::startup::MALLOC_CONF;
 
 fn main() -> ExitCode {
     match Cli::parse().command.unwrap_or(Command::Serve) {
