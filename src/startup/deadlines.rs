@@ -23,7 +23,7 @@
 //! gives each request body a deadline. Idle connections are left to actix-http's keep-alive timer,
 //! which works for them.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -86,40 +86,20 @@ enum Phase {
     Serving { ends: Option<Instant> },
 }
 
-/// A connection's state, shared by its [`Conn`] and the requests on it (as connection data):
-/// its [`Phase`], since when its writes are stalled, and its one timer. An `Rc`: a connection and
-/// its requests live on one worker thread. The state sits behind the `Rc` rather than in the
-/// [`Conn`] because the [`Conn`] is part of the connection's task, which Rust lays out with room
-/// for it twice (actix-server's spawned block keeps the dispatcher's future and awaits it):
-/// every byte there costs two in every open stream.
+/// A connection's phase, shared by its [`Conn`] and the requests on it (as connection data).
+/// An `Rc`: a connection and its requests live on one worker thread.
 #[derive(Debug, Clone)]
-pub struct ConnPhase(Rc<ConnState>);
-
-#[derive(Debug)]
-struct ConnState {
-    phase: Cell<Phase>,
-    /// Since when writes have found the socket full, without a byte going out since. Then the
-    /// dispatcher may still hold part of an answer, and no answer of ours may go in between.
-    write_stalled: Cell<Option<Instant>>,
-    /// Fires at the sooner of the head's deadline (while a head is awaited) and the write
-    /// deadline (while writes are stalled): one timer, as both are polled by the connection's
-    /// one task. Made when first needed, then reset; dropped while neither applies.
-    timer: RefCell<Option<Pin<Box<Sleep>>>>,
-}
+pub struct ConnPhase(Rc<Cell<Phase>>);
 
 impl ConnPhase {
     fn new() -> Self {
-        Self(Rc::new(ConnState {
-            phase: Cell::new(Phase::Waiting {
-                deadline: Instant::now() + TIMING.head,
-            }),
-            write_stalled: Cell::new(None),
-            timer: RefCell::new(None),
-        }))
+        Self(Rc::new(Cell::new(Phase::Waiting {
+            deadline: Instant::now() + TIMING.head,
+        })))
     }
 
     fn deadline(&self) -> Option<Instant> {
-        match self.0.phase.get() {
+        match self.0.get() {
             Phase::Waiting { deadline } | Phase::Head { deadline } => Some(deadline),
             Phase::Serving { .. } => None,
         }
@@ -127,66 +107,48 @@ impl ConnPhase {
 
     /// When the answer being served ends at the latest, if it says.
     fn answer_ends(&self) -> Option<Instant> {
-        match self.0.phase.get() {
+        match self.0.get() {
             Phase::Serving { ends } => ends,
             Phase::Waiting { .. } | Phase::Head { .. } => None,
         }
     }
 
     fn bytes_arrived(&self) {
-        if let Phase::Waiting { deadline } = self.0.phase.get() {
+        if let Phase::Waiting { deadline } = self.0.get() {
             let deadline = deadline.min(Instant::now() + TIMING.head);
-            self.0.phase.set(Phase::Head { deadline });
+            self.0.set(Phase::Head { deadline });
         }
     }
 
     fn request_started(&self) {
-        self.0.phase.set(Phase::Serving { ends: None });
+        self.0.set(Phase::Serving { ends: None });
     }
 
     /// The answer being served is an event stream that ends by `at`.
     fn stream_ends(&self, at: Instant) {
-        if let Phase::Serving { .. } = self.0.phase.get() {
-            self.0.phase.set(Phase::Serving { ends: Some(at) });
+        if let Phase::Serving { .. } = self.0.get() {
+            self.0.set(Phase::Serving { ends: Some(at) });
         }
     }
 
     fn answered(&self) {
         let deadline = Instant::now() + TIMING.keep_alive + TIMING.head;
-        self.0.phase.set(Phase::Waiting { deadline });
-    }
-
-    /// When stalled writes fail: [`TIMING`]`.write` after they stalled, or when the event stream
-    /// being written was to end, if sooner; `None` while writes are not stalled.
-    fn write_deadline(&self) -> Option<Instant> {
-        let unread = self.0.write_stalled.get()? + TIMING.write;
-        Some(self.answer_ends().map_or(unread, |ends| ends.min(unread)))
-    }
-
-    /// Whether the head's deadline (while a head is awaited) or the write deadline (while
-    /// writes are stalled) has passed; if not, the task is woken when the sooner one does.
-    /// Either one, with writes stalled, ends the connection.
-    fn deadline_passed(&self, cx: &mut Context<'_>) -> bool {
-        let deadline = match (self.deadline(), self.write_deadline()) {
-            (Some(head), Some(write)) => head.min(write),
-            (Some(one), None) | (None, Some(one)) => one,
-            (None, None) => return false,
-        };
-        let mut timer = self.0.timer.borrow_mut();
-        let timer = timer.get_or_insert_with(|| Box::pin(sleep_until(deadline)));
-        if timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
-        timer.as_mut().poll(cx).is_ready()
+        self.0.set(Phase::Waiting { deadline });
     }
 }
 
-/// An accepted socket that closes its connection when a request head is late, or when its
-/// client leaves its answer unread (see the module documentation).
+/// An accepted socket that closes its connection when a request head is late.
 #[derive(Debug)]
 pub struct Conn {
     io: TcpStream,
     phase: ConnPhase,
+    /// Fires at the current deadline; made when first needed, then reset.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Since when writes have found the socket full, without a byte going out since. Then the
+    /// dispatcher may still hold part of an answer, and no answer of ours may go in between.
+    write_stalled: Option<Instant>,
+    /// Fires at the write deadline; made when first needed, then reset.
+    write_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Conn {
@@ -194,6 +156,9 @@ impl Conn {
         Self {
             io,
             phase: ConnPhase::new(),
+            timer: None,
+            write_stalled: None,
+            write_timer: None,
         }
     }
 
@@ -202,24 +167,42 @@ impl Conn {
         self.phase.clone()
     }
 
+    /// Whether `deadline` has passed; if not, the task is woken when it does.
+    fn passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
     /// Passes on a write's outcome, unless writes have found the socket full for
     /// [`TIMING`]`.write`, or found it full when the event stream being written was to end:
     /// then the write fails, and the dispatcher drops the connection (and with it the answer's
     /// body, a stream's place and its subscriptions).
     fn timed(
-        &self,
+        &mut self,
         poll: Poll<io::Result<usize>>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
-        let state = &self.phase.0;
         if poll.is_ready() {
-            state.write_stalled.set(None);
+            self.write_stalled = None;
             return poll;
         }
-        if state.write_stalled.get().is_none() {
-            state.write_stalled.set(Some(Instant::now()));
+        let unread = *self.write_stalled.get_or_insert_with(Instant::now) + TIMING.write;
+        let deadline = self
+            .phase
+            .answer_ends()
+            .map_or(unread, |ends| ends.min(unread));
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
         }
-        if !self.phase.deadline_passed(cx) {
+        if timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
         Poll::Ready(Err(io::Error::new(
@@ -245,18 +228,16 @@ impl AsyncRead for Conn {
             Poll::Pending => {}
             done => return done,
         }
-        if this.phase.deadline().is_none() {
+        let Some(deadline) = this.phase.deadline() else {
             // A request is being served, which for an event stream lasts as long as the stream:
-            // its connection should not hold a timer it no longer needs, unless for its writes.
-            if this.phase.0.write_stalled.get().is_none() {
-                this.phase.0.timer.replace(None);
-            }
+            // its connection should not hold a timer it no longer needs.
+            this.timer = None;
+            return Poll::Pending;
+        };
+        if !this.passed(deadline, cx) {
             return Poll::Pending;
         }
-        if !this.phase.deadline_passed(cx) {
-            return Poll::Pending;
-        }
-        if this.phase.0.write_stalled.get().is_some() {
+        if this.write_stalled.is_some() {
             // Part of the last answer is still waiting to be written: drop the connection.
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -378,11 +359,9 @@ pub async fn track(
         response
             .head_mut()
             .set_connection_type(ConnectionType::Close);
-        ServiceResponse::new(res.into_parts().0, response).map_into_boxed_body()
+        ServiceResponse::new(res.into_parts().0, response).map_into_right_body()
     } else {
-        // Boxing a body that is a box already costs nothing; it keeps the answer's type, which
-        // every connection's task holds, as small as actix-http's own.
-        res.map_into_boxed_body()
+        res.map_into_left_body()
     };
     Ok(res.map_body(|_, body| Answer { body, phase }))
 }
@@ -486,12 +465,10 @@ mod tests {
     }
 
     /// A client that never reads: once the socket's buffers are full, the writer's next write
-    /// fails within the write deadline instead of waiting for ever. The answer is being served,
-    /// so no head's deadline (which would end the connection sooner) applies.
+    /// fails within the write deadline instead of waiting for ever.
     #[tokio::test]
     async fn writes_that_make_no_progress_fail_at_the_write_deadline() {
         let (mut conn, _client) = unread_connection().await;
-        conn.phase().request_started();
         let (failed, stalled_at) =
             tokio::time::timeout(TIMING.write * 3, write_until_failed(&mut conn))
                 .await
