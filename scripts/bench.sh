@@ -113,7 +113,10 @@ start_handoff() {
   local port=$PORT dir
   dir=$(mktemp -d /tmp/handoff-bench.XXXXXX)
   server_dir=$dir
-  env "${handoff_env[@]}" HANDOFF_ADDR=127.0.0.1:$port DATABASE_URL="sqlite://$dir/handoff.db" \
+  # One instance on its SQLite file, as shipped: no Redis, though REDIS_URL is exported for the
+  # fleet's counters.
+  env -u REDIS_URL "${handoff_env[@]}" HANDOFF_ADDR=127.0.0.1:$port \
+    DATABASE_URL="sqlite://$dir/handoff.db" \
     taskset -c "$SERVER_CPU" "$release/handoff" >"$OUT/handoff.log" 2>&1 &
   server_pid=$!; measure_pid=$server_pid
   wait_port "$port"

@@ -11,29 +11,28 @@ import re
 import sys
 from collections import defaultdict
 
-# (part, pattern on one frame), tried on each frame from the allocation outwards.
+# (part, pattern), tried on each frame from the allocation outwards. heaptrack names an inlined
+# frame by its function and file only ("with_capacity (bytes_mut.rs)"), and a generic one with
+# its type parameters, which may name other modules ("new<>, handoff::startup::deadlines::…"):
+# so the patterns look at the file, or at the function's own name.
 PARTS = [
-    ("actix-http's read and write buffers (BytesMut)", r"bytes::bytes_mut::BytesMut"),
-    ("the hub: the job's entry and the stream's subscription", r"handoff::hub::"),
-    ("fan-out routes (Redis channel per watched job)", r"handoff::fanout::"),
-    ("the deadline wrapper: connection phase and timers", r"handoff::startup::deadlines::"),
-    ("limits: the stream's place and its end", r"handoff::limits::"),
-    ("the SSE body and the stream's own state", r"handoff::routes::sse|actix_web_lab::sse"),
-    ("metrics", r"handoff::metrics::|prometheus_client::"),
-    ("the store's reads", r"handoff::store::|sqlx"),
-    ("Handoff, elsewhere", r"handoff::"),
-    ("tokio's I/O registration", r"tokio::runtime::io::"),
-    ("the connection's task (actix-http's dispatcher and what it holds)", r"tokio::runtime::task::"),
-    ("actix-http, elsewhere (request head, extensions)", r"actix_http::"),
-    ("actix-web (request, app data)", r"actix_web::|actix_router::"),
-    ("actix-server (accept)", r"actix_server::"),
-    ("tokio, elsewhere", r"tokio::"),
+    ("actix-http's read and write buffers", r"\(bytes_mut\.rs\)$"),
+    ("tokio's I/O registration", r"\((registration_set|registration|poll_evented)\.rs\)$"),
+    ("the hub: the job's entry and the stream's subscription", r"\(hub\.rs\)$|^handoff::hub::"),
+    ("fan-out routes", r"\(fanout\.rs\)$|^handoff::fanout::"),
+    ("the deadline wrapper's state (one per connection)", r"\(deadlines\.rs\)$"),
+    ("actix-http's per-connection extensions map (holds the deadline wrapper's state)",
+     r"\(extensions\.rs\)$"),
+    ("actix-http's graceful-shutdown signal", r"^(graceful_shutdown|notified)\b"),
+    ("the SSE body (actix-web-lab's, boxed by actix-web)", r"\((message_body|sse)\.rs\)$"),
+    ("the connection's task (actix-http's dispatcher and what it holds)",
+     r"^(bind_local|spawn_local)\b"),
+    ("SQLite's page cache (the jobs made for the run, not the streams)", r"\(sqlite3\.c\)$"),
 ]
 
 
 def part_of(stack):
-    frames = stack.split(";")
-    for frame in reversed(frames):
+    for frame in reversed(stack.split(";")):
         for part, pattern in PARTS:
             if re.search(pattern, frame):
                 return part
