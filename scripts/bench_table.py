@@ -251,7 +251,7 @@ def main():
         w("")
         n_floor = stores[0][0][1]
         w("`bench/examples/store_alone.rs` completes jobs through Handoff's own "
-          "`Store::complete_job` (the write lane and its durable SQLite commit, as the server "
+          "`Store::end_job` (the write lane and its durable SQLite commit, as the server "
           "makes them) with no HTTP, hub or streams, each caller waiting for its answer before "
           "the next: 4 callers fill every batch with 4 (the best case for the write), 1 caller "
           "makes every batch a batch of one. µs per completion is 1 ÷ rate: wall time on the "

@@ -9,7 +9,9 @@
 mod kinds;
 pub mod setting;
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 pub use secrecy::{ExposeSecret, SecretString};
@@ -22,7 +24,6 @@ pub use self::kinds::{
     MIN_TOKEN_DISTINCT_CHARS, MIN_TOKEN_LEN, NamedTokens, SECRET_SET, origin_only,
 };
 use self::setting::{Env, Setting, settings};
-use crate::fanout::LegacyChannel;
 use crate::limits::TrustedProxies;
 use crate::logging::LogFormat;
 
@@ -61,7 +62,8 @@ settings! {
         /// message there, so that older instances hear this one; `on` listens there too, so that
         /// this one hears older instances at once during a rolling upgrade (not at the next
         /// resync); `off` once every instance runs this release (see Upgrading)
-        pub fanout_legacy_channel: LegacyChannel = HANDOFF_FANOUT_LEGACY_CHANNEL, Parsed, default "publish";
+        pub fanout_legacy_channel: LegacyChannel = HANDOFF_FANOUT_LEGACY_CHANNEL, Parsed,
+            default "publish";
         /// a bearer token for the API (named `default`) and, unless
         /// `HANDOFF_ADMIN_PASSWORD_HASH` is set, the admin password; at least 16 characters, at
         /// least 8 of them different (start-up refuses `aaaa…` or `1212…` and says why). Kept
@@ -316,6 +318,44 @@ impl Config {
 
 /// The name `HANDOFF_API_TOKEN` goes by in the log and in `handoff_api_calls_total`.
 pub const DEFAULT_TOKEN_NAME: &str = "default";
+
+/// What an instance does with the single channel of the releases before routing
+/// (`HANDOFF_FANOUT_LEGACY_CHANNEL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegacyChannel {
+    /// Nothing: every instance of the fleet runs a release with routing.
+    Off,
+    /// Every message also goes there, so that instances of older releases, which hear nothing
+    /// else, get this one's news. The default for the release that brings routing: an upgrade
+    /// that forgets the setting loses nothing, and a stream-less instance still hears nothing.
+    Publish,
+    /// Publish there and listen there too, during a rolling upgrade: a result that an older
+    /// instance publishes reaches the streams here at once, not at the next resync.
+    On,
+}
+
+impl FromStr for LegacyChannel {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        match raw {
+            "off" => Ok(Self::Off),
+            "publish" => Ok(Self::Publish),
+            "on" => Ok(Self::On),
+            _ => Err("expected publish, on or off".into()),
+        }
+    }
+}
+
+impl fmt::Display for LegacyChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Publish => "publish",
+            Self::On => "on",
+        })
+    }
+}
 
 #[cfg(test)]
 mod tests {

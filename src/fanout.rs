@@ -7,8 +7,8 @@
 //! after its last stream leaves ([`LINGER`]), so a reconnecting tab costs no command. On a
 //! Redis Cluster (`HANDOFF_REDIS_CLUSTER=on`) the job channels are sharded (`SSUBSCRIBE`,
 //! `SPUBLISH`): a channel's traffic stays on the node owning its slot. For the upgrade from the
-//! single channel, every message also goes to the old channel, and while a fleet is mixed may be
-//! heard there ([`LegacyChannel`]).
+//! single channel, every message also goes to the old channel unless that is `off`, and while a
+//! fleet is mixed may be heard there ([`LegacyChannel`]).
 //!
 //! It carries opaque payloads; what they mean is [`crate::delivery`]'s business. Each message is
 //! signed with the deployment's fan-out key (an [`HmacKey`]), and the subscriber hands on only
@@ -20,9 +20,7 @@
 //! failed while every subscriber stayed connected: it triggers no re-subscribe anywhere.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +36,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::HmacKey;
+use crate::config::LegacyChannel;
 use crate::domain::JobId;
 
 /// Bounds every single Redis round trip, so a completion never waits long on a Redis outage.
@@ -160,44 +159,6 @@ struct Routes {
 impl Routes {
     fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<JobId, Route>> {
         self.routes.lock()
-    }
-}
-
-/// What an instance does with the single channel of the releases before routing
-/// (`HANDOFF_FANOUT_LEGACY_CHANNEL`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LegacyChannel {
-    /// Nothing: every instance of the fleet runs a release with routing.
-    Off,
-    /// Every message also goes there, so that instances of older releases, which hear nothing
-    /// else, get this one's news. The default for the release that brings routing: an upgrade
-    /// that forgets the setting loses nothing, and a stream-less instance still hears nothing.
-    Publish,
-    /// Publish there and listen there too, during a rolling upgrade: a result that an older
-    /// instance publishes reaches the streams here at once, not at the next resync.
-    On,
-}
-
-impl FromStr for LegacyChannel {
-    type Err = String;
-
-    fn from_str(raw: &str) -> Result<Self, String> {
-        match raw {
-            "off" => Ok(Self::Off),
-            "publish" => Ok(Self::Publish),
-            "on" => Ok(Self::On),
-            _ => Err("expected publish, on or off".into()),
-        }
-    }
-}
-
-impl fmt::Display for LegacyChannel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Off => "off",
-            Self::Publish => "publish",
-            Self::On => "on",
-        })
     }
 }
 

@@ -431,8 +431,8 @@ fn serve(
 /// The server's jemalloc settings (`src/main.rs` hands them to jemalloc; `_RJEM_MALLOC_CONF` in
 /// the environment still overrides them). Every connection holds actix-http's two 8 KiB buffers
 /// for as long as it is open, and by default jemalloc gives each 8 KiB block a slab of its own,
-/// with metadata of its own: every open stream paid that metadata twice. Slabs of 16 pages hold
-/// 8 blocks (BENCHMARKS.md, "Where memory per stream goes").
+/// with metadata of its own, so each open stream would pay that metadata twice. Slabs of 16 pages
+/// hold 8 blocks (BENCHMARKS.md, item 40).
 pub const MALLOC_CONF: &[u8; 24] = b"slab_sizes:8192-8192:16\0";
 
 /// Headers for every response: no inline script, no framing, no sniffing, no referrer leaks.

@@ -157,9 +157,9 @@ pub(super) struct EndItem<'a> {
 /// the pending ones among them end (with the `moveUrl` their request names, else the one they
 /// had). Returns the rows it changed. `outbox`: see [`ending!`].
 ///
-/// A `CASE id WHEN … END` picks each row's `moveUrl` and message, but costs every row a
-/// comparison with every id of the statement: it is left out when no item of the statement
-/// names one (a batch of plain completions), and the row keeps its target, with no message.
+/// A `CASE id WHEN … END` picks each row's `moveUrl` and message; it is left out when no item of
+/// the statement names one (a batch of plain completions), which then binds only the ids (66
+/// parameters instead of 194 for 64 jobs), and the row keeps its target, with no message.
 pub(super) async fn end_many(
     conn: &mut LaneConn,
     status: JobStatus,

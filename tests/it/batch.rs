@@ -255,7 +255,7 @@ async fn every_stream_receives_its_jobs_ending_from_a_batch() {
 async fn an_ending_without_moveurl_or_message_keeps_its_target_whether_or_not_others_name_one() {
     let app = TestApp::spawn().await;
     let mut ids = Vec::new();
-    for n in 0..6 {
+    for n in 0..7 {
         let created = app.create_job(Some(&format!("/orders/{n}"))).await;
         ids.push(created["id"].as_str().expect("an id").to_owned());
     }
@@ -275,6 +275,7 @@ async fn an_ending_without_moveurl_or_message_keeps_its_target_whether_or_not_ot
             { "op": "complete", "id": ids[3], "moveUrl": "/elsewhere" },
             { "op": "fail", "id": ids[4], "message": "disk full" },
             { "op": "fail", "id": ids[5] },
+            { "op": "fail", "id": ids[6], "moveUrl": "/retry", "message": "try again" },
         ]),
     )
     .await;
@@ -285,7 +286,9 @@ async fn an_ending_without_moveurl_or_message_keeps_its_target_whether_or_not_ot
         ("complete", "/elsewhere", None),
         ("failed", "/orders/4", Some("disk full")),
         ("failed", "/orders/5", None),
+        ("failed", "/retry", Some("try again")),
     ];
+    assert_eq!(plain.len() + mixed.len(), expected.len());
     let answered = plain
         .iter()
         .chain(&mixed)
