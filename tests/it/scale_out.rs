@@ -23,7 +23,7 @@ use crate::support::backend::{Backend, Kind, dead_redis_url, instance_at};
 use crate::support::browser::Browser;
 use crate::support::instance::pair;
 use crate::support::nginx::Nginx;
-use crate::support::redis::{fresh_channel, shared_redis};
+use crate::support::redis::{command as redis_command, fresh_channel, shared_redis};
 use crate::support::{FreshDb, Instance, SseReader, WAIT, eventually};
 
 /// Two tests of one scenario (an `async fn` taking the [`Kind`] of Redis), in a module named
@@ -839,18 +839,9 @@ async fn progress_and_a_failure_through_one_instance_reach_a_stream_on_the_other
     );
 }
 
-/// How many clients of the shared Redis are subscribed to `channel` (plain Pub/Sub).
-async fn subscribers_of(client: &redis::Client, channel: &str) -> u64 {
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("a connection to the shared Redis");
-    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query_async(&mut connection)
-        .await
-        .expect("PUBSUB NUMSUB");
+/// How many clients of the Redis at `url` are subscribed to `channel` (plain Pub/Sub).
+async fn subscribers_of(url: &str, channel: &str) -> u64 {
+    let counts: Vec<(String, u64)> = redis_command(url, &["PUBSUB", "NUMSUB", channel]).await;
     counts.first().map_or(0, |(_, count)| *count)
 }
 
@@ -892,14 +883,14 @@ async fn a_mixed_fleet_during_the_upgrade_to_routing_loses_nothing_either_way() 
     // ones, whose results reach its streams at the next resync. During the rolling upgrade,
     // `on` listens there too.
     assert_eq!(
-        subscribers_of(&client, &channel).await,
+        subscribers_of(redis_url, &channel).await,
         1,
         "only the old instance"
     );
     let listening = fleet
         .instance(&[("HANDOFF_FANOUT_LEGACY_CHANNEL", "on")])
         .await;
-    assert_eq!(subscribers_of(&client, &channel).await, 2, "old and `on`");
+    assert_eq!(subscribers_of(redis_url, &channel).await, 2, "old and `on`");
 
     // Old to new: an old instance publishes only on the single channel; a stream on an instance
     // with `on` gets it at once (not at a resync).

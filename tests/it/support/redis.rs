@@ -79,20 +79,26 @@ impl RedisServer {
 
     /// Sends one command (`args[0]` with the rest as its arguments); its answer.
     pub async fn command(&self, args: &[&str]) -> redis::Value {
-        let client = redis::Client::open(self.url()).expect("a Redis URL");
-        let mut connection = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("a connection");
-        let mut command = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            command.arg(*arg);
-        }
-        command
-            .query_async(&mut connection)
-            .await
-            .expect("a Redis answer")
+        command(&self.url(), args).await
     }
+}
+
+/// Sends one command (`args[0]` with the rest as its arguments) to the Redis at `url`; its
+/// answer, as `T`.
+pub async fn command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> T {
+    let client = redis::Client::open(url).expect("a Redis URL");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection");
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command
+        .query_async(&mut connection)
+        .await
+        .expect("a Redis answer")
 }
 
 impl Drop for RedisServer {
